@@ -1,0 +1,241 @@
+"""Checkpoint directories that Hugging Face transformers and bertcli both load.
+
+Reads any Hugging Face BERT directory (config.json + model.safetensors, or pytorch_model.bin
+read with `weights_only=True`, so loading never runs code from the file). Writes config.json,
+model.safetensors and the tokenizer files, each atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from bertcli import __version__
+from bertcli.errors import CheckpointError
+from bertcli.fileio import atomic_write, atomic_write_text
+from bertcli.model import (ACTIVATIONS, BertConfig, BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
+                           BertForTokenClassification, BertModel)
+from bertcli.tokenizer import WordPieceTokenizer, load_tokenizer
+
+# Hugging Face class name -> how to build it. Classification heads need the label count.
+ARCHITECTURES = {
+    "BertModel": lambda cfg, n: BertModel(cfg),
+    "BertForPreTraining": lambda cfg, n: BertForPreTraining(cfg),
+    "BertForSequenceClassification": lambda cfg, n: BertForSequenceClassification(cfg, n),
+    "BertForTokenClassification": lambda cfg, n: BertForTokenClassification(cfg, n),
+    "BertForQuestionAnswering": lambda cfg, n: BertForQuestionAnswering(cfg),
+}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_TRUNK = ("embeddings.", "encoder.", "pooler.")
+
+
+@dataclass
+class LoadReport:
+    """What a weight load did not match: new head weights, and weights the model has no use for."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"newly initialised: {_short(self.missing)}")
+        if self.unexpected:
+            parts.append(f"not used from the checkpoint: {_short(self.unexpected)}")
+        return "; ".join(parts) or "all weights matched"
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Module
+    config: BertConfig
+    tokenizer: WordPieceTokenizer
+    architecture: str
+    labels: list[str]
+    report: LoadReport
+
+
+def _short(names: list[str], limit: int = 6) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def read_config(directory: str | Path) -> tuple[BertConfig, dict[str, Any]]:
+    """config.json -> (BertConfig, the raw dict). Keys that BertConfig lacks are kept in the dict."""
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory not found")
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json (not a BERT checkpoint directory)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    model_type = raw.get("model_type", "bert")
+    if model_type != "bert":
+        raise CheckpointError(f"{path}: model_type is {model_type!r}; bertcli reads BERT checkpoints (model_type 'bert')")
+    if raw.get("position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} is not supported (absolute only)")
+    known = {f.name: f for f in dataclasses.fields(BertConfig)}
+    values = {}
+    for key, f in known.items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        expected = int if f.type in ("int", int) else float if f.type in ("float", float) else str
+        ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
+        if isinstance(value, bool) or not ok:
+            raise CheckpointError(f"{path}: {key} should be {expected.__name__}, got {value!r}")
+        values[key] = value
+    cfg = BertConfig(**values)
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise CheckpointError(f"{path}: hidden_act {cfg.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size"):
+        if getattr(cfg, key) <= 0:
+            raise CheckpointError(f"{path}: {key} must be positive, got {getattr(cfg, key)}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise CheckpointError(f"{path}: hidden_size {cfg.hidden_size} is not divisible by "
+                              f"num_attention_heads {cfg.num_attention_heads}")
+    return cfg, raw
+
+
+def read_labels(raw: dict[str, Any], source: str) -> list[str]:
+    """id2label from config.json as a list indexed by id ([] when absent)."""
+    id2label = raw.get("id2label")
+    if not id2label:
+        return []
+    try:
+        pairs = sorted((int(k), str(v)) for k, v in id2label.items())
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{source}: id2label must map integer ids to label names") from None
+    if [i for i, _ in pairs] != list(range(len(pairs))):
+        raise CheckpointError(f"{source}: id2label ids must be 0..{len(pairs) - 1}")
+    return [label for _, label in pairs]
+
+
+def read_weights(directory: str | Path) -> dict[str, Tensor]:
+    d = Path(directory)
+    if (d / "model.safetensors").is_file():
+        try:
+            return load_file(str(d / "model.safetensors"))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{d / 'model.safetensors'}: cannot read: {err}") from None
+    if (d / "pytorch_model.bin").is_file():
+        path = d / "pytorch_model.bin"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"{path}: refused: it holds Python objects other than tensors, which could run code when "
+                f"loaded ({str(err).splitlines()[0][:200]}). Convert it to model.safetensors with a tool you trust."
+            ) from None
+        except (RuntimeError, OSError, EOFError, ValueError) as err:
+            raise CheckpointError(f"{path}: cannot read: {err}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: expected a mapping of weight names to tensors")
+        return state
+    if (d / "model.safetensors.index.json").is_file():
+        raise CheckpointError(f"{d}: sharded weights (model.safetensors.index.json) are not supported yet")
+    raise CheckpointError(f"{d}: no model.safetensors or pytorch_model.bin")
+
+
+def _normalise_names(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """The few renamings that cannot be avoided: TF-era gamma/beta, the `bert.` prefix of
+    base-model checkpoints, and the tied/duplicated MLM decoder weights."""
+    wants_prefix = any(name.startswith("bert.") for name, _ in model.named_parameters())
+    out = {}
+    for name, tensor in state.items():
+        name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if wants_prefix and name.startswith(_TRUNK):
+            name = "bert." + name
+        elif not wants_prefix and name.startswith("bert."):
+            name = name[len("bert."):]
+        if name.endswith("embeddings.position_ids") or name in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
+            continue  # a buffer HF once saved; the decoder is tied to the word embeddings and to cls.predictions.bias
+        out[name] = tensor
+    return out
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> LoadReport:
+    """Copy `state` into `model`. The trunk must be complete and every shape must agree;
+    head weights may be absent (they are newly initialised) and extra weights are reported."""
+    state = _normalise_names(state, model)
+    own = {k: v for k, v in model.state_dict().items() if k != "cls.predictions.decoder.weight"}
+    wrong = [f"{k} {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+             for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{source}: weights disagree with config.json: {_short(wrong, 3)}")
+    missing = [k for k in own if k not in state]
+    trunk_missing = [k for k in missing if k.removeprefix("bert.").startswith(("embeddings.", "encoder."))]
+    if trunk_missing:
+        raise CheckpointError(f"{source}: encoder weights missing from the checkpoint: {_short(trunk_missing)}")
+    unexpected = [k for k in state if k not in own]
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return LoadReport(missing=missing, unexpected=unexpected)
+
+
+def load_checkpoint(directory: str | Path, architecture: str | None = None, labels: list[str] | None = None,
+                    ) -> Checkpoint:
+    """Load model, tokenizer and labels. `architecture` chooses the head (default: the one in
+    config.json); `labels` overrides the checkpoint's label names (a new classification head)."""
+    cfg, raw = read_config(directory)
+    source = str(Path(directory) / "config.json")
+    saved = (raw.get("architectures") or ["BertModel"])[0]
+    architecture = architecture or saved
+    if architecture not in ARCHITECTURES:
+        raise CheckpointError(f"{source}: architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+    checkpoint_labels = read_labels(raw, source)
+    use_labels = list(labels) if labels is not None else checkpoint_labels
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but config.json "
+                              f"says vocab_size {cfg.vocab_size}")
+    model = ARCHITECTURES[architecture](cfg, max(len(use_labels), 1))
+    state = read_weights(directory)
+    if labels is not None and labels != checkpoint_labels:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}  # a new label set: a new head
+    report = load_weights(model, state, str(directory))
+    model.eval()
+    return Checkpoint(model, cfg, tokenizer, architecture, use_labels, report)
+
+
+def config_dict(cfg: BertConfig, architecture: str, labels: list[str] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"architectures": [architecture], "model_type": "bert", **dataclasses.asdict(cfg),
+                           "position_embedding_type": "absolute", "torch_dtype": "float32",
+                           "bertcli_version": __version__}
+    if labels:
+        out["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        out["label2id"] = {name: i for i, name in enumerate(labels)}
+    return out
+
+
+def save_model(directory: str | Path, model: nn.Module, architecture: str, labels: list[str] | None = None) -> None:
+    """config.json + model.safetensors (fp32, contiguous, the tied decoder weight left out as HF does)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg: BertConfig = model.config
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+             if k != "cls.predictions.decoder.weight"}
+    atomic_write(d / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_text(d / "config.json", json.dumps(config_dict(cfg, architecture, labels), indent=2) + "\n")
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, architecture: str, tokenizer: WordPieceTokenizer,
+                    labels: list[str] | None = None) -> None:
+    """A directory that `load_checkpoint` and Hugging Face's from_pretrained both read."""
+    save_model(directory, model, architecture, labels)
+    tokenizer.save(directory, model_max_length=model.config.max_position_embeddings)

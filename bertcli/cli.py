@@ -1,0 +1,156 @@
+"""The Typer layer: parse arguments, call the core, map errors to exit codes.
+
+Exit codes: 0 success, 2 a problem in the user's input (one message, no traceback),
+1 an internal error (traceback kept). Heavy modules (torch) are imported inside the
+commands so that `bertcli --help` starts quickly.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from bertcli.errors import BertcliError
+
+app = typer.Typer(
+    name="bertcli",
+    help="Pretrain BERT on your own corpus; fine-tune, evaluate and serve it for sentiment, NER and QA.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+tokenize_app = typer.Typer(help="Train a WordPiece tokenizer, encode a corpus into shards, or show tokens.",
+                           no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(tokenize_app, name="tokenize")
+
+RecipeArg = typer.Argument(..., help="YAML recipe (see recipes/).", show_default=False)
+OutOpt = typer.Option(None, "--out", help="Output directory (overrides the recipe's `output`).")
+SetOpt = typer.Option(None, "--set", help="Override a recipe value, e.g. --set train.lr=3e-5 (repeatable).")
+ResumeOpt = typer.Option(False, "--resume", help="Continue the run in an existing output directory.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing output directory.")
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(message + "\n")
+
+
+@tokenize_app.command("train", epilog="Example: bertcli tokenize train --corpus corpus/*.txt --out tok/ --vocab-size 8000")
+def tokenize_train(
+    corpus: List[Path] = typer.Option(..., "--corpus", help="Text file(s) to learn the vocabulary from (repeatable)."),
+    out: Path = typer.Option(..., "--out", help="Directory to write tokenizer.json, vocab.txt, tokenizer_config.json."),
+    vocab_size: int = typer.Option(30522, "--vocab-size", help="Vocabulary size, special tokens included."),
+    cased: bool = typer.Option(False, "--cased", help="Keep case and accents (default: lower-case, as bert-base-uncased)."),
+    min_frequency: int = typer.Option(2, "--min-frequency", help="Minimum count for a merge to enter the vocabulary."),
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Train a BERT WordPiece tokenizer (CJK characters split one per token)."""
+    import time
+
+    from bertcli.tokenizer import TOKENIZER_FILES, train_tokenizer
+
+    _check_output(out, overwrite, resume=False, marker_files=TOKENIZER_FILES)
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size, lowercase=not cased, min_frequency=min_frequency)
+    tokenizer.save(out)
+    _err(f"tokenizer: {tokenizer.vocab_size} tokens from {len(corpus)} file(s) in "
+         f"{time.perf_counter() - start:.1f}s -> {out}")
+
+
+@tokenize_app.command("show", epilog='Example: echo "Hello world" | bertcli tokenize show --tokenizer tok/')
+def tokenize_show(
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer or checkpoint directory."),
+) -> None:
+    """Print tokens, ids and character offsets for each stdin line, one JSON line each."""
+    import json
+
+    from bertcli.textio import read_lines
+    from bertcli.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    for _, text in read_lines(sys.stdin.buffer, "stdin"):
+        enc = tok.encode(text)
+        sys.stdout.write(json.dumps({"tokens": enc.tokens, "ids": enc.ids, "offsets": [list(o) for o in enc.offsets]},
+                                    ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+
+@tokenize_app.command("encode", epilog="Example: bertcli tokenize encode --tokenizer tok/ --corpus corpus/*.txt --out shards/")
+def tokenize_encode(
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer or checkpoint directory."),
+    corpus: List[Path] = typer.Option(..., "--corpus", help="Text file(s) to encode (repeatable)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the token shards."),
+) -> None:
+    """Encode raw text into memory-mapped token shards for pretraining."""
+    raise BertcliError("`bertcli tokenize encode` is not built yet (it arrives with pretraining)")
+
+
+@app.command(epilog="Example: bertcli pretrain recipes/pretrain-tiny.yaml --set train.max_steps=1000")
+def pretrain(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optional[List[str]] = SetOpt,
+             resume: bool = ResumeOpt, overwrite: bool = OverwriteOpt) -> None:
+    """Pretrain BERT with masked language modelling (+ NSP or SOP)."""
+    _load(recipe, set_, expected_task="pretrain")
+    raise BertcliError("`bertcli pretrain` is not built yet: the recipe is valid, but pretraining has not landed")
+
+
+@app.command(epilog="Example: bertcli finetune recipes/sentiment-sst2.yaml --set train.epochs=1")
+def finetune(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optional[List[str]] = SetOpt,
+             resume: bool = ResumeOpt, overwrite: bool = OverwriteOpt) -> None:
+    """Fine-tune a checkpoint for classification, NER or extractive QA."""
+    _load(recipe, set_, expected_task=None)
+    raise BertcliError("`bertcli finetune` is not built yet: the recipe is valid, but fine-tuning has not landed")
+
+
+@app.command(epilog="Example: bertcli evaluate runs/sst2 --data dev.tsv --out metrics.json")
+def evaluate(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint directory."),
+             data: Path = typer.Option(..., "--data", help="Labelled data in the task's format."),
+             out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics as JSON here.")) -> None:
+    """Score a fine-tuned model on labelled data."""
+    raise BertcliError("`bertcli evaluate` is not built yet")
+
+
+@app.command(epilog="Example: cat reviews.txt | bertcli predict runs/sst2 > predictions.jsonl")
+def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint directory."),
+            input: Optional[Path] = typer.Option(None, "--input", help="Read this file instead of stdin.")) -> None:
+    """Stream predictions: one JSON line on stdout per input line, in order."""
+    raise BertcliError("`bertcli predict` is not built yet")
+
+
+def _load(recipe: Path, overrides: Optional[List[str]], expected_task: Optional[str]):
+    from bertcli.errors import RecipeError
+    from bertcli.recipes import load_recipe
+
+    loaded = load_recipe(recipe, overrides or [])
+    if expected_task == "pretrain" and loaded.task.name != "pretrain":
+        raise RecipeError(str(recipe), [f"task.name: `bertcli pretrain` needs task.name pretrain, got {loaded.task.name}"])
+    if expected_task is None and loaded.task.name == "pretrain":
+        raise RecipeError(str(recipe), ["task.name: pretrain recipes run with `bertcli pretrain`"])
+    return loaded
+
+
+def _check_output(out: Path, overwrite: bool, resume: bool, marker_files: tuple[str, ...] = ()) -> None:
+    """An existing, non-empty output directory is never replaced without --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise BertcliError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise BertcliError(f"{out}: already exists; pass --overwrite to replace it" +
+                           (" or --resume to continue it" if not marker_files else ""))
+    if overwrite and out.is_dir():
+        for name in marker_files:
+            (out / name).unlink(missing_ok=True)
+
+
+def main() -> None:
+    try:
+        app()
+    except BertcliError as err:
+        _err(f"error: {err}")
+        sys.exit(2)
+    except BrokenPipeError:  # the reader closed the pipe (e.g. `| head`): end quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

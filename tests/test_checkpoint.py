@@ -1,0 +1,149 @@
+"""Checkpoints: round trip, Hugging Face layout and compatibility, refusing what is unsafe or inconsistent."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from bertcli.checkpoint import ARCHITECTURES, load_checkpoint, save_checkpoint
+from bertcli.errors import CheckpointError
+from bertcli.model import BertConfig
+from bertcli.tokenizer import load_tokenizer
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def tiny_config(vocab_size: int) -> BertConfig:
+    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=64)
+
+
+def build(architecture: str, tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    model = ARCHITECTURES[architecture](tiny_config(tok.vocab_size), len(LABELS)).eval()
+    return model, tok
+
+
+def batch(tok):
+    encs = tok.encode_batch(["the quick brown fox", "hello world"])
+    width = max(len(e.ids) for e in encs)
+    ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in encs])
+    mask = torch.tensor([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in encs])
+    return ids, mask
+
+
+def outputs(model, ids, mask):
+    with torch.no_grad():
+        out = model(ids, mask) if not hasattr(model, "cls") else model(ids, mask, mlm_positions=mask.bool())
+    return [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None]
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_round_trip_gives_identical_outputs(architecture, tiny_tokenizer_dir, tmp_path):
+    model, tok = build(architecture, tiny_tokenizer_dir)
+    labels = LABELS if "Classification" in architecture else None
+    save_checkpoint(tmp_path / "ck", model, architecture, tok, labels)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                 "special_tokens_map.json"):
+        assert (tmp_path / "ck" / name).is_file(), name
+    ck = load_checkpoint(tmp_path / "ck")
+    assert ck.architecture == architecture and not ck.report.missing and not ck.report.unexpected
+    assert ck.labels == (labels or [])
+    ids, mask = batch(tok)
+    for a, b in zip(outputs(model, ids, mask), outputs(ck.model, ids, mask)):
+        assert torch.equal(a, b)
+
+
+def test_pretraining_decoder_stays_tied_after_loading(tiny_tokenizer_dir, tmp_path):
+    model, tok = build("BertForPreTraining", tiny_tokenizer_dir)
+    save_checkpoint(tmp_path / "ck", model, "BertForPreTraining", tok)
+    m = load_checkpoint(tmp_path / "ck").model
+    assert m.cls.predictions.decoder.weight is m.bert.embeddings.word_embeddings.weight
+
+
+def test_config_has_label_names(tiny_tokenizer_dir, tmp_path):
+    model, tok = build("BertForSequenceClassification", tiny_tokenizer_dir)
+    save_checkpoint(tmp_path / "ck", model, "BertForSequenceClassification", tok, LABELS)
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    assert config["label2id"]["positive"] == 2 and config["architectures"] == ["BertForSequenceClassification"]
+
+
+def test_base_checkpoint_initialises_a_task_head(minilm_dir):
+    ck = load_checkpoint(minilm_dir, architecture="BertForTokenClassification", labels=["O", "B-PER", "I-PER"])
+    assert ck.report.missing == ["classifier.weight", "classifier.bias"]
+    assert sorted(ck.report.unexpected) == ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
+    assert ck.model.classifier.out_features == 3
+
+
+def test_transformers_loads_bertcli_checkpoint_with_same_logits(tiny_tokenizer_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    for architecture in ("BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering"):
+        model, tok = build(architecture, tiny_tokenizer_dir)
+        labels = LABELS if "Classification" in architecture else None
+        save_checkpoint(tmp_path / architecture, model, architecture, tok, labels)
+        hf = getattr(transformers, architecture).from_pretrained(tmp_path / architecture).eval()
+        ids, mask = batch(tok)
+        with torch.no_grad():
+            theirs = hf(input_ids=ids, attention_mask=mask)
+        ours = outputs(model, ids, mask)
+        theirs = [theirs.start_logits, theirs.end_logits] if architecture.endswith("Answering") else [theirs.logits]
+        for a, b in zip(ours, theirs):
+            keep = mask.bool() if a.dim() >= 2 and a.shape[:2] == mask.shape else slice(None)
+            assert torch.allclose(a[keep], b[keep], atol=1e-5)
+        if labels:
+            assert hf.config.id2label[2] == "positive"
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creates the marker file if unpickled
+
+
+def test_pickle_that_runs_code_is_refused(tiny_tokenizer_dir, tmp_path):
+    model, tok = build("BertForSequenceClassification", tiny_tokenizer_dir)
+    save_checkpoint(tmp_path / "ck", model, "BertForSequenceClassification", tok, LABELS)
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    marker = tmp_path / "payload-ran"
+    with open(tmp_path / "ck" / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"bert.embeddings.word_embeddings.weight": _Payload(str(marker))}, f)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(tmp_path / "ck")
+    assert not marker.exists()
+
+
+def test_plain_pytorch_bin_loads(tiny_tokenizer_dir, tmp_path):
+    model, tok = build("BertForSequenceClassification", tiny_tokenizer_dir)
+    save_checkpoint(tmp_path / "ck", model, "BertForSequenceClassification", tok, LABELS)
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "ck" / "pytorch_model.bin")
+    ck = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(ck.model.classifier.weight, model.classifier.weight)
+
+
+def test_inconsistent_checkpoints_are_user_errors(tiny_tokenizer_dir, tmp_path):
+    model, tok = build("BertForSequenceClassification", tiny_tokenizer_dir)
+    d = tmp_path / "ck"
+    save_checkpoint(d, model, "BertForSequenceClassification", tok, LABELS)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 7}))
+    with pytest.raises(CheckpointError, match="disagree"):
+        load_checkpoint(d)
+    (d / "config.json").write_text(json.dumps({**config, "vocab_size": 10}))
+    with pytest.raises(CheckpointError, match="tokenizer has"):
+        load_checkpoint(d)
+    (d / "config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(d)
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_checkpoint(d)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nowhere")

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Tokenizer
+
+from bertcli.errors import CheckpointError, DataError
+from bertcli.tokenizer import load_tokenizer, train_tokenizer
+from conftest import CORPUS
+
+
+def test_trained_tokenizer_is_bert_shaped(tiny_tokenizer_dir):
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tiny_tokenizer_dir / name).is_file()
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    enc = tok.encode("The QUICK fox")
+    assert enc.tokens[0] == "[CLS]" and enc.tokens[-1] == "[SEP]"
+    assert "quick" in enc.tokens  # uncased by default
+    assert tok.encode("北京").tokens == ["[CLS]", "北", "京", "[SEP]"]  # CJK split one per token
+    pair = tok.encode("hello", "world")
+    assert pair.type_ids[-1] == 1 and pair.tokens.count("[SEP]") == 2
+
+
+def test_offsets_point_into_the_original_text(tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    text = "  Hello   world"
+    enc = tok.encode(text)
+    words = [text[a:b] for (a, b), t in zip(enc.offsets, enc.tokens) if t not in ("[CLS]", "[SEP]")]
+    assert "".join(words).lower() == "helloworld"
+
+
+def test_plain_tokenizers_loads_the_file(tiny_tokenizer_dir):
+    raw = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
+    assert raw.encode("hello world").tokens[0] == "[CLS]"
+    vocab = (tiny_tokenizer_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert json.loads((tiny_tokenizer_dir / "tokenizer_config.json").read_text())["do_lower_case"] is True
+
+
+def test_cased_keeps_case(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS * 3, encoding="utf-8")
+    tok = train_tokenizer([corpus], vocab_size=300, lowercase=False, min_frequency=1)
+    tok.save(tmp_path / "tok")
+    again = load_tokenizer(tmp_path / "tok")
+    assert again.lowercase is False
+    assert "The" in again.encode("The").tokens
+
+
+def test_vocab_txt_only_directory_loads(tiny_tokenizer_dir, tmp_path):
+    (tmp_path / "vocab.txt").write_text((tiny_tokenizer_dir / "vocab.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    a = load_tokenizer(tiny_tokenizer_dir).encode("the quick brown fox jumps")
+    b = load_tokenizer(tmp_path).encode("the quick brown fox jumps")
+    assert a.ids == b.ids
+
+
+def test_bad_inputs_are_user_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        train_tokenizer([tmp_path / "missing.txt"])
+    with pytest.raises(CheckpointError, match="no tokenizer.json or vocab.txt"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        load_tokenizer(tmp_path)

@@ -213,17 +213,21 @@ def load_checkpoint(directory: str | Path, architecture: str | None = None, labe
     return Checkpoint(model, cfg, tokenizer, architecture, use_labels, report)
 
 
-def config_dict(cfg: BertConfig, architecture: str, labels: list[str] | None = None) -> dict[str, Any]:
+def config_dict(cfg: BertConfig, architecture: str, labels: list[str] | None = None,
+                task: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"architectures": [architecture], "model_type": "bert", **dataclasses.asdict(cfg),
                            "position_embedding_type": "absolute", "torch_dtype": "float32",
                            "bertcli_version": __version__}
     if labels:
         out["id2label"] = {str(i): name for i, name in enumerate(labels)}
         out["label2id"] = {name: i for i, name in enumerate(labels)}
+    if task:
+        out["bertcli_task"] = task  # what evaluate and predict need to rebuild the task (window sizes, columns)
     return out
 
 
-def save_model(directory: str | Path, model: nn.Module, architecture: str, labels: list[str] | None = None) -> None:
+def save_model(directory: str | Path, model: nn.Module, architecture: str, labels: list[str] | None = None,
+               task: dict[str, Any] | None = None) -> None:
     """config.json + model.safetensors (fp32, contiguous, the tied decoder weight left out as HF does)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -231,11 +235,11 @@ def save_model(directory: str | Path, model: nn.Module, architecture: str, label
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
              if k != "cls.predictions.decoder.weight"}
     atomic_write(d / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write_text(d / "config.json", json.dumps(config_dict(cfg, architecture, labels), indent=2) + "\n")
+    atomic_write_text(d / "config.json", json.dumps(config_dict(cfg, architecture, labels, task), indent=2) + "\n")
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, architecture: str, tokenizer: WordPieceTokenizer,
-                    labels: list[str] | None = None) -> None:
+                    labels: list[str] | None = None, task: dict[str, Any] | None = None) -> None:
     """A directory that `load_checkpoint` and Hugging Face's from_pretrained both read."""
-    save_model(directory, model, architecture, labels)
+    save_model(directory, model, architecture, labels, task)
     tokenizer.save(directory, model_max_length=model.config.max_position_embeddings)

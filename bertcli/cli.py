@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from bertcli.errors import BertcliError
+from bertcli.errors import BertcliError, Interrupted
 
 app = typer.Typer(
     name="bertcli",
@@ -100,23 +100,37 @@ def pretrain(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optio
 def finetune(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optional[List[str]] = SetOpt,
              resume: bool = ResumeOpt, overwrite: bool = OverwriteOpt) -> None:
     """Fine-tune a checkpoint for classification, NER or extractive QA."""
-    _load(recipe, set_, expected_task=None)
-    raise BertcliError("`bertcli finetune` is not built yet: the recipe is valid, but fine-tuning has not landed")
+    loaded = _load(recipe, set_, expected_task=None)
+    from bertcli.jobs import finetune as run_finetune
+
+    run_finetune(loaded, out, resume, overwrite)
 
 
 @app.command(epilog="Example: bertcli evaluate runs/sst2 --data dev.tsv --out metrics.json")
 def evaluate(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint directory."),
              data: Path = typer.Option(..., "--data", help="Labelled data in the task's format."),
              out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics as JSON here.")) -> None:
-    """Score a fine-tuned model on labelled data."""
-    raise BertcliError("`bertcli evaluate` is not built yet")
+    """Score a fine-tuned model on labelled data: a table on the terminal, JSON with --out."""
+    from bertcli.evaluate import evaluate as run_evaluate, render, write_json
+
+    metrics = run_evaluate(model_dir, data)
+    render(metrics)
+    if out is not None:
+        write_json(out, metrics)
 
 
 @app.command(epilog="Example: cat reviews.txt | bertcli predict runs/sst2 > predictions.jsonl")
 def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint directory."),
-            input: Optional[Path] = typer.Option(None, "--input", help="Read this file instead of stdin.")) -> None:
-    """Stream predictions: one JSON line on stdout per input line, in order."""
-    raise BertcliError("`bertcli predict` is not built yet")
+            input: Optional[Path] = typer.Option(None, "--input", help="Read this file instead of stdin."),
+            batch_size: int = typer.Option(32, "--batch-size", min=1, help="Lines per batch, at most.")) -> None:
+    """Stream predictions: one JSON line on stdout per input line, in order.
+
+    Input by task: classification, one text per line or JSONL {"text": ..., "text_pair": ...};
+    NER, one text per line; QA, JSONL {"question": ..., "context": ...}."""
+    from bertcli.predict import open_input, run
+
+    stream, source = open_input(input)
+    run(model_dir, stream, source, sys.stdout, batch_size)
 
 
 def _load(recipe: Path, overrides: Optional[List[str]], expected_task: Optional[str]):
@@ -149,6 +163,11 @@ def main() -> None:
     except BertcliError as err:
         _err(f"error: {err}")
         sys.exit(2)
+    except Interrupted as err:
+        _err(str(err))
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
     except BrokenPipeError:  # the reader closed the pipe (e.g. `| head`): end quietly
         import os
 

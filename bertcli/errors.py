@@ -23,3 +23,7 @@ class DataError(BertcliError):
 
 class CheckpointError(BertcliError):
     """A checkpoint directory that is missing, incomplete or not a BERT checkpoint."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training, after a resumable checkpoint was saved (exit code 130)."""

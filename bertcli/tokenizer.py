@@ -50,7 +50,10 @@ class WordPieceTokenizer:
         """Write the four tokenizer files into `directory` (each atomically)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "tokenizer.json", self.backend.to_str(pretty=True))
+        clean = Tokenizer.from_str(self.backend.to_str())  # saved without any truncation or padding set here
+        clean.no_truncation()
+        clean.no_padding()
+        atomic_write_text(out / "tokenizer.json", clean.to_str(pretty=True))
         vocab = sorted(self.backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
         atomic_write_text(out / "vocab.txt", "".join(f"{tok}\n" for tok, _ in vocab))
         special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}

@@ -49,3 +49,22 @@ def run_cli(*args: str, stdin: bytes = b"", cwd: Path | None = None, timeout: fl
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "bertcli", *args], input=stdin, capture_output=True,
                           cwd=cwd, env=env, timeout=timeout)
+
+
+TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "max_position": 128,
+              "dropout": 0.0}
+
+
+def write_recipe(path: Path, task: dict, data: dict, train: dict, tokenizer: Path | None = None,
+                 model: dict | None = None, output: Path | None = None) -> Path:
+    """A recipe file for a tiny model built from scratch (or from model['init'])."""
+    import yaml
+
+    recipe = {"task": task, "model": model if model is not None else TINY_MODEL, "data": data,
+              "train": {"batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.0, "log_every": 1, **train}}
+    if tokenizer is not None:
+        recipe["tokenizer"] = str(tokenizer)
+    if output is not None:
+        recipe["output"] = str(output)
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path

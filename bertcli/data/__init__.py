@@ -1,0 +1,1 @@
+"""Readers for each data format, and batching (padding, length grouping)."""

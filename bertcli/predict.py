@@ -1,0 +1,92 @@
+"""Streaming, batched inference: lines in, one JSON line out per input line, in order.
+
+A reader thread feeds a bounded queue, so memory stays flat however long the input, and
+each batch is answered (and flushed) as soon as it is formed: predict never waits for the end
+of its input before the first answers go out. A line that cannot be read gets an
+{"error": ...} answer in its place; predict then ends with exit code 2 and says how many.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+import torch
+
+from bertcli.errors import BertcliError, DataError
+from bertcli.jobs import load_for_task
+
+_END = object()
+
+
+def _reader(stream: BinaryIO, lines: queue.Queue) -> None:
+    try:
+        for raw in iter(stream.readline, b""):
+            lines.put(raw)
+    except BaseException as err:  # surfaced by the main thread
+        lines.put(err)
+    lines.put(_END)
+
+
+def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size: int = 32) -> int:
+    """Answer every line of `stream` on `out`; returns the number of lines answered."""
+    ck, task = load_for_task(model_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = ck.model.to(device).eval()
+    torch.set_grad_enabled(False)
+    lines: queue.Queue = queue.Queue(maxsize=batch_size * 4)
+    threading.Thread(target=_reader, args=(stream, lines), daemon=True).start()
+    answered, failures, ended = 0, [], False
+    while not ended:
+        batch = [lines.get()]  # wait for the first line of a batch...
+        while len(batch) < batch_size and batch[-1] is not _END:
+            try:
+                batch.append(lines.get_nowait())  # ...then take only what has already arrived
+            except queue.Empty:
+                break
+        if batch[-1] is _END:
+            ended = True
+            batch.pop()
+        if batch and isinstance(batch[-1], BaseException):
+            raise batch[-1]
+        examples, answers = [], []
+        for raw in batch:
+            answered += 1
+            where = f"{source}: line {answered}"
+            try:
+                text = raw.decode("utf-8")
+                if answered == 1:
+                    text = text.removeprefix("\ufeff")
+                examples.append(task.parse_input(text.rstrip("\r\n"), where))
+                answers.append(None)
+            except UnicodeDecodeError as err:
+                answers.append({"error": f"{where}: not UTF-8 text (byte {err.start} of the line)"})
+            except DataError as err:
+                answers.append({"error": str(err)})
+        predictions = iter(task.predict(model, examples, batch_size)) if examples else iter(())
+        for answer in answers:
+            if answer is None:
+                answer = next(predictions)
+            else:
+                failures.append(answer["error"])
+            out.write(json.dumps(answer, ensure_ascii=False) + "\n")
+        out.flush()
+    if answered == 0:
+        raise DataError(f"{source}: no input lines (predict reads one input per line)")
+    if failures:
+        raise DataError(f"{len(failures)} of {answered} input line(s) could not be read and were answered with "
+                        f"an error object; the first: {failures[0]}")
+    return answered
+
+
+def open_input(path: Path | None) -> tuple[BinaryIO, str]:
+    import sys
+
+    if path is None:
+        return sys.stdin.buffer, "stdin"
+    if not path.is_file():
+        raise BertcliError(f"{path}: {'is a directory' if path.is_dir() else 'file not found'}")
+    return open(path, "rb"), str(path)

@@ -1,0 +1,59 @@
+"""The task interface: read examples, encode them (labels aligned to sub-words), compute the
+loss, predict (decode model outputs into predictions) and score predictions. The training
+loop, checkpointing and predict are written once against it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from torch import Tensor, nn
+
+from bertcli.tokenizer import WordPieceTokenizer
+
+
+class Task(ABC):
+    name: str
+    architecture: str  # the Hugging Face class of the model with this task's head
+
+    def __init__(self, tokenizer: WordPieceTokenizer, max_seq_len: int, labels: Sequence[str] = (), **options: Any):
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.labels = list(labels)
+
+    @abstractmethod
+    def read(self, path: str | Path) -> list:
+        """Labelled examples from a file (DataError naming the file and line when malformed)."""
+
+    def labels_from(self, examples: Iterable) -> list[str]:
+        """Label names found in training data (tasks without labels return [])."""
+        return []
+
+    @abstractmethod
+    def encode(self, examples: Sequence) -> list[dict]:
+        """Model features with training targets; one example may give several (windows)."""
+
+    def collate(self, features: Sequence[dict]) -> dict[str, Tensor]:
+        from bertcli.data.batching import collate
+
+        return collate(features, self.tokenizer.pad_id)
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        """Mean loss over the batch and the number of real tokens in it."""
+
+    @abstractmethod
+    def parse_input(self, text: str, where: str) -> Any:
+        """An unlabelled example from one line of predict's input."""
+
+    @abstractmethod
+    def predict(self, model: nn.Module, examples: Sequence, batch_size: int) -> list[dict]:
+        """One JSON-ready prediction per example, in order."""
+
+    @abstractmethod
+    def score(self, examples: Sequence, predictions: Sequence[dict]) -> dict:
+        """Metrics of predictions against the examples' gold labels (headline numbers first)."""
+
+    def evaluate(self, model: nn.Module, examples: Sequence, batch_size: int) -> dict:
+        return self.score(examples, self.predict(model, examples, batch_size))

@@ -1,0 +1,159 @@
+"""Text classification (sentiment, topic, intent): single texts or pairs, any number of classes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bertcli.data.tables import read_rows
+from bertcli.errors import DataError
+from bertcli.metrics import classification_metrics
+from bertcli.tasks.base import Task
+from bertcli.tokenizer import WordPieceTokenizer
+
+TEXT_COLUMNS = ("sentence", "text", "text_a", "sentence1", "review", "content")
+PAIR_COLUMNS = ("text_b", "sentence2")
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    pair: str | None = None
+    label: str | None = None
+    where: str = ""  # file:line, for messages
+
+
+def label_order(names: set[str]) -> list[str]:
+    """Numeric labels in numeric order (0, 1, 2, ..., 10), others alphabetically."""
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+class ClassifyTask(Task):
+    name = "classify"
+    architecture = "BertForSequenceClassification"
+
+    def __init__(self, tokenizer: WordPieceTokenizer, max_seq_len: int, labels: Sequence[str] = (),
+                 text_column: str | None = None, text_pair_column: str | None = None,
+                 label_column: str | None = None, **options):
+        super().__init__(tokenizer, max_seq_len, labels)
+        self.text_column, self.pair_column, self.label_column = text_column, text_pair_column, label_column
+
+    # ------------------------------------------------------------ data
+
+    def read(self, path: str | Path) -> list[Example]:
+        examples = []
+        columns = None
+        for number, row in read_rows(path):
+            if columns is None:
+                columns = self._columns(path, number, list(row))
+            text_key, pair_key, label_key = columns
+            where = f"{path}:{number}"
+            for key in (text_key, pair_key, label_key):
+                if key is not None and key not in row:
+                    raise DataError(f"{where}: missing field {key!r}")
+            text, label = row[text_key], row[label_key]
+            if not isinstance(text, str) or (pair_key and not isinstance(row[pair_key], str)):
+                raise DataError(f"{where}: the text must be a string")
+            if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
+                raise DataError(f"{where}: the label must be a non-empty string or integer, got {label!r}")
+            examples.append(Example(text.strip(), row[pair_key].strip() if pair_key else None, str(label).strip(), where))
+        if not examples:
+            raise DataError(f"{path}: no examples")
+        return examples
+
+    def _columns(self, path, number: int, names: list[str]) -> tuple[str, str | None, str]:
+        def pick(explicit: str | None, candidates: tuple[str, ...], what: str, required: bool) -> str | None:
+            if explicit is not None:
+                if explicit not in names:
+                    raise DataError(f"{path}: line {number}: no column {explicit!r} ({what}); columns: {', '.join(names)}")
+                return explicit
+            found = next((c for c in candidates if c in names), None)
+            if found is None and required:
+                raise DataError(f"{path}: line {number}: no {what} column (looked for {', '.join(candidates)}); "
+                                f"columns: {', '.join(names)}; set data.{what.replace(' ', '_')}_column")
+            return found
+
+        return (pick(self.text_column, TEXT_COLUMNS, "text", True), pick(self.pair_column, PAIR_COLUMNS, "text pair", False),
+                pick(self.label_column, ("label",), "label", True))
+
+    def labels_from(self, examples: Sequence[Example]) -> list[str]:
+        return label_order({e.label for e in examples if e.label is not None})
+
+    def check_labels(self, examples: Sequence[Example]) -> None:
+        unknown = sorted({e.label for e in examples} - set(self.labels))
+        if unknown:
+            first = next(e for e in examples if e.label in unknown)
+            raise DataError(f"{first.where}: label {first.label!r} is not one the model knows "
+                            f"({', '.join(self.labels)}); {len(unknown)} unknown label(s): {', '.join(unknown[:10])}")
+
+    def _encode_texts(self, examples: Sequence[Example]):
+        inputs = [(e.text, e.pair) if e.pair is not None else e.text for e in examples]
+        self.tokenizer.backend.enable_truncation(self.max_seq_len)
+        try:
+            return self.tokenizer.backend.encode_batch(inputs)
+        finally:
+            self.tokenizer.backend.no_truncation()
+
+    def encode(self, examples: Sequence[Example]) -> list[dict]:
+        self.check_labels(examples)
+        index = {name: i for i, name in enumerate(self.labels)}
+        return [{"input_ids": enc.ids, "token_type_ids": enc.type_ids, "labels": index[e.label]}
+                for e, enc in zip(examples, self._encode_texts(examples))]
+
+    # ------------------------------------------------------------ model
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        return F.cross_entropy(logits.float(), batch["labels"]), int(batch["attention_mask"].sum())
+
+    def parse_input(self, text: str, where: str) -> Example:
+        if text.startswith("{"):
+            try:
+                row = json.loads(text)
+            except ValueError:
+                row = None
+            if isinstance(row, dict):
+                if not isinstance(row.get("text"), str):
+                    raise DataError(f"{where}: a JSON line needs a string field 'text'")
+                pair = row.get("text_pair")
+                if pair is not None and not isinstance(pair, str):
+                    raise DataError(f"{where}: 'text_pair' must be a string")
+                return Example(row["text"], pair, None, where)
+        return Example(text, None, None, where)
+
+    def predict(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> list[dict]:
+        results: list[dict] = [{} for _ in examples]
+        real = [i for i, e in enumerate(examples) if e.text.strip()]
+        for i in set(range(len(examples))) - set(real):
+            results[i] = {"label": None, "score": None, "scores": {}}
+        encodings = self._encode_texts([examples[i] for i in real])
+        order = sorted(range(len(real)), key=lambda k: len(encodings[k].ids))
+        device = next(model.parameters()).device
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = self.collate([{"input_ids": encodings[k].ids, "token_type_ids": encodings[k].type_ids} for k in chunk])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.inference_mode():
+                probs = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float().softmax(-1)
+            for k, row in zip(chunk, probs.tolist()):
+                best = max(range(len(row)), key=row.__getitem__)
+                result = {"label": self.labels[best], "score": round(row[best], 6),
+                          "scores": {name: round(p, 6) for name, p in zip(self.labels, row)}}
+                if encodings[k].overflowing:
+                    result["truncated"] = True  # longer than data.max_seq_len: classified on the first tokens
+                results[real[k]] = result
+        return results
+
+    def score(self, examples: Sequence[Example], predictions: Sequence[dict]) -> dict:
+        self.check_labels(examples)
+        gold = [e.label for e in examples]
+        pred = [p["label"] if p.get("label") is not None else self.labels[0] for p in predictions]
+        return classification_metrics(gold, pred, self.labels)

@@ -1,0 +1,136 @@
+"""Classification end to end on a tiny model: train, overfit, evaluate, predict in a pipe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bertcli.errors import DataError
+from bertcli.evaluate import evaluate
+from bertcli.jobs import finetune
+from bertcli.recipes import load_recipe
+from conftest import ROOT, run_cli, write_recipe
+
+ROWS = [("the film is wonderful", "pos"), ("a dull and boring plot", "neg"), ("truly a joy to watch", "pos"),
+        ("the acting falls flat", "neg"), ("clever and warm story", "pos"), ("painfully slow mess", "neg"),
+        ("the ending is superb", "pos"), ("awful lazy script", "neg"), ("i hated it", "neg"), ("i loved it", "pos"),
+        ("the cast shines", "mid"), ("it was fine", "mid")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_tokenizer_dir):
+    d = tmp_path_factory.mktemp("classify")
+    train = d / "train.tsv"
+    train.write_text("sentence\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in ROWS), encoding="utf-8")
+    recipe = write_recipe(d / "recipe.yaml", {"name": "classify"}, {"train": str(train), "eval": str(train),
+                          "max_seq_len": 32}, {"max_steps": 80, "batch_size": 12, "eval_every": 40, "lr": 3e-3},
+                          tokenizer=tiny_tokenizer_dir)
+    metrics = finetune(load_recipe(recipe), d / "run", resume=False, overwrite=False)
+    return d, train, metrics
+
+
+def test_tiny_model_overfits_its_training_batch(trained):
+    d, train, metrics = trained
+    assert metrics["eval_accuracy"] == 1.0
+    assert evaluate(d / "run", train)["accuracy"] == 1.0
+    log = [json.loads(line) for line in (d / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert steps[-1]["loss"] < 0.3 * steps[0]["loss"]
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(steps[0])
+    assert [r["step"] for r in log if "eval_accuracy" in r] == [40, 80]
+    config = json.loads((d / "run" / "config.json").read_text())
+    assert config["id2label"] == {"0": "mid", "1": "neg", "2": "pos"}
+    for name in ("recipe.yaml", "metrics.json", "log.jsonl", "model.safetensors", "vocab.txt", "resume.pt"):
+        assert (d / "run" / name).is_file()
+
+
+def test_predict_answers_every_line_in_order(trained):
+    d, _, _ = trained
+    lines = [t for t, _ in ROWS] + ["", json.dumps({"text": "i loved it"})]
+    done = run_cli("predict", str(d / "run"), stdin=("\n".join(lines) + "\n").encode())
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert len(answers) == len(lines)
+    assert [a["label"] for a in answers[:len(ROWS)]] == [label for _, label in ROWS]
+    assert answers[len(ROWS)] == {"label": None, "score": None, "scores": {}}
+    assert answers[-1]["label"] == "pos" and abs(sum(answers[-1]["scores"].values()) - 1) < 1e-4
+
+
+def test_predict_flushes_before_input_ends(trained):
+    d, _, _ = trained
+    proc = subprocess.Popen([sys.executable, "-m", "bertcli", "predict", str(d / "run")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        proc.stdin.write(b"i loved it\n")
+        proc.stdin.flush()
+        first = json.loads(proc.stdout.readline())  # answered while stdin is still open
+        assert first["label"] == "pos"
+        proc.stdin.write(b"i hated it\n")
+        proc.stdin.close()
+        assert json.loads(proc.stdout.readline())["label"] == "neg"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+
+
+def test_unreadable_line_gets_an_error_answer_and_exit_2(trained):
+    d, _, _ = trained
+    done = run_cli("predict", str(d / "run"), stdin=b"i loved it\nbad \xff\ni hated it\n")
+    answers = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert done.returncode == 2 and len(answers) == 3
+    assert answers[0]["label"] == "pos" and "line 2: not UTF-8" in answers[1]["error"] and answers[2]["label"] == "neg"
+    assert b"1 of 3 input line(s)" in done.stderr and b"Traceback" not in done.stderr
+
+
+def test_evaluate_cli_table_json_and_unknown_labels(trained, tmp_path):
+    d, train, _ = trained
+    done = run_cli("evaluate", str(d / "run"), "--data", str(train), "--out", str(tmp_path / "m.json"))
+    assert done.returncode == 0, done.stderr
+    assert b"accuracy" in done.stdout and b"confusion" in done.stdout
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["accuracy"] == 1.0 and metrics["confusion"]["pos"]["pos"] == 5
+    other = tmp_path / "other.tsv"
+    other.write_text("sentence\tlabel\nfine\tpos\nodd\tsurprised\n", encoding="utf-8")
+    done = run_cli("evaluate", str(d / "run"), "--data", str(other))
+    assert done.returncode == 2 and b"other.tsv:3: label 'surprised' is not one the model knows" in done.stderr
+
+
+def test_existing_output_is_never_replaced_silently(trained, tmp_path):
+    d, _, _ = trained
+    recipe = d / "recipe.yaml"
+    before = (d / "run" / "model.safetensors").read_bytes()
+    done = run_cli("finetune", str(recipe), "--out", str(d / "run"))
+    assert done.returncode == 2 and b"--overwrite" in done.stderr
+    assert (d / "run" / "model.safetensors").read_bytes() == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    done = run_cli("finetune", str(recipe), "--out", str(tmp_path / "mine"), "--overwrite")
+    assert done.returncode == 2 and (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+def test_malformed_tables_name_file_and_line(tmp_path, tiny_tokenizer_dir):
+    from bertcli.tasks.classify import ClassifyTask
+    from bertcli.tokenizer import load_tokenizer
+
+    task = ClassifyTask(load_tokenizer(tiny_tokenizer_dir), 32)
+    ragged = tmp_path / "ragged.tsv"
+    ragged.write_text("sentence\tlabel\ngood\t1\nno label here\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"ragged.tsv: line 3: 1 columns, but the header has 2"):
+        task.read(ragged)
+    wrong = tmp_path / "wrong.tsv"
+    wrong.write_text("review_text\tstars\ngood\t1\n", encoding="utf-8")
+    with pytest.raises(DataError, match="no text column"):
+        task.read(wrong)
+    assert ClassifyTask(load_tokenizer(tiny_tokenizer_dir), 32, text_column="review_text",
+                        label_column="stars").read(wrong)[0].label == "1"
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "good", "label": 1}\n{"text": "bad"\n', encoding="utf-8")
+    with pytest.raises(DataError, match="d.jsonl: line 2: not valid JSON"):
+        task.read(jsonl)
+    binary = tmp_path / "b.tsv"
+    binary.write_bytes(b"sentence\tlabel\ngo\x00od\t1\n")
+    with pytest.raises(DataError, match="line 2: NUL byte"):
+        task.read(binary)

@@ -98,7 +98,7 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool) ->
 
     def evaluate(m):
         metrics = task.evaluate(m, eval_examples, recipe.train.batch_size * 2)
-        return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "count"}
+        return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
     def save(m):
         save_checkpoint(out, m, task.architecture, tokenizer, task.labels or None, task={"name": task.name, **options})

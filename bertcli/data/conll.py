@@ -1,0 +1,99 @@
+"""NER data: CoNLL columns and JSONL {"tokens": [...], "tags": [...]}; tags in BIO (IOB2), IOB1
+or BIOES are read and normalised to BIO."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bertcli.data.tables import read_text
+from bertcli.errors import DataError
+from bertcli.metrics import get_entities
+
+TAG = re.compile(r"^(O|[BIES]-\S+)$")
+
+
+@dataclass(frozen=True)
+class Sentence:
+    words: tuple[str, ...]
+    tags: tuple[str, ...]  # BIO
+    where: str
+
+
+def to_bio(tags: list[str]) -> list[str]:
+    """Any of IOB2, IOB1, BIOES -> IOB2, through the entities the tags describe."""
+    out = ["O"] * len(tags)
+    for kind, first, last in get_entities(tags):
+        out[first] = f"B-{kind}"
+        for i in range(first + 1, last + 1):
+            out[i] = f"I-{kind}"
+    return out
+
+
+def read_ner(path: str | Path) -> list[Sentence]:
+    text = read_text(path)
+    if Path(path).suffix.lower() in (".jsonl", ".json"):
+        return _read_jsonl(path, text)
+    sentences: list[Sentence] = []
+    words: list[str] = []
+    tags: list[str] = []
+    columns = None
+    start = 1
+
+    def flush() -> None:
+        nonlocal words, tags
+        if words:
+            sentences.append(Sentence(tuple(words), tuple(to_bio(tags)), f"{path}:{start}"))
+        words, tags = [], []
+
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            flush()
+            continue
+        if fields[0] == "-DOCSTART-":
+            flush()
+            continue
+        if columns is None:
+            columns = len(fields)
+            if columns < 2:
+                raise DataError(f"{path}: line {number}: expected a token and a tag (CoNLL columns), got {line!r}")
+        if len(fields) != columns:
+            raise DataError(f"{path}: line {number}: {len(fields)} columns, but the file's first line has {columns}")
+        tag = fields[-1]
+        if not TAG.match(tag):
+            raise DataError(f"{path}: line {number}: unknown tag {tag!r} (expected O, or B-/I-/E-/S- and a type)")
+        if not words:
+            start = number
+        words.append(fields[0])
+        tags.append(tag)
+    flush()
+    if not sentences:
+        raise DataError(f"{path}: no sentences")
+    return sentences
+
+
+def _read_jsonl(path: str | Path, text: str) -> list[Sentence]:
+    sentences = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise DataError(f"{path}: line {number}: not valid JSON ({err})") from None
+        words, tags = (row.get("tokens"), row.get("tags")) if isinstance(row, dict) else (None, None)
+        if not isinstance(words, list) or not isinstance(tags, list) or not all(isinstance(w, str) for w in words):
+            raise DataError(f"{path}: line {number}: expected {{\"tokens\": [strings], \"tags\": [strings]}}")
+        if len(words) != len(tags):
+            raise DataError(f"{path}: line {number}: {len(words)} tokens but {len(tags)} tags")
+        bad = next((t for t in tags if not isinstance(t, str) or not TAG.match(t)), None)
+        if bad is not None:
+            raise DataError(f"{path}: line {number}: unknown tag {bad!r} (expected O, or B-/I-/E-/S- and a type)")
+        if words:
+            sentences.append(Sentence(tuple(words), tuple(to_bio(tags)), f"{path}:{number}"))
+    if not sentences:
+        raise DataError(f"{path}: no sentences")
+    return sentences

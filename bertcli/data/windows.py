@@ -1,0 +1,29 @@
+"""Overlapping windows over a long token sequence, and which window sees a token best."""
+
+from __future__ import annotations
+
+
+def spans(length: int, size: int, step: int) -> list[tuple[int, int]]:
+    """[start, end) windows of at most `size` covering range(length), starts `step` apart."""
+    if length <= size:
+        return [(0, length)]
+    out = []
+    start = 0
+    while True:
+        end = min(start + size, length)
+        out.append((start, end))
+        if end == length:
+            return out
+        start += step
+
+
+def best_window(position: int, windows: list[tuple[int, int]]) -> int:
+    """Index of the window where `position` has the most context on its shorter side
+    (the 'max context' rule of the original BERT), ties to the earlier window."""
+    best, score = -1, -1.0
+    for i, (start, end) in enumerate(windows):
+        if start <= position < end:
+            s = min(position - start, end - 1 - position) + 0.01 * (end - start)
+            if s > score:
+                best, score = i, s
+    return best

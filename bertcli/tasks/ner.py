@@ -1,0 +1,165 @@
+"""Named-entity recognition: a tag per word, learnt on the word's first sub-token; sentences or
+documents longer than the window are split into overlapping windows at training, evaluation and
+prediction time, and each word takes its prediction from the window where it has most context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bertcli.data.conll import Sentence, read_ner
+from bertcli.data.windows import best_window, spans
+from bertcli.errors import DataError
+from bertcli.metrics import entity_metrics, get_entities
+from bertcli.tasks.base import Task
+from bertcli.tokenizer import WordPieceTokenizer
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """A text as sub-tokens: ids, and for each word the index of its first sub-token (-1: none)."""
+
+    ids: list[int]
+    first: list[int]
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """A raw line for predict: its words and their character spans in the line."""
+
+    text: str
+    words: tuple[str, ...]
+    char_spans: tuple[tuple[int, int], ...]
+    where: str
+
+
+class NerTask(Task):
+    name = "ner"
+    architecture = "BertForTokenClassification"
+
+    def __init__(self, tokenizer: WordPieceTokenizer, max_seq_len: int, labels: Sequence[str] = (), **options):
+        super().__init__(tokenizer, max_seq_len, labels)
+        self.window = max_seq_len - 2  # room for [CLS] and [SEP]
+        self.step = max(1, self.window // 2)
+
+    def read(self, path: str | Path) -> list[Sentence]:
+        return read_ner(path)
+
+    def labels_from(self, examples: Sequence[Sentence]) -> list[str]:
+        tags = {t for e in examples for t in e.tags} - {"O"}
+        return ["O"] + sorted(tags, key=lambda t: (t[2:], t[0]))
+
+    def check_labels(self, examples: Sequence[Sentence]) -> None:
+        known = set(self.labels)
+        for e in examples:
+            unknown = [t for t in e.tags if t not in known]
+            if unknown:
+                raise DataError(f"{e.where}: tag {unknown[0]!r} is not one the model knows "
+                                f"({', '.join(self.labels)})")
+
+    def _pieces(self, word_lists: Sequence[Sequence[str]]) -> list[Pieces]:
+        if not word_lists:
+            return []
+        encodings = self.tokenizer.backend.encode_batch([list(w) for w in word_lists], is_pretokenized=True,
+                                                        add_special_tokens=False)
+        out = []
+        for words, enc in zip(word_lists, encodings):
+            first = [-1] * len(words)
+            for position, word in enumerate(enc.word_ids):
+                if word is not None and first[word] < 0:
+                    first[word] = position
+            out.append(Pieces(enc.ids, first))
+        return out
+
+    def _windows(self, pieces: Pieces) -> list[tuple[int, int]]:
+        return spans(len(pieces.ids), self.window, self.step)
+
+    def _feature(self, pieces: Pieces, start: int, end: int, tags: Sequence[str] | None) -> dict:
+        feature = {"input_ids": [self.tokenizer.cls_id, *pieces.ids[start:end], self.tokenizer.sep_id],
+                   "token_type_ids": [0] * (end - start + 2)}
+        if tags is not None:
+            index = {name: i for i, name in enumerate(self.labels)}
+            labels = [-100] * len(feature["input_ids"])
+            for word, position in enumerate(pieces.first):
+                if start <= position < end:
+                    labels[position - start + 1] = index[tags[word]]
+            feature["labels"] = labels
+        return feature
+
+    def encode(self, examples: Sequence[Sentence]) -> list[dict]:
+        self.check_labels(examples)
+        return [self._feature(p, s, e, ex.tags) for ex, p in zip(examples, self._pieces([x.words for x in examples]))
+                for s, e in self._windows(p)]
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        labels = batch["labels"]
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100), \
+            int(batch["attention_mask"].sum())
+
+    def _tag_words(self, model: nn.Module, word_lists: Sequence[Sequence[str]], batch_size: int
+                   ) -> list[list[tuple[str, float]]]:
+        """(tag, probability) per word, each word read in the window where it has most context."""
+        pieces = self._pieces(word_lists)
+        jobs = [(k, s, e) for k, p in enumerate(pieces) for s, e in self._windows(p)]
+        jobs.sort(key=lambda j: j[2] - j[1])
+        probs: dict[tuple[int, int], Tensor] = {}
+        device = next(model.parameters()).device
+        for i in range(0, len(jobs), batch_size):
+            chunk = jobs[i:i + batch_size]
+            batch = self.collate([self._feature(pieces[k], s, e, None) for k, s, e in chunk])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.inference_mode():
+                out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float().softmax(-1)
+            for (k, s, _), row in zip(chunk, out.cpu()):
+                probs[(k, s)] = row
+        results = []
+        for k, p in enumerate(pieces):
+            windows = self._windows(p)
+            tagged = []
+            for position in p.first:
+                if position < 0:
+                    tagged.append(("O", 1.0))  # a word with no sub-tokens (e.g. only control characters)
+                    continue
+                start = windows[best_window(position, windows)][0]
+                row = probs[(k, start)][position - start + 1]
+                best = int(row.argmax())
+                tagged.append((self.labels[best], float(row[best])))
+            results.append(tagged)
+        return results
+
+    def parse_input(self, text: str, where: str) -> TextInput:
+        enc = self.tokenizer.backend.encode(text, add_special_tokens=False)
+        groups: dict[int, list[int]] = {}
+        for (start, end), word in zip(enc.offsets, enc.word_ids):
+            if word is not None:
+                span = groups.setdefault(word, [start, end])
+                span[0], span[1] = min(span[0], start), max(span[1], end)
+        char_spans = tuple(tuple(groups[w]) for w in sorted(groups))
+        return TextInput(text, tuple(text[s:e] for s, e in char_spans), char_spans, where)
+
+    def predict(self, model: nn.Module, examples: Sequence, batch_size: int) -> list[dict]:
+        tagged = self._tag_words(model, [e.words for e in examples], batch_size)
+        results = []
+        for example, words in zip(examples, tagged):
+            tags = [t for t, _ in words]
+            if not isinstance(example, TextInput):
+                results.append({"tags": tags})
+                continue
+            entities = []
+            for kind, first, last in get_entities(tags):
+                start, end = example.char_spans[first][0], example.char_spans[last][1]
+                score = sum(p for _, p in words[first:last + 1]) / (last - first + 1)
+                entities.append({"text": example.text[start:end], "label": kind, "start": start, "end": end,
+                                 "score": round(score, 6)})
+            results.append({"entities": entities})
+        return results
+
+    def score(self, examples: Sequence[Sentence], predictions: Sequence[dict]) -> dict:
+        self.check_labels(examples)
+        return entity_metrics([e.tags for e in examples], [p["tags"] for p in predictions])

@@ -1,0 +1,96 @@
+"""NER end to end on a tiny model, readers for each tag scheme, and windows for long inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bertcli.data.conll import read_ner, to_bio
+from bertcli.errors import DataError
+from bertcli.evaluate import evaluate
+from bertcli.jobs import finetune
+from bertcli.recipes import load_recipe
+from conftest import run_cli, write_recipe
+
+CONLL = """-DOCSTART- -X- -X- O
+
+John NNP B-NP B-PER
+lives VBZ B-VP O
+in IN B-PP O
+Paris NNP B-NP B-LOC
+. . O O
+
+Mary NNP B-NP B-PER
+Smith NNP I-NP I-PER
+works VBZ B-VP O
+for IN B-PP O
+Acme NNP B-NP B-ORG
+Corp NNP I-NP I-ORG
+in IN B-PP O
+London NNP B-NP B-LOC
+. . O O
+
+The DT B-NP O
+quick JJ I-NP O
+fox NN I-NP O
+met VBD B-VP O
+John NNP B-NP B-PER
+near IN B-PP O
+Acme NNP B-NP B-ORG
+. . O O
+"""
+
+
+def test_tag_schemes_normalise_to_bio():
+    assert to_bio(["I-PER", "I-PER", "B-PER", "O"]) == ["B-PER", "I-PER", "B-PER", "O"]  # IOB1
+    assert to_bio(["S-LOC", "B-ORG", "I-ORG", "E-ORG"]) == ["B-LOC", "B-ORG", "I-ORG", "I-ORG"]  # BIOES
+
+
+def test_conll_reader_and_its_errors(tmp_path):
+    path = tmp_path / "d.conll"
+    path.write_text("\ufeffa\tO\nb\tB-X\n\t\nc\tI-Y\n", encoding="utf-8")  # BOM, a tab-only break (WNUT)
+    sentences = read_ner(path)
+    assert [s.words for s in sentences] == [("a", "b"), ("c",)]
+    assert sentences[1].tags == ("B-Y",)
+    path.write_text("a\tO\nb\tX\tO\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.conll: line 2: 3 columns, but the file's first line has 2"):
+        read_ner(path)
+    path.write_text("a\tO\nb\tPERSON\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 2: unknown tag 'PERSON'"):
+        read_ner(path)
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"tokens": ["Ann", "ran"], "tags": ["S-PER", "O"]}\n{"tokens": ["x"], "tags": []}\n')
+    with pytest.raises(DataError, match=r"d.jsonl: line 2: 1 tokens but 0 tags"):
+        read_ner(jsonl)
+
+
+@pytest.fixture(scope="module", params=[32, 8], ids=["one-window", "many-windows"])
+def trained(request, tmp_path_factory, tiny_tokenizer_dir):
+    d = tmp_path_factory.mktemp("ner")
+    (d / "train.conll").write_text(CONLL, encoding="utf-8")
+    recipe = write_recipe(d / "recipe.yaml", {"name": "ner"}, {"train": str(d / "train.conll"),
+                          "eval": str(d / "train.conll"), "max_seq_len": request.param},
+                          {"max_steps": 120, "batch_size": 8, "lr": 3e-3}, tokenizer=tiny_tokenizer_dir)
+    metrics = finetune(load_recipe(recipe), d / "run", resume=False, overwrite=False)
+    return d, metrics
+
+
+def test_tiny_model_overfits_entities(trained):
+    d, metrics = trained
+    assert metrics["eval_f1"] == 1.0
+    m = evaluate(d / "run", d / "train.conll")
+    assert m["f1"] == 1.0 and m["entities"] == 7 and set(m["per_type"]) == {"PER", "LOC", "ORG"}
+
+
+def test_predict_gives_character_offsets_into_the_line(trained):
+    d, _ = trained
+    line = "  Mary Smith works for Acme Corp in London ."
+    done = run_cli("predict", str(d / "run"), stdin=(line + "\n\n").encode())
+    assert done.returncode == 0, done.stderr
+    first, blank = [json.loads(x) for x in done.stdout.decode().splitlines()]
+    assert blank == {"entities": []}
+    found = [(e["text"], e["label"]) for e in first["entities"]]
+    assert found == [("Mary Smith", "PER"), ("Acme Corp", "ORG"), ("London", "LOC")]
+    for e in first["entities"]:
+        assert line[e["start"]:e["end"]] == e["text"] and 0 < e["score"] <= 1

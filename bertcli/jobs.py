@@ -101,7 +101,7 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool) ->
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
     def save(m):
-        save_checkpoint(out, m, task.architecture, tokenizer, task.labels or None, task={"name": task.name, **options})
+        save_checkpoint(out, m, task.architecture, tokenizer, task.labels or None, task={"name": task.name, **options, **task.saved_options()})
 
     job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features], collate=task.collate,
               loss=task.loss, evaluate=evaluate if eval_examples else None, save=save)

@@ -30,6 +30,10 @@ class Task(ABC):
         """Label names found in training data (tasks without labels return [])."""
         return []
 
+    def saved_options(self) -> dict:
+        """Settings learnt from the training data that predict needs (kept in config.json)."""
+        return {}
+
     @abstractmethod
     def encode(self, examples: Sequence) -> list[dict]:
         """Model features with training targets; one example may give several (windows)."""

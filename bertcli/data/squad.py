@@ -1,0 +1,137 @@
+"""Extractive QA data: SQuAD v1.1 / v2.0 JSON (CMRC 2018 uses the same layout) and JSONL.
+
+An answer whose `answer_start` does not point at its text (about 2% of CMRC 2018) is
+re-located at the occurrence of the text nearest to the given start; one whose text is not in
+the context at all is dropped, and the count of both is reported by the caller."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bertcli.data.tables import read_text
+from bertcli.errors import DataError
+
+
+@dataclass(frozen=True)
+class QaExample:
+    id: str
+    question: str
+    context: str
+    answers: tuple[tuple[str, int], ...]  # (text, character start in context); empty = no answer
+    is_impossible: bool = False
+    where: str = ""
+
+
+@dataclass
+class ReadReport:
+    relocated: int = 0
+    dropped: list[str] = field(default_factory=list)
+
+
+def _locate(context: str, text: str, start: Any) -> int | None:
+    """The start of `text` in `context`: the given one when right, else the nearest occurrence."""
+    if isinstance(start, int) and not isinstance(start, bool) and context[start:start + len(text)] == text:
+        return start
+    hits, i = [], context.find(text)
+    while i >= 0:
+        hits.append(i)
+        i = context.find(text, i + 1)
+    if not hits:
+        return None
+    given = start if isinstance(start, int) and not isinstance(start, bool) else 0
+    return min(hits, key=lambda h: abs(h - given))
+
+
+def _answers(raw: Any, where: str) -> list[tuple[str, Any]]:
+    if raw is None:
+        return []
+    if isinstance(raw, dict):  # Hugging Face datasets layout {"text": [...], "answer_start": [...]}
+        texts, starts = raw.get("text"), raw.get("answer_start")
+        if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
+            raise DataError(f"{where}: 'answers' needs lists 'text' and 'answer_start' of equal length")
+        return list(zip(texts, starts))
+    if not isinstance(raw, list):
+        raise DataError(f"{where}: 'answers' must be a list")
+    out = []
+    for a in raw:
+        if not isinstance(a, dict) or "text" not in a:
+            raise DataError(f"{where}: each answer needs a 'text' field")
+        out.append((a["text"], a.get("answer_start")))
+    return out
+
+
+def _example(qa: Any, context: str, where: str, report: ReadReport) -> QaExample | None:
+    if not isinstance(qa, dict):
+        raise DataError(f"{where}: expected a question object")
+    question = qa.get("question")
+    if not isinstance(question, str):
+        raise DataError(f"{where}: missing field 'question'")
+    qid = str(qa.get("id", where))
+    impossible = bool(qa.get("is_impossible", False))
+    answers = []
+    given = _answers(qa.get("answers"), where)
+    for text, start in given:
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: an answer text must be a non-empty string")
+        found = _locate(context, text, start)
+        if found is None:
+            continue
+        if found != start:
+            report.relocated += 1
+        answers.append((text, found))
+    if given and not answers:
+        report.dropped.append(f"{where} (id {qid}): no answer text found in the context")
+        return None
+    if not given and not impossible:
+        raise DataError(f"{where}: question {qid!r} has no answers (and is not marked is_impossible)")
+    return QaExample(qid, question.strip(), context, tuple(answers), impossible or not answers, where)
+
+
+def read_squad(path: str | Path) -> tuple[list[QaExample], ReadReport]:
+    text = read_text(path)
+    report = ReadReport()
+    examples: list[QaExample] = []
+    if Path(path).suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {number}"
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise DataError(f"{where}: not valid JSON ({err})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("context"), str):
+                raise DataError(f"{where}: missing field 'context'")
+            ex = _example(row, row["context"], where, report)
+            if ex:
+                examples.append(ex)
+        return examples, report
+    try:
+        doc = json.loads(text)
+    except ValueError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected SQuAD JSON with a top-level 'data' list")
+    for a, article in enumerate(data):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            raise DataError(f"{path}: data[{a}]: missing field 'paragraphs'")
+        for p, paragraph in enumerate(paragraphs):
+            where = f"{path}: data[{a}].paragraphs[{p}]"
+            context = paragraph.get("context") if isinstance(paragraph, dict) else None
+            qas = paragraph.get("qas") if isinstance(paragraph, dict) else None
+            if not isinstance(context, str):
+                raise DataError(f"{where}: missing field 'context'")
+            if not isinstance(qas, list):
+                raise DataError(f"{where}: missing field 'qas'")
+            for q, qa in enumerate(qas):
+                ex = _example(qa, context, f"{where}.qas[{q}]", report)
+                if ex:
+                    examples.append(ex)
+    if not examples:
+        raise DataError(f"{path}: no questions")
+    return examples, report

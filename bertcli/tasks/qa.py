@@ -1,0 +1,175 @@
+"""Extractive question answering: [CLS] question [SEP] context window [SEP], windows `doc_stride`
+tokens apart (the original BERT meaning: the step between window starts), an n-best search over
+start/end pairs no longer than `max_answer_len`, and a no-answer score for SQuAD v2."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bertcli.data.squad import QaExample, read_squad
+from bertcli.data.windows import best_window, spans
+from bertcli.errors import DataError
+from bertcli.metrics import squad_metrics
+from bertcli.tasks.base import Task
+from bertcli.tokenizer import WordPieceTokenizer
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    question: list[int]
+    context: list[int]
+    offsets: list[tuple[int, int]]  # character span of each context token
+    windows: list[tuple[int, int]]  # [start, end) over context tokens
+
+
+class QaTask(Task):
+    name = "qa"
+    architecture = "BertForQuestionAnswering"
+
+    def __init__(self, tokenizer: WordPieceTokenizer, max_seq_len: int, labels: Sequence[str] = (),
+                 doc_stride: int = 128, max_query_len: int = 64, max_answer_len: int = 30, n_best: int = 20,
+                 no_answer_threshold: float = 0.0, with_no_answer: bool = False, **options):
+        super().__init__(tokenizer, max_seq_len, [])
+        self.with_no_answer = with_no_answer  # SQuAD v2: may answer "" (set when training data has such questions)
+        self.doc_stride, self.max_query_len = doc_stride, max_query_len
+        self.max_answer_len, self.n_best, self.threshold = max_answer_len, n_best, no_answer_threshold
+        if max_seq_len - min(max_query_len, max_seq_len) - 3 < 8:
+            raise DataError(f"data.max_seq_len {max_seq_len} leaves too little room for the context after "
+                            f"data.max_query_len {max_query_len}")
+
+    def saved_options(self) -> dict:
+        return {"with_no_answer": self.with_no_answer}
+
+    def labels_from(self, examples: Sequence[QaExample]) -> list[str]:
+        self.with_no_answer = self.with_no_answer or any(e.is_impossible for e in examples)
+        return []
+
+    def read(self, path: str | Path) -> list[QaExample]:
+        examples, report = read_squad(path)
+        if report.relocated or report.dropped:
+            sys.stderr.write(f"{path}: {report.relocated} answer start(s) re-located to where their text is; "
+                             f"{len(report.dropped)} question(s) dropped" +
+                             (f" (first: {report.dropped[0]})" if report.dropped else "") + "\n")
+        return examples
+
+    # ------------------------------------------------------------ encoding
+
+    def _encode(self, examples: Sequence[QaExample]) -> list[Encoded]:
+        backend = self.tokenizer.backend
+        questions = backend.encode_batch([e.question for e in examples], add_special_tokens=False)
+        contexts = backend.encode_batch([e.context for e in examples], add_special_tokens=False)
+        out = []
+        for q, c in zip(questions, contexts):
+            qids = q.ids[:self.max_query_len]
+            room = self.max_seq_len - len(qids) - 3
+            out.append(Encoded(qids, c.ids, c.offsets, spans(len(c.ids), room, max(1, min(self.doc_stride, room)))))
+        return out
+
+    def _feature(self, enc: Encoded, start: int, end: int) -> dict:
+        ids = [self.tokenizer.cls_id, *enc.question, self.tokenizer.sep_id, *enc.context[start:end], self.tokenizer.sep_id]
+        first = len(enc.question) + 2
+        return {"input_ids": ids, "token_type_ids": [0] * first + [1] * (end - start + 1)}
+
+    def encode(self, examples: Sequence[QaExample]) -> list[dict]:
+        features = []
+        for ex, enc in zip(examples, self._encode(examples)):
+            for start, end in enc.windows:
+                feature = self._feature(enc, start, end)
+                first = len(enc.question) + 2
+                s_pos = e_pos = 0  # [CLS]: no answer in this window
+                if ex.answers:
+                    text, char_start = ex.answers[0]
+                    char_end = char_start + len(text)
+                    tokens = [i for i in range(start, end) if enc.offsets[i][1] > char_start and enc.offsets[i][0] < char_end]
+                    inside = [i for i, (a, b) in enumerate(enc.offsets) if b > char_start and a < char_end]
+                    if tokens and tokens[0] == inside[0] and tokens[-1] == inside[-1]:
+                        s_pos, e_pos = tokens[0] - start + first, tokens[-1] - start + first
+                feature["start_positions"], feature["end_positions"] = s_pos, e_pos
+                features.append(feature)
+        return features
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        start, end = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        loss = (F.cross_entropy(start.float(), batch["start_positions"]) +
+                F.cross_entropy(end.float(), batch["end_positions"])) / 2
+        return loss, int(batch["attention_mask"].sum())
+
+    # ------------------------------------------------------------ prediction
+
+    def parse_input(self, text: str, where: str) -> QaExample:
+        if not text.strip():
+            return QaExample(where, "", "", (), True, where)
+        try:
+            row = json.loads(text)
+        except ValueError:
+            raise DataError(f"{where}: expected a JSON line {{\"question\": ..., \"context\": ...}}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("context"), str):
+            raise DataError(f"{where}: expected string fields 'question' and 'context'")
+        return QaExample(str(row.get("id", where)), row["question"], row["context"], (), False, where)
+
+    def predict(self, model: nn.Module, examples: Sequence[QaExample], batch_size: int) -> list[dict]:
+        results: list[dict] = [{"answer": "", "start": None, "end": None, "score": None} for _ in examples]
+        real = [i for i, e in enumerate(examples) if e.context.strip() and e.question.strip()]
+        encoded = self._encode([examples[i] for i in real])
+        jobs = [(k, w) for k, enc in enumerate(encoded) for w in range(len(enc.windows))]
+        jobs.sort(key=lambda j: encoded[j[0]].windows[j[1]][1] - encoded[j[0]].windows[j[1]][0])
+        logits: dict[tuple[int, int], tuple[list[float], list[float]]] = {}
+        device = next(model.parameters()).device
+        for i in range(0, len(jobs), batch_size):
+            chunk = jobs[i:i + batch_size]
+            batch = self.collate([self._feature(encoded[k], *encoded[k].windows[w]) for k, w in chunk])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.inference_mode():
+                start, end = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            for (k, w), s, e in zip(chunk, start.float().cpu().tolist(), end.float().cpu().tolist()):
+                logits[(k, w)] = (s, e)
+        for k, enc in enumerate(encoded):
+            results[real[k]] = self._best_span(examples[real[k]], enc, [logits[(k, w)] for w in range(len(enc.windows))])
+        return results
+
+    def _best_span(self, example: QaExample, enc: Encoded, window_logits: list[tuple[list[float], list[float]]]) -> dict:
+        first = len(enc.question) + 2
+        candidates: list[tuple[float, int, int]] = []  # (score, first context token, last context token)
+        null = math.inf
+        for w, ((start, end), (s_logits, e_logits)) in enumerate(zip(enc.windows, window_logits)):
+            null = min(null, s_logits[0] + e_logits[0])
+            length = end - start
+            span = range(first, first + length)
+            top_s = sorted(span, key=lambda i: -s_logits[i])[:self.n_best]
+            top_e = sorted(span, key=lambda i: -e_logits[i])[:self.n_best]
+            for si in top_s:
+                token = si - first + start
+                if best_window(token, enc.windows) != w:
+                    continue  # this start is read in the window where it has most context
+                for ei in top_e:
+                    if si <= ei < si + self.max_answer_len:
+                        candidates.append((s_logits[si] + e_logits[ei], token, ei - first + start))
+        if not candidates:
+            return {"answer": "", "start": None, "end": None, "score": None}
+        candidates.sort(reverse=True)
+        candidates = candidates[:self.n_best]
+        best_score, s_tok, e_tok = candidates[0]
+        scores = [c[0] for c in candidates] + ([null] if self.with_no_answer else [])
+        top = max(scores)
+        total = sum(math.exp(x - top) for x in scores)
+        if self.with_no_answer and null - best_score > self.threshold:
+            return {"answer": "", "start": None, "end": None, "score": round(math.exp(null - top) / total, 6)}
+        char_start, char_end = enc.offsets[s_tok][0], enc.offsets[e_tok][1]
+        return {"answer": example.context[char_start:char_end], "start": char_start, "end": char_end,
+                "score": round(math.exp(best_score - top) / total, 6)}
+
+    def score(self, examples: Sequence[QaExample], predictions: Sequence[dict]) -> dict:
+        chinese = sum(bool(_CJK.search(e.context)) for e in examples) > len(examples) / 2
+        return squad_metrics([p["answer"] for p in predictions], [[a for a, _ in e.answers] for e in examples], chinese)

@@ -1,0 +1,73 @@
+"""Extractive QA end to end on a tiny model; SQuAD reading with answer re-location; windows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bertcli.data.squad import read_squad
+from bertcli.errors import DataError
+from bertcli.evaluate import evaluate
+from bertcli.jobs import finetune
+from bertcli.recipes import load_recipe
+from conftest import run_cli, write_recipe
+
+CONTEXTS = [
+    ("The quick brown fox jumps over the lazy dog near the river.",
+     [("What jumps over the dog?", "quick brown fox"), ("Where is the dog?", "near the river")]),
+    ("Hello world, this is a tiny corpus written for the tests by the doctor.",
+     [("Who wrote the corpus?", "the doctor"), ("What is written?", "a tiny corpus")]),
+]
+
+
+def squad(contexts, shift: int = 0) -> dict:
+    paragraphs = [{"context": c, "qas": [{"id": f"{i}-{j}", "question": q,
+                                            "answers": [{"text": a, "answer_start": c.index(a) + shift}]}
+                                           for j, (q, a) in enumerate(qas)]} for i, (c, qas) in enumerate(contexts)]
+    return {"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}
+
+
+def test_reader_relocates_wrong_starts_and_drops_missing_answers(tmp_path):
+    doc = squad(CONTEXTS, shift=2)  # every answer_start off by two, as ~2% of CMRC 2018's are
+    doc["data"][0]["paragraphs"][0]["qas"].append({"id": "gone", "question": "?", "answers": [{"text": "unicorn",
+                                                                                                 "answer_start": 0}]})
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    examples, report = read_squad(path)
+    assert len(examples) == 4 and report.relocated == 4 and len(report.dropped) == 1
+    assert all(e.context[s:s + len(t)] == t for e in examples for t, s in e.answers)
+    path.write_text(json.dumps({"data": [{"paragraphs": [{"qas": []}]}]}), encoding="utf-8")
+    with pytest.raises(DataError, match=r"data\[0\].paragraphs\[0\]: missing field 'context'"):
+        read_squad(path)
+
+
+@pytest.fixture(scope="module", params=[64, 24], ids=["one-window", "many-windows"])
+def trained(request, tmp_path_factory, tiny_tokenizer_dir):
+    d = tmp_path_factory.mktemp("qa")
+    (d / "train.json").write_text(json.dumps(squad(CONTEXTS)), encoding="utf-8")
+    recipe = write_recipe(d / "recipe.yaml", {"name": "qa"},
+                          {"train": str(d / "train.json"), "eval": str(d / "train.json"), "max_seq_len": request.param,
+                           "max_query_len": 10, "doc_stride": 4},
+                          {"max_steps": 150, "batch_size": 8, "lr": 3e-3}, tokenizer=tiny_tokenizer_dir)
+    metrics = finetune(load_recipe(recipe), d / "run", resume=False, overwrite=False)
+    return d, metrics
+
+
+def test_tiny_model_overfits_answers(trained):
+    d, metrics = trained
+    assert metrics["eval_exact_match"] == 100.0
+    assert evaluate(d / "run", d / "train.json")["f1"] == 100.0
+
+
+def test_predict_answers_with_offsets(trained):
+    d, _ = trained
+    context, qas = CONTEXTS[1]
+    lines = [json.dumps({"question": qas[0][0], "context": context}), ""]
+    done = run_cli("predict", str(d / "run"), stdin=("\n".join(lines) + "\n").encode())
+    assert done.returncode == 0, done.stderr
+    answer, blank = [json.loads(x) for x in done.stdout.decode().splitlines()]
+    assert answer["answer"] == "the doctor" and context[answer["start"]:answer["end"]] == "the doctor"
+    assert 0 < answer["score"] <= 1 and blank["answer"] == ""
+    done = run_cli("predict", str(d / "run"), stdin=b"not json\n")
+    assert done.returncode == 2 and b"expected a JSON line" in done.stdout

@@ -101,10 +101,11 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool) ->
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
     def save(m):
-        save_checkpoint(out, m, task.architecture, tokenizer, task.labels or None, task={"name": task.name, **options, **task.saved_options()})
+        saved = {"name": task.name, **options, **task.saved_options()}
+        save_checkpoint(out, m, task.architecture, tokenizer, task.labels or None, task=saved)
 
     job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features], collate=task.collate,
-              loss=task.loss, evaluate=evaluate if eval_examples else None, save=save)
+              counts=task.counts, loss=task.loss, evaluate=evaluate if eval_examples else None, save=save)
     metrics = fit(job, recipe.train, out, resume)
     write_metrics(out, metrics)
     say(f"saved: {out}")

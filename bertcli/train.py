@@ -9,16 +9,17 @@ resumable checkpoint on Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import random
-import sys
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from bertcli.data.batching import batch_order
@@ -43,17 +44,24 @@ class Job:
     """What the loop needs from a task, as plain callables."""
 
     model: nn.Module
-    features: Sequence[dict]
+    features: Sequence
     lengths: Sequence[int]
-    collate: Callable[[Sequence[dict]], dict[str, Tensor]]
-    loss: Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, int]]  # (mean loss, tokens in the batch)
+    collate: Callable[[Sequence, Sequence[int]], dict[str, Tensor]]  # (features, a seed per example) -> batch
+    counts: Callable[[dict[str, Tensor]], dict[str, int]]  # loss terms -> how many targets each has
+    loss: Callable[[nn.Module, dict[str, Tensor], dict[str, int]], Tensor]  # sum of terms / global counts
     evaluate: Callable[[nn.Module], dict[str, float]] | None  # eval metrics, without the eval_ prefix
     save: Callable[[nn.Module], None]  # write the checkpoint files (weights, config, tokenizer)
 
 
-def device_for(precision: str) -> torch.device:
+def example_seed(seed: int, epoch: int, index: int) -> int:
+    """A seed per (run seed, epoch, example): masks are drawn anew each epoch, identically
+    however many processes share the batch, and again identically after a resume."""
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63 - 1)
+
+
+def device_for(precision: str, local_rank: int = 0) -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", local_rank)
     if precision == "fp16":
         raise BertcliError("train.precision: fp16 needs a CUDA GPU; use bf16 (or fp32) on a CPU")
     return torch.device("cpu")
@@ -97,27 +105,16 @@ def plan_steps(cfg: TrainConfig, batches_per_epoch: int) -> int | None:
     return min(limits) if limits else None
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "python_pos": random.getstate()[2], "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, pos: Position) -> None:
-    """One file holding weights, optimizer, position and RNG states, written atomically, so the
-    weights and the optimizer always belong to the same step. Loaded with weights_only=True."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "position": [pos.step, pos.epoch, pos.batch, pos.tokens, pos.elapsed], "rng": _rng_state()}
+def save_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, pos: Position) -> None:
+    """One file holding weights, optimizer and position, written atomically, so the weights and
+    the optimizer always belong to the same step. Loaded with weights_only=True. (No RNG state
+    is needed: the loop reseeds from the step number.)"""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "position": [pos.step, pos.epoch, pos.batch, pos.tokens, pos.elapsed]}
     atomic_write(out / RESUME_FILE, lambda tmp: torch.save(state, tmp))
 
 
-def load_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Position:
+def load_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler) -> Position:
     path = out / RESUME_FILE
     if not path.is_file():
         raise BertcliError(f"{out}: nothing to resume (no {RESUME_FILE}); start afresh with --overwrite")
@@ -125,9 +122,9 @@ def load_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimi
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        scaler.load_state_dict(state["scaler"])
         step, epoch, batch, tokens, elapsed = state["position"]
-    except Exception as err:  # a resume file from elsewhere or a different recipe
+    except Exception as err:  # a resume file from elsewhere or from a different recipe
         raise BertcliError(f"{path}: cannot resume from it ({str(err).splitlines()[0][:200]})") from None
     return Position(int(step), int(epoch), int(batch), int(tokens), float(elapsed))
 
@@ -150,112 +147,139 @@ class Log:
             f.write(json.dumps(record) + "\n")
 
 
-def _progress(total: int | None):
+def _progress(total: int | None, enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=not enabled)
     return Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                    disable=not console.is_terminal), console
+                    disable=not (enabled and console.is_terminal)), console
+
+
+def _global_sum(values: list[float], world: int, device: torch.device) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]:
-    """Train `job.model` in place; write log.jsonl and checkpoints into `out`. Returns the
-    last evaluation's metrics (eval_-prefixed), or {} without evaluation data."""
-    device = device_for(cfg.precision)
+    """Train `job.model` in place; write log.jsonl and checkpoints into `out` (rank 0 alone
+    writes). Returns the last evaluation's metrics (eval_-prefixed), or {} without eval data."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    writer = rank == 0
+    device = device_for(cfg.precision, int(os.environ.get("LOCAL_RANK", 0)))
     model = job.model.to(device)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    pos = load_resume_state(out, model, optimizer) if resume else Position()
-    log = Log(out / "log.jsonl", pos.step if resume else None)
-    batches_per_epoch = math.ceil(len(job.features) / cfg.batch_size)
+    pos = load_resume_state(out, model, optimizer, scaler) if resume else Position()
+    wrapped = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=True)
+    log = Log(out / "log.jsonl", pos.step if resume else None) if writer else None
+    global_batch = cfg.batch_size * world
+    batches_per_epoch = len(job.features) // global_batch if world > 1 else math.ceil(len(job.features) / global_batch)
     if batches_per_epoch == 0:
-        raise BertcliError("data.train: no training examples")
+        raise BertcliError(f"data.train: {len(job.features)} training sequences, fewer than one batch of {global_batch}")
     total = plan_steps(cfg, batches_per_epoch)
     budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
     start = time.perf_counter() - pos.elapsed
     metrics: dict[str, float] = {}
-    window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    step_tokens = 0
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
+    progress, console = _progress(total, writer)
 
     def checkpoint() -> None:
         pos.elapsed = time.perf_counter() - start
-        job.save(model)
-        save_resume_state(out, model, optimizer, pos)
+        if writer:
+            job.save(model)
+            save_resume_state(out, model, optimizer, scaler, pos)
+        if world > 1:
+            dist.barrier()
 
     def evaluate() -> None:
         nonlocal metrics
-        if job.evaluate is None:
-            return
-        model.eval()
-        with torch.inference_mode(), autocast(device, cfg.precision):
-            metrics = {f"eval_{k}": v for k, v in job.evaluate(model).items()}
-        model.train()
-        log.write({"step": pos.step, **metrics})
-        console.print(f"step {pos.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if job.evaluate is not None and writer:
+            model.eval()
+            with torch.inference_mode(), autocast(device, cfg.precision):
+                metrics = {f"eval_{k}": v for k, v in job.evaluate(model).items()}
+            model.train()
+            log.write({"step": pos.step, **metrics})
+            console.print(f"step {pos.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if world > 1:
+            dist.barrier()
 
-    progress, console = _progress(total)
     model.train()
-    done = False
+    done = total is not None and pos.step >= total
     try:
         with progress:
             bar = progress.add_task("train", total=total, completed=pos.step, info="")
             while not done:
-                order = batch_order(job.lengths, cfg.batch_size, seed=cfg.seed + pos.epoch)
-                micro = 0
-                for index in range(pos.batch, len(order)):
-                    batch = {k: v.to(device) for k, v in job.collate([job.features[i] for i in order[index]]).items()}
-                    with autocast(device, cfg.precision):
-                        loss, tokens = job.loss(model, batch)
-                    if not torch.isfinite(loss):
-                        raise BertcliError(f"the loss became {loss.item()} at step {pos.step + 1}; lower train.lr, "
-                                           f"or use bf16/fp32. The last good checkpoint in {out} is kept")
-                    scaler.scale(loss / cfg.grad_accum).backward()
-                    window_loss += loss.item()
-                    window_n += 1
-                    window_tokens += tokens
-                    step_tokens += tokens
-                    micro += 1
-                    pos.batch = index + 1
-                    if micro < cfg.grad_accum and index + 1 < len(order):
-                        continue
-                    micro = 0
+                order = batch_order(job.lengths, global_batch, seed=cfg.seed + pos.epoch)[:batches_per_epoch]
+                while pos.batch < len(order) and not done:
+                    torch.manual_seed(example_seed(cfg.seed, pos.step, rank))  # dropout: reproducible on resume
+                    group = order[pos.batch:pos.batch + cfg.grad_accum]
+                    micro = []
+                    for global_indices in group:
+                        mine = global_indices[rank::world]
+                        seeds = [example_seed(cfg.seed, pos.epoch, i) for i in mine]
+                        micro.append({k: v.to(device) for k, v in job.collate([job.features[i] for i in mine], seeds).items()})
+                    names = sorted(job.counts(micro[0]))
+                    local = [sum(job.counts(b)[n] for b in micro) for n in names]
+                    tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+                    *totals, tokens = _global_sum([*local, tokens], world, device)
+                    counts = {n: max(int(c), 1) for n, c in zip(names, totals)}
+                    step_loss = 0.0
+                    for i, batch in enumerate(micro):
+                        sync = world == 1 or i == len(micro) - 1
+                        with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(device, cfg.precision):
+                            loss = job.loss(wrapped, batch, counts)
+                        scaler.scale(loss * world).backward()
+                        step_loss += loss.item()
+                    step_loss, = _global_sum([step_loss], world, device)
+                    if not math.isfinite(step_loss):
+                        raise BertcliError(f"the loss became {step_loss} at step {pos.step + 1}; lower train.lr or "
+                                           f"check the data. The last good checkpoint in {out} is kept")
                     lr = lr_at(pos.step, cfg, total)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
+                    for param_group in optimizer.param_groups:
+                        param_group["lr"] = lr
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     pos.step += 1
-                    pos.tokens += step_tokens
-                    step_tokens = 0
+                    pos.batch += len(group)
+                    pos.tokens += int(tokens)
+                    window["loss"] += step_loss
+                    window["steps"] += 1
+                    window["tokens"] += int(tokens)
                     if pos.step % cfg.log_every == 0 or pos.step == 1:
                         now = time.perf_counter()
                         record = {"step": pos.step, "epoch": pos.epoch + pos.batch / len(order),
-                                  "loss": window_loss / window_n, "lr": lr,
-                                  "tokens_per_s": window_tokens / max(now - window_start, 1e-9)}
-                        log.write(record)
-                        progress.update(bar, info=f"loss {record['loss']:.4f}  {record['tokens_per_s']:.0f} tok/s")
-                        if not console.is_terminal:
-                            console.print(f"step {pos.step}" + (f"/{total}" if total else "") +
-                                          f"  loss {record['loss']:.4f}  lr {lr:.2e}  {record['tokens_per_s']:.0f} tok/s")
-                        window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, now
+                                  "loss": window["loss"] / window["steps"], "lr": lr,
+                                  "tokens_per_s": window["tokens"] / max(now - window["start"], 1e-9)}
+                        if writer:
+                            log.write(record)
+                            progress.update(bar, info=f"loss {record['loss']:.4f}  {record['tokens_per_s']:.0f} tok/s")
+                            if not console.is_terminal:
+                                console.print(f"step {pos.step}" + (f"/{total}" if total else "") +
+                                              f"  loss {record['loss']:.4f}  lr {lr:.2e}  "
+                                              f"{record['tokens_per_s']:.0f} tok/s")
+                        window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": now}
                     progress.update(bar, completed=pos.step)
-                    finished = (total is not None and pos.step >= total) or \
-                        (budget is not None and time.perf_counter() - start >= budget)
-                    if cfg.eval_every and pos.step % cfg.eval_every == 0 and not finished:
+                    out_of_time = budget is not None and time.perf_counter() - start >= budget
+                    out_of_time = bool(_global_sum([float(out_of_time)], world, device)[0])  # all ranks agree
+                    done = (total is not None and pos.step >= total) or out_of_time
+                    if cfg.eval_every and pos.step % cfg.eval_every == 0 and not done:
                         evaluate()
-                    if cfg.save_every and pos.step % cfg.save_every == 0 and not finished:
+                    if cfg.save_every and pos.step % cfg.save_every == 0 and not done:
                         checkpoint()
-                    if finished:
-                        done = True
-                        break
-                else:
+                if pos.batch >= len(order):
                     pos.epoch += 1
                     pos.batch = 0
     except KeyboardInterrupt:
@@ -268,7 +292,3 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
 
 def write_metrics(out: Path, metrics: dict) -> None:
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
-
-
-def stderr(message: str) -> None:
-    sys.stderr.write(message + "\n")

@@ -38,14 +38,20 @@ class Task(ABC):
     def encode(self, examples: Sequence) -> list[dict]:
         """Model features with training targets; one example may give several (windows)."""
 
-    def collate(self, features: Sequence[dict]) -> dict[str, Tensor]:
+    def collate(self, features: Sequence[dict], seeds: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """A padded batch. `seeds` (one per example) serve tasks that draw random masks."""
         from bertcli.data.batching import collate
 
         return collate(features, self.tokenizer.pad_id)
 
     @abstractmethod
-    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-        """Mean loss over the batch and the number of real tokens in it."""
+    def counts(self, batch: dict[str, Tensor]) -> dict[str, int]:
+        """How many targets each loss term has in this batch (examples, labelled tokens, ...)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+        """The summed loss of each term divided by its count over the whole step (all
+        micro-batches and processes), so accumulation and DDP give the same mean as one batch."""
 
     @abstractmethod
     def parse_input(self, text: str, where: str) -> Any:

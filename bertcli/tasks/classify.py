@@ -110,9 +110,12 @@ class ClassifyTask(Task):
 
     # ------------------------------------------------------------ model
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    def counts(self, batch: dict[str, Tensor]) -> dict[str, int]:
+        return {"examples": len(batch["labels"])}
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
         logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        return F.cross_entropy(logits.float(), batch["labels"]), int(batch["attention_mask"].sum())
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum") / counts["examples"]
 
     def parse_input(self, text: str, where: str) -> Example:
         if text.startswith("{"):

@@ -96,11 +96,13 @@ class NerTask(Task):
         return [self._feature(p, s, e, ex.tags) for ex, p in zip(examples, self._pieces([x.words for x in examples]))
                 for s, e in self._windows(p)]
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    def counts(self, batch: dict[str, Tensor]) -> dict[str, int]:
+        return {"words": int((batch["labels"] != -100).sum())}
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
         logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        labels = batch["labels"]
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100), \
-            int(batch["attention_mask"].sum())
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
+                               reduction="sum") / counts["words"]
 
     def _tag_words(self, model: nn.Module, word_lists: Sequence[Sequence[str]], batch_size: int
                    ) -> list[list[tuple[str, float]]]:

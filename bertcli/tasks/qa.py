@@ -100,11 +100,14 @@ class QaTask(Task):
                 features.append(feature)
         return features
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    def counts(self, batch: dict[str, Tensor]) -> dict[str, int]:
+        return {"windows": len(batch["start_positions"])}
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
         start, end = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        loss = (F.cross_entropy(start.float(), batch["start_positions"]) +
-                F.cross_entropy(end.float(), batch["end_positions"])) / 2
-        return loss, int(batch["attention_mask"].sum())
+        total = F.cross_entropy(start.float(), batch["start_positions"], reduction="sum") + \
+            F.cross_entropy(end.float(), batch["end_positions"], reduction="sum")
+        return total / (2 * counts["windows"])
 
     # ------------------------------------------------------------ prediction
 

@@ -83,17 +83,33 @@ def tokenize_encode(
     tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer or checkpoint directory."),
     corpus: List[Path] = typer.Option(..., "--corpus", help="Text file(s) to encode (repeatable)."),
     out: Path = typer.Option(..., "--out", help="Directory for the token shards."),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
-    """Encode raw text into memory-mapped token shards for pretraining."""
-    raise BertcliError("`bertcli tokenize encode` is not built yet (it arrives with pretraining)")
+    """Encode raw text into memory-mapped token shards for pretraining (documents and
+    sentences kept; blank lines separate documents)."""
+    import time
+
+    from bertcli.data.corpus import encode_corpus
+    from bertcli.tokenizer import load_tokenizer
+
+    _check_output(out, overwrite, resume=False, marker_files=())
+    if overwrite and out.is_dir() and any(out.iterdir()) and not (out / "index.json").is_file():
+        raise BertcliError(f"{out}: --overwrite refused: the directory does not hold token shards")
+    start = time.perf_counter()
+    index = encode_corpus(load_tokenizer(tokenizer), corpus, out)
+    _err(f"shards: {index['documents']} documents, {index['sentences']} sentences, {index['tokens']} tokens "
+         f"({index['dtype']}) from {len(corpus)} file(s) in {time.perf_counter() - start:.1f}s -> {out}")
 
 
 @app.command(epilog="Example: bertcli pretrain recipes/pretrain-tiny.yaml --set train.max_steps=1000")
 def pretrain(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optional[List[str]] = SetOpt,
              resume: bool = ResumeOpt, overwrite: bool = OverwriteOpt) -> None:
-    """Pretrain BERT with masked language modelling (+ NSP or SOP)."""
-    _load(recipe, set_, expected_task="pretrain")
-    raise BertcliError("`bertcli pretrain` is not built yet: the recipe is valid, but pretraining has not landed")
+    """Pretrain BERT with masked language modelling (+ NSP or SOP). Under
+    `torchrun --nproc_per_node N -m bertcli pretrain RECIPE` it runs distributed (DDP)."""
+    loaded = _load(recipe, set_, expected_task="pretrain")
+    from bertcli.jobs import pretrain as run_pretrain
+
+    run_pretrain(loaded, out, resume, overwrite)
 
 
 @app.command(epilog="Example: bertcli finetune recipes/sentiment-sst2.yaml --set train.epochs=1")

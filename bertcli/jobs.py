@@ -127,3 +127,85 @@ def load_for_task(model_dir: Path):
         raise CheckpointError(f"{model_dir}/config.json: no id2label: the label names of the head are unknown")
     task = make_task(name, tokenizer=ck.tokenizer, labels=ck.labels, **options)
     return ck, task
+
+
+def init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on CPU, NCCL on CUDA."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool) -> dict:
+    import torch.distributed as dist
+
+    from bertcli.data.corpus import shards_for
+    from bertcli.model import BertForPreTraining
+    from bertcli.tasks.pretrain import PretrainTask, make_instances, most_frequent_token
+
+    out = Path(out or recipe.output or "")
+    if not str(out) or str(out) == ".":
+        raise BertcliError("no output directory: set `output` in the recipe or pass --out")
+    init_distributed()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tokenizer = recipe_tokenizer(recipe)
+    t, d = recipe.task, recipe.data
+    if rank == 0:  # encode raw text once; the other ranks then find it in the cache
+        train_shards = shards_for(list(d.train), tokenizer)
+        eval_shards = shards_for(list(d.eval), tokenizer) if d.eval else []
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        train_shards = shards_for(list(d.train), tokenizer)
+        eval_shards = shards_for(list(d.eval), tokenizer) if d.eval else []
+    task = PretrainTask(tokenizer, train_shards, t.objective, t.mask_prob, t.whole_word_mask)
+    instances = make_instances(train_shards, d.max_seq_len, t.objective, t.short_seq_prob, recipe.train.seed)
+    if rank == 0:
+        prepare_output(out, resume, overwrite)
+    if dist.is_initialized():
+        dist.barrier()
+
+    torch.manual_seed(recipe.train.seed)
+    if recipe.model.init:
+        ck = load_checkpoint(recipe.model.init, architecture="BertForPreTraining")
+        model, cfg = ck.model, ck.config
+        if rank == 0:
+            say(f"model: {recipe.model.init} ({ck.report.summary()})")
+    else:
+        cfg = scratch_config(recipe, tokenizer.vocab_size)
+        model = BertForPreTraining(cfg)
+        if rank == 0:
+            say(f"model: new {cfg.num_hidden_layers} x {cfg.hidden_size} BERT, vocabulary {cfg.vocab_size}")
+    check_window(recipe, cfg)
+    tokens = sum(len(s.tokens) for s in train_shards)
+    if rank == 0:
+        say(f"data: {tokens} training tokens in {len(instances)} sequences of up to {d.max_seq_len}")
+        atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+
+    evaluate = None
+    if eval_shards:
+        eval_task = PretrainTask(tokenizer, eval_shards, t.objective, t.mask_prob, t.whole_word_mask)
+        eval_instances = make_instances(eval_shards, d.max_seq_len, t.objective, t.short_seq_prob, recipe.train.seed + 1)
+        frequent = most_frequent_token(train_shards, tokenizer.vocab_size, task.special)
+
+        def evaluate(m):
+            return eval_task.evaluate(m, eval_instances, recipe.train.batch_size * 2, recipe.train.seed, frequent)
+
+    def save(m):
+        save_checkpoint(out, m, "BertForPreTraining", tokenizer, task={"name": "pretrain", **task_options(recipe)})
+
+    job = Job(model=model, features=instances, lengths=task.lengths(instances), collate=task.collate,
+              counts=task.counts, loss=task.loss, evaluate=evaluate, save=save)
+    metrics = fit(job, recipe.train, out, resume)
+    if rank == 0:
+        write_metrics(out, metrics)
+        say(f"saved: {out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics

@@ -190,18 +190,25 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
     budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
     start = time.perf_counter() - pos.elapsed
     metrics: dict[str, float] = {}
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter(), "paused": 0.0}
     progress, console = _progress(total, writer)
 
     def checkpoint() -> None:
-        pos.elapsed = time.perf_counter() - start
+        began = time.perf_counter()
+        pos.elapsed = began - start
         if writer:
             job.save(model)
             save_resume_state(out, model, optimizer, scaler, pos)
         if world > 1:
             dist.barrier()
+        window["paused"] += time.perf_counter() - began
 
     def evaluate() -> None:
+        began = time.perf_counter()
+        _evaluate()
+        window["paused"] += time.perf_counter() - began  # tokens/s counts training time only
+
+    def _evaluate() -> None:
         nonlocal metrics
         if job.evaluate is not None and writer:
             model.eval()
@@ -262,7 +269,7 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                         now = time.perf_counter()
                         record = {"step": pos.step, "epoch": pos.epoch + pos.batch / len(order),
                                   "loss": window["loss"] / window["steps"], "lr": lr,
-                                  "tokens_per_s": window["tokens"] / max(now - window["start"], 1e-9)}
+                                  "tokens_per_s": window["tokens"] / max(now - window["start"] - window["paused"], 1e-9)}
                         if writer:
                             log.write(record)
                             progress.update(bar, info=f"loss {record['loss']:.4f}  {record['tokens_per_s']:.0f} tok/s")
@@ -270,7 +277,7 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                                 console.print(f"step {pos.step}" + (f"/{total}" if total else "") +
                                               f"  loss {record['loss']:.4f}  lr {lr:.2e}  "
                                               f"{record['tokens_per_s']:.0f} tok/s")
-                        window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": now}
+                        window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": now, "paused": 0.0}
                     progress.update(bar, completed=pos.step)
                     out_of_time = budget is not None and time.perf_counter() - start >= budget
                     out_of_time = bool(_global_sum([float(out_of_time)], world, device)[0])  # all ranks agree

@@ -1,0 +1,208 @@
+"""Pretraining corpora: raw text -> memory-mapped token shards, and reading them back.
+
+Text layout: blocks separated by blank lines are documents (one sentence per line with a blank
+line between documents, the Google BERT layout, reads the same way); inside a document, lines
+are joined and split into sentences after . ! ? (and 。！？ for Chinese).
+
+A shard directory holds, per input file `NNNNN`: `NNNNN.tokens.bin` (token ids, uint16 when the
+vocabulary fits, else uint32), `NNNNN.sentences.npy` (token offsets of sentence starts, plus the
+end) and `NNNNN.documents.npy` (sentence offsets of document starts, plus the end); and
+`index.json` with counts, the tokenizer's hash and each source file's hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from bertcli.errors import DataError
+from bertcli.fileio import atomic_write_text
+from bertcli.tokenizer import WordPieceTokenizer
+
+FORMAT = "bertcli-shards-1"
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+|(?<=[。！？])[”’」』）]*\s*")
+BATCH_SENTENCES = 20_000
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
+
+
+def iter_documents(path: Path, on_bytes: Callable[[int], None] = lambda n: None) -> Iterator[list[str]]:
+    """Documents of a text file as lists of sentences, read as a stream."""
+    offset, number, block = 0, 0, []
+    with open(path, "rb") as f:
+        for raw in f:
+            number += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: line {number}: not UTF-8 text (byte offset {offset + err.start})") from None
+            if "\x00" in line:
+                where = offset + raw.index(b"\x00")
+                raise DataError(f"{path}: line {number}: NUL byte (byte offset {where}); is this a binary file?")
+            offset += len(raw)
+            on_bytes(len(raw))
+            if line.strip():
+                block.append(line.strip())
+            elif block:
+                sentences = split_sentences(" ".join(block))
+                block = []
+                if sentences:
+                    yield sentences
+    if block:
+        sentences = split_sentences(" ".join(block))
+        if sentences:
+            yield sentences
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_sha256(tokenizer: WordPieceTokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend.to_str().encode("utf-8")).hexdigest()
+
+
+def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, show_progress: bool = True) -> dict:
+    """Encode text files into a shard directory (written under a temporary name, then renamed).
+    Sentences are tokenized in large batches by `tokenizers`, which spreads them over all cores."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"{f}: {'is a directory, expected a text file' if f.is_dir() else 'file not found'}")
+    dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("encoding"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console,
+                        disable=not (show_progress and console.is_terminal))
+    totals = {"documents": 0, "sentences": 0, "tokens": 0}
+    sources = []
+    try:
+        with progress:
+            bar = progress.add_task("encode", total=sum(f.stat().st_size for f in files))
+            for number, path in enumerate(files):
+                counts = _encode_file(tokenizer, path, tmp / f"{number:05d}", dtype,
+                                      lambda n: progress.advance(bar, n))
+                if counts["sentences"] == 0:
+                    raise DataError(f"{path}: no text to encode")
+                for key in totals:
+                    totals[key] += counts[key]
+                sources.append({"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size, **counts})
+        index = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
+                 "tokenizer_sha256": tokenizer_sha256(tokenizer), **totals, "shards": sources}
+        atomic_write_text(tmp / "index.json", json.dumps(index, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index
+
+
+def _encode_file(tokenizer: WordPieceTokenizer, path: Path, stem: Path, dtype, on_bytes) -> dict:
+    sentence_starts, document_starts = [0], [0]
+    pending: list[str] = []
+    pending_docs: list[int] = []  # sentences per pending document
+    tokens = 0
+    with open(f"{stem}.tokens.bin", "wb") as sink:
+
+        def flush() -> None:
+            nonlocal tokens
+            if not pending:
+                return
+            encodings = tokenizer.backend.encode_batch(pending, add_special_tokens=False)
+            ids = [e.ids for e in encodings]
+            lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+            np.fromiter((t for x in ids for t in x), dtype=dtype, count=int(lengths.sum())).tofile(sink)
+            ends = tokens + np.cumsum(lengths)
+            sentence_starts.extend(ends.tolist())
+            tokens = int(ends[-1]) if len(ends) else tokens
+            for count in pending_docs:
+                document_starts.append(document_starts[-1] + count)
+            pending.clear()
+            pending_docs.clear()
+
+        for sentences in iter_documents(path, on_bytes):
+            pending.extend(sentences)
+            pending_docs.append(len(sentences))
+            if len(pending) >= BATCH_SENTENCES:
+                flush()
+        flush()
+    np.save(f"{stem}.sentences.npy", np.asarray(sentence_starts, dtype=np.int64))
+    np.save(f"{stem}.documents.npy", np.asarray(document_starts, dtype=np.int64))
+    return {"documents": len(document_starts) - 1, "sentences": len(sentence_starts) - 1, "tokens": tokens}
+
+
+@dataclass
+class Shard:
+    tokens: np.ndarray  # memory-mapped token ids
+    sentences: np.ndarray  # token offset of each sentence start, plus the end
+    documents: np.ndarray  # sentence offset of each document start, plus the end
+
+
+def load_shards(directory: Path, tokenizer: WordPieceTokenizer | None = None) -> list[Shard]:
+    index_path = directory / "index.json"
+    if not index_path.is_file():
+        raise DataError(f"{directory}: not a shard directory (no index.json; make one with `bertcli tokenize encode`)")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        if index.get("format") != FORMAT:
+            raise ValueError(f"format {index.get('format')!r}, expected {FORMAT!r}")
+        dtype = np.dtype(index["dtype"])
+        count = len(index["shards"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{index_path}: not a valid shard index ({err})") from None
+    if tokenizer is not None and index.get("tokenizer_sha256") != tokenizer_sha256(tokenizer):
+        raise DataError(f"{directory}: encoded with a different tokenizer than this model's; encode the text again")
+    shards = []
+    for number in range(count):
+        stem = directory / f"{number:05d}"
+        try:
+            shards.append(Shard(np.memmap(f"{stem}.tokens.bin", dtype=dtype, mode="r"),
+                                np.load(f"{stem}.sentences.npy", allow_pickle=False),
+                                np.load(f"{stem}.documents.npy", allow_pickle=False)))
+        except (OSError, ValueError) as err:
+            raise DataError(f"{stem}: damaged shard ({err}); encode the text again") from None
+    return shards
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BERTCLI_CACHE", Path.home() / ".cache" / "bertcli"))
+
+
+def shards_for(paths: list[str], tokenizer: WordPieceTokenizer) -> list[Shard]:
+    """Shards for a recipe's data paths: shard directories as they are; raw text files encoded
+    on first use and cached, keyed by the files' content and the tokenizer."""
+    shards: list[Shard] = []
+    texts = [Path(p) for p in paths if not Path(p).is_dir()]
+    for p in paths:
+        if Path(p).is_dir():
+            shards.extend(load_shards(Path(p), tokenizer))
+    if texts:
+        key = hashlib.sha256(json.dumps([tokenizer_sha256(tokenizer)] + [file_sha256(t) for t in texts]).encode())
+        target = cache_dir() / "shards" / key.hexdigest()[:32]
+        if not (target / "index.json").is_file():
+            import sys
+
+            sys.stderr.write(f"encoding {len(texts)} text file(s) into {target}\n")
+            encode_corpus(tokenizer, texts, target)
+        shards.extend(load_shards(target, tokenizer))
+    return shards

@@ -1,0 +1,243 @@
+"""Pretraining: masked language modelling, plus a sentence objective (NSP as in the original
+BERT, SOP as in ALBERT, or none).
+
+Sequences are packed from consecutive sentences of a document up to `max_seq_len`, as Google's
+create_pretraining_data.py does (with `short_seq_prob` of shorter targets). Sequences are
+token ranges into the memory-mapped shards; masks are drawn when a batch is made, from a seed
+per (epoch, sequence), so each pass masks differently (dynamic masking) and a resumed or
+distributed run masks exactly as a single uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bertcli.data.corpus import Shard
+from bertcli.errors import DataError
+from bertcli.tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
+
+# an instance: shard and [start, end) of segment A, shard and [start, end) of B (empty when none), label
+A_SHARD, A_START, A_END, B_SHARD, B_START, B_END, LABEL = range(7)
+
+
+def make_instances(shards: Sequence[Shard], max_seq_len: int, objective: str, short_seq_prob: float,
+                   seed: int) -> np.ndarray:
+    """(N, 7) int64 array of instances; Google's algorithm over each document."""
+    rng = random.Random(seed)
+    docs = [(s, d) for s, shard in enumerate(shards) for d in range(len(shard.documents) - 1)]
+    if not docs:
+        raise DataError("the pretraining corpus has no documents")
+    pair = objective != "none"
+    max_tokens = max_seq_len - (3 if pair else 2)
+    out: list[tuple[int, ...]] = []
+    for doc_number, (s, d) in enumerate(docs):
+        shard = shards[s]
+        first, last = int(shard.documents[d]), int(shard.documents[d + 1])  # sentence range
+        starts = shard.sentences
+        target = max_tokens
+        if rng.random() < short_seq_prob:
+            target = rng.randint(2, max_tokens)
+        chunk_begin, length, i = first, 0, first
+        while i < last:
+            length += int(starts[i + 1] - starts[i])
+            if i == last - 1 or length >= target:
+                chunk_end = i + 1  # sentences [chunk_begin, chunk_end)
+                if not pair:
+                    a = (int(starts[chunk_begin]), int(starts[chunk_end]))
+                    if a[1] > a[0]:
+                        out.append((s, a[0], min(a[1], a[0] + max_tokens), s, 0, 0, 0))
+                else:
+                    i = _pair(out, rng, shards, docs, doc_number, s, chunk_begin, chunk_end, target, max_tokens,
+                              objective, i)
+                chunk_begin, length = i + 1, 0
+                target = max_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_tokens)
+            i += 1
+    if not out:
+        raise DataError("the pretraining corpus yields no sequences (is it empty?)")
+    return np.asarray(out, dtype=np.int64)
+
+
+def _pair(out, rng, shards, docs, doc_number, s, begin, end, target, max_tokens, objective, i) -> int:
+    """Split sentences [begin, end) into A and B (or A and a random B for NSP); returns the
+    sentence index to continue from (unused sentences go back to the document)."""
+    starts = shards[s].sentences
+    count = end - begin
+    a_split = begin + (rng.randint(1, count - 1) if count >= 2 else 1)
+    a = [int(starts[begin]), int(starts[a_split])]
+    label = 0
+    if objective == "nsp" and (count == 1 or rng.random() < 0.5):
+        label = 1  # B is a random segment from another document
+        b_target = max(1, target - (a[1] - a[0]))
+        for _ in range(10):
+            other = rng.randrange(len(docs))
+            if other != doc_number or len(docs) == 1:
+                break
+        bs, bd = docs[other]
+        other_starts, other_docs = shards[bs].sentences, shards[bs].documents
+        o_first, o_last = int(other_docs[bd]), int(other_docs[bd + 1])
+        j = rng.randint(o_first, o_last - 1)
+        b = [int(other_starts[j]), int(other_starts[j])]
+        while j < o_last and b[1] - b[0] < b_target:
+            b[1] = int(other_starts[j + 1])
+            j += 1
+        i -= end - a_split  # the sentences not used as A go back into the document
+    else:
+        bs = s
+        if count >= 2:
+            b = [a[1], int(starts[end])]
+        else:  # one long sentence: split its tokens
+            whole = [int(starts[begin]), int(starts[end])]
+            if whole[1] - whole[0] < 2:
+                return i
+            cut = rng.randint(whole[0] + 1, whole[1] - 1)
+            a, b = [whole[0], cut], [cut, whole[1]]
+        if objective == "sop" and rng.random() < 0.5:
+            a, b, s, bs, label = b, a, bs, s, 1  # swapped order
+    while (a[1] - a[0]) + (b[1] - b[0]) > max_tokens:  # truncate the longer side, front or back at random
+        side = a if a[1] - a[0] > b[1] - b[0] else b
+        if rng.random() < 0.5:
+            side[0] += 1
+        else:
+            side[1] -= 1
+    if a[1] > a[0] and b[1] > b[0]:
+        out.append((s, a[0], a[1], bs, b[0], b[1], label))
+    return i
+
+
+class PretrainTask:
+    """MLM + sentence objective over shard instances; the loss interface of tasks/base.py."""
+
+    name = "pretrain"
+    architecture = "BertForPreTraining"
+
+    def __init__(self, tokenizer: WordPieceTokenizer, shards: Sequence[Shard], objective: str = "nsp",
+                 mask_prob: float = 0.15, whole_word_mask: bool = False):
+        if tokenizer.mask_id is None:
+            raise DataError("the tokenizer has no [MASK] token, which pretraining needs")
+        self.tokenizer, self.shards = tokenizer, shards
+        self.objective, self.mask_prob, self.whole_word = objective, mask_prob, whole_word_mask
+        vocab = tokenizer.backend.get_vocab()
+        self.vocab_size = tokenizer.vocab_size
+        self.continuation = np.zeros(self.vocab_size, dtype=bool)
+        for token, i in vocab.items():
+            if token.startswith("##") and i < self.vocab_size:
+                self.continuation[i] = True
+        self.special = np.asarray(sorted(i for t in SPECIAL_TOKENS if (i := tokenizer.backend.token_to_id(t)) is not None))
+
+    def lengths(self, instances: np.ndarray) -> list[int]:
+        pair = self.objective != "none"
+        return ((instances[:, A_END] - instances[:, A_START]) + (instances[:, B_END] - instances[:, B_START])
+                + (3 if pair else 2)).tolist()
+
+    def _sequence(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = self.tokenizer
+        a = np.asarray(self.shards[row[A_SHARD]].tokens[row[A_START]:row[A_END]], dtype=np.int64)
+        parts, types = [[t.cls_id], a, [t.sep_id]], [0] * (len(a) + 2)
+        if self.objective != "none":
+            b = np.asarray(self.shards[row[B_SHARD]].tokens[row[B_START]:row[B_END]], dtype=np.int64)
+            parts += [b, [t.sep_id]]
+            types += [1] * (len(b) + 1)
+        return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]), np.asarray(types, dtype=np.int64)
+
+    def _mask(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """BERT's masking: mask_prob of the tokens (at least one) are predicted; of those 80%
+        become [MASK], 10% a random token and 10% stay. With whole-word masking, a word's
+        WordPiece continuations are chosen with it."""
+        labels = np.full_like(ids, -100)
+        candidates = np.flatnonzero(~np.isin(ids, self.special))
+        if len(candidates) == 0:
+            return ids, labels
+        budget = max(1, int(round(len(candidates) * self.mask_prob)))
+        if self.whole_word:
+            # a word starts at a token that is no '##' continuation, or after a special token
+            begins = ~self.continuation[ids[candidates]] | np.diff(candidates, prepend=-2) != 1
+            words = np.split(candidates, np.flatnonzero(begins)[1:])
+            chosen: list[int] = []
+            for w in rng.permutation(len(words)):
+                if len(chosen) + len(words[w]) > budget and chosen:
+                    continue
+                chosen.extend(words[w].tolist())
+                if len(chosen) >= budget:
+                    break
+            picked = np.asarray(sorted(chosen), dtype=np.int64)
+        else:
+            picked = np.sort(rng.choice(candidates, size=budget, replace=False))
+        labels[picked] = ids[picked]
+        ids = ids.copy()
+        roll = rng.random(len(picked))
+        ids[picked[roll < 0.8]] = self.tokenizer.mask_id
+        random_positions = picked[(roll >= 0.8) & (roll < 0.9)]
+        ids[random_positions] = rng.integers(0, self.vocab_size, size=len(random_positions))
+        return ids, labels
+
+    def collate(self, rows: Sequence[np.ndarray], seeds: Sequence[int]) -> dict[str, Tensor]:
+        seqs = [self._sequence(r) for r in rows]
+        width = max(len(ids) for ids, _ in seqs)
+        batch = {k: torch.full((len(rows), width), v, dtype=torch.long) for k, v in
+                 [("input_ids", self.tokenizer.pad_id), ("token_type_ids", 0), ("attention_mask", 0), ("mlm_labels", -100)]}
+        for i, ((ids, types), seed) in enumerate(zip(seqs, seeds)):
+            masked, labels = self._mask(ids, np.random.default_rng(seed))
+            n = len(ids)
+            batch["input_ids"][i, :n] = torch.from_numpy(masked)
+            batch["token_type_ids"][i, :n] = torch.from_numpy(types)
+            batch["attention_mask"][i, :n] = 1
+            batch["mlm_labels"][i, :n] = torch.from_numpy(labels)
+        batch["sentence_labels"] = torch.as_tensor(np.asarray([int(r[LABEL]) for r in rows]), dtype=torch.long)
+        return batch
+
+    def counts(self, batch: dict[str, Tensor]) -> dict[str, int]:
+        return {"masked": int((batch["mlm_labels"] != -100).sum()), "sequences": len(batch["sentence_labels"])}
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        positions = batch["mlm_labels"] != -100
+        mlm_logits, sentence_logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                                            mlm_positions=positions)
+        return mlm_logits.float(), batch["mlm_labels"][positions], sentence_logits.float()
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+        mlm_logits, targets, sentence_logits = self.forward(model, batch)
+        loss = F.cross_entropy(mlm_logits, targets, reduction="sum") / counts["masked"]
+        if self.objective != "none":
+            loss = loss + F.cross_entropy(sentence_logits, batch["sentence_labels"], reduction="sum") / counts["sequences"]
+        return loss
+
+    def evaluate(self, model: nn.Module, instances: np.ndarray, batch_size: int, seed: int,
+                 most_frequent: int) -> dict[str, float]:
+        """Held-out MLM loss, accuracy and perplexity (fixed masks), the sentence objective's
+        accuracy, and the accuracy of always guessing the most frequent training token."""
+        device = next(model.parameters()).device
+        loss_sum = correct = masked = baseline = sentence_correct = 0.0
+        for start in range(0, len(instances), batch_size):
+            rows = instances[start:start + batch_size]
+            batch = self.collate(list(rows), [seed + start + i for i in range(len(rows))])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            mlm_logits, targets, sentence_logits = self.forward(model, batch)
+            loss_sum += float(F.cross_entropy(mlm_logits, targets, reduction="sum"))
+            correct += float((mlm_logits.argmax(-1) == targets).sum())
+            baseline += float((targets == most_frequent).sum())
+            masked += len(targets)
+            sentence_correct += float((sentence_logits.argmax(-1) == batch["sentence_labels"]).sum())
+        mlm_loss = loss_sum / max(masked, 1)
+        metrics = {"mlm_loss": mlm_loss, "mlm_accuracy": correct / max(masked, 1),
+                   "perplexity": float(np.exp(min(mlm_loss, 50.0))), "mlm_baseline_accuracy": baseline / max(masked, 1)}
+        if self.objective != "none":
+            metrics[f"{self.objective}_accuracy"] = sentence_correct / len(instances)
+        return metrics
+
+
+def most_frequent_token(shards: Sequence[Shard], vocab_size: int, special: np.ndarray, limit: int = 50_000_000) -> int:
+    """The most frequent non-special token of the training shards (its first `limit` tokens)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    seen = 0
+    for shard in shards:
+        take = shard.tokens[:max(0, limit - seen)]
+        counts += np.bincount(np.asarray(take, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+        seen += len(take)
+    counts[special] = -1
+    return int(counts.argmax())

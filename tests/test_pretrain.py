@@ -1,0 +1,180 @@
+"""Pretraining: shards, sequence packing, masking, learning, exact resume after SIGKILL, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bertcli.data.corpus import encode_corpus, load_shards, split_sentences
+from bertcli.jobs import pretrain
+from bertcli.recipes import load_recipe
+from bertcli.tasks.pretrain import A_END, A_START, B_END, B_START, LABEL, PretrainTask, make_instances
+from bertcli.tokenizer import load_tokenizer
+from conftest import CORPUS, ROOT, write_recipe
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    text = "\n\n".join(f"Document {n} begins here. " + CORPUS.replace("\n", " ") + f" It ends with number {n}!"
+                       for n in range(40))
+    (d / "train.txt").write_text(text + "\n", encoding="utf-8")
+    (d / "eval.txt").write_text("\n\n".join(CORPUS.splitlines()) + "\n", encoding="utf-8")
+    return d
+
+
+def test_sentences_split_after_end_marks():
+    assert split_sentences("One. Two!  Three? four") == ["One.", "Two!", "Three?", "four"]
+    assert split_sentences("北京欢迎你。今天天气很好。") == ["北京欢迎你。", "今天天气很好。"]
+
+
+def test_encode_keeps_documents_and_sentences(corpus, tiny_tokenizer_dir, tmp_path):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    index = encode_corpus(tok, [corpus / "train.txt"], tmp_path / "shards", show_progress=False)
+    assert index["documents"] == 40 and index["dtype"] == "uint16"
+    (shard,) = load_shards(tmp_path / "shards", tok)
+    assert len(shard.tokens) == index["tokens"] == shard.sentences[-1]
+    first = shard.tokens[shard.sentences[0]:shard.sentences[1]].tolist()
+    assert first == tok.encode("Document 0 begins here.", add_special_tokens=False).ids
+    per_doc = np.diff(shard.documents)
+    assert per_doc.sum() == index["sentences"] and (per_doc == per_doc[0]).all()
+
+
+@pytest.mark.parametrize("objective", ["nsp", "sop", "none"])
+def test_instances_fit_the_window_and_label_both_ways(corpus, tiny_tokenizer_dir, tmp_path, objective):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    encode_corpus(tok, [corpus / "train.txt"], tmp_path / "s", show_progress=False)
+    shards = load_shards(tmp_path / "s", tok)
+    inst = make_instances(shards, 48, objective, 0.1, seed=1)
+    task = PretrainTask(tok, shards, objective)
+    assert max(task.lengths(inst)) <= 48 and (inst[:, A_END] > inst[:, A_START]).all()
+    if objective == "none":
+        assert (inst[:, B_END] == inst[:, B_START]).all()
+    else:
+        assert set(inst[:, LABEL].tolist()) == {0, 1} and (inst[:, B_END] > inst[:, B_START]).all()
+    if objective == "sop":  # swapped pairs: B comes before A in the text
+        swapped = inst[inst[:, LABEL] == 1]
+        assert (swapped[:, B_END] <= swapped[:, A_START]).all()
+
+
+def test_masking_rule(corpus, tiny_tokenizer_dir, tmp_path):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    encode_corpus(tok, [corpus / "train.txt"], tmp_path / "s", show_progress=False)
+    shards = load_shards(tmp_path / "s", tok)
+    task = PretrainTask(tok, shards, "nsp", mask_prob=0.15)
+    inst = make_instances(shards, 64, "nsp", 0.0, seed=1)
+    batch = task.collate(list(inst), list(range(len(inst))))
+    again = task.collate(list(inst), list(range(len(inst))))
+    assert all((batch[k] == again[k]).all() for k in batch)  # the same seeds draw the same masks
+    labels, ids = batch["mlm_labels"], batch["input_ids"]
+    chosen = labels != -100
+    real = ((batch["attention_mask"] == 1).numpy() & ~np.isin(ids.numpy(), task.special)) | chosen.numpy()
+    assert abs(chosen.sum().item() / real.sum() - 0.15) < 0.02
+    assert not np.isin(labels[chosen].numpy(), task.special).any()
+    as_mask = (ids[chosen] == tok.mask_id).float().mean().item()
+    kept = (ids[chosen] == labels[chosen]).float().mean().item()
+    assert abs(as_mask - 0.8) < 0.05 and abs(kept - 0.1) < 0.05
+    other = task.collate(list(inst), [s + 10_000 for s in range(len(inst))])
+    assert not (other["mlm_labels"] == labels).all()  # another epoch, other masks
+    whole = PretrainTask(tok, shards, "nsp", mask_prob=0.15, whole_word_mask=True).collate(list(inst), list(range(len(inst))))
+    for row_ids, row_labels in zip(whole["input_ids"], whole["mlm_labels"]):
+        for p in range(1, len(row_ids)):
+            original = row_labels[p].item() if row_labels[p] != -100 else row_ids[p].item()
+            previous = row_labels[p - 1].item() if row_labels[p - 1] != -100 else row_ids[p - 1].item()
+            if previous in task.special:
+                continue
+            if task.continuation[original] and (row_labels[p] != -100) != (row_labels[p - 1] != -100):
+                pytest.fail("a word piece was masked without the rest of its word")
+
+
+def tiny_pretrain_recipe(path, corpus, tokenizer, **train):
+    return write_recipe(path, {"name": "pretrain", "objective": "nsp"},
+                        {"train": str(corpus / "train.txt"), "eval": str(corpus / "eval.txt"), "max_seq_len": 48},
+                        {"batch_size": 8, "lr": 2e-3, "warmup_ratio": 0.1, **train}, tokenizer=tokenizer)
+
+
+def test_tiny_model_overfits_a_fixed_batch(corpus, tiny_tokenizer_dir, tmp_path):
+    import torch
+
+    from bertcli.model import BertConfig, BertForPreTraining
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    encode_corpus(tok, [corpus / "train.txt"], tmp_path / "s", show_progress=False)
+    shards = load_shards(tmp_path / "s", tok)
+    task = PretrainTask(tok, shards, "nsp")
+    rows = list(make_instances(shards, 48, "nsp", 0.0, seed=3)[:8])
+    batch = task.collate(rows, list(range(8)))
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = task.loss(model, batch, task.counts(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    mlm_logits, targets, sentence_logits = task.forward(model, batch)
+    assert (mlm_logits.argmax(-1) == targets).all() and (sentence_logits.argmax(-1) == batch["sentence_labels"]).all()
+
+
+def test_pretrain_job_trains_evaluates_and_caches_shards(corpus, tiny_tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BERTCLI_CACHE", str(tmp_path / "cache"))
+    recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=60, eval_every=30,
+                                  log_every=10)
+    metrics = pretrain(load_recipe(recipe), tmp_path / "run", resume=False, overwrite=False)
+    losses = [loss for _, loss in _losses(tmp_path / "run")]
+    assert losses[-1] < losses[0] - 0.5
+    assert {"eval_mlm_loss", "eval_mlm_accuracy", "eval_perplexity", "eval_nsp_accuracy",
+            "eval_mlm_baseline_accuracy"} <= set(metrics)
+    assert len(list((tmp_path / "cache" / "shards").iterdir())) == 2  # train and eval text, encoded once each
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["architectures"] == ["BertForPreTraining"]
+
+
+def _losses(run):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_sigkill_then_resume_logs_the_same_losses(corpus, tiny_tokenizer_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BERTCLI_CACHE": str(tmp_path / "cache")}
+    recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=300, save_every=10,
+                                  log_every=1)
+    base = [sys.executable, "-m", "bertcli", "pretrain", str(recipe), "--set", "model.dropout=0.1"]
+    subprocess.run([*base, "--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen([*base, "--out", str(tmp_path / "cut")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "cut" / "resume.pt").exists():
+        time.sleep(0.05)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _losses(tmp_path / "cut")[-1][0]
+    assert killed_at < 300, "the run finished before it could be killed"
+    done = subprocess.run([*base, "--out", str(tmp_path / "cut"), "--resume"], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "whole")
+
+
+def test_two_processes_under_torchrun_match_one(corpus, tiny_tokenizer_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BERTCLI_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=8, log_every=1)
+    common = ["pretrain", str(recipe), "--set", "model.dropout=0.0"]
+    one = subprocess.run([sys.executable, "-m", "bertcli", *common, "--out", str(tmp_path / "one"),
+                          "--set", "train.batch_size=8"], env=env, capture_output=True, timeout=300)
+    assert one.returncode == 0, one.stderr.decode()
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          "-m", "bertcli", *common, "--out", str(tmp_path / "two"), "--set", "train.batch_size=4"],
+                         env=env, capture_output=True, timeout=300)
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
+    assert np.allclose([x for _, x in a], [x for _, x in b], rtol=1e-4, atol=1e-5)

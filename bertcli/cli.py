@@ -173,9 +173,28 @@ def _check_output(out: Path, overwrite: bool, resume: bool, marker_files: tuple[
             (out / name).unlink(missing_ok=True)
 
 
+MULTI_VALUE_OPTIONS = ("--corpus",)
+
+
+def _spread_multi_values(argv: list[str]) -> list[str]:
+    """`--corpus a.txt b.txt` (what a shell glob gives) -> `--corpus a.txt --corpus b.txt`."""
+    out, current = [], None
+    for arg in argv:
+        if arg in MULTI_VALUE_OPTIONS:
+            current = arg
+            out.append(arg)
+            continue
+        if current and not arg.startswith("-") and out[-1] != current:
+            out.append(current)
+        elif arg.startswith("-"):
+            current = None
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     try:
-        app()
+        app(args=_spread_multi_values(sys.argv[1:]))
     except BertcliError as err:
         _err(f"error: {err}")
         sys.exit(2)

@@ -28,6 +28,12 @@ def minilm_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Shards encoded by the tests go to a temporary cache, not the user's ~/.cache/bertcli."""
+    os.environ["BERTCLI_CACHE"] = str(tmp_path_factory.mktemp("bertcli-cache"))
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     return minilm_path()

@@ -1,0 +1,43 @@
+"""Shared helpers for the benchmarks: the machine's measured peak, timing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def measured_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """Matrix-multiply FLOP/s this machine reaches for `dtype` (the denominator of MFU)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cores": os.cpu_count()}
+
+
+def emit(result: dict) -> None:
+    """One JSON line of results on stdout."""
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def note(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()

@@ -1,0 +1,145 @@
+"""Pretraining throughput: bertcli's training step against Hugging Face BertForPreTraining.
+
+Both train MLM + NSP on the same batches (made by bertcli's pretraining task from real text),
+same shapes, sequence length and batch, with AdamW, one after the other in this process, in
+fp32 and bf16 autocast; each side's best precision is compared. Prints one JSON line: tokens/s,
+model FLOPs utilization against the measured bf16 matmul peak, and the ratios.
+
+    python bench/pretrain_throughput.py --shapes tiny,6x384,12x768
+
+Needs transformers (it comes with the test extra: pip install -e '.[test]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, SHARED_DATA, emit, machine, measured_peak, note  # noqa: E402
+
+from bertcli.data.corpus import encode_corpus, load_shards  # noqa: E402
+from bertcli.model import BertConfig, BertForPreTraining, count_parameters, flops_per_token  # noqa: E402
+from bertcli.recipes import TrainConfig  # noqa: E402
+from bertcli.tasks.pretrain import PretrainTask, make_instances  # noqa: E402
+from bertcli.tokenizer import train_tokenizer  # noqa: E402
+from bertcli.train import autocast, make_optimizer  # noqa: E402
+
+SHAPES = {"tiny": (2, 128, 2), "6x384": (6, 384, 12), "12x768": (12, 768, 12)}  # layers, hidden, heads
+DEFAULT_BATCH = {"tiny": 32, "6x384": 16, "12x768": 8}
+
+
+def corpus_files() -> list[Path]:
+    wiki = SHARED_DATA / "corpus" / "wikitext2" / "wiki.valid.raw"
+    return [wiki] if wiki.is_file() else [ROOT / "recipes" / "data" / "tiny-corpus.txt"]
+
+
+def batches(work: Path, seq: int, batch: int, count: int):
+    files = corpus_files()
+    tok = train_tokenizer(files, vocab_size=30522)
+    encode_corpus(tok, files, work / "shards", show_progress=False)
+    shards = load_shards(work / "shards", tok)
+    task = PretrainTask(tok, shards, "nsp")
+    inst = make_instances(shards, seq, "nsp", 0.0, seed=0)
+    inst = inst[torch.randperm(len(inst), generator=torch.Generator().manual_seed(0)).numpy()]
+    out = [task.collate(list(inst[i * batch:(i + 1) * batch]), list(range(i * batch, (i + 1) * batch)))
+           for i in range(count)]
+    return tok, task, out
+
+
+def time_steps(step, data, warmup: int) -> float:
+    for b in data[:warmup]:
+        step(b)
+    tokens, start = 0, time.perf_counter()
+    for b in data[warmup:]:
+        step(b)
+        tokens += int(b["attention_mask"].sum())
+    return tokens / (time.perf_counter() - start)
+
+
+def bertcli_step(cfg: BertConfig, task: PretrainTask, precision: str):
+    torch.manual_seed(0)
+    model = BertForPreTraining(cfg).train()
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-4))
+    device = torch.device("cpu")
+
+    def step(batch):
+        with autocast(device, precision):
+            loss = task.loss(model, batch, task.counts(batch))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, model
+
+
+def hf_step(cfg: BertConfig, precision: str):
+    import transformers
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                                     num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                                     intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings)
+    model = transformers.BertForPreTraining(hf_cfg).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def step(batch):
+        with autocast(torch.device("cpu"), precision):
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        token_type_ids=batch["token_type_ids"], labels=batch["mlm_labels"],
+                        next_sentence_label=batch["sentence_labels"])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="tiny,6x384,12x768", help="comma-separated: tiny, 6x384, 12x768")
+    parser.add_argument("--seq", type=int, default=128, help="sequence length")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 32 / 16 / 8 by shape)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    args = parser.parse_args()
+
+    peak_bf16 = measured_peak(torch.bfloat16)
+    peak_fp32 = measured_peak(torch.float32)
+    note(f"measured peak: bf16 {peak_bf16 / 1e12:.2f} TFLOP/s, fp32 {peak_fp32 / 1e12:.2f} TFLOP/s")
+    result = {"bench": "pretrain_throughput", "machine": machine(), "seq": args.seq,
+              "peak_tflops": {"bf16": peak_bf16 / 1e12, "fp32": peak_fp32 / 1e12}, "shapes": {}}
+    with tempfile.TemporaryDirectory() as work:
+        for shape in args.shapes.split(","):
+            layers, hidden, heads = SHAPES[shape]
+            batch = args.batch or DEFAULT_BATCH[shape]
+            tok, task, data = batches(Path(work) / shape, args.seq, batch, args.warmup + args.steps)
+            cfg = BertConfig(vocab_size=max(tok.vocab_size, 30522), hidden_size=hidden, num_hidden_layers=layers,
+                             num_attention_heads=heads, intermediate_size=4 * hidden)
+            row = {"batch": batch, "bertcli": {}, "transformers": {}}
+            for precision in args.precisions.split(","):
+                step, model = bertcli_step(cfg, task, precision)
+                row["bertcli"][precision] = time_steps(step, data, args.warmup)
+                fpt = flops_per_token(cfg, args.seq, count_parameters(model))
+                row["transformers"][precision] = time_steps(hf_step(cfg, precision), data, args.warmup)
+                note(f"{shape} {precision}: bertcli {row['bertcli'][precision]:.0f} tok/s, "
+                     f"transformers {row['transformers'][precision]:.0f} tok/s")
+            best_ours = max(row["bertcli"].values())
+            best_theirs = max(row["transformers"].values())
+            row["ratio_best"] = best_ours / best_theirs
+            row["mfu_bertcli"] = best_ours * fpt / peak_bf16
+            row["mfu_transformers"] = best_theirs * fpt / peak_bf16
+            result["shapes"][shape] = row
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

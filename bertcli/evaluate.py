@@ -30,7 +30,8 @@ def render(metrics: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    head = Table(title=f"{metrics['task']} on {metrics['data']}")
+    console.print(f"{metrics['task']} on {metrics['data']}", highlight=False)
+    head = Table()
     head.add_column("metric")
     head.add_column("value", justify="right")
     for key, value in metrics.items():

@@ -188,20 +188,20 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool) ->
         say(f"data: {tokens} training tokens in {len(instances)} sequences of up to {d.max_seq_len}")
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
 
-    evaluate = None
+    evaluate_fn = None
     if eval_shards:
         eval_task = PretrainTask(tokenizer, eval_shards, t.objective, t.mask_prob, t.whole_word_mask)
         eval_instances = make_instances(eval_shards, d.max_seq_len, t.objective, t.short_seq_prob, recipe.train.seed + 1)
         frequent = most_frequent_token(train_shards, tokenizer.vocab_size, task.special)
 
-        def evaluate(m):
+        def evaluate_fn(m):
             return eval_task.evaluate(m, eval_instances, recipe.train.batch_size * 2, recipe.train.seed, frequent)
 
     def save(m):
         save_checkpoint(out, m, "BertForPreTraining", tokenizer, task={"name": "pretrain", **task_options(recipe)})
 
     job = Job(model=model, features=instances, lengths=task.lengths(instances), collate=task.collate,
-              counts=task.counts, loss=task.loss, evaluate=evaluate, save=save)
+              counts=task.counts, loss=task.loss, evaluate=evaluate_fn, save=save)
     metrics = fit(job, recipe.train, out, resume)
     if rank == 0:
         write_metrics(out, metrics)

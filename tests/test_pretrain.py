@@ -178,3 +178,19 @@ def test_two_processes_under_torchrun_match_one(corpus, tiny_tokenizer_dir, tmp_
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
     assert np.allclose([x for _, x in a], [x for _, x in b], rtol=1e-4, atol=1e-5)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tiny_tokenizer_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=100_000, log_every=1)
+    proc = subprocess.Popen([sys.executable, "-m", "bertcli", "pretrain", str(recipe), "--out", str(tmp_path / "run")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    log = tmp_path / "run" / "log.jsonl"
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert b"continue with --resume" in err and b"Traceback" not in err
+    assert (tmp_path / "run" / "resume.pt").is_file() and (tmp_path / "run" / "model.safetensors").is_file()

@@ -3,12 +3,11 @@ or BIOES are read and normalised to BIO."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertcli.data.tables import read_text
+from bertcli.data.tables import read_jsonl, read_text
 from bertcli.errors import DataError
 from bertcli.metrics import get_entities
 
@@ -77,14 +76,8 @@ def read_ner(path: str | Path) -> list[Sentence]:
 
 def _read_jsonl(path: str | Path, text: str) -> list[Sentence]:
     sentences = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            raise DataError(f"{path}: line {number}: not valid JSON ({err})") from None
-        words, tags = (row.get("tokens"), row.get("tags")) if isinstance(row, dict) else (None, None)
+    for number, row in read_jsonl(path, text):
+        words, tags = row.get("tokens"), row.get("tags")
         if not isinstance(words, list) or not isinstance(tags, list) or not all(isinstance(w, str) for w in words):
             raise DataError(f"{path}: line {number}: expected {{\"tokens\": [strings], \"tags\": [strings]}}")
         if len(words) != len(tags):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bertcli.data.tables import read_text
+from bertcli.data.tables import read_jsonl, read_text
 from bertcli.errors import DataError
 
 
@@ -95,15 +95,9 @@ def read_squad(path: str | Path) -> tuple[list[QaExample], ReadReport]:
     report = ReadReport()
     examples: list[QaExample] = []
     if Path(path).suffix.lower() == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
+        for number, row in read_jsonl(path, text):
             where = f"{path}: line {number}"
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise DataError(f"{where}: not valid JSON ({err})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("context"), str):
+            if not isinstance(row.get("context"), str):
                 raise DataError(f"{where}: missing field 'context'")
             ex = _example(row, row["context"], where, report)
             if ex:

@@ -30,24 +30,29 @@ def read_text(path: str | Path) -> str:
     return text.removeprefix("\ufeff")
 
 
+def read_jsonl(path: str | Path, text: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of JSONL `text` read from `path`."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise DataError(f"{path}: line {number}: not valid JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number}: expected a JSON object")
+        yield number, row
+
+
 def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, row) pairs. `.jsonl`/`.json` hold one JSON object per line; `.csv` is
     comma-separated with quoting; anything else is tab-separated without quoting (GLUE)."""
     text = read_text(path)
     suffix = Path(path).suffix.lower()
-    lines = text.splitlines()
     if suffix in (".jsonl", ".json"):
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise DataError(f"{path}: line {number}: not valid JSON ({err})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {number}: expected a JSON object")
-            yield number, row
+        yield from read_jsonl(path, text)
         return
+    lines = text.splitlines()
     if suffix == ".csv":
         reader = csv.reader(lines)
     else:

@@ -125,7 +125,9 @@ def finetune(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optio
 @app.command(epilog="Example: bertcli evaluate runs/sst2 --data dev.tsv --out metrics.json")
 def evaluate(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint directory."),
              data: Path = typer.Option(..., "--data", help="Labelled data in the task's format."),
-             out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics as JSON here.")) -> None:
+             out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
+             report: Optional[Path] = typer.Option(None, "--report", help="Also write PNG figures into this directory "
+                                                   "(confusion matrix; loss and metric curves of the run).")) -> None:
     """Score a fine-tuned model on labelled data: a table on the terminal, JSON with --out."""
     from bertcli.evaluate import evaluate as run_evaluate, render, write_json
 
@@ -133,6 +135,11 @@ def evaluate(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint
     render(metrics)
     if out is not None:
         write_json(out, metrics)
+    if report is not None:
+        from bertcli.report import write_report
+
+        for path in write_report(report, metrics, model_dir):
+            _err(f"wrote {path}")
 
 
 @app.command(epilog="Example: cat reviews.txt | bertcli predict runs/sst2 > predictions.jsonl")

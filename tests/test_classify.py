@@ -134,3 +134,12 @@ def test_malformed_tables_name_file_and_line(tmp_path, tiny_tokenizer_dir):
     binary.write_bytes(b"sentence\tlabel\ngo\x00od\t1\n")
     with pytest.raises(DataError, match="line 2: NUL byte"):
         task.read(binary)
+
+
+def test_evaluate_report_writes_figures(trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    d, train, _ = trained
+    done = run_cli("evaluate", str(d / "run"), "--data", str(train), "--report", str(tmp_path / "report"))
+    assert done.returncode == 0, done.stderr
+    for name in ("confusion.png", "loss.png", "eval.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -83,6 +83,8 @@ def tokenize_encode(
     tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer or checkpoint directory."),
     corpus: List[Path] = typer.Option(..., "--corpus", help="Text file(s) to encode (repeatable)."),
     out: Path = typer.Option(..., "--out", help="Directory for the token shards."),
+    segmenter: str = typer.Option("none", "--segmenter", help="Word segmenter for Chinese whole-word masking: "
+                                  "none or jieba (pip install 'bertcli[zh]')."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Encode raw text into memory-mapped token shards for pretraining (documents and
@@ -96,7 +98,7 @@ def tokenize_encode(
     if overwrite and out.is_dir() and any(out.iterdir()) and not (out / "index.json").is_file():
         raise BertcliError(f"{out}: --overwrite refused: the directory does not hold token shards")
     start = time.perf_counter()
-    index = encode_corpus(load_tokenizer(tokenizer), corpus, out)
+    index = encode_corpus(load_tokenizer(tokenizer), corpus, out, segmenter=segmenter)
     _err(f"shards: {index['documents']} documents, {index['sentences']} sentences, {index['tokens']} tokens "
          f"({index['dtype']}) from {len(corpus)} file(s) in {time.perf_counter() - start:.1f}s -> {out}")
 

@@ -157,13 +157,13 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool) ->
     tokenizer = recipe_tokenizer(recipe)
     t, d = recipe.task, recipe.data
     if rank == 0:  # encode raw text once; the other ranks then find it in the cache
-        train_shards = shards_for(list(d.train), tokenizer)
-        eval_shards = shards_for(list(d.eval), tokenizer) if d.eval else []
+        train_shards = shards_for(list(d.train), tokenizer, d.segmenter)
+        eval_shards = shards_for(list(d.eval), tokenizer, d.segmenter) if d.eval else []
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
-        train_shards = shards_for(list(d.train), tokenizer)
-        eval_shards = shards_for(list(d.eval), tokenizer) if d.eval else []
+        train_shards = shards_for(list(d.train), tokenizer, d.segmenter)
+        eval_shards = shards_for(list(d.eval), tokenizer, d.segmenter) if d.eval else []
     task = PretrainTask(tokenizer, train_shards, t.objective, t.mask_prob, t.whole_word_mask)
     instances = make_instances(train_shards, d.max_seq_len, t.objective, t.short_seq_prob, recipe.train.seed)
     if rank == 0:

@@ -24,6 +24,7 @@ from bertcli.errors import RecipeError
 TaskName = Literal["pretrain", "classify", "ner", "qa"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Objective = Literal["nsp", "sop", "none"]
+Segmenter = Literal["none", "jieba"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class DataConfig:
     train: tuple[str, ...] = ()
     eval: tuple[str, ...] = ()
     max_seq_len: int = 128
+    # pretraining text: a word segmenter for Chinese whole-word masking (pip install 'bertcli[zh]')
+    segmenter: Segmenter = "none"
     # classification TSV/CSV/JSONL columns; None = the usual names (sentence, text, text_a / label)
     text_column: Optional[str] = None
     text_pair_column: Optional[str] = None

@@ -194,3 +194,28 @@ def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tiny_tokenizer_dir, tmp_pat
     assert proc.returncode == 130, err.decode()[-2000:]
     assert b"continue with --resume" in err and b"Traceback" not in err
     assert (tmp_path / "run" / "resume.pt").is_file() and (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_chinese_whole_word_masking_with_jieba(tmp_path, tiny_tokenizer_dir):
+    pytest.importorskip("jieba")
+    from bertcli.tokenizer import train_tokenizer
+
+    text = "我爱北京天安门。今天天气很好。北京欢迎你。\n\n" * 30
+    (tmp_path / "zh.txt").write_text(text, encoding="utf-8")
+    tok = train_tokenizer([tmp_path / "zh.txt"], vocab_size=200, min_frequency=1)
+    encode_corpus(tok, [tmp_path / "zh.txt"], tmp_path / "s", show_progress=False, segmenter="jieba")
+    (shard,) = load_shards(tmp_path / "s", tok)
+    first = shard.tokens[shard.sentences[0]:shard.sentences[1]].tolist()
+    flags = shard.continues[shard.sentences[0]:shard.sentences[1]].tolist()
+    chars = [tok.backend.id_to_token(i) for i in first]
+    assert chars[:7] == ["我", "爱", "北", "京", "天", "安", "门"]
+    assert flags[:7] == [0, 0, 0, 1, 0, 1, 1]  # 北京 and 天安门 are words
+    task = PretrainTask(tok, [shard], "nsp", mask_prob=0.3, whole_word_mask=True)
+    inst = make_instances([shard], 32, "nsp", 0.0, seed=1)
+    batch = task.collate(list(inst), list(range(len(inst))))
+    for row, row_ids, row_labels in zip(inst, batch["input_ids"], batch["mlm_labels"]):
+        _, _, continues = task._sequence(row)
+        masked = (row_labels != -100).numpy()
+        for p in range(1, len(continues)):
+            if continues[p]:
+                assert masked[p] == masked[p - 1], "a word was masked in part"

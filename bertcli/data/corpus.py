@@ -77,9 +77,13 @@ def tokenizer_sha256(tokenizer: WordPieceTokenizer) -> str:
     return hashlib.sha256(tokenizer.backend.to_str().encode("utf-8")).hexdigest()
 
 
-def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, show_progress: bool = True) -> dict:
+def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, show_progress: bool = True,
+                  segmenter: str | None = None) -> dict:
     """Encode text files into a shard directory (written under a temporary name, then renamed).
-    Sentences are tokenized in large batches by `tokenizers`, which spreads them over all cores."""
+    Sentences are tokenized in large batches by `tokenizers`, which spreads them over all cores.
+    With a word `segmenter` (jieba, for Chinese whole-word masking), `NNNNN.words.bin` marks the
+    tokens that continue a word."""
+    segment = segmenter_for(segmenter)
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -99,13 +103,14 @@ def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, s
             bar = progress.add_task("encode", total=sum(f.stat().st_size for f in files))
             for number, path in enumerate(files):
                 counts = _encode_file(tokenizer, path, tmp / f"{number:05d}", dtype,
-                                      lambda n: progress.advance(bar, n))
+                                      lambda n: progress.advance(bar, n), segment)
                 if counts["sentences"] == 0:
                     raise DataError(f"{path}: no text to encode")
                 for key in totals:
                     totals[key] += counts[key]
                 sources.append({"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size, **counts})
         index = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
+                 "segmenter": segmenter if segment else None,
                  "tokenizer_sha256": tokenizer_sha256(tokenizer), **totals, "shards": sources}
         atomic_write_text(tmp / "index.json", json.dumps(index, indent=2) + "\n")
         if out.exists():
@@ -117,11 +122,39 @@ def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, s
     return index
 
 
-def _encode_file(tokenizer: WordPieceTokenizer, path: Path, stem: Path, dtype, on_bytes) -> dict:
+def word_continuations(sentence: str, offsets: list[tuple[int, int]], segment) -> list[int]:
+    """1 where a token continues the word of the token before it, by the segmenter's words
+    (for Chinese, where each character is a token, jieba groups them into words)."""
+    word_of = [-1] * (len(sentence) + 1)
+    for number, (_, start, end) in enumerate(segment(sentence)):
+        word_of[start:end] = [number] * (end - start)
+    flags, previous = [], -2
+    for start, _ in offsets:
+        word = word_of[start] if start < len(word_of) else -1
+        flags.append(int(word == previous and word >= 0))
+        previous = word
+    return flags
+
+
+def segmenter_for(name: str | None):
+    if name in (None, "none"):
+        return None
+    if name != "jieba":
+        raise DataError(f"unknown word segmenter {name!r} (choices: none, jieba)")
+    try:
+        import jieba
+    except ImportError:
+        raise DataError("the jieba segmenter is not installed: pip install 'bertcli[zh]'") from None
+    jieba.setLogLevel(60)
+    return jieba.tokenize
+
+
+def _encode_file(tokenizer: WordPieceTokenizer, path: Path, stem: Path, dtype, on_bytes, segment) -> dict:
     sentence_starts, document_starts = [0], [0]
     pending: list[str] = []
     pending_docs: list[int] = []  # sentences per pending document
     tokens = 0
+    words = open(f"{stem}.words.bin", "wb") if segment else None
     with open(f"{stem}.tokens.bin", "wb") as sink:
 
         def flush() -> None:
@@ -132,6 +165,9 @@ def _encode_file(tokenizer: WordPieceTokenizer, path: Path, stem: Path, dtype, o
             ids = [e.ids for e in encodings]
             lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
             np.fromiter((t for x in ids for t in x), dtype=dtype, count=int(lengths.sum())).tofile(sink)
+            if words is not None:
+                flags = [f for text, e in zip(pending, encodings) for f in word_continuations(text, e.offsets, segment)]
+                np.asarray(flags, dtype=np.uint8).tofile(words)
             ends = tokens + np.cumsum(lengths)
             sentence_starts.extend(ends.tolist())
             tokens = int(ends[-1]) if len(ends) else tokens
@@ -146,6 +182,8 @@ def _encode_file(tokenizer: WordPieceTokenizer, path: Path, stem: Path, dtype, o
             if len(pending) >= BATCH_SENTENCES:
                 flush()
         flush()
+    if words is not None:
+        words.close()
     np.save(f"{stem}.sentences.npy", np.asarray(sentence_starts, dtype=np.int64))
     np.save(f"{stem}.documents.npy", np.asarray(document_starts, dtype=np.int64))
     return {"documents": len(document_starts) - 1, "sentences": len(sentence_starts) - 1, "tokens": tokens}
@@ -156,6 +194,7 @@ class Shard:
     tokens: np.ndarray  # memory-mapped token ids
     sentences: np.ndarray  # token offset of each sentence start, plus the end
     documents: np.ndarray  # sentence offset of each document start, plus the end
+    continues: np.ndarray | None = None  # 1 where a token continues a word (from a word segmenter)
 
 
 def load_shards(directory: Path, tokenizer: WordPieceTokenizer | None = None) -> list[Shard]:
@@ -176,9 +215,11 @@ def load_shards(directory: Path, tokenizer: WordPieceTokenizer | None = None) ->
     for number in range(count):
         stem = directory / f"{number:05d}"
         try:
+            words = Path(f"{stem}.words.bin")
             shards.append(Shard(np.memmap(f"{stem}.tokens.bin", dtype=dtype, mode="r"),
                                 np.load(f"{stem}.sentences.npy", allow_pickle=False),
-                                np.load(f"{stem}.documents.npy", allow_pickle=False)))
+                                np.load(f"{stem}.documents.npy", allow_pickle=False),
+                                np.memmap(words, dtype=np.uint8, mode="r") if words.is_file() else None))
         except (OSError, ValueError) as err:
             raise DataError(f"{stem}: damaged shard ({err}); encode the text again") from None
     return shards
@@ -188,21 +229,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BERTCLI_CACHE", Path.home() / ".cache" / "bertcli"))
 
 
-def shards_for(paths: list[str], tokenizer: WordPieceTokenizer) -> list[Shard]:
+def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str | None = None) -> list[Shard]:
     """Shards for a recipe's data paths: shard directories as they are; raw text files encoded
-    on first use and cached, keyed by the files' content and the tokenizer."""
+    on first use and cached, keyed by the files' content, the tokenizer and the segmenter."""
     shards: list[Shard] = []
     texts = [Path(p) for p in paths if not Path(p).is_dir()]
     for p in paths:
         if Path(p).is_dir():
             shards.extend(load_shards(Path(p), tokenizer))
     if texts:
-        key = hashlib.sha256(json.dumps([tokenizer_sha256(tokenizer)] + [file_sha256(t) for t in texts]).encode())
+        key = hashlib.sha256(json.dumps([tokenizer_sha256(tokenizer), segmenter or "none"] +
+                                        [file_sha256(t) for t in texts]).encode())
         target = cache_dir() / "shards" / key.hexdigest()[:32]
         if not (target / "index.json").is_file():
             import sys
 
             sys.stderr.write(f"encoding {len(texts)} text file(s) into {target}\n")
-            encode_corpus(tokenizer, texts, target)
+            encode_corpus(tokenizer, texts, target, segmenter=segmenter)
         shards.extend(load_shards(target, tokenizer))
     return shards

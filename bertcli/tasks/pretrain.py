@@ -135,20 +135,31 @@ class PretrainTask:
         return ((instances[:, A_END] - instances[:, A_START]) + (instances[:, B_END] - instances[:, B_START])
                 + (3 if pair else 2)).tolist()
 
-    def _sequence(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        t = self.tokenizer
-        a = np.asarray(self.shards[row[A_SHARD]].tokens[row[A_START]:row[A_END]], dtype=np.int64)
-        parts, types = [[t.cls_id], a, [t.sep_id]], [0] * (len(a) + 2)
-        if self.objective != "none":
-            b = np.asarray(self.shards[row[B_SHARD]].tokens[row[B_START]:row[B_END]], dtype=np.int64)
-            parts += [b, [t.sep_id]]
-            types += [1] * (len(b) + 1)
-        return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]), np.asarray(types, dtype=np.int64)
+    def _segment(self, shard: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of a segment, and 1 where a token continues the previous token's word:
+        from the shard's segmenter when it has one, else WordPiece's '##' pieces."""
+        s = self.shards[shard]
+        ids = np.asarray(s.tokens[start:end], dtype=np.int64)
+        if s.continues is not None:
+            return ids, np.asarray(s.continues[start:end], dtype=bool) | self.continuation[ids]
+        return ids, self.continuation[ids]
 
-    def _mask(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _sequence(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        t = self.tokenizer
+        a, a_cont = self._segment(row[A_SHARD], row[A_START], row[A_END])
+        parts, conts, types = [[t.cls_id], a, [t.sep_id]], [[False], a_cont, [False]], [0] * (len(a) + 2)
+        if self.objective != "none":
+            b, b_cont = self._segment(row[B_SHARD], row[B_START], row[B_END])
+            parts += [b, [t.sep_id]]
+            conts += [b_cont, [False]]
+            types += [1] * (len(b) + 1)
+        return (np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]), np.asarray(types, dtype=np.int64),
+                np.concatenate([np.asarray(c, dtype=bool) for c in conts]))
+
+    def _mask(self, ids: np.ndarray, continues: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """BERT's masking: mask_prob of the tokens (at least one) are predicted; of those 80%
         become [MASK], 10% a random token and 10% stay. With whole-word masking, a word's
-        WordPiece continuations are chosen with it."""
+        continuations (or, with a segmenter, the rest of its characters) are chosen with it."""
         labels = np.full_like(ids, -100)
         candidates = np.flatnonzero(~np.isin(ids, self.special))
         if len(candidates) == 0:
@@ -156,7 +167,7 @@ class PretrainTask:
         budget = max(1, int(round(len(candidates) * self.mask_prob)))
         if self.whole_word:
             # a word starts at a token that is no '##' continuation, or after a special token
-            begins = ~self.continuation[ids[candidates]] | np.diff(candidates, prepend=-2) != 1
+            begins = ~continues[candidates] | (np.diff(candidates, prepend=-2) != 1)
             words = np.split(candidates, np.flatnonzero(begins)[1:])
             chosen: list[int] = []
             for w in rng.permutation(len(words)):
@@ -178,11 +189,11 @@ class PretrainTask:
 
     def collate(self, rows: Sequence[np.ndarray], seeds: Sequence[int]) -> dict[str, Tensor]:
         seqs = [self._sequence(r) for r in rows]
-        width = max(len(ids) for ids, _ in seqs)
+        width = max(len(ids) for ids, _, _ in seqs)
         batch = {k: torch.full((len(rows), width), v, dtype=torch.long) for k, v in
                  [("input_ids", self.tokenizer.pad_id), ("token_type_ids", 0), ("attention_mask", 0), ("mlm_labels", -100)]}
-        for i, ((ids, types), seed) in enumerate(zip(seqs, seeds)):
-            masked, labels = self._mask(ids, np.random.default_rng(seed))
+        for i, ((ids, types, continues), seed) in enumerate(zip(seqs, seeds)):
+            masked, labels = self._mask(ids, continues, np.random.default_rng(seed))
             n = len(ids)
             batch["input_ids"][i, :n] = torch.from_numpy(masked)
             batch["token_type_ids"][i, :n] = torch.from_numpy(types)

@@ -65,3 +65,17 @@ def test_missing_checkpoint_is_a_user_error(tmp_path):
 def test_unknown_option_is_a_usage_error():
     done = run_cli("tokenize", "train", "--no-such-flag")
     assert done.returncode == 2
+
+
+def test_reader_closing_the_pipe_early_ends_quietly(tiny_tokenizer_dir):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = (f"yes 'the quick brown fox' | head -n 200000 | {sys.executable} -m bertcli tokenize show "
+              f"--tokenizer {tiny_tokenizer_dir} | head -n 1")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", script], capture_output=True, cwd=ROOT, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert json.loads(done.stdout)["tokens"][0] == "[CLS]"
+    assert b"Traceback" not in done.stderr and b"BrokenPipe" not in done.stderr, done.stderr

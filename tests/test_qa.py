@@ -35,8 +35,9 @@ def test_reader_relocates_wrong_starts_and_drops_missing_answers(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps(doc), encoding="utf-8")
     examples, report = read_squad(path)
-    assert len(examples) == 4 and report.relocated == 4 and len(report.dropped) == 1
+    assert len(examples) == 5 and report.relocated == 4 and len(report.unlocated) == 1
     assert all(e.context[s:s + len(t)] == t for e in examples for t, s in e.answers)
+    assert examples[2].answers == () and examples[2].gold == ("unicorn",)  # scored, never trained on
     path.write_text(json.dumps({"data": [{"paragraphs": [{"qas": []}]}]}), encoding="utf-8")
     with pytest.raises(DataError, match=r"data\[0\].paragraphs\[0\]: missing field 'context'"):
         read_squad(path)

@@ -1,8 +1,9 @@
 """Extractive QA data: SQuAD v1.1 / v2.0 JSON (CMRC 2018 uses the same layout) and JSONL.
 
-An answer whose `answer_start` does not point at its text (about 2% of CMRC 2018) is
-re-located at the occurrence of the text nearest to the given start; one whose text is not in
-the context at all is dropped, and the count of both is reported by the caller."""
+An answer whose `answer_start` does not point at its text is re-located at the occurrence of
+the text nearest to the given start. One whose text is not in the context at all (about 2% of
+CMRC 2018's) cannot be trained on, but still counts as a gold answer when scoring, as in the
+official evaluation; both are counted for the caller to report."""
 
 from __future__ import annotations
 
@@ -20,15 +21,16 @@ class QaExample:
     id: str
     question: str
     context: str
-    answers: tuple[tuple[str, int], ...]  # (text, character start in context); empty = no answer
+    answers: tuple[tuple[str, int], ...]  # located answers: (text, character start in context)
     is_impossible: bool = False
     where: str = ""
+    gold: tuple[str, ...] = ()  # every gold answer text, located or not (what scoring compares with)
 
 
 @dataclass
 class ReadReport:
-    relocated: int = 0
-    dropped: list[str] = field(default_factory=list)
+    relocated: int = 0  # answer starts moved to where their text is
+    unlocated: list[str] = field(default_factory=list)  # answers whose text is not in the context
 
 
 def _locate(context: str, text: str, start: Any) -> int | None:
@@ -63,7 +65,7 @@ def _answers(raw: Any, where: str) -> list[tuple[str, Any]]:
     return out
 
 
-def _example(qa: Any, context: str, where: str, report: ReadReport) -> QaExample | None:
+def _example(qa: Any, context: str, where: str, report: ReadReport) -> QaExample:
     if not isinstance(qa, dict):
         raise DataError(f"{where}: expected a question object")
     question = qa.get("question")
@@ -78,16 +80,15 @@ def _example(qa: Any, context: str, where: str, report: ReadReport) -> QaExample
             raise DataError(f"{where}: an answer text must be a non-empty string")
         found = _locate(context, text, start)
         if found is None:
+            report.unlocated.append(f"{where} (id {qid}): answer {text[:40]!r} is not in the context")
             continue
         if found != start:
             report.relocated += 1
         answers.append((text, found))
-    if given and not answers:
-        report.dropped.append(f"{where} (id {qid}): no answer text found in the context")
-        return None
     if not given and not impossible:
         raise DataError(f"{where}: question {qid!r} has no answers (and is not marked is_impossible)")
-    return QaExample(qid, question.strip(), context, tuple(answers), impossible or not answers, where)
+    return QaExample(qid, question.strip(), context, tuple(answers), impossible or not given, where,
+                     tuple(text for text, _ in given))
 
 
 def read_squad(path: str | Path) -> tuple[list[QaExample], ReadReport]:
@@ -99,9 +100,7 @@ def read_squad(path: str | Path) -> tuple[list[QaExample], ReadReport]:
             where = f"{path}: line {number}"
             if not isinstance(row.get("context"), str):
                 raise DataError(f"{where}: missing field 'context'")
-            ex = _example(row, row["context"], where, report)
-            if ex:
-                examples.append(ex)
+            examples.append(_example(row, row["context"], where, report))
         return examples, report
     try:
         doc = json.loads(text)
@@ -123,9 +122,7 @@ def read_squad(path: str | Path) -> tuple[list[QaExample], ReadReport]:
             if not isinstance(qas, list):
                 raise DataError(f"{where}: missing field 'qas'")
             for q, qa in enumerate(qas):
-                ex = _example(qa, context, f"{where}.qas[{q}]", report)
-                if ex:
-                    examples.append(ex)
+                examples.append(_example(qa, context, f"{where}.qas[{q}]", report))
     if not examples:
         raise DataError(f"{path}: no questions")
     return examples, report

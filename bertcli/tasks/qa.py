@@ -58,10 +58,10 @@ class QaTask(Task):
 
     def read(self, path: str | Path) -> list[QaExample]:
         examples, report = read_squad(path)
-        if report.relocated or report.dropped:
+        if report.relocated or report.unlocated:
             sys.stderr.write(f"{path}: {report.relocated} answer start(s) re-located to where their text is; "
-                             f"{len(report.dropped)} question(s) dropped" +
-                             (f" (first: {report.dropped[0]})" if report.dropped else "") + "\n")
+                             f"{len(report.unlocated)} answer(s) not found in their context, kept for scoring only" +
+                             (f" (first: {report.unlocated[0]})" if report.unlocated else "") + "\n")
         return examples
 
     # ------------------------------------------------------------ encoding
@@ -83,6 +83,11 @@ class QaTask(Task):
         return {"input_ids": ids, "token_type_ids": [0] * first + [1] * (end - start + 1)}
 
     def encode(self, examples: Sequence[QaExample]) -> list[dict]:
+        unusable = [e for e in examples if e.gold and not e.answers]
+        if unusable:
+            sys.stderr.write(f"{len(unusable)} question(s) left out of training: none of their answers is in the "
+                             f"context (first: {unusable[0].where})\n")
+            examples = [e for e in examples if not (e.gold and not e.answers)]
         features = []
         for ex, enc in zip(examples, self._encode(examples)):
             for start, end in enc.windows:
@@ -175,4 +180,4 @@ class QaTask(Task):
 
     def score(self, examples: Sequence[QaExample], predictions: Sequence[dict]) -> dict:
         chinese = sum(bool(_CJK.search(e.context)) for e in examples) > len(examples) / 2
-        return squad_metrics([p["answer"] for p in predictions], [[a for a, _ in e.answers] for e in examples], chinese)
+        return squad_metrics([p["answer"] for p in predictions], [list(e.gold) for e in examples], chinese)

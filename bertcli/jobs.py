@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 from pathlib import Path
@@ -192,10 +193,9 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool) ->
     if eval_shards:
         eval_task = PretrainTask(tokenizer, eval_shards, t.objective, t.mask_prob, t.whole_word_mask)
         eval_instances = make_instances(eval_shards, d.max_seq_len, t.objective, t.short_seq_prob, recipe.train.seed + 1)
-        frequent = most_frequent_token(train_shards, tokenizer.vocab_size, task.special)
-
-        def evaluate_fn(m):
-            return eval_task.evaluate(m, eval_instances, recipe.train.batch_size * 2, recipe.train.seed, frequent)
+        evaluate_fn = functools.partial(eval_task.evaluate, instances=eval_instances,
+                                        batch_size=recipe.train.batch_size * 2, seed=recipe.train.seed,
+                                        most_frequent=most_frequent_token(train_shards, tokenizer.vocab_size, task.special))
 
     def save(m):
         save_checkpoint(out, m, "BertForPreTraining", tokenizer, task={"name": "pretrain", **task_options(recipe)})

@@ -235,8 +235,9 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                         mine = global_indices[rank::world]
                         seeds = [example_seed(cfg.seed, pos.epoch, i) for i in mine]
                         micro.append({k: v.to(device) for k, v in job.collate([job.features[i] for i in mine], seeds).items()})
-                    names = sorted(job.counts(micro[0]))
-                    local = [sum(job.counts(b)[n] for b in micro) for n in names]
+                    per_batch = [job.counts(b) for b in micro]
+                    names = sorted(per_batch[0])
+                    local = [sum(c[n] for c in per_batch) for n in names]
                     tokens = sum(int(b["attention_mask"].sum()) for b in micro)
                     *totals, tokens = _global_sum([*local, tokens], world, device)
                     counts = {n: max(int(c), 1) for n, c in zip(names, totals)}

@@ -1,0 +1,74 @@
+"""Fuzzing the readers and predict's input parsers: any input gives data or a DataError."""
+
+from __future__ import annotations
+
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from bertcli.data.conll import read_ner  # noqa: E402
+from bertcli.data.squad import read_squad  # noqa: E402
+from bertcli.data.tables import read_rows  # noqa: E402
+from bertcli.errors import DataError  # noqa: E402
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# text built from the characters the formats care about, plus anything else
+pieces = st.sampled_from(["\t", "\n", " ", ",", '"', "{", "}", "[", "]", ":", "O", "B-PER", "I-LOC", "E-X", "S-Y",
+                          "-DOCSTART-", "label", "sentence", "text", "data", "paragraphs", "context", "qas",
+                          "answers", "answer_start", "question", "\ufeff", "\x00", "é", "北京"])
+structured = st.lists(st.one_of(pieces, st.text(max_size=5)), max_size=40).map("".join)
+
+
+def _read(reader, path, data: bytes):
+    path.write_bytes(data)
+    try:
+        reader(path)
+    except DataError:
+        pass
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=300), structured.map(lambda s: s.encode("utf-8", "surrogatepass"))))
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
+def test_table_reader(tmp_path, suffix, data):
+    _read(lambda p: list(read_rows(p)), tmp_path / f"d{suffix}", data)
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=300), structured.map(lambda s: s.encode("utf-8", "surrogatepass"))))
+@pytest.mark.parametrize("suffix", [".conll", ".jsonl"])
+def test_conll_reader(tmp_path, suffix, data):
+    _read(read_ner, tmp_path / f"d{suffix}", data)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                               st.sampled_from(["data", "paragraphs", "context", "qas", "question", "answers",
+                                                "text", "answer_start", "id", "is_impossible"]), inner, max_size=4),
+                           max_leaves=20)
+
+
+@FUZZ
+@given(doc=json_values)
+def test_squad_reader(tmp_path, doc):
+    import json
+
+    _read(read_squad, tmp_path / "d.json", json.dumps(doc).encode())
+
+
+@FUZZ
+@given(line=st.one_of(st.text(max_size=80), json_values.map(lambda v: __import__("json").dumps(v))))
+def test_predict_input_parsers(tiny_tokenizer_dir, line):
+    from bertcli.tasks.classify import ClassifyTask
+    from bertcli.tasks.ner import NerTask
+    from bertcli.tasks.qa import QaTask
+    from bertcli.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    for task in (ClassifyTask(tok, 32, ["a"]), NerTask(tok, 32, ["O"]), QaTask(tok, 64, max_query_len=16)):
+        try:
+            task.parse_input(line, "stdin: line 1")
+        except DataError:
+            pass

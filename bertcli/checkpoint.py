@@ -34,7 +34,6 @@ ARCHITECTURES = {
     "BertForTokenClassification": lambda cfg, n: BertForTokenClassification(cfg, n),
     "BertForQuestionAnswering": lambda cfg, n: BertForQuestionAnswering(cfg),
 }
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _TRUNK = ("embeddings.", "encoder.", "pooler.")
 
 

@@ -50,9 +50,9 @@ def tokenize_train(
     """Train a BERT WordPiece tokenizer (CJK characters split one per token)."""
     import time
 
-    from bertcli.tokenizer import TOKENIZER_FILES, train_tokenizer
+    from bertcli.tokenizer import train_tokenizer
 
-    _check_output(out, overwrite, resume=False, marker_files=TOKENIZER_FILES)
+    _check_output(out, overwrite, holds="vocab.txt")
     start = time.perf_counter()
     tokenizer = train_tokenizer(corpus, vocab_size=vocab_size, lowercase=not cased, min_frequency=min_frequency)
     tokenizer.save(out)
@@ -94,9 +94,7 @@ def tokenize_encode(
     from bertcli.data.corpus import encode_corpus
     from bertcli.tokenizer import load_tokenizer
 
-    _check_output(out, overwrite, resume=False, marker_files=())
-    if overwrite and out.is_dir() and any(out.iterdir()) and not (out / "index.json").is_file():
-        raise BertcliError(f"{out}: --overwrite refused: the directory does not hold token shards")
+    _check_output(out, overwrite, holds="index.json")
     start = time.perf_counter()
     index = encode_corpus(load_tokenizer(tokenizer), corpus, out, segmenter=segmenter)
     _err(f"shards: {index['documents']} documents, {index['sentences']} sentences, {index['tokens']} tokens "
@@ -170,16 +168,17 @@ def _load(recipe: Path, overrides: Optional[List[str]], expected_task: Optional[
     return loaded
 
 
-def _check_output(out: Path, overwrite: bool, resume: bool, marker_files: tuple[str, ...] = ()) -> None:
-    """An existing, non-empty output directory is never replaced without --overwrite."""
+def _check_output(out: Path, overwrite: bool, holds: str) -> None:
+    """An existing, non-empty output directory is replaced only with --overwrite, and only
+    when it holds `holds` (a file this command writes), so nothing else the user had is lost."""
     if out.exists() and not out.is_dir():
         raise BertcliError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
-        raise BertcliError(f"{out}: already exists; pass --overwrite to replace it" +
-                           (" or --resume to continue it" if not marker_files else ""))
-    if overwrite and out.is_dir():
-        for name in marker_files:
-            (out / name).unlink(missing_ok=True)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise BertcliError(f"{out}: already exists; pass --overwrite to replace it")
+        if not (out / holds).is_file():
+            raise BertcliError(f"{out}: --overwrite refused: the directory has no {holds}, so it is not this "
+                               "command's output")
 
 
 MULTI_VALUE_OPTIONS = ("--corpus",)

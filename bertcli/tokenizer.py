@@ -18,7 +18,6 @@ from bertcli.errors import CheckpointError, DataError
 from bertcli.fileio import atomic_write_text
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class WordPieceTokenizer:

@@ -37,6 +37,14 @@ def test_tokenize_train_then_show_in_a_pipe(tmp_path):
     done = run_cli("tokenize", "train", "--corpus", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size", "150")
     assert done.returncode == 2 and b"--overwrite" in done.stderr
     assert (tmp_path / "tok" / "vocab.txt").read_bytes() == before
+    done = run_cli("tokenize", "train", "--corpus", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size", "150",
+                   "--overwrite")
+    assert done.returncode == 0 and (tmp_path / "tok" / "vocab.txt").read_bytes() != before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    done = run_cli("tokenize", "train", "--corpus", str(corpus), "--out", str(tmp_path / "mine"), "--overwrite")
+    assert done.returncode == 2 and b"--overwrite refused" in done.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 
 
 def test_invalid_utf8_on_stdin_names_line_and_byte(tiny_tokenizer_dir):

@@ -46,7 +46,7 @@ def collate(features: Sequence[dict], pad_id: int) -> dict[str, Tensor]:
         "attention_mask": pad([[1] * len(f["input_ids"]) for f in features], 0),
     }
     for key in features[0]:
-        if key in batch or key == "input_ids":
+        if key in batch:
             continue
         values = [f[key] for f in features]
         if isinstance(values[0], (list, tuple)):

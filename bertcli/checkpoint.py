@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from bertcli import __version__
@@ -233,7 +233,8 @@ def save_model(directory: str | Path, model: nn.Module, architecture: str, label
     cfg: BertConfig = model.config
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
              if k != "cls.predictions.decoder.weight"}
-    atomic_write(d / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    data = save(state, metadata={"format": "pt"})  # written by Python, so a full disk raises a plain OSError
+    atomic_write(d / "model.safetensors", lambda tmp: Path(tmp).write_bytes(data))
     atomic_write_text(d / "config.json", json.dumps(config_dict(cfg, architecture, labels, task), indent=2) + "\n")
 
 

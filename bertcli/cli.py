@@ -212,7 +212,20 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:  # the reader closed the pipe (e.g. `| head`): end quietly
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         sys.exit(0)
+    except OSError as err:  # the machine's storage refused a write not made through bertcli.fileio (stdout, say)
+        from bertcli.fileio import STORAGE_ERRORS
+
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        _err(f"error: {err.filename or 'stdout'}: cannot write: {err.strerror}")
+        _drop_stdout()
+        sys.exit(2)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail a second time."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,27 +1,53 @@
-"""Atomic writes: write to a temporary name in the same directory, fsync, then rename.
-A crash leaves either the old file or the new one, never a torn one."""
+"""Writes that never leave a torn file, and that say clearly when the disk refuses them.
+
+`atomic_write` writes to a temporary name in the same directory, fsyncs, then renames: a crash
+leaves either the old file or the new one. `publish` moves a whole staged directory of files
+into place by renames alone (which need no space), so a full disk met while writing a
+checkpoint leaves the previous checkpoint exactly as it was.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from bertcli.errors import BertcliError
+
+# failures of the machine's storage rather than of bertcli: a clear message and exit code 2
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+class OutputError(BertcliError):
+    """A file could not be written (full disk, read-only or forbidden directory, file size limit)."""
+
+
+def storage_error(path: str | Path, err: OSError) -> OutputError:
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        reason += " (free some space, or write elsewhere with --out)"
+    return OutputError(f"{path}: cannot write: {reason}")
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` to produce the file, then move it over `path` in one rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRORS:
+            raise storage_error(path, err) from None
         raise
 
 
@@ -31,3 +57,35 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append to a log file; a torn last line (a crash mid-write) is for the reader to drop."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as err:
+        if err.errno in STORAGE_ERRORS:
+            raise storage_error(path, err) from None
+        raise
+
+
+def publish(stage: Path, target: Path, last: str | None = None) -> None:
+    """Move every file of the directory `stage` into `target` (the file named `last` last),
+    then remove `stage`. Renames only: nothing here can run out of space."""
+    names = sorted(p.name for p in stage.iterdir())
+    if last in names:
+        names.remove(last)
+        names.append(last)
+    for name in names:
+        os.replace(stage / name, target / name)
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the renames themselves reach the disk
+    finally:
+        os.close(fd)
+    stage.rmdir()
+
+
+def discard(stage: Path) -> None:
+    shutil.rmtree(stage, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from bertcli.model import BertConfig
 from bertcli.recipes import Recipe, dump_recipe
 from bertcli.tasks import make_task
 from bertcli.tokenizer import WordPieceTokenizer, load_tokenizer
-from bertcli.train import RESUME_FILE, Job, fit, write_metrics
+from bertcli.train import RESUME_FILE, STAGE_DIR, Job, fit, write_metrics
 
 
 def say(message: str) -> None:
@@ -30,10 +31,14 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
         raise BertcliError("--resume and --overwrite exclude each other")
     if out.exists() and not out.is_dir():
         raise BertcliError(f"{out}: exists and is not a directory")
-    busy = out.is_dir() and any(out.iterdir())
+    busy = out.is_dir() and any(not _leftover(p) for p in out.iterdir())
+    if resume and not (out / RESUME_FILE).is_file():
+        raise BertcliError(f"{out}: nothing to resume (no {RESUME_FILE})")
+    if out.is_dir():
+        for p in out.iterdir():
+            if _leftover(p):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     if resume:
-        if not (out / RESUME_FILE).is_file():
-            raise BertcliError(f"{out}: nothing to resume (no {RESUME_FILE})")
         return
     if busy and not overwrite:
         raise BertcliError(f"{out}: already exists; pass --resume to continue it or --overwrite to replace it")
@@ -41,7 +46,15 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
         if not ((out / "recipe.yaml").is_file() or (out / "config.json").is_file()):
             raise BertcliError(f"{out}: --overwrite refused: the directory does not hold a bertcli run")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BertcliError(f"{out}: cannot create the output directory: {err.strerror}") from None
+
+
+def _leftover(path: Path) -> bool:
+    """What a run killed mid-write leaves: an atomic write's temporary file or a half-written checkpoint."""
+    return path.name == STAGE_DIR or re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", path.name) is not None
 
 
 def recipe_tokenizer(recipe: Recipe) -> WordPieceTokenizer:
@@ -101,9 +114,9 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool) ->
         metrics = task.evaluate(m, eval_examples, recipe.train.batch_size * 2)
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
-    def save(m):
+    def save(m, directory):
         saved = {"name": task.name, **options, **task.saved_options()}
-        save_checkpoint(out, m, task.architecture, tokenizer, task.labels or None, task=saved)
+        save_checkpoint(directory, m, task.architecture, tokenizer, task.labels or None, task=saved)
 
     job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features], collate=task.collate,
               counts=task.counts, loss=task.loss, evaluate=evaluate if eval_examples else None, save=save)
@@ -197,8 +210,8 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool) ->
                                         batch_size=recipe.train.batch_size * 2, seed=recipe.train.seed,
                                         most_frequent=most_frequent_token(train_shards, tokenizer.vocab_size, task.special))
 
-    def save(m):
-        save_checkpoint(out, m, "BertForPreTraining", tokenizer, task={"name": "pretrain", **task_options(recipe)})
+    def save(m, directory):
+        save_checkpoint(directory, m, "BertForPreTraining", tokenizer, task={"name": "pretrain", **task_options(recipe)})
 
     job = Job(model=model, features=instances, lengths=task.lengths(instances), collate=task.collate,
               counts=task.counts, loss=task.loss, evaluate=evaluate_fn, save=save)

@@ -16,15 +16,26 @@ from typing import BinaryIO, TextIO
 
 import torch
 
+from bertcli.data.tables import MAX_LINE_BYTES, line_too_long
 from bertcli.errors import BertcliError, DataError
 from bertcli.jobs import load_for_task
 
 _END = object()
 
 
+class _TooLong(int):
+    """Stands for a line over MAX_LINE_BYTES (its length), which is never held in memory whole."""
+
+
 def _reader(stream: BinaryIO, lines: queue.Queue) -> None:
     try:
-        for raw in iter(stream.readline, b""):
+        for raw in iter(lambda: stream.readline(MAX_LINE_BYTES + 1), b""):
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                size = len(raw)
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line, a piece at a time
+                    raw = stream.readline(1 << 16)
+                    size += len(raw)
+                raw = _TooLong(size - raw.endswith(b"\n"))
             lines.put(raw)
     except BaseException as err:  # surfaced by the main thread
         lines.put(err)
@@ -56,6 +67,9 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
         for raw in batch:
             answered += 1
             where = f"{source}: line {answered}"
+            if isinstance(raw, _TooLong):
+                answers.append({"error": str(line_too_long(where, raw))})
+                continue
             try:
                 text = raw.decode("utf-8")
                 if answered == 1:

@@ -24,10 +24,12 @@ from torch import Tensor, nn
 
 from bertcli.data.batching import batch_order
 from bertcli.errors import BertcliError, Interrupted
-from bertcli.fileio import atomic_write
+from bertcli.fileio import OutputError, append_text, atomic_write, discard, publish
 from bertcli.recipes import TrainConfig, parse_duration
 
 RESUME_FILE = "resume.pt"
+STAGE_DIR = ".saving"  # a checkpoint being written; moved into place once complete
+MAX_SKIPPED_STEPS = 10  # non-finite losses in a row that bf16/fp16 may skip before the run stops
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Job:
     counts: Callable[[dict[str, Tensor]], dict[str, int]]  # loss terms -> how many targets each has
     loss: Callable[[nn.Module, dict[str, Tensor], dict[str, int]], Tensor]  # sum of terms / global counts
     evaluate: Callable[[nn.Module], dict[str, float]] | None  # eval metrics, without the eval_ prefix
-    save: Callable[[nn.Module], None]  # write the checkpoint files (weights, config, tokenizer)
+    save: Callable[[nn.Module, Path], None]  # write the checkpoint files (weights, config, tokenizer) into a directory
 
 
 def example_seed(seed: int, epoch: int, index: int) -> int:
@@ -135,16 +137,30 @@ class Log:
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
+        self.last = ""
         if resume_step is None:
-            path.write_text("", encoding="utf-8")
+            atomic_write(path, lambda tmp: Path(tmp).write_text("", encoding="utf-8"))
         elif path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                    if _record_step(line) <= resume_step]
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept), encoding="utf-8"))
+            self.last = kept[-1] if kept else ""
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record)
+        if line == self.last:  # the final evaluation, redone by a run resumed after its last checkpoint
+            return
+        append_text(self.path, line + "\n")
+        self.last = line
+
+
+def _record_step(line: str) -> float:
+    """The step of a log line; a blank or torn one (the process died while writing it) sorts last."""
+    try:
+        record = json.loads(line)
+        return record.get("step", 0) if isinstance(record, dict) else math.inf
+    except ValueError:
+        return math.inf
 
 
 def _progress(total: int | None, enabled: bool):
@@ -196,9 +212,19 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
     def checkpoint() -> None:
         began = time.perf_counter()
         pos.elapsed = began - start
-        if writer:
-            job.save(model)
-            save_resume_state(out, model, optimizer, scaler, pos)
+        if writer:  # written whole into a side directory, then moved in by renames: never half replaced
+            stage = out / STAGE_DIR
+            discard(stage)
+            try:
+                stage.mkdir()
+                job.save(model, stage)
+                save_resume_state(stage, model, optimizer, scaler, pos)
+            except (OSError, OutputError) as err:
+                discard(stage)
+                reason = str(err).split(": cannot write: ")[-1] if isinstance(err, OutputError) else err.strerror
+                raise OutputError(f"{out}: cannot save the checkpoint of step {pos.step}: {reason}. The previous "
+                                  f"checkpoint in {out} is intact") from None
+            publish(stage, out, last=RESUME_FILE)
         if world > 1:
             dist.barrier()
         window["paused"] += time.perf_counter() - began
@@ -221,6 +247,7 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
             dist.barrier()
 
     model.train()
+    skipped = 0  # non-finite steps in a row (bf16/fp16)
     done = total is not None and pos.step >= total
     try:
         with progress:
@@ -249,27 +276,39 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                         scaler.scale(loss * world).backward()
                         step_loss += loss.item()
                     step_loss, = _global_sum([step_loss], world, device)
-                    if not math.isfinite(step_loss):
-                        raise BertcliError(f"the loss became {step_loss} at step {pos.step + 1}; lower train.lr or "
-                                           f"check the data. The last good checkpoint in {out} is kept")
                     lr = lr_at(pos.step, cfg, total)
                     for param_group in optimizer.param_groups:
                         param_group["lr"] = lr
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
+                    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                    bad = not math.isfinite(step_loss) or (cfg.precision == "bf16" and not math.isfinite(norm))
+                    if bad and (cfg.precision == "fp32" or skipped >= MAX_SKIPPED_STEPS):
+                        what = f"the loss became {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm became {norm}"
+                        again = f" after {skipped} skipped steps in a row" if skipped else ""
+                        raise BertcliError(f"{what} at step {pos.step + 1}{again}; lower train.lr or check the data. "
+                                           f"The last good checkpoint in {out} is kept")
+                    if bad:  # low precision overflowed: drop this step's update, as a loss scaler does
+                        skipped += 1
+                        message = (f"step {pos.step + 1}: loss {step_loss}, gradient norm {norm} in {cfg.precision}: "
+                                   f"update skipped ({skipped} in a row; the run stops after {MAX_SKIPPED_STEPS})")
+                        console.print(message)
+                        if writer:
+                            log.write({"step": pos.step + 1, "skipped": message})
+                    else:
+                        skipped = 0
+                        scaler.step(optimizer)
+                    scaler.update()  # fp16: lowers the scale after an overflow
                     optimizer.zero_grad(set_to_none=True)
                     pos.step += 1
                     pos.batch += len(group)
                     pos.tokens += int(tokens)
-                    window["loss"] += step_loss
-                    window["steps"] += 1
+                    window["loss"] += 0.0 if bad else step_loss
+                    window["steps"] += 0 if bad else 1
                     window["tokens"] += int(tokens)
                     if pos.step % cfg.log_every == 0 or pos.step == 1:
                         now = time.perf_counter()
                         record = {"step": pos.step, "epoch": pos.epoch + pos.batch / len(order),
-                                  "loss": window["loss"] / window["steps"], "lr": lr,
+                                  "loss": window["loss"] / max(window["steps"], 1), "lr": lr,
                                   "tokens_per_s": window["tokens"] / max(now - window["start"] - window["paused"], 1e-9)}
                         if writer:
                             log.write(record)

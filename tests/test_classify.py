@@ -85,6 +85,21 @@ def test_unreadable_line_gets_an_error_answer_and_exit_2(trained):
     assert b"1 of 3 input line(s)" in done.stderr and b"Traceback" not in done.stderr
 
 
+def test_ten_megabyte_line_is_refused_by_name(trained, tmp_path):
+    """On stdin it gets an error answer in its place (never held whole); in a data file, exit 2."""
+    d, _, _ = trained
+    huge = b"word " * 2_000_000 + b"\n"
+    done = run_cli("predict", str(d / "run"), stdin=b"i loved it\n" + huge + b"i hated it\n")
+    answers = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert done.returncode == 2 and len(answers) == 3 and b"Traceback" not in done.stderr
+    assert answers[0]["label"] == "pos" and answers[2]["label"] == "neg"
+    assert "stdin: line 2: the line is 10,000,000 bytes long, over the limit" in answers[1]["error"]
+    data = tmp_path / "big.tsv"
+    data.write_bytes(b"sentence\tlabel\ngood\tpos\n" + huge.rstrip() + b"\tpos\n")
+    done = run_cli("evaluate", str(d / "run"), "--data", str(data))
+    assert done.returncode == 2 and b"big.tsv: line 3: the line is 10,000,003 bytes long" in done.stderr
+
+
 def test_evaluate_cli_table_json_and_unknown_labels(trained, tmp_path):
     d, train, _ = trained
     done = run_cli("evaluate", str(d / "run"), "--data", str(train), "--out", str(tmp_path / "m.json"))

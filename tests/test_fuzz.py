@@ -72,3 +72,49 @@ def test_predict_input_parsers(tiny_tokenizer_dir, line):
             task.parse_input(line, "stdin: line 1")
         except DataError:
             pass
+
+
+recipe_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+                             lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                                 st.sampled_from(["task", "model", "data", "train", "name", "init", "train", "eval",
+                                                  "lr", "epochs", "max_seq_len", "batch_size", "labels", "precision",
+                                                  "tokenizer", "output", "objective", "time_budget", "hidden_size"]),
+                                 inner, max_size=5), max_leaves=25)
+
+
+@FUZZ
+@given(doc=st.one_of(recipe_values.map(lambda v: __import__("yaml").safe_dump(v)), structured))
+def test_recipe_loader(tmp_path, doc):
+    """Any YAML, well-formed or not, gives a recipe or one RecipeError (never another exception)."""
+    from bertcli.errors import RecipeError
+    from bertcli.recipes import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(doc, encoding="utf-8", errors="surrogatepass")
+    try:
+        load_recipe(path)
+    except RecipeError:
+        pass
+
+
+config_values = st.dictionaries(st.sampled_from(["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                 "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                                                 "architectures", "id2label", "label2id", "layer_norm_eps",
+                                                 "hidden_act", "model_type", "bertcli_task"]),
+                                json_values | st.integers(-3, 70), max_size=8)
+
+
+@FUZZ
+@given(config=st.one_of(config_values, json_values))
+def test_checkpoint_config_reader(tmp_path, config):
+    """A config.json from elsewhere gives a config or a CheckpointError naming it."""
+    import json
+
+    from bertcli.checkpoint import read_config
+    from bertcli.errors import CheckpointError
+
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    try:
+        read_config(tmp_path)
+    except CheckpointError as err:
+        assert "config.json" in str(err)

@@ -29,15 +29,20 @@ def squad(contexts, shift: int = 0) -> dict:
 
 
 def test_reader_relocates_wrong_starts_and_drops_missing_answers(tmp_path):
-    doc = squad(CONTEXTS, shift=2)  # every answer_start off by two, as ~2% of CMRC 2018's are
-    doc["data"][0]["paragraphs"][0]["qas"].append({"id": "gone", "question": "?", "answers": [{"text": "unicorn",
-                                                                                                 "answer_start": 0}]})
+    doc = squad(CONTEXTS * 5, shift=2)  # every answer_start off by two, as ~2% of CMRC 2018's are
+    gone = {"id": "gone", "question": "?", "answers": [{"text": "unicorn", "answer_start": 0}]}
+    doc["data"][0]["paragraphs"][0]["qas"].append(gone)  # 1 of 21 answers (4.8%) is not in its context
     path = tmp_path / "d.json"
     path.write_text(json.dumps(doc), encoding="utf-8")
     examples, report = read_squad(path)
-    assert len(examples) == 5 and report.relocated == 4 and len(report.unlocated) == 1
+    assert len(examples) == 21 and report.relocated == 20 and len(report.unlocated) == 1
     assert all(e.context[s:s + len(t)] == t for e in examples for t, s in e.answers)
     assert examples[2].answers == () and examples[2].gold == ("unicorn",)  # scored, never trained on
+    doc = squad(CONTEXTS)
+    doc["data"][0]["paragraphs"][0]["qas"].append(gone)  # 1 of 5: a broken file, not noise
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(DataError, match=r"1 of 5 answers are not in their context .* answer 'unicorn'"):
+        read_squad(path)
     path.write_text(json.dumps({"data": [{"paragraphs": [{"qas": []}]}]}), encoding="utf-8")
     with pytest.raises(DataError, match=r"data\[0\].paragraphs\[0\]: missing field 'context'"):
         read_squad(path)

@@ -3,7 +3,8 @@
 An answer whose `answer_start` does not point at its text is re-located at the occurrence of
 the text nearest to the given start. One whose text is not in the context at all (about 2% of
 CMRC 2018's) cannot be trained on, but still counts as a gold answer when scoring, as in the
-official evaluation; both are counted for the caller to report."""
+official evaluation; both are counted for the caller to report. More than 5% of answers
+missing from their contexts means a broken file: that stops with a DataError."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from typing import Any
 
 from bertcli.data.tables import read_jsonl, read_text
 from bertcli.errors import DataError
+
+
+MAX_UNLOCATED = 0.05  # CMRC 2018 dev has 2.0% of answers absent from their context; far more means a broken file
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class QaExample:
 
 @dataclass
 class ReadReport:
+    answers: int = 0  # gold answers read
     relocated: int = 0  # answer starts moved to where their text is
     unlocated: list[str] = field(default_factory=list)  # answers whose text is not in the context
 
@@ -78,6 +83,7 @@ def _example(qa: Any, context: str, where: str, report: ReadReport) -> QaExample
     for text, start in given:
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where}: an answer text must be a non-empty string")
+        report.answers += 1
         found = _locate(context, text, start)
         if found is None:
             report.unlocated.append(f"{where} (id {qid}): answer {text[:40]!r} is not in the context")
@@ -92,7 +98,16 @@ def _example(qa: Any, context: str, where: str, report: ReadReport) -> QaExample
 
 
 def read_squad(path: str | Path) -> tuple[list[QaExample], ReadReport]:
-    text = read_text(path)
+    examples, report = _read_squad(path)
+    if len(report.unlocated) > MAX_UNLOCATED * report.answers:
+        shown = "; ".join(report.unlocated[:3])
+        raise DataError(f"{path}: {len(report.unlocated)} of {report.answers} answers are not in their context "
+                        f"(more than {MAX_UNLOCATED:.0%}: are the contexts and answers from the same file?): {shown}")
+    return examples, report
+
+
+def _read_squad(path: str | Path) -> tuple[list[QaExample], ReadReport]:
+    text = read_text(path, one_example_per_line=Path(path).suffix.lower() == ".jsonl")
     report = ReadReport()
     examples: list[QaExample] = []
     if Path(path).suffix.lower() == ".jsonl":

@@ -10,14 +10,37 @@ from typing import Iterator
 from bertcli.errors import DataError
 
 
-def read_text(path: str | Path) -> str:
-    """The whole file as text; invalid UTF-8 and NUL bytes are reported with their offset."""
+MAX_LINE_BYTES = 1 << 20  # one example per line: a longer line means the wrong file, or one without line breaks
+
+
+def line_too_long(where: str, size: int) -> DataError:
+    return DataError(f"{where}: the line is {size:,} bytes long, over the limit of {MAX_LINE_BYTES:,} for one "
+                     f"example (is this the right file, with one example per line?)")
+
+
+def _check_line_lengths(path: str | Path, data: bytes) -> None:
+    if len(data) <= MAX_LINE_BYTES:
+        return
+    start, number = 0, 1
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        if end - start > MAX_LINE_BYTES:
+            raise line_too_long(f"{path}: line {number}", end - start)
+        start, number = end + 1, number + 1
+
+
+def read_text(path: str | Path, one_example_per_line: bool = True) -> str:
+    """The whole file as text; invalid UTF-8 and NUL bytes are reported with their offset, and
+    so is a line over MAX_LINE_BYTES in a line-oriented file."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path}: file not found")
     if p.is_dir():
         raise DataError(f"{path}: is a directory, expected a file")
     data = p.read_bytes()
+    if one_example_per_line:
+        _check_line_lengths(path, data)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:

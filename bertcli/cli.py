@@ -31,6 +31,17 @@ RecipeArg = typer.Argument(..., help="YAML recipe (see recipes/).", show_default
 OutOpt = typer.Option(None, "--out", help="Output directory (overrides the recipe's `output`).")
 SetOpt = typer.Option(None, "--set", help="Override a recipe value, e.g. --set train.lr=3e-5 (repeatable).")
 ResumeOpt = typer.Option(False, "--resume", help="Continue the run in an existing output directory.")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _precision(value: str) -> str:
+    if value not in PRECISIONS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(PRECISIONS)}")
+    return value
+
+
+PrecisionOpt = typer.Option("auto", "--precision", callback=_precision, help="Inference precision: auto (bf16 where "
+                            "the hardware has native bf16, else fp32), fp32, bf16, fp16 (GPU).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing output directory.")
 
 
@@ -127,11 +138,12 @@ def evaluate(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint
              data: Path = typer.Option(..., "--data", help="Labelled data in the task's format."),
              out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
              report: Optional[Path] = typer.Option(None, "--report", help="Also write PNG figures into this directory "
-                                                   "(confusion matrix; loss and metric curves of the run).")) -> None:
+                                                   "(confusion matrix; loss and metric curves of the run)."),
+             precision: str = PrecisionOpt) -> None:
     """Score a fine-tuned model on labelled data: a table on the terminal, JSON with --out."""
     from bertcli.evaluate import evaluate as run_evaluate, render, write_json
 
-    metrics = run_evaluate(model_dir, data)
+    metrics = run_evaluate(model_dir, data, precision=precision)
     render(metrics)
     if out is not None:
         write_json(out, metrics)
@@ -145,7 +157,8 @@ def evaluate(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint
 @app.command(epilog="Example: cat reviews.txt | bertcli predict runs/sst2 > predictions.jsonl")
 def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint directory."),
             input: Optional[Path] = typer.Option(None, "--input", help="Read this file instead of stdin."),
-            batch_size: int = typer.Option(32, "--batch-size", min=1, help="Lines per batch, at most.")) -> None:
+            batch_size: int = typer.Option(32, "--batch-size", min=1, help="Lines per batch, at most."),
+            precision: str = PrecisionOpt) -> None:
     """Stream predictions: one JSON line on stdout per input line, in order.
 
     Input by task: classification, one text per line or JSONL {"text": ..., "text_pair": ...};
@@ -153,7 +166,7 @@ def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint 
     from bertcli.predict import open_input, run
 
     stream, source = open_input(input)
-    run(model_dir, stream, source, sys.stdout, batch_size)
+    run(model_dir, stream, source, sys.stdout, batch_size, precision)
 
 
 def _load(recipe: Path, overrides: Optional[List[str]], expected_task: Optional[str]):

@@ -9,15 +9,17 @@ import torch
 
 from bertcli.fileio import atomic_write_text
 from bertcli.jobs import load_for_task
+from bertcli.train import autocast, resolve_precision
 
 
-def evaluate(model_dir: Path, data: Path, batch_size: int = 64) -> dict:
+def evaluate(model_dir: Path, data: Path, batch_size: int = 64, precision: str = "auto") -> dict:
     ck, task = load_for_task(model_dir)
     examples = task.read(data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with torch.inference_mode():
+    precision = resolve_precision(precision, device)
+    with torch.inference_mode(), autocast(device, precision):
         metrics = task.evaluate(ck.model.to(device).eval(), examples, batch_size)
-    return {"task": task.name, "data": str(data), **metrics}
+    return {"task": task.name, "data": str(data), "precision": precision, **metrics}
 
 
 def write_json(path: Path, metrics: dict) -> None:

@@ -19,6 +19,7 @@ import torch
 from bertcli.data.tables import MAX_LINE_BYTES, line_too_long
 from bertcli.errors import BertcliError, DataError
 from bertcli.jobs import load_for_task
+from bertcli.train import autocast, resolve_precision
 
 _END = object()
 
@@ -42,10 +43,12 @@ def _reader(stream: BinaryIO, lines: queue.Queue) -> None:
     lines.put(_END)
 
 
-def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size: int = 32) -> int:
+def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size: int = 32,
+        precision: str = "auto") -> int:
     """Answer every line of `stream` on `out`; returns the number of lines answered."""
     ck, task = load_for_task(model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(precision, device)
     model = ck.model.to(device).eval()
     torch.set_grad_enabled(False)
     lines: queue.Queue = queue.Queue(maxsize=batch_size * 4)
@@ -80,7 +83,8 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
                 answers.append({"error": f"{where}: not UTF-8 text (byte {err.start} of the line)"})
             except DataError as err:
                 answers.append({"error": str(err)})
-        predictions = iter(task.predict(model, examples, batch_size)) if examples else iter(())
+        with autocast(device, precision):
+            predictions = iter(task.predict(model, examples, batch_size) if examples else ())
         for answer in answers:
             if answer is None:
                 answer = next(predictions)

@@ -22,7 +22,7 @@ import yaml
 from bertcli.errors import RecipeError
 
 TaskName = Literal["pretrain", "classify", "ner", "qa"]
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Objective = Literal["nsp", "sop", "none"]
 Segmenter = Literal["none", "jieba"]
 
@@ -81,7 +81,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    precision: Precision = "fp32"
+    precision: Precision = "auto"  # bf16 where the hardware does it fast, else fp32
     seed: int = 42
     eval_every: Optional[int] = None
     save_every: Optional[int] = None

@@ -69,6 +69,17 @@ def device_for(precision: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 on hardware with native bf16 matrix units (AVX512-BF16 or AMX on CPUs, Ampere or
+    later GPUs), where it is about twice as fast or more at the same accuracy; fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16" if fast else "fp32"
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
@@ -187,9 +198,10 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     writer = rank == 0
     device = device_for(cfg.precision, int(os.environ.get("LOCAL_RANK", 0)))
+    precision = resolve_precision(cfg.precision, device)
     model = job.model.to(device)
     optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     pos = load_resume_state(out, model, optimizer, scaler) if resume else Position()
     wrapped = model
     if world > 1:
@@ -238,7 +250,7 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
         nonlocal metrics
         if job.evaluate is not None and writer:
             model.eval()
-            with torch.inference_mode(), autocast(device, cfg.precision):
+            with torch.inference_mode(), autocast(device, precision):
                 metrics = {f"eval_{k}": v for k, v in job.evaluate(model).items()}
             model.train()
             log.write({"step": pos.step, **metrics})
@@ -271,7 +283,7 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                     step_loss = 0.0
                     for i, batch in enumerate(micro):
                         sync = world == 1 or i == len(micro) - 1
-                        with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(device, cfg.precision):
+                        with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(device, precision):
                             loss = job.loss(wrapped, batch, counts)
                         scaler.scale(loss * world).backward()
                         step_loss += loss.item()
@@ -281,15 +293,15 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                         param_group["lr"] = lr
                     scaler.unscale_(optimizer)
                     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                    bad = not math.isfinite(step_loss) or (cfg.precision == "bf16" and not math.isfinite(norm))
-                    if bad and (cfg.precision == "fp32" or skipped >= MAX_SKIPPED_STEPS):
+                    bad = not math.isfinite(step_loss) or (precision == "bf16" and not math.isfinite(norm))
+                    if bad and (precision == "fp32" or skipped >= MAX_SKIPPED_STEPS):
                         what = f"the loss became {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm became {norm}"
                         again = f" after {skipped} skipped steps in a row" if skipped else ""
                         raise BertcliError(f"{what} at step {pos.step + 1}{again}; lower train.lr or check the data. "
                                            f"The last good checkpoint in {out} is kept")
                     if bad:  # low precision overflowed: drop this step's update, as a loss scaler does
                         skipped += 1
-                        message = (f"step {pos.step + 1}: loss {step_loss}, gradient norm {norm} in {cfg.precision}: "
+                        message = (f"step {pos.step + 1}: loss {step_loss}, gradient norm {norm} in {precision}: "
                                    f"update skipped ({skipped} in a row; the run stops after {MAX_SKIPPED_STEPS})")
                         console.print(message)
                         if writer:

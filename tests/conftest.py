@@ -67,7 +67,7 @@ def write_recipe(path: Path, task: dict, data: dict, train: dict, tokenizer: Pat
     import yaml
 
     recipe = {"task": task, "model": model if model is not None else TINY_MODEL, "data": data,
-              "train": {"batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.0, "log_every": 1, **train}}
+              "train": {"batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.0, "log_every": 1, "precision": "fp32", **train}}
     if tokenizer is not None:
         recipe["tokenizer"] = str(tokenizer)
     if output is not None:

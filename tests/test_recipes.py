@@ -78,7 +78,7 @@ def test_impossible_values(tmp_path, files):
             f"data.eval={tmp_path}", "model.init=/no/such/dir", "task.name=clasify"])
     message = str(err.value)
     assert "task.name: expected one of pretrain | classify | ner | qa, got 'clasify' (did you mean 'classify'?)" in message
-    assert "train.precision: expected one of fp32 | bf16 | fp16, got 'bf32'" in message
+    assert "train.precision: expected one of auto | fp32 | bf16 | fp16, got 'bf32'" in message
     with pytest.raises(RecipeError) as err:
         load_recipe(write(tmp_path, valid(files)), [
             "train.batch_size=0", "train.time_budget=soon", "train.warmup_ratio=1.5", f"data.eval={tmp_path}",
@@ -123,3 +123,18 @@ def test_every_shipped_recipe_parses(path):
         load_recipe(path)
     except RecipeError as err:
         assert all("not found" in p or "not installed" in p for p in err.problems), err.problems
+
+
+def test_precision_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    import torch
+
+    from bertcli.recipes import TrainConfig
+    from bertcli.train import resolve_precision
+
+    assert TrainConfig().precision == "auto"
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_precision("auto", cpu) == expected
+        assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"

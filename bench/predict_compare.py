@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED_DATA, emit, machine, note  # noqa: E402
+from common import ROOT, SHARED_DATA, emit, machine, note, quick_model  # noqa: E402
 
 HF_PIPELINE = """
 import json, sys
@@ -63,16 +63,6 @@ def best_of(runs: int, cmd: list[str], text: str) -> tuple[float, list[dict]]:
 
 def accuracy(answers: list[dict], gold: list[str]) -> float:
     return sum(a["label"] == g for a, g in zip(answers, gold)) / len(gold)
-
-
-def quick_model(work: Path) -> Path:
-    from bertcli.jobs import finetune
-    from bertcli.recipes import load_recipe
-
-    note("fine-tuning a quick SST-2 model (200 steps) to predict with")
-    recipe = load_recipe(ROOT / "recipes" / "sentiment-sst2.yaml", ["train.max_steps=200", "train.save_every=null"])
-    finetune(recipe, work / "sst2", resume=False, overwrite=False)
-    return work / "sst2"
 
 
 def main() -> None:

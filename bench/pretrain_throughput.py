@@ -62,6 +62,22 @@ def time_steps(step, data, warmup: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+def profile(step, data, warmup: int) -> dict[str, float]:
+    """Share of CPU time per operator (self time) over the timed steps; the table goes to stderr."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for b in data[:warmup]:
+        step(b)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for b in data[warmup:]:
+            step(b)
+    events = prof.key_averages()
+    note(events.table(sort_by="self_cpu_time_total", row_limit=20))
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
+    return {e.key: round(e.self_cpu_time_total / total, 4) for e in top}
+
+
 def bertcli_step(cfg: BertConfig, task: PretrainTask, precision: str):
     torch.manual_seed(0)
     model = BertForPreTraining(cfg).train()
@@ -110,6 +126,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing, profile bertcli's step (last of --precisions) per operator")
     args = parser.parse_args()
 
     peak_bf16 = measured_peak(torch.bfloat16)
@@ -125,6 +143,10 @@ def main() -> None:
             cfg = BertConfig(vocab_size=max(tok.vocab_size, 30522), hidden_size=hidden, num_hidden_layers=layers,
                              num_attention_heads=heads, intermediate_size=4 * hidden)
             row = {"batch": batch, "bertcli": {}, "transformers": {}}
+            if args.profile:
+                step, _ = bertcli_step(cfg, task, args.precisions.split(",")[-1])
+                result["shapes"][shape] = {"batch": batch, "cpu_time_share": profile(step, data, args.warmup)}
+                continue
             for precision in args.precisions.split(","):
                 step, model = bertcli_step(cfg, task, precision)
                 row["bertcli"][precision] = time_steps(step, data, args.warmup)

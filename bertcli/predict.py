@@ -77,6 +77,8 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
                 text = raw.decode("utf-8")
                 if answered == 1:
                     text = text.removeprefix("\ufeff")
+                if "\x00" in text:
+                    raise DataError(f"{where}: NUL byte (byte {raw.index(0)} of the line); is this binary input?")
                 examples.append(task.parse_input(text.rstrip("\r\n"), where))
                 answers.append(None)
             except UnicodeDecodeError as err:

@@ -16,6 +16,8 @@ def read_lines(stream: BinaryIO, source: str) -> Iterator[tuple[int, str]]:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise DataError(f"{source}: line {number}: not UTF-8 text (byte offset {offset + err.start})") from None
+        if b"\x00" in raw:
+            raise DataError(f"{source}: line {number}: NUL byte (byte offset {offset + raw.index(0)}); is this binary input?")
         offset += len(raw)
         if number == 1:
             text = text.removeprefix("\ufeff")

@@ -85,7 +85,12 @@ class ClassifyTask(Task):
                 pick(self.label_column, ("label",), "label", True))
 
     def labels_from(self, examples: Sequence[Example]) -> list[str]:
-        return label_order({e.label for e in examples if e.label is not None})
+        labels = label_order({e.label for e in examples if e.label is not None})
+        if len(labels) == 1:
+            source = examples[0].where.rsplit(":", 1)[0]
+            raise DataError(f"{source}: every example has the label {labels[0]!r}; a classifier learns from at "
+                            "least two labels (or name them all in task.labels)")
+        return labels
 
     def check_labels(self, examples: Sequence[Example]) -> None:
         unknown = sorted({e.label for e in examples} - set(self.labels))

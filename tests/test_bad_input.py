@@ -1,0 +1,163 @@
+"""The bad-input suite: each case runs the real command line (in this process, through
+`bertcli.cli.main`) and must end with exit code 2 and one message that names the file and the
+line, key or field, with no traceback, and leave every file the user had exactly as it was
+(no output directory appears either)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from bertcli.jobs import finetune
+from bertcli.recipes import load_recipe
+from conftest import write_recipe
+
+ROWS = "sentence\tlabel\nthe film is wonderful\tpos\na dull and boring plot\tneg\ni loved it\tpos\ni hated it\tneg\n"
+CONTEXT = "The tiny corpus was written by the doctor in Paris."
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    d = tmp_path_factory.mktemp("bad-input-model")
+    (d / "train.tsv").write_text(ROWS, encoding="utf-8")
+    recipe = write_recipe(d / "recipe.yaml", {"name": "classify"}, {"train": str(d / "train.tsv"), "max_seq_len": 16},
+                          {"max_steps": 2}, tokenizer=tiny_tokenizer_dir)
+    finetune(load_recipe(recipe), d / "run", resume=False, overwrite=False)
+    return d / "run"
+
+
+@pytest.fixture
+def home(tmp_path, model, tiny_tokenizer_dir) -> Path:
+    """A user's folder: good data, a tokenizer and a model, that each case spoils one way."""
+    (tmp_path / "train.tsv").write_text(ROWS, encoding="utf-8")
+    shutil.copytree(model, tmp_path / "model")
+    shutil.copytree(tiny_tokenizer_dir, tmp_path / "tok")
+    return tmp_path
+
+
+def recipe(home: Path, task: str = "classify", train: str = "train.tsv", extra: str = "") -> str:
+    text = (f"task: {{name: {task}}}\ntokenizer: {home / 'tok'}\n"
+            f"data: {{train: {home / train}, max_seq_len: 128}}\ntrain: {{max_steps: 1, precision: fp32}}\n"
+            f"output: {home / 'out'}\n{extra}")
+    (home / "r.yaml").write_text(text, encoding="utf-8")
+    return str(home / "r.yaml")
+
+
+def squad(answer: str, start: int) -> str:
+    return json.dumps({"data": [{"paragraphs": [{"context": CONTEXT, "qas": [
+        {"id": "1", "question": "Who wrote it?", "answers": [{"text": answer, "answer_start": start}]}]}]}]})
+
+
+def spoil_config(home: Path, **changes) -> str:
+    path = home / "model" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, **changes}))
+    return str(home / "model")
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("the payload ran",))
+
+
+def drop(home: Path, *names: str) -> str:
+    for name in names:
+        (home / "model" / name).unlink()
+    return str(home / "model")
+
+
+def plant_pickle(home: Path) -> str:
+    (home / "model" / "model.safetensors").unlink()
+    (home / "model" / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    return str(home / "model")
+
+
+HUGE = "word " * 2_000_000  # 10,000,000 bytes
+
+# name -> (files to write into the user's folder, argv (given the folder), stdin, what the message must say)
+CASES = {
+    "yaml syntax": ({"r.yaml": "task: {name: classify\ndata: [\n"}, lambda h: ["finetune", str(h / "r.yaml")], b"",
+                    r"r.yaml: 1 problem:\n  - YAML syntax error at line \d+, column \d+"),
+    "unknown key": ({}, lambda h: ["finetune", recipe(h, extra="trian: {lr: 1}\n")], b"", "trian: unknown key"),
+    "wrong type": ({}, lambda h: ["finetune", recipe(h), "--set", "train.batch_size=many"], b"",
+                   "train.batch_size: expected an integer"),
+    "impossible value": ({}, lambda h: ["finetune", recipe(h), "--set", "train.warmup_ratio=1.5"], b"",
+                         "train.warmup_ratio"),
+    "missing file": ({}, lambda h: ["finetune", recipe(h, train="nothere.tsv")], b"", "data.train: file not found"),
+    "empty file": ({"x.tsv": ""}, lambda h: ["finetune", recipe(h, train="x.tsv")], b"", "data.train: file is empty"),
+    "directory for a file": ({}, lambda h: ["finetune", recipe(h, train="tok")], b"", "data.train: expected a file"),
+    "ragged tsv": ({"x.tsv": ROWS + "no label\n"}, lambda h: ["finetune", recipe(h, train="x.tsv")], b"",
+                   r"x.tsv: line 6: 1 columns, but the header has 2"),
+    "csv missing column": ({"x.csv": "words,label\nok,pos\n"}, lambda h: ["finetune", recipe(h, train="x.csv")], b"",
+                           r"x.csv: line \d: no text column"),
+    "one label only": ({"x.tsv": "sentence\tlabel\ngood\tpos\nfine\tpos\n"},
+                       lambda h: ["finetune", recipe(h, train="x.tsv")], b"", "x.tsv: every example has the label 'pos'"),
+    "conll column count": ({"x.conll": "a\tO\nb\tX\tO\n"}, lambda h: ["finetune", recipe(h, "ner", "x.conll")], b"",
+                           r"x.conll: line 2: 3 columns"),
+    "conll unknown tag": ({"x.conll": "a\tO\nb\tPER\n"}, lambda h: ["finetune", recipe(h, "ner", "x.conll")], b"",
+                          r"x.conll: line 2: unknown tag 'PER'"),
+    "squad missing field": ({"x.json": json.dumps({"data": [{"paragraphs": [{"context": "c", "qas": [{"id": "1"}]}]}]})},
+                            lambda h: ["finetune", recipe(h, "qa", "x.json")], b"",
+                            r"x.json: data\[0\].paragraphs\[0\].qas\[0\]: missing field 'question'"),
+    "squad answer outside the context": ({"x.json": squad("the unicorn", 400)},
+                                         lambda h: ["finetune", recipe(h, "qa", "x.json")], b"",
+                                         r"x.json: 1 of 1 answers are not in their context"),
+    "invalid utf-8 in data": ({"x.tsv": ROWS.encode() + b"caf\xe9\tpos\n"}, lambda h: ["finetune", recipe(h, train="x.tsv")],
+                              b"", r"x.tsv: line 6: not UTF-8 text \(byte offset"),
+    "nul byte in data": ({"x.tsv": ROWS.encode() + b"a\x00b\tpos\n"}, lambda h: ["finetune", recipe(h, train="x.tsv")],
+                         b"", r"x.tsv: line 6: NUL byte"),
+    "10 MB line in data": ({"x.tsv": ROWS + HUGE + "\tpos\n"}, lambda h: ["finetune", recipe(h, train="x.tsv")], b"",
+                           r"x.tsv: line 6: the line is 10,000,004 bytes long"),
+    "invalid utf-8 on stdin": ({}, lambda h: ["predict", str(h / "model")], b"good\nbad \xff\n",
+                               r"stdin: line 2: not UTF-8 text"),
+    "nul byte on stdin": ({}, lambda h: ["predict", str(h / "model")], b"good\nbad \x00 line\n", r"stdin: line 2: NUL byte"),
+    "10 MB line on stdin": ({}, lambda h: ["predict", str(h / "model")], b"good\n" + HUGE.encode() + b"\n",
+                            r"stdin: line 2: the line is 10,000,000 bytes long"),
+    "empty stdin": ({}, lambda h: ["predict", str(h / "model")], b"", "stdin: no input lines"),
+    "label the model never saw": ({"x.tsv": "sentence\tlabel\nfine\tsurprised\n"},
+                                  lambda h: ["evaluate", str(h / "model"), "--data", str(h / "x.tsv")], b"",
+                                  r"x.tsv:2: label 'surprised' is not one the model knows"),
+    "no config.json": ({}, lambda h: ["predict", drop(h, "config.json")], b"x\n", "model: no config.json"),
+    "no weights": ({}, lambda h: ["predict", drop(h, "model.safetensors")], b"x\n",
+                   "model: no model.safetensors or pytorch_model.bin"),
+    "no tokenizer": ({}, lambda h: ["predict", drop(h, "tokenizer.json", "vocab.txt")], b"x\n",
+                     "model: no tokenizer.json or vocab.txt"),
+    "vocabulary disagrees with weights": ({}, lambda h: ["predict", spoil_config(h, vocab_size=301)], b"x\n",
+                                          "model: weights disagree with config.json"),
+    "pickle that runs code": ({}, lambda h: ["predict", plant_pickle(h)], b"x\n", "pytorch_model.bin"),
+}
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_clear_message_and_exit_2(case, home, monkeypatch, capsys):
+    import re
+
+    from bertcli.cli import main
+
+    files, setup, stdin, expected = CASES[case]
+    for name, data in files.items():
+        (home / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    argv = setup(home)
+    before = digest(home)
+    monkeypatch.setattr(sys, "argv", ["bertcli", *argv])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err and "the payload ran" not in out + err
+    message = "\n".join([err, *(json.loads(line).get("error", "") for line in out.splitlines() if line.strip())])
+    assert re.search(expected, message), message[-2000:]
+    assert digest(home) == before, "a file the user had changed"

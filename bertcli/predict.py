@@ -22,6 +22,10 @@ from bertcli.jobs import load_for_task
 from bertcli.train import autocast, resolve_precision
 
 _END = object()
+# Lines already waiting are taken up to this many batches at a time: the task sorts them by
+# length into batches, so a fast pipe gets batches of like lengths (little padding), while a
+# slow one is still answered line by line as it arrives.
+CHUNK_BATCHES = 8
 
 
 class _TooLong(int):
@@ -50,13 +54,13 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(precision, device)
     model = ck.model.to(device).eval()
-    torch.set_grad_enabled(False)
-    lines: queue.Queue = queue.Queue(maxsize=batch_size * 4)
+    chunk = batch_size * CHUNK_BATCHES
+    lines: queue.Queue = queue.Queue(maxsize=chunk * 2)
     threading.Thread(target=_reader, args=(stream, lines), daemon=True).start()
     answered, failures, ended = 0, [], False
     while not ended:
-        batch = [lines.get()]  # wait for the first line of a batch...
-        while len(batch) < batch_size and batch[-1] is not _END:
+        batch = [lines.get()]  # wait for the first line of a chunk...
+        while len(batch) < chunk and batch[-1] is not _END:
             try:
                 batch.append(lines.get_nowait())  # ...then take only what has already arrived
             except queue.Empty:
@@ -85,7 +89,7 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
                 answers.append({"error": f"{where}: not UTF-8 text (byte {err.start} of the line)"})
             except DataError as err:
                 answers.append({"error": str(err)})
-        with autocast(device, precision):
+        with torch.inference_mode(), autocast(device, precision):
             predictions = iter(task.predict(model, examples, batch_size) if examples else ())
         for answer in answers:
             if answer is None:

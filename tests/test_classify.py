@@ -76,6 +76,18 @@ def test_predict_flushes_before_input_ends(trained):
         proc.kill()
 
 
+def test_reader_closing_the_pipe_early_ends_predict_quietly(trained):
+    import os
+
+    d, _, _ = trained
+    script = f"yes 'i loved it' | head -n 20000 | {sys.executable} -m bertcli predict {d / 'run'} | head -n 1"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", script], capture_output=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert json.loads(done.stdout)["label"] == "pos"
+    assert b"Traceback" not in done.stderr and b"BrokenPipe" not in done.stderr and b"Exception" not in done.stderr, \
+        done.stderr
+
+
 def test_unreadable_line_gets_an_error_answer_and_exit_2(trained):
     d, _, _ = trained
     done = run_cli("predict", str(d / "run"), stdin=b"i loved it\nbad \xff\ni hated it\n")

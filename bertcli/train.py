@@ -13,6 +13,8 @@ import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +186,31 @@ def _progress(total: int | None, enabled: bool):
                     disable=not (enabled and console.is_terminal)), console
 
 
+class _StopRequest:
+    """Ctrl-C during training sets a flag that the loop reads after each step (a KeyboardInterrupt
+    raised at a random point can be swallowed, e.g. inside a finalizer). A second Ctrl-C, or one
+    outside the main thread's loop, interrupts at once."""
+
+    def __init__(self):
+        self._set = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self._set:
+            raise KeyboardInterrupt
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def release(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def _global_sum(values: list[float], world: int, device: torch.device) -> list[float]:
     if world == 1:
         return values
@@ -261,6 +288,7 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
     model.train()
     skipped = 0  # non-finite steps in a row (bf16/fp16)
     done = total is not None and pos.step >= total
+    ctrl_c = _StopRequest()
     try:
         with progress:
             bar = progress.add_task("train", total=total, completed=pos.step, info="")
@@ -332,7 +360,10 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                         window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": now, "paused": 0.0}
                     progress.update(bar, completed=pos.step)
                     out_of_time = budget is not None and time.perf_counter() - start >= budget
-                    out_of_time = bool(_global_sum([float(out_of_time)], world, device)[0])  # all ranks agree
+                    out_of_time, stop = (bool(v) for v in _global_sum([float(out_of_time), float(ctrl_c.is_set())],
+                                                                      world, device))  # all ranks agree
+                    if stop:
+                        raise KeyboardInterrupt
                     done = (total is not None and pos.step >= total) or out_of_time
                     if cfg.eval_every and pos.step % cfg.eval_every == 0 and not done:
                         evaluate()
@@ -342,8 +373,11 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                     pos.epoch += 1
                     pos.batch = 0
     except KeyboardInterrupt:
+        ctrl_c.release()
         checkpoint()
         raise Interrupted(f"interrupted at step {pos.step}: saved to {out}; continue with --resume") from None
+    finally:
+        ctrl_c.release()
     evaluate()
     checkpoint()
     return metrics

@@ -24,12 +24,16 @@ STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 class OutputError(BertcliError):
     """A file could not be written (full disk, read-only or forbidden directory, file size limit)."""
 
+    def __init__(self, path: str | Path, reason: str):
+        self.reason = reason
+        super().__init__(f"{path}: cannot write: {reason}")
+
 
 def storage_error(path: str | Path, err: OSError) -> OutputError:
     reason = err.strerror or str(err)
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         reason += " (free some space, or write elsewhere with --out)"
-    return OutputError(f"{path}: cannot write: {reason}")
+    return OutputError(path, reason)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

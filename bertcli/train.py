@@ -260,9 +260,9 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                 save_resume_state(stage, model, optimizer, scaler, pos)
             except (OSError, OutputError) as err:
                 discard(stage)
-                reason = str(err).split(": cannot write: ")[-1] if isinstance(err, OutputError) else err.strerror
-                raise OutputError(f"{out}: cannot save the checkpoint of step {pos.step}: {reason}. The previous "
-                                  f"checkpoint in {out} is intact") from None
+                reason = err.reason if isinstance(err, OutputError) else err.strerror
+                raise BertcliError(f"{out}: cannot save the checkpoint of step {pos.step}: {reason}. The previous "
+                                   f"checkpoint in {out} is intact") from None
             publish(stage, out, last=RESUME_FILE)
         if world > 1:
             dist.barrier()

@@ -126,9 +126,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=None, help="override train.epochs")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="bertcli's train.precision (auto: bf16 where the CPU has native bf16)")
-    parser.add_argument("--hf-precision", default="fp32", choices=["fp32", "bf16"],
-                        help="transformers' precision (fp32 is its faster setting on CPU: its bf16 autocast "
-                             "ran 3x slower here)")
+    parser.add_argument("--hf-precision", default="bf16", choices=["fp32", "bf16"],
+                        help="transformers' precision (bf16 autocast is its faster setting on a CPU with native "
+                             "bf16: 30.7 s against 42.8 s in fp32 on 2,000 SST-2 sentences here)")
     parser.add_argument("--set", action="append", default=[], help="more recipe overrides for both sides")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()

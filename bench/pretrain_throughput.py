@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="tiny,6x384,12x768", help="comma-separated: tiny, 6x384, 12x768")
     parser.add_argument("--seq", type=int, default=128, help="sequence length")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: 32 / 16 / 8 by shape)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per run")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--profile", action="store_true",

@@ -158,7 +158,9 @@ def evaluate(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint
 def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint directory."),
             input: Optional[Path] = typer.Option(None, "--input", help="Read this file instead of stdin."),
             batch_size: int = typer.Option(32, "--batch-size", min=1, help="Lines per batch, at most."),
-            precision: str = PrecisionOpt) -> None:
+            precision: str = PrecisionOpt,
+            int8: bool = typer.Option(False, "--int8", help="Quantize the linear layers to int8 (CPU): faster, "
+                                                            "slightly less accurate.")) -> None:
     """Stream predictions: one JSON line on stdout per input line, in order.
 
     Input by task: classification, one text per line or JSONL {"text": ..., "text_pair": ...};
@@ -166,7 +168,7 @@ def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint 
     from bertcli.predict import open_input, run
 
     stream, source = open_input(input)
-    run(model_dir, stream, source, sys.stdout, batch_size, precision)
+    run(model_dir, stream, source, sys.stdout, batch_size, precision, int8)
 
 
 def _load(recipe: Path, overrides: Optional[List[str]], expected_task: Optional[str]):

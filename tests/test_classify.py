@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bertcli.errors import DataError
 from bertcli.evaluate import evaluate
@@ -170,3 +171,22 @@ def test_evaluate_report_writes_figures(trained, tmp_path):
     assert done.returncode == 0, done.stderr
     for name in ("confusion.png", "loss.png", "eval.png"):
         assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_int8_quantizes_and_keeps_the_answers(trained):
+    from bertcli.jobs import load_for_task
+    from bertcli.predict import quantize_int8
+
+    d, _, _ = trained
+    model = quantize_int8(load_for_task(d / "run")[0].model)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    lines = ("\n".join(t for t, _ in ROWS) + "\n").encode()
+    runs = {name: run_cli("predict", str(d / "run"), *flags, stdin=lines)
+            for name, flags in [("fp32", ["--precision", "fp32"]), ("bf16", ["--precision", "bf16"]), ("int8", ["--int8"])]}
+    assert runs["int8"].returncode == 0, runs["int8"].stderr
+    assert b"Warning" not in runs["int8"].stderr
+    answers = {name: [json.loads(x) for x in done.stdout.decode().splitlines()] for name, done in runs.items()}
+    assert [a["label"] for a in answers["int8"]] == [label for _, label in ROWS]
+    for other in ("fp32", "bf16"):  # int8 arithmetic really ran (neither of the others), and stayed close
+        differences = [abs(a["score"] - b["score"]) for a, b in zip(answers[other], answers["int8"])]
+        assert 0 < max(differences) < 0.05

@@ -47,7 +47,7 @@ ACTIVATIONS = {
 def dropout(x: Tensor, p: float) -> Tensor:
     """Inverted dropout, with the mask drawn 16 bits per element, four elements per 64-bit random
     number: F.dropout draws one random number per element, which made it 5x slower on CPU and
-    ~10% of a BERT-base training step. An element is dropped with probability round(p * 65536) / 65536
+    ~8% of a BERT-base training step. An element is dropped with probability round(p * 65536) / 65536
     (p to within 1e-5) and the rest are scaled to keep the expectation exactly."""
     cut = round(p * 65536)
     if cut == 0:

@@ -52,3 +52,15 @@ def quick_model(work: Path) -> Path:
     recipe = load_recipe(ROOT / "recipes" / "sentiment-sst2.yaml", ["train.max_steps=200", "train.save_every=null"])
     finetune(recipe, work / "sst2", resume=False, overwrite=False)
     return work / "sst2"
+
+
+def sst2_dev(model: Path) -> tuple[list[str], list[str]]:
+    """The SST-2 dev sentences and their gold labels, named as `model` answers them."""
+    import json
+
+    dev_file = SHARED_DATA / "sst2" / "dev.tsv"
+    if not dev_file.is_file():
+        sys.exit(f"{dev_file} is absent: this benchmark needs the real data sets")
+    rows = [line.split("\t") for line in dev_file.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    names = json.loads((model / "config.json").read_text())["id2label"]
+    return [r[0] for r in rows], [names.get(r[1], r[1]) for r in rows]  # label ids in the data -> the model's names

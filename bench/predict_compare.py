@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED_DATA, emit, machine, note, quick_model  # noqa: E402
+from common import ROOT, emit, machine, note, quick_model, sst2_dev  # noqa: E402
 
 HF_PIPELINE = """
 import json, sys
@@ -71,15 +71,9 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=10_000, help="size of the repeated-lines run")
     parser.add_argument("--repeats", type=int, default=3, help="start-up runs (the best is kept)")
     args = parser.parse_args()
-    dev_file = SHARED_DATA / "sst2" / "dev.tsv"
-    if not dev_file.is_file():
-        sys.exit(f"{dev_file} is absent: this benchmark needs the real data sets")
-    rows = [line.split("\t") for line in dev_file.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
-    sentences, gold = [r[0] for r in rows], [r[1] for r in rows]
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or quick_model(Path(tmp))
-        labels = json.loads((model / "config.json").read_text())["id2label"]
-        gold = [labels.get(g, g) for g in gold]  # label ids in the data -> the names the model answers with
+        sentences, gold = sst2_dev(model)
         dev = "\n".join(sentences) + "\n"
         many = "\n".join((sentences * (args.lines // len(sentences) + 1))[:args.lines]) + "\n"
         ours = [sys.executable, "-m", "bertcli", "predict", str(model)]

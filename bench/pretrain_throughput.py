@@ -5,6 +5,10 @@ same shapes, sequence length and batch, with AdamW, one after the other in this 
 fp32 and bf16 autocast; each side's best precision is compared. Prints one JSON line: tokens/s,
 model FLOPs utilization against the measured bf16 matmul peak, and the ratios.
 
+bertcli's training keeps freed memory in the process (bertcli/allocator.py), a process-wide
+malloc policy. transformers is timed first with glibc's defaults (ratio_best) and again under
+bertcli's policy (ratio_same_allocator), so both comparisons come from this one run.
+
     python bench/pretrain_throughput.py --shapes tiny,6x384,12x768
 
 Needs transformers (it comes with the test extra: pip install -e '.[test]').
@@ -23,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED_DATA, emit, machine, measured_peak, note  # noqa: E402
 
+from bertcli.allocator import keep_freed_memory  # noqa: E402
 from bertcli.data.corpus import encode_corpus, load_shards  # noqa: E402
 from bertcli.model import BertConfig, BertForPreTraining, count_parameters, flops_per_token  # noqa: E402
 from bertcli.recipes import TrainConfig  # noqa: E402
@@ -135,31 +140,51 @@ def main() -> None:
     note(f"measured peak: bf16 {peak_bf16 / 1e12:.2f} TFLOP/s, fp32 {peak_fp32 / 1e12:.2f} TFLOP/s")
     result = {"bench": "pretrain_throughput", "machine": machine(), "seq": args.seq,
               "peak_tflops": {"bf16": peak_bf16 / 1e12, "fp32": peak_fp32 / 1e12}, "shapes": {}}
+    shapes = args.shapes.split(",")
+    precisions = args.precisions.split(",")
     with tempfile.TemporaryDirectory() as work:
-        for shape in args.shapes.split(","):
+        setups = {}
+        for shape in shapes:
             layers, hidden, heads = SHAPES[shape]
             batch = args.batch or DEFAULT_BATCH[shape]
             tok, task, data = batches(Path(work) / shape, args.seq, batch, args.warmup + args.steps)
             cfg = BertConfig(vocab_size=max(tok.vocab_size, 30522), hidden_size=hidden, num_hidden_layers=layers,
                              num_attention_heads=heads, intermediate_size=4 * hidden)
-            row = {"batch": batch, "bertcli": {}, "transformers": {}}
-            if args.profile:
-                step, _ = bertcli_step(cfg, task, args.precisions.split(",")[-1])
+            setups[shape] = (batch, task, data, cfg)
+        if args.profile:
+            keep_freed_memory()
+            for shape, (batch, task, data, cfg) in setups.items():
+                step, _ = bertcli_step(cfg, task, precisions[-1])
                 result["shapes"][shape] = {"batch": batch, "cpu_time_share": profile(step, data, args.warmup)}
-                continue
-            for precision in args.precisions.split(","):
+            emit(result)
+            return
+        # glibc's allocator policy is process-wide and cannot be undone, so transformers runs first
+        # with the defaults every user gets, then again under the policy bertcli's training sets.
+        rows = {shape: {"batch": setup[0], "bertcli": {}, "transformers": {}, "transformers_kept_memory": {}}
+                for shape, setup in setups.items()}
+        for shape, (batch, task, data, cfg) in setups.items():
+            for precision in precisions:
+                rows[shape]["transformers"][precision] = time_steps(hf_step(cfg, precision), data, args.warmup)
+                note(f"{shape} {precision}: transformers {rows[shape]['transformers'][precision]:.0f} tok/s")
+        rows["kept_freed_memory"] = keep_freed_memory()
+        for shape, (batch, task, data, cfg) in setups.items():
+            row = rows[shape]
+            for precision in precisions:
                 step, model = bertcli_step(cfg, task, precision)
                 row["bertcli"][precision] = time_steps(step, data, args.warmup)
                 fpt = flops_per_token(cfg, args.seq, count_parameters(model))
-                row["transformers"][precision] = time_steps(hf_step(cfg, precision), data, args.warmup)
-                note(f"{shape} {precision}: bertcli {row['bertcli'][precision]:.0f} tok/s, "
-                     f"transformers {row['transformers'][precision]:.0f} tok/s")
+                del step, model
+                row["transformers_kept_memory"][precision] = time_steps(hf_step(cfg, precision), data, args.warmup)
+                note(f"{shape} {precision}: bertcli {row['bertcli'][precision]:.0f} tok/s, transformers under the "
+                     f"same allocator policy {row['transformers_kept_memory'][precision]:.0f} tok/s")
             best_ours = max(row["bertcli"].values())
             best_theirs = max(row["transformers"].values())
             row["ratio_best"] = best_ours / best_theirs
+            row["ratio_same_allocator"] = best_ours / max(row["transformers_kept_memory"].values())
             row["mfu_bertcli"] = best_ours * fpt / peak_bf16
             row["mfu_transformers"] = best_theirs * fpt / peak_bf16
             result["shapes"][shape] = row
+        result["kept_freed_memory"] = rows.pop("kept_freed_memory")
     emit(result)
 
 

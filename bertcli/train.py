@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from bertcli.allocator import keep_freed_memory
 from bertcli.data.batching import batch_order
 from bertcli.errors import BertcliError, Interrupted
 from bertcli.fileio import OutputError, append_text, atomic_write, discard, publish
@@ -226,6 +227,8 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
     writer = rank == 0
     device = device_for(cfg.precision, int(os.environ.get("LOCAL_RANK", 0)))
     precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     model = job.model.to(device)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")

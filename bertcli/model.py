@@ -12,6 +12,10 @@ Padding is removed inside the encoder: a batch with padding runs its linear laye
 LayerNorms on the R real tokens only, packed as (R, H), and is laid out as (B, T, H) only for
 attention. Pretraining batches from WikiText-2 are ~28% padding, all of which was paid for in
 every matmul.
+
+When the caller reads only some positions of the last hidden states (pretraining: the ~15%
+masked tokens and [CLS]), the last layer computes its keys and values at every token but its
+queries, attention output, FFN and LayerNorms at those positions only (`Selection`).
 """
 
 from __future__ import annotations
@@ -83,6 +87,78 @@ class Padding:
         return full.index_copy(0, self.kept, x).view(*self.shape, *x.shape[1:])
 
 
+def grad_buffer(weight: Tensor) -> Tensor:
+    """weight.grad, to add into in place. When it is None (zero_grad(set_to_none=True)), it becomes
+    a zeroed buffer that stays with the parameter across steps: autograd would otherwise hand the
+    word embeddings a fresh dense (V, H) gradient every step (94 MB in fp32 at BERT's vocabulary),
+    plus a second one to add from the other use of the tied matrix. Blocks that size are mmapped
+    and faulted in afresh on every allocation, or fragment the heap (bertcli/allocator.py)."""
+    if weight.grad is None:
+        kept = getattr(weight, "_kept_grad", None)
+        if kept is None or kept.shape != weight.shape or kept.dtype != weight.dtype or kept.device != weight.device:
+            kept = torch.zeros_like(weight)
+            weight._kept_grad = kept
+        else:
+            kept.zero_()
+        weight.grad = kept
+    return weight.grad
+
+
+class WordLookup(torch.autograd.Function):
+    """F.embedding whose backward adds the looked-up rows' gradients into grad_buffer(weight)
+    instead of returning a dense (V, H) gradient to autograd."""
+
+    @staticmethod
+    def forward(ctx, ids: Tensor, weight: Tensor, padding_idx: int | None) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.weight, ctx.padding_idx = weight, padding_idx
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, None, None]:
+        (ids,) = ctx.saved_tensors
+        if ctx.weight.requires_grad:
+            ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+            if ctx.padding_idx is not None:  # nn.Embedding leaves the padding row's gradient at zero
+                keep = ids != ctx.padding_idx
+                ids, grad = ids[keep], grad[keep]
+            grad_buffer(ctx.weight).index_add_(0, ids, grad.to(ctx.weight.dtype))
+        return None, None, None
+
+
+class TiedDecoder(torch.autograd.Function):
+    """x @ weight.T, computed with `low`, weight's copy in x's lower precision, when given. The
+    weight gradient is added into grad_buffer(weight) in weight's own precision."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, low: Tensor | None) -> Tensor:
+        w = weight if low is None else low
+        ctx.save_for_backward(x, w)
+        ctx.weight = weight
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        x, w = ctx.saved_tensors
+        if ctx.weight.requires_grad:
+            dtype = ctx.weight.dtype
+            grad_buffer(ctx.weight).addmm_(grad.t().to(dtype), x.to(dtype))
+        return grad @ w, None, None
+
+
+class Selection:
+    """The positions of a padded batch whose last hidden states are read: `rows` indexes the
+    packed (R,) real tokens, `queries` lays them out per batch row, (S,) <-> (B, Q), for
+    attention, and `out` places them back at their (B, T) positions."""
+
+    def __init__(self, needed: Tensor, attention_mask: Tensor):
+        needed = needed.bool() & attention_mask.bool()  # (B, T)
+        self.rows = (attention_mask.reshape(-1).cumsum(0) - 1)[needed.reshape(-1)]  # (S,)
+        counts = needed.sum(1)  # (B,)
+        self.queries = Padding(torch.arange(int(counts.max()), device=needed.device)[None, :] < counts[:, None])
+        self.out = Padding(needed)
+
+
 class Dropout(nn.Module):
     """nn.Dropout's role (active in training mode only) with the cheaper mask above."""
 
@@ -105,7 +181,8 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor, positions: Tensor) -> Tensor:
         """Each input (B, T) or, packed, (R,); the output adds H."""
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+        words = WordLookup.apply(input_ids, self.word_embeddings.weight, self.word_embeddings.padding_idx)
+        x = words + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))
 
 
@@ -118,23 +195,29 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
 
-    def forward(self, x: Tensor, pad: Padding | None) -> Tensor:
-        """x: (B, T, H), or (R, H) with `pad`; returns the same shape."""
-        q, k, v = (proj(x) for proj in (self.query, self.key, self.value))
+    def forward(self, x: Tensor, pad: Padding | None, sel: Selection | None = None) -> Tensor:
+        """x: (B, T, H), or (R, H) with `pad`; returns the same shape, or (S, H) for the rows of
+        `sel` (which needs `pad`), the only ones queried."""
+        q = self.query(x if sel is None else x.index_select(0, sel.rows))
+        k, v = self.key(x), self.value(x)
         if pad is not None:
-            q, k, v = pad.unpack(q), pad.unpack(k), pad.unpack(v)  # (B, T, H) each
-        B, T, H = q.shape
-        q, k, v = (t.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2) for t in (q, k, v))  # (B, N, T, D)
+            q = pad.unpack(q) if sel is None else sel.queries.unpack(q)  # (B, T or Q, H)
+            k, v = pad.unpack(k), pad.unpack(v)  # (B, T, H) each
+        (B, Tq, H), T = q.shape, k.shape[1]
+        q = q.view(B, Tq, self.num_heads, H // self.num_heads).transpose(1, 2)  # (B, N, Tq, D)
+        k, v = (t.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2) for t in (k, v))  # (B, N, T, D)
         mask = pad.mask if pad is not None else None
         if self.training and self.dropout_p > 0:  # SDPA's CPU kernels cannot drop out: the same math, cheaper mask
-            scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)  # (B, N, T, T)
+            scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)  # (B, N, Tq, T)
             if mask is not None:
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             y = dropout(scores.softmax(-1), self.dropout_p) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, H)
-        return pad.pack(y) if pad is not None else y
+        y = y.transpose(1, 2).reshape(B, Tq, H)
+        if pad is None:
+            return y
+        return pad.pack(y) if sel is None else sel.queries.pack(y)
 
 
 class BertSelfOutput(nn.Module):
@@ -154,8 +237,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg)
         self.output = BertSelfOutput(cfg)
 
-    def forward(self, x: Tensor, pad: Padding | None) -> Tensor:
-        return self.output(self.self(x, pad), x)
+    def forward(self, x: Tensor, pad: Padding | None, sel: Selection | None = None) -> Tensor:
+        return self.output(self.self(x, pad, sel), x if sel is None else x.index_select(0, sel.rows))
 
 
 class BertIntermediate(nn.Module):
@@ -186,8 +269,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg)
 
-    def forward(self, x: Tensor, pad: Padding | None) -> Tensor:
-        x = self.attention(x, pad)
+    def forward(self, x: Tensor, pad: Padding | None, sel: Selection | None = None) -> Tensor:
+        x = self.attention(x, pad, sel)
         return self.output(self.intermediate(x), x)
 
 
@@ -196,9 +279,10 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x: Tensor, pad: Padding | None) -> Tensor:
-        for layer in self.layer:
-            x = layer(x, pad)
+    def forward(self, x: Tensor, pad: Padding | None, sel: Selection | None = None) -> Tensor:
+        """With `sel`, the last layer returns the (S, H) selected rows only."""
+        for i, layer in enumerate(self.layer):
+            x = layer(x, pad, sel if i == len(self.layer) - 1 else None)
         return x
 
 
@@ -212,7 +296,10 @@ class BertPooler(nn.Module):
 
 
 class BertModel(nn.Module):
-    """The trunk: returns the last hidden states (B, T, H) and, with a pooler, (B, H)."""
+    """The trunk: returns the last hidden states (B, T, H) and, with a pooler, (B, H).
+
+    `needed` (B, T) bool names the positions whose hidden states the caller reads (the pooler's
+    [CLS] is added); the others come back as zeros and cost the last layer nothing."""
 
     def __init__(self, cfg: BertConfig, add_pooling_layer: bool = True):
         super().__init__()
@@ -226,16 +313,22 @@ class BertModel(nn.Module):
         self.pooler = BertPooler(cfg) if add_pooling_layer else None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                token_type_ids: Tensor | None = None, needed: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)  # (B, T)
-        if attention_mask is None or bool(attention_mask.all()):
+        if needed is not None and self.pooler is not None:
+            needed = needed.bool() | (positions == 0)
+        if needed is None and (attention_mask is None or bool(attention_mask.all())):
             hidden = self.encoder(self.embeddings(input_ids, token_type_ids, positions), None)
         else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
             pad = Padding(attention_mask)
+            sel = Selection(needed, attention_mask) if needed is not None else None
             x = self.embeddings(pad.pack(input_ids), pad.pack(token_type_ids), pad.pack(positions))  # (R, H)
-            hidden = pad.unpack(self.encoder(x, pad))  # (B, T, H), zeros at the padding
+            x = self.encoder(x, pad, sel)  # (R, H), or (S, H) with `sel`
+            hidden = pad.unpack(x) if sel is None else sel.out.unpack(x)  # (B, T, H), zeros elsewhere
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return hidden, pooled
 
@@ -274,9 +367,21 @@ class BertLMPredictionHead(nn.Module):
         self.transform = BertPredictionHeadTransform(cfg)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # weight tied to word embeddings
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.low: Tensor | None = None  # the decoder weight in autocast's dtype, rewritten each training forward
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decoder(self.transform(x)) + self.bias
+        h, weight = self.transform(x), self.decoder.weight
+        kind = h.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+        low = None
+        if dtype != weight.dtype and not torch.is_grad_enabled():
+            low = weight.detach().to(dtype)
+        elif dtype != weight.dtype:  # training: the copy is kept, so each step's cast allocates nothing
+            if self.low is None or self.low.dtype != dtype or self.low.shape != weight.shape or self.low.device != weight.device:
+                self.low = torch.empty_like(weight, dtype=dtype)
+            with torch.no_grad():
+                low = self.low.copy_(weight)
+        return TiedDecoder.apply(h.to(dtype), weight, low) + self.bias
 
 
 class BertPreTrainingHeads(nn.Module):
@@ -287,8 +392,9 @@ class BertPreTrainingHeads(nn.Module):
 
 
 class BertForPreTraining(nn.Module):
-    """MLM (+ NSP/SOP). The MLM head runs only at the positions asked for, which saves the
-    (tokens x vocab) matmul at the ~85% of positions that carry no label."""
+    """MLM (+ NSP/SOP). The MLM head, and the trunk's last layer, run only at the positions asked
+    for (and [CLS]), which saves the (tokens x vocab) matmul and most of a layer at the ~85% of
+    positions that carry no label."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -305,7 +411,7 @@ class BertForPreTraining(nn.Module):
                 mlm_positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """mlm_positions: (B, T) bool. Returns MLM logits (M, V) for the M selected positions
         (all B*T when None) and sentence-objective logits (B, 2)."""
-        hidden, pooled = self.bert(input_ids, attention_mask, token_type_ids)
+        hidden, pooled = self.bert(input_ids, attention_mask, token_type_ids, needed=mlm_positions)
         selected = hidden[mlm_positions] if mlm_positions is not None else hidden.reshape(-1, hidden.shape[-1])
         return self.cls.predictions(selected), self.cls.seq_relationship(pooled)
 

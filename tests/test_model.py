@@ -84,3 +84,98 @@ def test_padded_batch_equals_each_sequence_alone():
     total.backward()
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, batched[name], atol=1e-4), name
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_last_layer_at_needed_positions_only_equals_the_full_trunk(train):
+    """With `needed`, the last layer queries only those positions (and [CLS] for the pooler):
+    their hidden states, the pooled output and every gradient equal the full computation's."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     hidden_dropout_prob=1e-9, attention_probs_dropout_prob=1e-9)  # both round to no drop
+    model = BertModel(cfg).train(train)  # training runs the explicit attention, eval SDPA
+    ids = torch.randint(1, 50, (3, 7))
+    mask = (torch.arange(7)[None, :] < torch.tensor([7, 5, 3])[:, None]).long()
+    needed = torch.zeros(3, 7, dtype=torch.bool)
+    needed[0, [2, 3, 6]] = True
+    needed[1, 4] = True  # row 2: only [CLS], added for the pooler
+    needed[2, 5] = True  # padding: never computed, comes back as zero
+    full, full_pooled = model(ids * mask, mask)
+    (full[needed & mask.bool()].square().sum() + full_pooled.square().sum()).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    hidden, pooled = model(ids * mask, mask, needed=needed)
+    kept = needed & mask.bool()
+    kept[:, 0] = True
+    assert torch.allclose(hidden[kept], full[kept], atol=1e-5)
+    assert (hidden[~kept] == 0).all()
+    assert torch.allclose(pooled, full_pooled, atol=1e-5)
+    (hidden[needed & mask.bool()].square().sum() + pooled.square().sum()).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[name], atol=1e-5), name
+
+
+def pretraining_grads(model, ids, mask, positions) -> dict[str, torch.Tensor]:
+    mlm, sentence = model(ids, mask, None, mlm_positions=positions)
+    (mlm.float().square().mean() + sentence.float().square().mean()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return grads
+
+
+def test_word_embedding_gradient_added_in_place_equals_autograd(monkeypatch):
+    """The tied word embeddings' gradient, which WordLookup and TiedDecoder add into one kept
+    buffer, equals plain autograd's; the padding row gets none; the buffer is reused, from zero,
+    after zero_grad(set_to_none=True), and accumulates across backward passes without it."""
+    from bertcli import model as bert
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = bert.BertForPreTraining(cfg)
+    ids = torch.randint(1, 60, (3, 9))
+    ids[0, 3] = cfg.pad_token_id  # a [PAD] id at a real position: nn.Embedding gives its row no gradient
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    positions = torch.rand(3, 9) < 0.4
+    ours = pretraining_grads(model, ids, mask, positions)
+    weight = model.bert.embeddings.word_embeddings.weight
+    kept = weight._kept_grad
+    again = pretraining_grads(model, ids, mask, positions)
+    assert weight._kept_grad is kept  # reused, not reallocated
+    assert torch.equal(again["bert.embeddings.word_embeddings.weight"], ours["bert.embeddings.word_embeddings.weight"])
+    assert (ours["bert.embeddings.word_embeddings.weight"][cfg.pad_token_id] == 0).all()
+
+    monkeypatch.setattr(bert.WordLookup, "apply", lambda i, w, p: torch.nn.functional.embedding(i, w, p))
+    monkeypatch.setattr(bert.TiedDecoder, "apply", lambda x, w, low: x @ w.t())
+    reference = pretraining_grads(model, ids, mask, positions)
+    for name, grad in reference.items():
+        assert torch.allclose(ours[name], grad, atol=1e-6), name
+
+    monkeypatch.undo()
+    mlm, _ = model(ids, mask, None, mlm_positions=positions)
+    mlm.sum().backward()
+    once = weight.grad.clone()
+    mlm, _ = model(ids, mask, None, mlm_positions=positions)
+    mlm.sum().backward()  # no zero_grad in between: gradient accumulation
+    assert torch.allclose(weight.grad, 2 * once, atol=1e-6)
+
+
+def test_tied_decoder_under_bf16_autocast_keeps_a_low_precision_copy():
+    torch.manual_seed(0)
+    from bertcli.model import BertForPreTraining
+
+    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    model = BertForPreTraining(cfg).eval()
+    ids = torch.randint(1, 60, (2, 5))
+    head = model.cls.predictions
+    with torch.inference_mode():
+        plain, _ = model(ids)
+        with torch.autocast("cpu", torch.bfloat16):
+            served, _ = model(ids)
+    assert head.low is None  # serving casts a temporary; an inference tensor could not be trained with
+    with torch.autocast("cpu", torch.bfloat16):
+        trained, _ = model(ids)
+    assert head.low is not None and head.low.dtype == torch.bfloat16
+    assert torch.equal(head.low, head.decoder.weight.to(torch.bfloat16))
+    assert torch.allclose(trained.float(), plain, atol=0.05) and torch.equal(trained, served)

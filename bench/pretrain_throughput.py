@@ -6,10 +6,9 @@ fp32 and bf16 autocast; each side's best precision is compared. Prints one JSON 
 model FLOPs utilization against the measured bf16 matmul peak, and the ratios.
 
 bertcli's training keeps freed memory in the process (bertcli/allocator.py), a process-wide
-malloc policy that cannot be undone. transformers is timed first with glibc's defaults
-(ratio_best). Then every block is served from the heap, never trimmed (bertcli's policy, and
-mmap off, which helps transformers' large per-step blocks more than bertcli's policy alone), and
-bertcli and transformers are timed again (ratio_same_allocator), all in this one run.
+malloc policy that cannot be undone. So transformers is timed first with glibc's defaults
+(ratio_best), then bertcli and transformers again under bertcli's policy (ratio_same_allocator),
+all in this one run.
 
     python bench/pretrain_throughput.py --shapes tiny,6x384,12x768
 
@@ -58,14 +57,6 @@ def batches(work: Path, seq: int, batch: int, count: int):
     out = [task.collate(list(inst[i * batch:(i + 1) * batch]), list(range(i * batch, (i + 1) * batch)))
            for i in range(count)]
     return tok, task, out
-
-
-def heap_only() -> bool:
-    """bertcli's policy plus mmap off (glibc M_MMAP_MAX = 0): transformers allocates blocks over
-    32 MB every step (its MLM logits for every position), which the policy alone still maps."""
-    import ctypes
-
-    return keep_freed_memory() and bool(ctypes.CDLL("libc.so.6").mallopt(-4, 0))
 
 
 def time_steps(step, data, warmup: int) -> tuple[float, float]:
@@ -167,36 +158,33 @@ def main() -> None:
                              num_attention_heads=heads, intermediate_size=4 * hidden)
             setups[shape] = (batch, task, data, cfg)
         if args.profile:
-            heap_only()
+            keep_freed_memory()
             for shape, (batch, task, data, cfg) in setups.items():
                 step, _ = bertcli_step(cfg, task, precisions[-1])
                 result["shapes"][shape] = {"batch": batch, "cpu_time_share": profile(step, data, args.warmup)}
             emit(result)
             return
-        # glibc's allocator policy is process-wide and cannot be undone, so transformers runs first
-        # with the defaults every user gets, then both run with every block kept in the heap.
+        # glibc's allocator policy is process-wide and cannot be undone: transformers first with the
+        # defaults every user gets, then both sides under the policy bertcli's training sets.
         sides = ("bertcli", "transformers", "transformers_kept_memory")
         rows = {shape: {"batch": setup[0], **{side: {} for side in sides}, "minor_faults_per_step": {side: {} for side in sides}}
                 for shape, setup in setups.items()}
+
+        def run(side: str, make_step) -> None:
+            for shape, (batch, task, data, cfg) in setups.items():
+                for precision in precisions:
+                    row = rows[shape]
+                    row[side][precision], row["minor_faults_per_step"][side][precision] = \
+                        time_steps(make_step(cfg, task, precision), data, args.warmup)
+                    note(f"{shape} {precision}: {side} {row[side][precision]:.0f} tok/s")
+
+        run("transformers", lambda cfg, task, precision: hf_step(cfg, precision))
+        result["kept_freed_memory"] = keep_freed_memory()
+        run("bertcli", lambda cfg, task, precision: bertcli_step(cfg, task, precision)[0])
+        run("transformers_kept_memory", lambda cfg, task, precision: hf_step(cfg, precision))
         for shape, (batch, task, data, cfg) in setups.items():
             row = rows[shape]
-            for precision in precisions:
-                row["transformers"][precision], row["minor_faults_per_step"]["transformers"][precision] = \
-                    time_steps(hf_step(cfg, precision), data, args.warmup)
-                note(f"{shape} {precision}: transformers {row['transformers'][precision]:.0f} tok/s")
-        result["heap_only"] = heap_only()
-        for shape, (batch, task, data, cfg) in setups.items():
-            row = rows[shape]
-            for precision in precisions:
-                step, model = bertcli_step(cfg, task, precision)
-                row["bertcli"][precision], row["minor_faults_per_step"]["bertcli"][precision] = \
-                    time_steps(step, data, args.warmup)
-                fpt = flops_per_token(cfg, args.seq, count_parameters(model))
-                del step, model
-                row["transformers_kept_memory"][precision], row["minor_faults_per_step"]["transformers_kept_memory"][precision] = \
-                    time_steps(hf_step(cfg, precision), data, args.warmup)
-                note(f"{shape} {precision}: bertcli {row['bertcli'][precision]:.0f} tok/s, transformers with every "
-                     f"block kept in the heap {row['transformers_kept_memory'][precision]:.0f} tok/s")
+            fpt = flops_per_token(cfg, args.seq, count_parameters(BertForPreTraining(cfg)))
             best_ours = max(row["bertcli"].values())
             best_theirs = max(row["transformers"].values())
             row["ratio_best"] = best_ours / best_theirs

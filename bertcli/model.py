@@ -95,7 +95,7 @@ def grad_buffer(weight: Tensor) -> Tensor:
     and faulted in afresh on every allocation, or fragment the heap (bertcli/allocator.py)."""
     if weight.grad is None:
         kept = getattr(weight, "_kept_grad", None)
-        if kept is None or kept.shape != weight.shape or kept.dtype != weight.dtype or kept.device != weight.device:
+        if kept is None or (kept.dtype, kept.shape, kept.device) != (weight.dtype, weight.shape, weight.device):
             kept = torch.zeros_like(weight)
             weight._kept_grad = kept
         else:
@@ -375,9 +375,9 @@ class BertLMPredictionHead(nn.Module):
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
         low = None
         if dtype != weight.dtype and not torch.is_grad_enabled():
-            low = weight.detach().to(dtype)
+            low = weight.detach().to(dtype)  # serving: a temporary (one made in inference mode could not be trained with)
         elif dtype != weight.dtype:  # training: the copy is kept, so each step's cast allocates nothing
-            if self.low is None or self.low.dtype != dtype or self.low.shape != weight.shape or self.low.device != weight.device:
+            if self.low is None or (self.low.dtype, self.low.shape, self.low.device) != (dtype, weight.shape, weight.device):
                 self.low = torch.empty_like(weight, dtype=dtype)
             with torch.no_grad():
                 low = self.low.copy_(weight)

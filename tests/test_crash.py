@@ -113,12 +113,13 @@ def test_random_sigkills_then_resume_end_like_an_uninterrupted_run(command, tmp_
             env["KILL_AT_REPLACE"] = str(rng.randint(1, 40))
         proc = subprocess.Popen([sys.executable, "-c", DRIVER, command, str(recipe), "--out", str(cut), *flag],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if not by_replace and kills < 8:  # at a random moment once training has moved on
-            log, seen = cut / "log.jsonl", _log_lines(cut / "log.jsonl")
+        if not by_replace and kills < 8:  # at a random moment once training has moved on 1-4 steps
+            # (counted in log lines, not seconds: a fast machine must not finish the run first)
+            log, target = cut / "log.jsonl", _log_lines(cut / "log.jsonl") + rng.randint(1, 4)
             deadline = time.time() + 120
-            while proc.poll() is None and time.time() < deadline and _log_lines(log) <= seen:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.3))
+            while proc.poll() is None and time.time() < deadline and _log_lines(log) < target:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.02))
             proc.kill()
         _, err = proc.communicate(timeout=300)
         if proc.returncode == 0:

@@ -13,6 +13,10 @@ LayerNorms on the R real tokens only, packed as (R, H), and is laid out as (B, T
 attention. Pretraining batches from WikiText-2 are ~28% padding, all of which was paid for in
 every matmul.
 
+Packed row counts (real tokens, and the positions below) are rounded up to a multiple of 16
+with copies of a real row that are never read back (`rounded`), so that batches of similar size
+share matmul shapes.
+
 When the caller reads only some positions of the last hidden states (pretraining: the ~15%
 masked tokens and [CLS]), the last layer computes its keys and values at every token but its
 queries, attention output, FFN and LayerNorms at those positions only (`Selection`).
@@ -69,22 +73,42 @@ def dropout(x: Tensor, p: float) -> Tensor:
     return torch.where(keep, x * (65536 / (65536 - cut)), 0)
 
 
+ROWS = 16  # packed row counts are rounded up to a multiple of this (see `rounded`)
+
+
+def rounded(index: Tensor) -> Tensor:
+    """`index` (n,), with its first entry repeated to make the length a multiple of ROWS.
+
+    Packed tensors have one row per real token, a count that changes with every batch. oneDNN
+    builds and caches a kernel per matmul shape (up to 1,024, then it evicts), so nearly every
+    batch built new kernels, and the cache's churn left long-lived blocks all through the heap,
+    which kept growing under the allocator policy (bertcli/allocator.py): over 270 steps of the
+    tiny pretraining shape the heap reached 2.3 GB and was still growing, for 0.7 GB in use.
+    With rounded counts the kernels are reused: the heap settled at 1.1 GB by step 120 and
+    the page faults stopped. The extra rows copy a real one and are never read back, so they
+    get no gradient; they cost at most 15 rows of work per matmul."""
+    extra = -index.numel() % ROWS
+    return torch.cat([index, index[:1].expand(extra)]) if extra and index.numel() else index
+
+
 class Padding:
-    """Where a padded batch's real tokens are: `kept` indexes the flattened (B * T) positions."""
+    """Where a padded batch's real tokens are: `kept` indexes the flattened (B * T) positions.
+    Packed tensors have `rows` rows: the R real tokens, then copies of the first (`rounded`)."""
 
     def __init__(self, attention_mask: Tensor):
         self.shape = attention_mask.shape  # (B, T)
         self.kept = attention_mask.reshape(-1).nonzero().squeeze(1)  # (R,)
+        self.gather = rounded(self.kept)  # (rows,)
         self.mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T): True = attend to this key
 
     def pack(self, x: Tensor) -> Tensor:
-        """(B, T, ...) -> (R, ...)"""
-        return x.reshape(-1, *x.shape[2:]).index_select(0, self.kept)
+        """(B, T, ...) -> (rows, ...)"""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.gather)
 
     def unpack(self, x: Tensor) -> Tensor:
-        """(R, ...) -> (B, T, ...), zeros at the padding."""
+        """(rows, ...) -> (B, T, ...), zeros at the padding."""
         full = x.new_zeros(self.shape.numel(), *x.shape[1:])
-        return full.index_copy(0, self.kept, x).view(*self.shape, *x.shape[1:])
+        return full.index_copy(0, self.kept, x[:self.kept.numel()]).view(*self.shape, *x.shape[1:])
 
 
 def grad_buffer(weight: Tensor) -> Tensor:
@@ -153,7 +177,7 @@ class Selection:
 
     def __init__(self, needed: Tensor, attention_mask: Tensor):
         needed = needed.bool() & attention_mask.bool()  # (B, T)
-        self.rows = (attention_mask.reshape(-1).cumsum(0) - 1)[needed.reshape(-1)]  # (S,)
+        self.rows = rounded((attention_mask.reshape(-1).cumsum(0) - 1)[needed.reshape(-1)])  # (S, rounded)
         counts = needed.sum(1)  # (B,)
         self.queries = Padding(torch.arange(int(counts.max()), device=needed.device)[None, :] < counts[:, None])
         self.out = Padding(needed)
@@ -413,7 +437,10 @@ class BertForPreTraining(nn.Module):
         (all B*T when None) and sentence-objective logits (B, 2)."""
         hidden, pooled = self.bert(input_ids, attention_mask, token_type_ids, needed=mlm_positions)
         selected = hidden[mlm_positions] if mlm_positions is not None else hidden.reshape(-1, hidden.shape[-1])
-        return self.cls.predictions(selected), self.cls.seq_relationship(pooled)
+        count = selected.shape[0]
+        rows = rounded(torch.arange(count, device=selected.device))  # as in Padding: the shapes repeat
+        mlm_logits = self.cls.predictions(selected.index_select(0, rows))[:count]
+        return mlm_logits, self.cls.seq_relationship(pooled)
 
 
 class BertForSequenceClassification(nn.Module):

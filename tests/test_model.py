@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bertcli.model import BertConfig, BertModel, BertSelfAttention, Padding, dropout
+from bertcli.model import ROWS, BertConfig, BertForPreTraining, BertModel, BertSelfAttention, Padding, dropout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -52,7 +52,7 @@ def test_training_attention_matches_sdpa_when_nothing_is_dropped():
     mask[1, 4:] = 0
     mask[2, 1:] = 0
     pad = Padding(mask)
-    x = torch.randn(int(mask.sum()), 32)  # packed (R, H)
+    x = pad.pack(torch.randn(3, 7, 32))  # packed (rows, H)
     with torch.no_grad():
         trained = attention.train()(x, pad)
         served = attention.eval()(x, pad)
@@ -113,6 +113,33 @@ def test_last_layer_at_needed_positions_only_equals_the_full_trunk(train):
     (hidden[needed & mask.bool()].square().sum() + pooled.square().sum()).backward()
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, expected[name], atol=1e-5), name
+
+
+def test_row_counts_are_rounded_so_that_batches_of_similar_size_share_matmul_shapes():
+    """Every matmul of a padded batch sees a multiple of ROWS rows: the packed real tokens, the
+    last layer's queried positions and the MLM head's masked positions. Batches whose counts
+    differ a little then share shapes (and oneDNN's cached kernels); the answers do not change."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model = BertForPreTraining(cfg).eval()
+    rows: dict[str, list[int]] = {}
+    watched = {"first layer": model.bert.encoder.layer[0].intermediate.dense,
+               "last layer": model.bert.encoder.layer[-1].intermediate.dense,
+               "MLM head": model.cls.predictions.transform.dense}
+    for name, module in watched.items():
+        module.register_forward_hook(lambda m, args, out, name=name: rows.setdefault(name, []).append(args[0].shape[0]))
+    for lengths, masked in (([7, 5, 3], [1, 2, 5]), ([7, 6, 1], [2, 3])):  # 15 and 14 real tokens, 3 and 2 masked
+        ids = torch.randint(1, 50, (3, 7))
+        mask = (torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]).long()
+        positions = torch.zeros(3, 7, dtype=torch.bool)
+        positions[0, masked] = True
+        mlm, _ = model(ids * mask, mask, mlm_positions=positions)
+        hidden, _ = model.bert(ids * mask, mask)
+        assert mlm.shape == (len(masked), 50)
+        assert torch.allclose(mlm, model.cls.predictions(hidden[positions]), atol=1e-5)
+    assert rows["first layer"] == [ROWS, ROWS, ROWS, ROWS]  # 15, 14 (and again in the plain trunk) -> 16
+    assert rows["last layer"] == [ROWS, ROWS, ROWS, ROWS]  # 3 masked + 3 [CLS], 2 + 3; and the plain trunk
+    assert rows["MLM head"] == [ROWS, 3, ROWS, 2]  # bertcli's forward, then the check above
 
 
 def pretraining_grads(model, ids, mask, positions) -> dict[str, torch.Tensor]:

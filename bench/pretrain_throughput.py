@@ -1,16 +1,18 @@
 """Pretraining throughput: bertcli's training step against Hugging Face BertForPreTraining.
 
 Both train MLM + NSP on the same batches (made by bertcli's pretraining task from real text),
-same shapes, sequence length and batch, with AdamW, one after the other in this process, in
-fp32 and bf16 autocast; each side's best precision is compared. Prints one JSON line: tokens/s,
-model FLOPs utilization against the measured bf16 matmul peak, and the ratios.
+same shapes, sequence length and batch, with AdamW, in fp32 and bf16 autocast; each side's best
+precision is compared. Prints one JSON line: tokens/s, model FLOPs utilization against the
+measured bf16 matmul peak, and the ratios.
 
-bertcli's training keeps freed memory in the process (bertcli/allocator.py), a process-wide
-malloc policy that cannot be undone. So transformers is timed first with glibc's defaults
-(ratio_best), then bertcli and transformers again under bertcli's policy (ratio_same_allocator),
-all in this one run.
+Each measurement runs in a fresh process, and the sides take turns: every round times
+transformers with glibc's allocator defaults (what its users get; ratio_best), bertcli (which
+keeps freed memory in the process, bertcli/allocator.py) and transformers under that same
+malloc policy (ratio_same_allocator), shape after shape. This machine's speed drifts by 10-30%
+over minutes, so the figures are each side's median over the rounds, and each round's own
+ratios are listed beside them.
 
-    python bench/pretrain_throughput.py --shapes tiny,6x384,12x768
+    python bench/pretrain_throughput.py --shapes tiny,6x384,12x768 --precisions bf16
 
 Needs transformers (it comes with the test extra: pip install -e '.[test]').
 """
@@ -18,10 +20,14 @@ Needs transformers (it comes with the test extra: pip install -e '.[test]').
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -34,7 +40,7 @@ from bertcli.data.corpus import encode_corpus, load_shards  # noqa: E402
 from bertcli.model import BertConfig, BertForPreTraining, count_parameters, flops_per_token  # noqa: E402
 from bertcli.recipes import TrainConfig  # noqa: E402
 from bertcli.tasks.pretrain import PretrainTask, make_instances  # noqa: E402
-from bertcli.tokenizer import train_tokenizer  # noqa: E402
+from bertcli.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from bertcli.train import autocast, make_optimizer  # noqa: E402
 
 SHAPES = {"tiny": (2, 128, 2), "6x384": (6, 384, 12), "12x768": (12, 768, 12)}  # layers, hidden, heads
@@ -47,8 +53,11 @@ def corpus_files() -> list[Path]:
 
 
 def batches(work: Path, seq: int, batch: int, count: int):
+    """A tokenizer, shards and `count` batches, kept under `work` for the measuring processes
+    (training the tokenizer again could tokenize differently)."""
     files = corpus_files()
     tok = train_tokenizer(files, vocab_size=30522)
+    tok.save(work / "tokenizer")
     encode_corpus(tok, files, work / "shards", show_progress=False)
     shards = load_shards(work / "shards", tok)
     task = PretrainTask(tok, shards, "nsp")
@@ -56,7 +65,16 @@ def batches(work: Path, seq: int, batch: int, count: int):
     inst = inst[torch.randperm(len(inst), generator=torch.Generator().manual_seed(0)).numpy()]
     out = [task.collate(list(inst[i * batch:(i + 1) * batch]), list(range(i * batch, (i + 1) * batch)))
            for i in range(count)]
+    torch.save(out, work / "batches.pt")
     return tok, task, out
+
+
+def load_setup(work: Path):
+    """What `batches` and `main` kept under `work`: the task, the batches and the model config."""
+    tok = load_tokenizer(work / "tokenizer")
+    task = PretrainTask(tok, load_shards(work / "shards", tok), "nsp")
+    cfg = BertConfig(**json.loads((work / "config.json").read_text()))
+    return task, torch.load(work / "batches.pt"), cfg
 
 
 def time_steps(step, data, warmup: int) -> tuple[float, float]:
@@ -128,23 +146,51 @@ def hf_step(cfg: BertConfig, precision: str):
     return step
 
 
+SIDES = ("transformers", "bertcli", "transformers_kept_memory")
+
+
+def measure(args: argparse.Namespace) -> None:
+    """One side, one shape, one precision, in this (fresh) process: prints tokens/s and faults."""
+    task, data, cfg = load_setup(Path(args.measure))
+    policy = keep_freed_memory() if args.side != "transformers" else False
+    if args.side == "bertcli":
+        step = bertcli_step(cfg, task, args.precisions)[0]
+    else:
+        step = hf_step(cfg, args.precisions)
+    tokens_per_s, faults = time_steps(step, data, args.warmup)
+    emit({"tokens_per_s": tokens_per_s, "minor_faults_per_step": faults, "kept_freed_memory": policy})
+
+
+def measure_in_new_process(side: str, work: Path, precision: str, warmup: int) -> dict:
+    command = [sys.executable, __file__, "--measure", str(work), "--side", side, "--precisions", precision,
+               "--warmup", str(warmup)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, check=True)
+    return json.loads(done.stdout.decode().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="tiny,6x384,12x768", help="comma-separated: tiny, 6x384, 12x768")
     parser.add_argument("--seq", type=int, default=128, help="sequence length")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: 32 / 16 / 8 by shape)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=20,
                         help="untimed steps first, for the heap to grow to the step's needs (see minor_faults_per_step)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each side takes at every shape and precision")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing, profile bertcli's step (last of --precisions) per operator")
+    parser.add_argument("--measure", metavar="DIR", help=argparse.SUPPRESS)  # one measurement, run by main itself
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure:
+        measure(args)
+        return
 
     peak_bf16 = measured_peak(torch.bfloat16)
     peak_fp32 = measured_peak(torch.float32)
     note(f"measured peak: bf16 {peak_bf16 / 1e12:.2f} TFLOP/s, fp32 {peak_fp32 / 1e12:.2f} TFLOP/s")
-    result = {"bench": "pretrain_throughput", "machine": machine(), "seq": args.seq,
+    result = {"bench": "pretrain_throughput", "machine": machine(), "seq": args.seq, "rounds": args.rounds,
               "peak_tflops": {"bf16": peak_bf16 / 1e12, "fp32": peak_fp32 / 1e12}, "shapes": {}}
     shapes = args.shapes.split(",")
     precisions = args.precisions.split(",")
@@ -156,6 +202,7 @@ def main() -> None:
             tok, task, data = batches(Path(work) / shape, args.seq, batch, args.warmup + args.steps)
             cfg = BertConfig(vocab_size=max(tok.vocab_size, 30522), hidden_size=hidden, num_hidden_layers=layers,
                              num_attention_heads=heads, intermediate_size=4 * hidden)
+            (Path(work) / shape / "config.json").write_text(json.dumps(asdict(cfg)))
             setups[shape] = (batch, task, data, cfg)
         if args.profile:
             keep_freed_memory()
@@ -164,33 +211,33 @@ def main() -> None:
                 result["shapes"][shape] = {"batch": batch, "cpu_time_share": profile(step, data, args.warmup)}
             emit(result)
             return
-        # glibc's allocator policy is process-wide and cannot be undone: transformers first with the
-        # defaults every user gets, then both sides under the policy bertcli's training sets.
-        sides = ("bertcli", "transformers", "transformers_kept_memory")
-        rows = {shape: {"batch": setup[0], **{side: {} for side in sides}, "minor_faults_per_step": {side: {} for side in sides}}
-                for shape, setup in setups.items()}
-
-        def run(side: str, make_step) -> None:
-            for shape, (batch, task, data, cfg) in setups.items():
+        runs = {shape: {side: {p: [] for p in precisions} for side in SIDES} for shape in shapes}
+        for turn in range(args.rounds):
+            for shape in shapes:
                 for precision in precisions:
-                    row = rows[shape]
-                    row[side][precision], row["minor_faults_per_step"][side][precision] = \
-                        time_steps(make_step(cfg, task, precision), data, args.warmup)
-                    note(f"{shape} {precision}: {side} {row[side][precision]:.0f} tok/s")
-
-        run("transformers", lambda cfg, task, precision: hf_step(cfg, precision))
-        result["kept_freed_memory"] = keep_freed_memory()
-        run("bertcli", lambda cfg, task, precision: bertcli_step(cfg, task, precision)[0])
-        run("transformers_kept_memory", lambda cfg, task, precision: hf_step(cfg, precision))
+                    for side in SIDES:
+                        run = measure_in_new_process(side, Path(work) / shape, precision, args.warmup)
+                        runs[shape][side][precision].append(run)
+                        note(f"round {turn + 1}, {shape} {precision}: {side} {run['tokens_per_s']:.0f} tok/s, "
+                             f"{run['minor_faults_per_step']:.0f} faults/step")
         for shape, (batch, task, data, cfg) in setups.items():
-            row = rows[shape]
+            row = {"batch": batch}
+            for side in SIDES:
+                row[side] = {p: statistics.median(r["tokens_per_s"] for r in runs[shape][side][p]) for p in precisions}
+            row["minor_faults_per_step"] = {
+                side: {p: statistics.median(r["minor_faults_per_step"] for r in runs[shape][side][p]) for p in precisions}
+                for side in SIDES}
+            best = {side: max(precisions, key=lambda p: row[side][p]) for side in SIDES}
+            per_round = {side: [r["tokens_per_s"] for r in runs[shape][side][best[side]]] for side in SIDES}
             fpt = flops_per_token(cfg, args.seq, count_parameters(BertForPreTraining(cfg)))
-            best_ours = max(row["bertcli"].values())
-            best_theirs = max(row["transformers"].values())
-            row["ratio_best"] = best_ours / best_theirs
-            row["ratio_same_allocator"] = best_ours / max(row["transformers_kept_memory"].values())
-            row["mfu_bertcli"] = best_ours * fpt / peak_bf16
-            row["mfu_transformers"] = best_theirs * fpt / peak_bf16
+            row["ratio_best"] = row["bertcli"][best["bertcli"]] / row["transformers"][best["transformers"]]
+            row["ratio_same_allocator"] = (row["bertcli"][best["bertcli"]]
+                                           / row["transformers_kept_memory"][best["transformers_kept_memory"]])
+            row["ratio_best_by_round"] = [a / b for a, b in zip(per_round["bertcli"], per_round["transformers"])]
+            row["ratio_same_allocator_by_round"] = [a / b for a, b in zip(per_round["bertcli"],
+                                                                           per_round["transformers_kept_memory"])]
+            row["mfu_bertcli"] = row["bertcli"][best["bertcli"]] * fpt / peak_bf16
+            row["mfu_transformers"] = row["transformers"][best["transformers"]] * fpt / peak_bf16
             result["shapes"][shape] = row
     emit(result)
 

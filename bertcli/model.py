@@ -93,7 +93,7 @@ def rounded(index: Tensor) -> Tensor:
 
 class Padding:
     """Where a padded batch's real tokens are: `kept` indexes the flattened (B * T) positions.
-    Packed tensors have `rows` rows: the R real tokens, then copies of the first (`rounded`)."""
+    `gather` makes the packed rows: the R real tokens, then copies of the first (`rounded`)."""
 
     def __init__(self, attention_mask: Tensor):
         self.shape = attention_mask.shape  # (B, T)
@@ -172,12 +172,13 @@ class TiedDecoder(torch.autograd.Function):
 
 class Selection:
     """The positions of a padded batch whose last hidden states are read: `rows` indexes the
-    packed (R,) real tokens, `queries` lays them out per batch row, (S,) <-> (B, Q), for
-    attention, and `out` places them back at their (B, T) positions."""
+    packed real tokens (S of them, `rounded` as packed rows are), `queries` lays them out per
+    batch row, (S,) <-> (B, Q), for attention, and `out` places them back at their (B, T)
+    positions."""
 
     def __init__(self, needed: Tensor, attention_mask: Tensor):
         needed = needed.bool() & attention_mask.bool()  # (B, T)
-        self.rows = rounded((attention_mask.reshape(-1).cumsum(0) - 1)[needed.reshape(-1)])  # (S, rounded)
+        self.rows = rounded((attention_mask.reshape(-1).cumsum(0) - 1)[needed.reshape(-1)])  # (S, rounded up)
         counts = needed.sum(1)  # (B,)
         self.queries = Padding(torch.arange(int(counts.max()), device=needed.device)[None, :] < counts[:, None])
         self.out = Padding(needed)

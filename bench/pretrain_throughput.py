@@ -12,6 +12,12 @@ malloc policy (ratio_same_allocator), shape after shape. This machine's speed dr
 over minutes, so the figures are each side's median over the rounds, and each round's own
 ratios are listed beside them.
 
+The sides do not run the same matmuls: bertcli skips the padding and the positions no loss
+reads (matmul_flops). matmul_gflop_per_step gives each side's work on these batches and
+work_ratio their quotient: the speed ratio the two would show at equal speed per FLOP, beyond
+which bertcli would have to run its smaller matmuls faster than transformers runs its larger
+ones. matmul_tflops is each side's rate over the whole step (its work / its step time).
+
     python bench/pretrain_throughput.py --shapes tiny,6x384,12x768 --precisions bf16
 
 Needs transformers (it comes with the test extra: pip install -e '.[test]').
@@ -37,7 +43,7 @@ from common import ROOT, SHARED_DATA, emit, machine, measured_peak, note  # noqa
 
 from bertcli.allocator import keep_freed_memory  # noqa: E402
 from bertcli.data.corpus import encode_corpus, load_shards  # noqa: E402
-from bertcli.model import BertConfig, BertForPreTraining, count_parameters, flops_per_token  # noqa: E402
+from bertcli.model import ROWS, BertConfig, BertForPreTraining, count_parameters, flops_per_token  # noqa: E402
 from bertcli.recipes import TrainConfig  # noqa: E402
 from bertcli.tasks.pretrain import PretrainTask, make_instances  # noqa: E402
 from bertcli.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
@@ -75,6 +81,30 @@ def load_setup(work: Path):
     task = PretrainTask(tok, load_shards(work / "shards", tok), "nsp")
     cfg = BertConfig(**json.loads((work / "config.json").read_text()))
     return task, torch.load(work / "batches.pt"), cfg
+
+
+def matmul_flops(cfg: BertConfig, batch: dict) -> dict[str, int]:
+    """Training FLOPs (3 x forward) of the matmuls each side runs on `batch`. transformers runs
+    every layer and the MLM head at all B x T positions. bertcli runs its layers at the real
+    tokens, its last layer's queries, attention output and FFN at the masked positions and
+    [CLS] only, and its MLM head at the masked positions, every row count rounded up to ROWS
+    (bertcli/model.py). Both attend over the batch's padded width T. The pooler and the
+    sentence head, under 0.1% of either, are left out."""
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    mask = batch["attention_mask"].bool()
+    b, t = mask.shape
+    masked = batch["mlm_labels"] != -100
+    needed = (masked | (torch.arange(t) == 0)) & mask
+    up = lambda n: -(-n // ROWS) * ROWS  # noqa: E731
+    real, selected, queries = up(int(mask.sum())), up(int(needed.sum())), int(needed.sum(1).max())
+    qkvo, ffn = 2 * 4 * h * h, 2 * 2 * h * i  # per token
+    attention = lambda rows: 2 * 2 * b * rows * t * h  # noqa: E731  QK^T and AV, per layer
+    head = lambda rows: rows * 2 * (h * h + h * v)  # noqa: E731  transform and decoder
+    layers = cfg.num_hidden_layers
+    hf = layers * (b * t * (qkvo + ffn) + attention(t)) + head(b * t)
+    ours = ((layers - 1) * (real * (qkvo + ffn) + attention(t)) + real * qkvo // 2 + selected * (qkvo // 2 + ffn)
+            + attention(queries) + head(up(int(masked.sum()))))
+    return {"bertcli": 3 * ours, "transformers": 3 * hf}
 
 
 def time_steps(step, data, warmup: int) -> tuple[float, float]:
@@ -236,6 +266,12 @@ def main() -> None:
             row["ratio_best_by_round"] = [a / b for a, b in zip(per_round["bertcli"], per_round["transformers"])]
             row["ratio_same_allocator_by_round"] = [a / b for a, b in zip(per_round["bertcli"],
                                                                            per_round["transformers_kept_memory"])]
+            timed = data[args.warmup:]
+            real = sum(int(b["attention_mask"].sum()) for b in timed)
+            work = {side: sum(matmul_flops(cfg, b)[side] for b in timed) / real for side in ("bertcli", "transformers")}
+            row["matmul_gflop_per_step"] = {side: work[side] * real / len(timed) / 1e9 for side in work}
+            row["work_ratio"] = work["transformers"] / work["bertcli"]
+            row["matmul_tflops"] = {side: row[side][best[side]] * work[side.split("_kept")[0]] / 1e12 for side in SIDES}
             row["mfu_bertcli"] = row["bertcli"][best["bertcli"]] * fpt / peak_bf16
             row["mfu_transformers"] = row["transformers"][best["transformers"]] * fpt / peak_bf16
             result["shapes"][shape] = row

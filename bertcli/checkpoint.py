@@ -23,7 +23,7 @@ from bertcli import __version__
 from bertcli.errors import CheckpointError
 from bertcli.fileio import atomic_write, atomic_write_text
 from bertcli.model import (ACTIVATIONS, BertConfig, BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
-                           BertForTokenClassification, BertModel)
+                           BertForTokenClassification, BertModel, parameter_count)
 from bertcli.tokenizer import WordPieceTokenizer, load_tokenizer
 
 # Hugging Face class name -> how to build it. Classification heads need the label count.
@@ -35,6 +35,26 @@ ARCHITECTURES = {
     "BertForQuestionAnswering": lambda cfg, n: BertForQuestionAnswering(cfg),
 }
 _TRUNK = ("embeddings.", "encoder.", "pooler.")
+MAX_CONFIG_BYTES = 1 << 20
+INFERENCE_BYTES_PER_PARAMETER = 4  # fp32 weights
+TRAINING_BYTES_PER_PARAMETER = 16  # fp32 weights, their gradients and AdamW's two moments
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory on this machine."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(cfg: BertConfig, source: str, bytes_per_parameter: int, purpose: str) -> None:
+    """Refuse a model whose parameters alone would not fit in this machine's memory, before any
+    tensor is made (a mistyped size would otherwise end in a crash, or in the machine swapping)."""
+    count = parameter_count(cfg)
+    need, have = count * bytes_per_parameter, machine_memory()
+    if need > have:
+        raise CheckpointError(f"{source}: a BERT of {count:,} parameters needs {need / 2**30:,.1f} GiB {purpose}, more "
+                              f"than this machine's {have / 2**30:,.1f} GiB of memory; check its sizes")
 
 
 @dataclass
@@ -75,10 +95,14 @@ def read_config(directory: str | Path) -> tuple[BertConfig, dict[str, Any]]:
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json (not a BERT checkpoint directory)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes, too large for a model configuration")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: nested too deeply to be a model configuration") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     model_type = raw.get("model_type", "bert")
@@ -98,6 +122,13 @@ def read_config(directory: str | Path) -> tuple[BertConfig, dict[str, Any]]:
             raise CheckpointError(f"{path}: {key} should be {expected.__name__}, got {value!r}")
         values[key] = value
     cfg = BertConfig(**values)
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise CheckpointError(f"{path}: {key} must be in [0, 1), got {getattr(cfg, key)}")
+    if not 0 < cfg.layer_norm_eps < 1:
+        raise CheckpointError(f"{path}: layer_norm_eps must be greater than 0 and less than 1, got {cfg.layer_norm_eps}")
+    if not 0 <= cfg.initializer_range < 1e3:
+        raise CheckpointError(f"{path}: initializer_range must be a finite number of 0 or more, got {cfg.initializer_range}")
     if cfg.hidden_act not in ACTIVATIONS:
         raise CheckpointError(f"{path}: hidden_act {cfg.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -107,6 +138,9 @@ def read_config(directory: str | Path) -> tuple[BertConfig, dict[str, Any]]:
     if cfg.hidden_size % cfg.num_attention_heads:
         raise CheckpointError(f"{path}: hidden_size {cfg.hidden_size} is not divisible by "
                               f"num_attention_heads {cfg.num_attention_heads}")
+    if not 0 <= cfg.pad_token_id < cfg.vocab_size:
+        raise CheckpointError(f"{path}: pad_token_id {cfg.pad_token_id} is not an id of the vocabulary")
+    check_memory(cfg, str(path), INFERENCE_BYTES_PER_PARAMETER, "to load")
     return cfg, raw
 
 
@@ -181,6 +215,10 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> Loa
     if trunk_missing:
         raise CheckpointError(f"{source}: encoder weights missing from the checkpoint: {_short(trunk_missing)}")
     unexpected = [k for k in state if k not in own]
+    broken = [k for k in own if k in state and state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    if broken:
+        raise CheckpointError(f"{source}: weights hold NaN or infinite values: {_short(broken, 3)}; the model is "
+                              "broken (it diverged in training?)")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()

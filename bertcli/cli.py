@@ -7,6 +7,7 @@ commands so that `bertcli --help` starts quickly.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -63,10 +64,14 @@ def tokenize_train(
 
     from bertcli.tokenizer import train_tokenizer
 
-    _check_output(out, overwrite, holds="vocab.txt")
+    from bertcli.rundir import check_apart, claim, precheck
+
+    check_apart(out, [("--corpus", c) for c in corpus])
+    precheck(out, "tokenizer", overwrite=overwrite)
     start = time.perf_counter()
     tokenizer = train_tokenizer(corpus, vocab_size=vocab_size, lowercase=not cased, min_frequency=min_frequency)
-    tokenizer.save(out)
+    with claim(out, "tokenizer", overwrite=overwrite):
+        tokenizer.save(out)
     _err(f"tokenizer: {tokenizer.vocab_size} tokens from {len(corpus)} file(s) in "
          f"{time.perf_counter() - start:.1f}s -> {out}")
 
@@ -82,11 +87,14 @@ def tokenize_show(
     from bertcli.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
-    for _, text in read_lines(sys.stdin.buffer, "stdin"):
-        enc = tok.encode(text)
-        sys.stdout.write(json.dumps({"tokens": enc.tokens, "ids": enc.ids, "offsets": [list(o) for o in enc.offsets]},
-                                    ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+    if sys.stdin is None:
+        raise BertcliError("stdin is closed: pipe the text in")
+    with _streaming():
+        for _, text in read_lines(sys.stdin.buffer, "stdin"):
+            enc = tok.encode(text)
+            sys.stdout.write(json.dumps({"tokens": enc.tokens, "ids": enc.ids,
+                                         "offsets": [list(o) for o in enc.offsets]}, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
 
 
 @tokenize_app.command("encode", epilog="Example: bertcli tokenize encode --tokenizer tok/ --corpus corpus/*.txt --out shards/")
@@ -105,9 +113,14 @@ def tokenize_encode(
     from bertcli.data.corpus import encode_corpus
     from bertcli.tokenizer import load_tokenizer
 
-    _check_output(out, overwrite, holds="index.json")
+    from bertcli.rundir import check_apart, claim, precheck
+
+    check_apart(out, [("--tokenizer", tokenizer)] + [("--corpus", c) for c in corpus])
+    precheck(out, "shards", overwrite=overwrite)
     start = time.perf_counter()
-    index = encode_corpus(load_tokenizer(tokenizer), corpus, out, segmenter=segmenter)
+    loaded = load_tokenizer(tokenizer)
+    with claim(out, "shards", overwrite=overwrite):
+        index = encode_corpus(loaded, corpus, out, segmenter=segmenter)
     _err(f"shards: {index['documents']} documents, {index['sentences']} sentences, {index['tokens']} tokens "
          f"({index['dtype']}) from {len(corpus)} file(s) in {time.perf_counter() - start:.1f}s -> {out}")
 
@@ -120,7 +133,7 @@ def pretrain(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optio
     loaded = _load(recipe, set_, expected_task="pretrain")
     from bertcli.jobs import pretrain as run_pretrain
 
-    run_pretrain(loaded, out, resume, overwrite)
+    run_pretrain(loaded, out, resume, overwrite, source=recipe)
 
 
 @app.command(epilog="Example: bertcli finetune recipes/sentiment-sst2.yaml --set train.epochs=1")
@@ -130,7 +143,7 @@ def finetune(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optio
     loaded = _load(recipe, set_, expected_task=None)
     from bertcli.jobs import finetune as run_finetune
 
-    run_finetune(loaded, out, resume, overwrite)
+    run_finetune(loaded, out, resume, overwrite, source=recipe)
 
 
 @app.command(epilog="Example: bertcli evaluate runs/sst2 --data dev.tsv --out metrics.json")
@@ -141,8 +154,9 @@ def evaluate(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint
                                                    "(confusion matrix; loss and metric curves of the run)."),
              precision: str = PrecisionOpt) -> None:
     """Score a fine-tuned model on labelled data: a table on the terminal, JSON with --out."""
-    from bertcli.evaluate import evaluate as run_evaluate, render, write_json
+    from bertcli.evaluate import check_outputs, evaluate as run_evaluate, render, write_json
 
+    check_outputs(out, report, inputs=[model_dir, data])  # before the model runs, not after
     metrics = run_evaluate(model_dir, data, precision=precision)
     render(metrics)
     if out is not None:
@@ -168,7 +182,22 @@ def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint 
     from bertcli.predict import open_input, run
 
     stream, source = open_input(input)
-    run(model_dir, stream, source, sys.stdout, batch_size, precision, int8)
+    with _streaming():
+        run(model_dir, stream, source, sys.stdout, batch_size, precision, int8)
+
+
+@contextlib.contextmanager
+def _streaming():
+    """A command that streams to stdout ends quietly with exit 0 when its reader goes away
+    (`| head -1`), and with 130 on Ctrl-C, before Click can turn either into exit 1."""
+    try:
+        yield
+    except BrokenPipeError:
+        _drop_stdout()
+        raise typer.Exit(0) from None
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        raise typer.Exit(130) from None
 
 
 def _load(recipe: Path, overrides: Optional[List[str]], expected_task: Optional[str]):
@@ -181,19 +210,6 @@ def _load(recipe: Path, overrides: Optional[List[str]], expected_task: Optional[
     if expected_task is None and loaded.task.name == "pretrain":
         raise RecipeError(str(recipe), ["task.name: pretrain recipes run with `bertcli pretrain`"])
     return loaded
-
-
-def _check_output(out: Path, overwrite: bool, holds: str) -> None:
-    """An existing, non-empty output directory is replaced only with --overwrite, and only
-    when it holds `holds` (a file this command writes), so nothing else the user had is lost."""
-    if out.exists() and not out.is_dir():
-        raise BertcliError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise BertcliError(f"{out}: already exists; pass --overwrite to replace it")
-        if not (out / holds).is_file():
-            raise BertcliError(f"{out}: --overwrite refused: the directory has no {holds}, so it is not this "
-                               "command's output")
 
 
 MULTI_VALUE_OPTIONS = ("--corpus",)
@@ -223,7 +239,7 @@ def main() -> None:
         sys.exit(2)
     except Interrupted as err:
         _err(str(err))
-        sys.exit(130)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:  # the reader closed the pipe (e.g. `| head`): end quietly

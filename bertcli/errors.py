@@ -26,4 +26,9 @@ class CheckpointError(BertcliError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training, after a resumable checkpoint was saved (exit code 130)."""
+    """Ctrl-C or SIGTERM during training, after a resumable checkpoint was saved (exit code 128 +
+    the signal's number: 130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

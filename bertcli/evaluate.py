@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from bertcli.fileio import atomic_write_text
+from bertcli.errors import BertcliError
+from bertcli.fileio import atomic_write_text, finite_json
 from bertcli.jobs import load_for_task
 from bertcli.train import autocast, resolve_precision
 
@@ -22,8 +22,29 @@ def evaluate(model_dir: Path, data: Path, batch_size: int = 64, precision: str =
     return {"task": task.name, "data": str(data), "precision": precision, **metrics}
 
 
+def check_outputs(out: Path | None, report: Path | None, inputs: list[Path]) -> None:
+    """--out names a file whose directory exists; --report a directory (or a path to make one);
+    neither may be one of the inputs or inside the model directory's own files."""
+    from bertcli.rundir import check_apart
+
+    if out is not None:
+        if out.is_dir():
+            raise BertcliError(f"--out {out}: is a directory; name a file, e.g. {out / 'metrics.json'}")
+        if not out.parent.is_dir():
+            raise BertcliError(f"--out {out}: the directory {out.parent} does not exist")
+        if out.exists() and any(out.resolve() == p.resolve() for p in inputs):
+            raise BertcliError(f"--out {out}: is an input of this command; name another file")
+        if out.resolve().parent == inputs[0].resolve():
+            raise BertcliError(f"--out {out}: lies inside the model directory, which bertcli only reads here; "
+                               "name a file elsewhere")
+    if report is not None:
+        if report.exists() and not report.is_dir():
+            raise BertcliError(f"--report {report}: exists and is not a directory; name a directory for the figures")
+        check_apart(report, [("MODEL_DIR", inputs[0]), ("--data", inputs[1])])
+
+
 def write_json(path: Path, metrics: dict) -> None:
-    atomic_write_text(path, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, finite_json(metrics, indent=2, ensure_ascii=False) + "\n")
 
 
 def render(metrics: dict) -> None:

@@ -9,6 +9,8 @@ checkpoint leaves the previous checkpoint exactly as it was.
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,13 +38,40 @@ def storage_error(path: str | Path, err: OSError) -> OutputError:
     return OutputError(path, reason)
 
 
+def _file_mode() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def finite_json(value, **options) -> str:
+    """JSON with NaN and infinities written as null: json.dumps would write `NaN`, which is not JSON."""
+    return json.dumps(_finite(value), allow_nan=False, **options)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` to produce the file, then move it over `path` in one rename."""
     path = Path(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        try:
+            os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; the file gets what open() would give it
+        finally:
+            os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -50,6 +50,17 @@ class BertConfig:
     pad_token_id: int = 0
 
 
+def parameter_count(cfg: BertConfig) -> int:
+    """The trunk's parameters plus the largest head's (the MLM transform), from the shapes alone:
+    what a model of this config will need before any tensor is made."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    embeddings = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * h + 2 * h
+    layer = 4 * (h * h + h) + 2 * h + (h * i + i) + (i * h + h) + 2 * h
+    pooler = h * h + h
+    heads = h * h + 3 * h + cfg.vocab_size + 2 * h + 2
+    return embeddings + cfg.num_hidden_layers * layer + pooler + heads
+
+
 ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),

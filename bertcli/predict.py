@@ -8,7 +8,7 @@ of its input before the first answers go out. A line that cannot be read gets an
 
 from __future__ import annotations
 
-import json
+import math
 import queue
 import threading
 from pathlib import Path
@@ -16,9 +16,10 @@ from typing import BinaryIO, TextIO
 
 import torch
 
-from bertcli.data.tables import MAX_LINE_BYTES, line_too_long
 from bertcli.errors import BertcliError, DataError
+from bertcli.fileio import finite_json
 from bertcli.jobs import load_for_task
+from bertcli.textio import TooLong, line_too_long, raw_lines
 from bertcli.train import autocast, resolve_precision
 
 _END = object()
@@ -28,19 +29,9 @@ _END = object()
 CHUNK_BATCHES = 8
 
 
-class _TooLong(int):
-    """Stands for a line over MAX_LINE_BYTES (its length), which is never held in memory whole."""
-
-
 def _reader(stream: BinaryIO, lines: queue.Queue) -> None:
     try:
-        for raw in iter(lambda: stream.readline(MAX_LINE_BYTES + 1), b""):
-            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                size = len(raw)
-                while raw and not raw.endswith(b"\n"):  # skip the rest of the line, a piece at a time
-                    raw = stream.readline(1 << 16)
-                    size += len(raw)
-                raw = _TooLong(size - raw.endswith(b"\n"))
+        for raw in raw_lines(stream):
             lines.put(raw)
     except BaseException as err:  # surfaced by the main thread
         lines.put(err)
@@ -91,7 +82,7 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
         for raw in batch:
             answered += 1
             where = f"{source}: line {answered}"
-            if isinstance(raw, _TooLong):
+            if isinstance(raw, TooLong):
                 answers.append({"error": str(line_too_long(where, raw))})
                 continue
             try:
@@ -100,7 +91,7 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
                     text = text.removeprefix("\ufeff")
                 if "\x00" in text:
                     raise DataError(f"{where}: NUL byte (byte {raw.index(0)} of the line); is this binary input?")
-                examples.append(task.parse_input(text.rstrip("\r\n"), where))
+                examples.append(task.parse_input(text.removesuffix("\r"), where))
                 answers.append(None)
             except UnicodeDecodeError as err:
                 answers.append({"error": f"{where}: not UTF-8 text (byte {err.start} of the line)"})
@@ -108,12 +99,14 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
                 answers.append({"error": str(err)})
         with torch.inference_mode(), autocast(device, precision):
             predictions = iter(task.predict(model, examples, batch_size) if examples else ())
-        for answer in answers:
+        for number, answer in enumerate(answers, start=answered - len(answers) + 1):
             if answer is None:
                 answer = next(predictions)
-            else:
+                if not _finite(answer):  # bf16 overflow in a model from elsewhere: an error, never `NaN`
+                    answer = {"error": f"{source}: line {number}: the model gave a score that is not a finite number"}
+            if "error" in answer:
                 failures.append(answer["error"])
-            out.write(json.dumps(answer, ensure_ascii=False) + "\n")
+            out.write(finite_json(answer, ensure_ascii=False) + "\n")
         out.flush()
     if answered == 0:
         raise DataError(f"{source}: no input lines (predict reads one input per line)")
@@ -123,11 +116,27 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
     return answered
 
 
+def _finite(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def open_input(path: Path | None) -> tuple[BinaryIO, str]:
+    """stdin, or the file at `path` (a pipe or `<(...)` too: it is read once, as a stream)."""
     import sys
 
     if path is None:
+        if sys.stdin is None:
+            raise BertcliError("stdin is closed: pipe the input in, or pass --input FILE")
         return sys.stdin.buffer, "stdin"
-    if not path.is_file():
+    if path.is_dir() or not path.exists():
         raise BertcliError(f"{path}: {'is a directory' if path.is_dir() else 'file not found'}")
-    return open(path, "rb"), str(path)
+    try:
+        return open(path, "rb"), str(path)
+    except OSError as err:
+        raise BertcliError(f"{path}: cannot read: {err.strerror}") from None

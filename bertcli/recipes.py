@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import re
 import types
 import typing
@@ -99,6 +100,9 @@ class Recipe:
 
 
 PACKAGE_PREFIX = "package:"
+MAX_INT = 2**63 - 1  # what a 64-bit integer holds (torch and numpy read seeds and counts as int64)
+MAX_EPOCHS = 1_000_000
+MIN_PRETRAIN_SEQ_LEN = 8  # [CLS] A [SEP] B [SEP] with a few tokens for each sentence
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
@@ -117,17 +121,26 @@ def parse_duration(text: str) -> float:
 
 
 def resolve_path(text: str) -> str:
-    """Resolve 'package:NAME/sub/dir' to a folder inside an installed package (not imported)."""
+    """Resolve 'package:NAME/sub/dir' (or 'package:NAME.SUB/dir') to a folder inside an installed
+    package. Nothing is imported: the top-level name is looked up by the import system's finders,
+    which only search folders, and a dotted name continues as folders under that package's folder."""
     if not text.startswith(PACKAGE_PREFIX):
         return text
-    package, _, rest = text[len(PACKAGE_PREFIX):].partition("/")
+    name, _, rest = text[len(PACKAGE_PREFIX):].partition("/")
+    top, *inner = name.split(".")
+    if not top.isidentifier() or not all(part.isidentifier() for part in inner):
+        raise FileNotFoundError(f"{name!r} is not a Python package name")
     try:
-        spec = importlib.util.find_spec(package)
+        spec = importlib.util.find_spec(top)  # a top-level name: found, never executed
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed (pip install {package.replace('_', '-')})")
-    return str(Path(list(spec.submodule_search_locations)[0]) / rest)
+        raise FileNotFoundError(f"package {top!r} is not installed (pip install {top.replace('_', '-')})")
+    for location in spec.submodule_search_locations:
+        folder = Path(location).joinpath(*inner)
+        if folder.is_dir():
+            return str(folder / rest)
+    raise FileNotFoundError(f"package {name!r} is not installed (no folder {'/'.join(inner)} in {top})")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -167,24 +180,78 @@ def dump_recipe(recipe: Recipe) -> str:
 # ---------------------------------------------------------------- reading and overrides
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of settings
+MAX_YAML_DEPTH = 32  # a recipe nests three levels deep
+MAX_YAML_NODES = 100_000  # values after aliases are expanded: an alias bomb stops here
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing nesting deeper than MAX_YAML_DEPTH (PyYAML recurses, so
+    20,000 brackets would end in a RecursionError)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep at line {mark.line + 1}")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _expanded_size(value: Any, seen: dict[int, int]) -> int:
+    """How many values `value` stands for once every alias is expanded, counted without expanding
+    (each shared object is counted once, then reused)."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) in seen:
+        return seen[id(value)]
+    seen[id(value)] = MAX_YAML_NODES + 1  # a self-reference: too large
+    items = list(value.items()) if isinstance(value, dict) else [(None, v) for v in value]
+    size = 1
+    for key, item in items:
+        size += _expanded_size(key, seen) + _expanded_size(item, seen)
+        if size > MAX_YAML_NODES:
+            break
+    seen[id(value)] = size
+    return size
+
+
+def safe_yaml(text: str) -> Any:
+    """yaml.safe_load with bounds on nesting and on what aliases expand to (YAMLError beyond them)."""
+    value = yaml.load(text, Loader=_BoundedLoader)
+    if _expanded_size(value, {}) > MAX_YAML_NODES:
+        raise yaml.YAMLError(f"more than {MAX_YAML_NODES:,} values once aliases are expanded")
+    return value
+
+
 def _read_yaml(path: Path, source: str) -> dict[str, Any]:
     if not path.exists():
         raise RecipeError(source, ["file not found"])
     if path.is_dir():
         raise RecipeError(source, ["is a directory, expected a YAML recipe file"])
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise RecipeError(source, [f"not UTF-8 text (byte offset {err.start})"]) from None
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as err:
         raise RecipeError(source, [f"cannot read: {err.strerror}"]) from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(source, [f"over {MAX_RECIPE_BYTES:,} bytes: too large for a recipe"])
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(source, [f"not UTF-8 text (byte offset {err.start})"]) from None
+    try:
+        raw = safe_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or str(err)
-        raise RecipeError(source, [f"YAML syntax error at {where}{problem}"]) from None
+        if mark is None:
+            raise RecipeError(source, [f"YAML refused: {problem}"]) from None
+        raise RecipeError(source, [f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"]) from None
     if raw is None:
         raise RecipeError(source, ["the recipe is empty"])
     if not isinstance(raw, dict):
@@ -199,7 +266,7 @@ def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None
         problems.append(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. train.lr=3e-5")
         return
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = safe_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     parts = key.split(".")
@@ -282,21 +349,29 @@ def _coerce(value: Any, hint: Any) -> Any:
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ValueError(f"expected an integer, got {_kind(value)}")
+            if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+                value = int(value)
+            else:
+                raise ValueError(f"expected an integer, got {_kind(value)}")
+        if not -MAX_INT <= value <= MAX_INT:
+            raise ValueError(f"{value} is out of range (at most {MAX_INT} in size)")
         return value
     if hint is float:
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {_kind(value)}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 5e-5 as a string
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):  # PyYAML reads 5e-5 as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"expected a number, got {_kind(value)}")
+        if number is None:
+            raise ValueError(f"expected a number, got {_kind(value)}")
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {value}")
+        return number
     if hint is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ValueError(f"expected a string, got {_kind(value)}")
@@ -312,7 +387,8 @@ def _kind(value: Any) -> str:
     if isinstance(value, (int, float)):
         return f"a number ({value})"
     if isinstance(value, str):
-        return f"a string ({value!r})"
+        shown = repr(value) if len(value) <= 80 else f"{value[:60]!r}... ({len(value):,} characters)"
+        return f"a string ({shown})"
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
@@ -366,12 +442,19 @@ def _check_values(recipe: Recipe) -> list[str]:
             problems.append(f"{key}: must be in [0, 1), got {value}")
     if task.name == "pretrain" and task.mask_prob == 0:
         problems.append("task.mask_prob: must be greater than 0 for pretraining")
+    if task.name == "pretrain" and 0 < d.max_seq_len < MIN_PRETRAIN_SEQ_LEN:
+        problems.append(f"data.max_seq_len: pretraining needs at least {MIN_PRETRAIN_SEQ_LEN} tokens ([CLS] A [SEP] B "
+                        f"[SEP] with room for each sentence), got {d.max_seq_len}")
+    if not 0 <= t.seed <= MAX_INT:
+        problems.append(f"train.seed: must be in 0..{MAX_INT}, got {t.seed}")
+    if t.epochs is not None and t.epochs > MAX_EPOCHS:
+        problems.append(f"train.epochs: at most {MAX_EPOCHS:,}, got {t.epochs}")
     if t.weight_decay < 0:
         problems.append(f"train.weight_decay: must be 0 or more, got {t.weight_decay}")
     if t.time_budget is not None:
         try:
-            if parse_duration(t.time_budget) <= 0:
-                problems.append("train.time_budget: must be longer than 0")
+            if not 0 < parse_duration(t.time_budget) < math.inf:
+                problems.append("train.time_budget: must be longer than 0 and finite")
         except ValueError as err:
             problems.append(f"train.time_budget: {err}")
     if t.max_steps is None and t.epochs is None and t.time_budget is None:
@@ -412,5 +495,5 @@ def _check_file(key: str, path: str, files_only: bool, problems: list[str]) -> N
     elif p.is_dir():
         if files_only:
             problems.append(f"{key}: expected a file, got a directory: {path}")
-    elif p.stat().st_size == 0:
+    elif p.is_file() and p.stat().st_size == 0:  # a pipe's size says nothing: it is read as a stream
         problems.append(f"{key}: file is empty: {path}")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from bertcli.errors import BertcliError
+from bertcli.textio import split_lines
 
 
 def write_report(directory: Path, metrics: dict, model_dir: Path) -> list[Path]:
@@ -40,7 +41,7 @@ def write_report(directory: Path, metrics: dict, model_dir: Path) -> list[Path]:
     log = model_dir / "log.jsonl"
     records = []
     if log.is_file():
-        for line in log.read_text(encoding="utf-8").splitlines():
+        for line in split_lines(log.read_text(encoding="utf-8", errors="replace")):
             try:
                 records.append(json.loads(line))
             except ValueError:

@@ -1,24 +1,102 @@
-"""Reading text line by line from files and pipes, with errors that name the line and byte."""
+"""Reading text line by line from files and pipes, with errors that name the line and byte.
+
+Every reader of line-oriented text splits lines here, on `\n` alone (`split_lines`), and streams
+(`raw_lines`) read the file descriptor directly, in pieces as they arrive, with no line ever held
+whole past MAX_LINE_BYTES.
+"""
 
 from __future__ import annotations
 
+import io
+import os
 from typing import BinaryIO, Iterator
 
 from bertcli.errors import DataError
 
+MAX_LINE_BYTES = 1 << 20  # one example per line: a longer line means the wrong file, or one without line breaks
+_PIECE = 1 << 16
+
+
+class TooLong(int):
+    """Stands for a line over MAX_LINE_BYTES (its length in bytes), which is never held in memory whole."""
+
+
+def line_too_long(where: str, size: int) -> DataError:
+    return DataError(f"{where}: the line is {size:,} bytes long, over the limit of {MAX_LINE_BYTES:,} for one "
+                     f"example (is this the right file, with one example per line?)")
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines split on \\n alone (a \\r before it is dropped). str.splitlines() also splits on U+2028,
+    U+0085, \\x1c-\\x1e and more, which may stand inside a TSV cell or a sentence; a final \\n makes
+    no empty last line."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _reader(stream: BinaryIO):
+    """A function returning the next piece of the stream (b"" at its end). A real file descriptor
+    is read with os.read, below Python's buffered reader: a thread blocked there holds no lock that
+    the interpreter needs at exit (a blocked BufferedReader.readline aborts the exit)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        fd = None
+    if fd is not None:  # (bertcli has read nothing through the stream's own buffer)
+        return lambda: os.read(fd, _PIECE)
+    read1 = getattr(stream, "read1", None)
+    return (lambda: read1(_PIECE)) if read1 else (lambda: stream.read(_PIECE))
+
+
+def raw_lines(stream: BinaryIO) -> Iterator[bytes | TooLong]:
+    """The stream's lines as bytes without their \\n, each yielded as soon as it is complete; a line
+    over MAX_LINE_BYTES is skipped as it streams by and stands as TooLong(its length)."""
+    read = _reader(stream)
+    pending = bytearray()
+    skipped: int | None = None  # bytes of an over-long line so far
+    for chunk in iter(read, b""):
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if skipped is not None:
+                skipped += len(piece)
+            else:
+                pending += piece
+                if len(pending) > MAX_LINE_BYTES:
+                    skipped = len(pending)
+                    pending.clear()
+            if end < 0:
+                break
+            if skipped is not None:
+                yield TooLong(skipped)
+            else:
+                yield bytes(pending)
+            pending.clear()
+            skipped = None
+            start = end + 1
+    if skipped is not None:
+        yield TooLong(skipped)
+    elif pending:
+        yield bytes(pending)
+
 
 def read_lines(stream: BinaryIO, source: str) -> Iterator[tuple[int, str]]:
     """Yield (line number from 1, text without its line ending) as lines arrive.
-    Invalid UTF-8 raises DataError naming the line and the byte offset in the input."""
+    Invalid UTF-8, NUL bytes and over-long lines raise DataError naming the line (and byte offset)."""
     offset = 0
-    for number, raw in enumerate(iter(stream.readline, b""), start=1):
+    for number, raw in enumerate(raw_lines(stream), start=1):
+        if isinstance(raw, TooLong):
+            raise line_too_long(f"{source}: line {number}", raw)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise DataError(f"{source}: line {number}: not UTF-8 text (byte offset {offset + err.start})") from None
         if b"\x00" in raw:
             raise DataError(f"{source}: line {number}: NUL byte (byte offset {offset + raw.index(0)}); is this binary input?")
-        offset += len(raw)
+        offset += len(raw) + 1
         if number == 1:
             text = text.removeprefix("\ufeff")
-        yield number, text.rstrip("\r\n")
+        yield number, text.rstrip("\r")

@@ -16,6 +16,7 @@ from tokenizers.models import WordPiece
 
 from bertcli.errors import CheckpointError, DataError
 from bertcli.fileio import atomic_write_text
+from bertcli.textio import split_lines
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -137,7 +138,7 @@ def _read_lowercase(d: Path) -> bool | None:
 
 def _read_vocab(path: Path) -> dict[str, int]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = split_lines(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise CheckpointError(f"{path}: not UTF-8 (byte offset {err.start})") from None
     if not lines:

@@ -27,11 +27,11 @@ from torch import Tensor, nn
 from bertcli.allocator import keep_freed_memory
 from bertcli.data.batching import batch_order
 from bertcli.errors import BertcliError, Interrupted
-from bertcli.fileio import OutputError, append_text, atomic_write, discard, publish
+from bertcli.fileio import OutputError, append_text, atomic_write, discard, finite_json, publish
 from bertcli.recipes import TrainConfig, parse_duration
+from bertcli.rundir import STAGE_DIR
 
 RESUME_FILE = "resume.pt"
-STAGE_DIR = ".saving"  # a checkpoint being written; moved into place once complete
 MAX_SKIPPED_STEPS = 10  # non-finite losses in a row that bf16/fp16 may skip before the run stops
 
 
@@ -155,13 +155,13 @@ class Log:
         if resume_step is None:
             atomic_write(path, lambda tmp: Path(tmp).write_text("", encoding="utf-8"))
         elif path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-                    if _record_step(line) <= resume_step]
+            lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+            kept = [line for line in lines if line and _record_step(line) <= resume_step]
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept), encoding="utf-8"))
             self.last = kept[-1] if kept else ""
 
     def write(self, record: dict) -> None:
-        line = json.dumps(record)
+        line = finite_json(record)
         if line == self.last:  # the final evaluation, redone by a run resumed after its last checkpoint
             return
         append_text(self.path, line + "\n")
@@ -188,28 +188,32 @@ def _progress(total: int | None, enabled: bool):
 
 
 class _StopRequest:
-    """Ctrl-C during training sets a flag that the loop reads after each step (a KeyboardInterrupt
-    raised at a random point can be swallowed, e.g. inside a finalizer). A second Ctrl-C, or one
-    outside the main thread's loop, interrupts at once."""
+    """Ctrl-C (SIGINT) or SIGTERM (how schedulers such as SLURM, Kubernetes and systemd stop a job)
+    during training sets a flag that the loop reads after each step (a KeyboardInterrupt raised at a
+    random point can be swallowed, e.g. inside a finalizer). A second signal, or one outside the
+    main thread's loop, interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self._set = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self._set:
+        if self.signum is not None:
             raise KeyboardInterrupt
-        self._set = True
+        self.signum = signum
 
     def is_set(self) -> bool:
-        return self._set
+        return self.signum is not None
 
     def release(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 def _global_sum(values: list[float], world: int, device: torch.device) -> list[float]:
@@ -254,6 +258,11 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
     def checkpoint() -> None:
         began = time.perf_counter()
         pos.elapsed = began - start
+        broken = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if broken is not None:  # never saved: a checkpoint of NaN weights would only spread the damage
+            raise BertcliError(f"{broken} holds NaN or infinite values at step {pos.step}: the training diverged; "
+                               f"lower train.lr or check the data. Nothing was saved for this step; the last good "
+                               f"checkpoint in {out} (if any) is kept")
         if writer:  # written whole into a side directory, then moved in by renames: never half replaced
             stage = out / STAGE_DIR
             discard(stage)
@@ -324,7 +333,7 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                         param_group["lr"] = lr
                     scaler.unscale_(optimizer)
                     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                    bad = not math.isfinite(step_loss) or (precision == "bf16" and not math.isfinite(norm))
+                    bad = not math.isfinite(step_loss) or (precision != "fp16" and not math.isfinite(norm))
                     if bad and (precision == "fp32" or skipped >= MAX_SKIPPED_STEPS):
                         what = f"the loss became {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm became {norm}"
                         again = f" after {skipped} skipped steps in a row" if skipped else ""
@@ -378,7 +387,9 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
     except KeyboardInterrupt:
         ctrl_c.release()
         checkpoint()
-        raise Interrupted(f"interrupted at step {pos.step}: saved to {out}; continue with --resume") from None
+        signum = ctrl_c.signum or signal.SIGINT
+        raise Interrupted(f"{signal.Signals(signum).name} at step {pos.step}: saved to {out}; continue with --resume",
+                          128 + signum) from None
     finally:
         ctrl_c.release()
     evaluate()
@@ -387,4 +398,4 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
 
 
 def write_metrics(out: Path, metrics: dict) -> None:
-    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
+    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(finite_json(metrics, indent=2) + "\n"))

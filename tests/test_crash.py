@@ -23,6 +23,7 @@ import torch
 from bertcli.errors import BertcliError
 from bertcli.jobs import finetune
 from bertcli.recipes import load_recipe
+from bertcli.rundir import LOCK, MARKER
 from conftest import CORPUS, ROOT, run_cli, write_recipe
 
 # Runs bertcli in this process after arranging to SIGKILL itself at the KILL_AT_REPLACE-th
@@ -142,8 +143,14 @@ def _digest(run: Path) -> dict[str, str]:
 
 
 def _checkpoint(digest: dict[str, str]) -> dict[str, str]:
-    """The checkpoint's files (the log and the recipe of the run that failed may change)."""
-    return {k: v for k, v in digest.items() if k not in ("log.jsonl", "recipe.yaml")}
+    """The checkpoint's files (the log and the recipe of the run that failed may change, and the lock
+    file holds the pid of the last writer)."""
+    return {k: v for k, v in digest.items() if k not in ("log.jsonl", "recipe.yaml", ".bertcli.lock")}
+
+
+def _leftovers(run: Path) -> list[str]:
+    """Hidden files other than bertcli's marker and lock: what a failed write would leave behind."""
+    return [p.name for p in run.iterdir() if p.name.startswith(".") and p.name not in (MARKER, LOCK)]
 
 
 def _limit_file_size(limit: int):
@@ -167,7 +174,7 @@ def test_a_write_the_disk_refuses_keeps_the_previous_checkpoint(tmp_path, tiny_t
     assert "Traceback" not in err
     after = _digest(run)
     assert _checkpoint(after) == _checkpoint(before)
-    assert not any(p.name.startswith(".") for p in run.iterdir())
+    assert not _leftovers(run)
     again = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, timeout=300)  # room again: it finishes
     assert again.returncode == 0, again.stderr.decode()[-2000:]
     assert [r["step"] for r in _records(run) if "loss" in r] == list(range(1, 13))
@@ -208,7 +215,7 @@ def test_full_disk_and_read_only_directory(tmp_path, tiny_tokenizer_dir, tmpfs):
     assert full.returncode == 2 and "No space left on device" in err and "Traceback" not in err, err[-2000:]
     after = _digest(run)
     assert _checkpoint(after) == _checkpoint(before)
-    assert not any(p.name.startswith(".") for p in run.iterdir())
+    assert not _leftovers(run)
 
     readonly = tmpfs(1 << 20, readonly=True)
     fresh = run_cli("finetune", str(recipe), "--out", str(readonly / "run"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bertcli.data.tables import read_jsonl, read_text
 from bertcli.errors import DataError
+from bertcli.textio import split_lines
 from bertcli.metrics import get_entities
 
 TAG = re.compile(r"^(O|[BIES]-\S+)$")
@@ -47,7 +48,7 @@ def read_ner(path: str | Path) -> list[Sentence]:
             sentences.append(Sentence(tuple(words), tuple(to_bio(tags)), f"{path}:{start}"))
         words, tags = [], []
 
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         fields = line.split()
         if not fields:
             flush()

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,24 +24,30 @@ from typing import Callable, Iterator
 import numpy as np
 
 from bertcli.errors import DataError
-from bertcli.fileio import atomic_write_text
+from bertcli.fileio import atomic_write_text, discard, publish
+from bertcli.rundir import STAGE_DIR, claim
 from bertcli.tokenizer import WordPieceTokenizer
 
 FORMAT = "bertcli-shards-1"
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+|(?<=[。！？])[”’」』）]*\s*")
 BATCH_SENTENCES = 20_000
+MAX_CORPUS_LINE_BYTES = 64 << 20  # a paragraph, or a document laid out on one line
 
 
 def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
 
 
-def iter_documents(path: Path, on_bytes: Callable[[int], None] = lambda n: None) -> Iterator[list[str]]:
-    """Documents of a text file as lists of sentences, read as a stream."""
+def iter_documents(path: Path, on_bytes: Callable[[bytes], None] = lambda b: None) -> Iterator[list[str]]:
+    """Documents of a text file as lists of sentences, read once as a stream (`on_bytes` sees every
+    line's bytes). A line over MAX_CORPUS_LINE_BYTES is never held whole: it is an error."""
     offset, number, block = 0, 0, []
     with open(path, "rb") as f:
-        for raw in f:
+        for raw in iter(lambda: f.readline(MAX_CORPUS_LINE_BYTES + 1), b""):
             number += 1
+            if len(raw) > MAX_CORPUS_LINE_BYTES:
+                raise DataError(f"{path}: line {number}: over {MAX_CORPUS_LINE_BYTES:,} bytes without a line break; "
+                                "is this a text file?")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -51,7 +56,7 @@ def iter_documents(path: Path, on_bytes: Callable[[int], None] = lambda n: None)
                 where = offset + raw.index(b"\x00")
                 raise DataError(f"{path}: line {number}: NUL byte (byte offset {where}); is this a binary file?")
             offset += len(raw)
-            on_bytes(len(raw))
+            on_bytes(raw)
             if line.strip():
                 block.append(line.strip())
             elif block:
@@ -79,7 +84,9 @@ def tokenizer_sha256(tokenizer: WordPieceTokenizer) -> str:
 
 def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, show_progress: bool = True,
                   segmenter: str | None = None) -> dict:
-    """Encode text files into a shard directory (written under a temporary name, then renamed).
+    """Encode text files into the shard directory `out`, which the caller has claimed
+    (bertcli.rundir.claim): the shards are written into a side directory, then moved in by renames,
+    index.json last. Each file is read once, as a stream, so a pipe or `<(...)` works too.
     Sentences are tokenized in large batches by `tokenizers`, which spreads them over all cores.
     With a word `segmenter` (jieba, for Chinese whole-word masking), `NNNNN.words.bin` marks the
     tokens that continue a word."""
@@ -88,37 +95,42 @@ def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, s
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     for f in files:
-        if not f.is_file():
+        if not f.exists() or f.is_dir():
             raise DataError(f"{f}: {'is a directory, expected a text file' if f.is_dir() else 'file not found'}")
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    stage = out / STAGE_DIR
+    discard(stage)
+    stage.mkdir(parents=True)
     console = Console(stderr=True)
     progress = Progress(TextColumn("encoding"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console,
                         disable=not (show_progress and console.is_terminal))
     totals = {"documents": 0, "sentences": 0, "tokens": 0}
     sources = []
+    regular = all(f.is_file() for f in files)
     try:
         with progress:
-            bar = progress.add_task("encode", total=sum(f.stat().st_size for f in files))
+            bar = progress.add_task("encode", total=sum(f.stat().st_size for f in files) if regular else None)
             for number, path in enumerate(files):
-                counts = _encode_file(tokenizer, path, tmp / f"{number:05d}", dtype,
-                                      lambda n: progress.advance(bar, n), segment)
+                digest = hashlib.sha256()
+
+                def read(chunk: bytes) -> None:
+                    digest.update(chunk)
+                    progress.advance(bar, len(chunk))
+
+                counts = _encode_file(tokenizer, path, stage / f"{number:05d}", dtype, read, segment)
                 if counts["sentences"] == 0:
                     raise DataError(f"{path}: no text to encode")
                 for key in totals:
                     totals[key] += counts[key]
-                sources.append({"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size, **counts})
+                sources.append({"path": str(path), "sha256": digest.hexdigest(), **counts})
         index = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
                  "segmenter": segmenter if segment else None,
                  "tokenizer_sha256": tokenizer_sha256(tokenizer), **totals, "shards": sources}
-        atomic_write_text(tmp / "index.json", json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        atomic_write_text(stage / "index.json", json.dumps(index, indent=2) + "\n")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(stage)
         raise
+    publish(stage, out, last="index.json")
     return index
 
 
@@ -231,20 +243,60 @@ def cache_dir() -> Path:
 
 def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str | None = None) -> list[Shard]:
     """Shards for a recipe's data paths: shard directories as they are; raw text files encoded
-    on first use and cached, keyed by the files' content, the tokenizer and the segmenter."""
+    on first use and cached, keyed by the files' content, the tokenizer and the segmenter. A pipe
+    or `<(...)` is read once, into the cache, before it is hashed and encoded."""
     shards: list[Shard] = []
-    texts = [Path(p) for p in paths if not Path(p).is_dir()]
     for p in paths:
         if Path(p).is_dir():
             shards.extend(load_shards(Path(p), tokenizer))
-    if texts:
-        key = hashlib.sha256(json.dumps([tokenizer_sha256(tokenizer), segmenter or "none"] +
-                                        [file_sha256(t) for t in texts]).encode())
-        target = cache_dir() / "shards" / key.hexdigest()[:32]
-        if not (target / "index.json").is_file():
-            import sys
+    spooled: list[Path] = []
+    try:
+        texts = []
+        for p in paths:
+            if Path(p).is_dir():
+                continue
+            if not Path(p).is_file():
+                spooled.append(_spool(Path(p)))
+            texts.append(spooled[-1] if not Path(p).is_file() else Path(p))
+        if texts:
+            key = hashlib.sha256(json.dumps([tokenizer_sha256(tokenizer), segmenter or "none"] +
+                                            [file_sha256(t) for t in texts]).encode())
+            target = cache_dir() / "shards" / key.hexdigest()[:32]
+            if not (target / "index.json").is_file():
+                import sys
 
-            sys.stderr.write(f"encoding {len(texts)} text file(s) into {target}\n")
-            encode_corpus(tokenizer, texts, target, segmenter=segmenter)
-        shards.extend(load_shards(target, tokenizer))
+                sys.stderr.write(f"encoding {len(texts)} text file(s) into {target}\n")
+                with claim(target, "shards", overwrite=True, wait=True):  # bertcli's own cache
+                    encode_corpus(tokenizer, texts, target, segmenter=segmenter)
+            shards.extend(load_shards(target, tokenizer))
+    finally:
+        for path in spooled:
+            path.unlink(missing_ok=True)
     return shards
+
+
+def _spool(path: Path) -> Path:
+    """Copy a stream that can be read only once (a FIFO, /dev/stdin, `<(...)`) into a cache file,
+    stopping at the first NUL byte or over-long line (a device such as /dev/zero is not text)."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    directory = cache_dir() / "spool"
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{os.getpid()}-{len(list(directory.iterdir()))}.txt"
+    offset, since_break = 0, 0
+    try:
+        with open(path, "rb") as source, open(target, "wb") as sink:
+            for chunk in iter(lambda: source.read(1 << 20), b""):
+                if b"\x00" in chunk:
+                    raise DataError(f"{path}: NUL byte (byte offset {offset + chunk.index(0)}); is this a text stream?")
+                last = chunk.rfind(b"\n")
+                since_break = since_break + len(chunk) if last < 0 else len(chunk) - last - 1
+                if since_break > MAX_CORPUS_LINE_BYTES:
+                    raise DataError(f"{path}: over {MAX_CORPUS_LINE_BYTES:,} bytes without a line break; is this a "
+                                    "text stream?")
+                sink.write(chunk)
+                offset += len(chunk)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return target

@@ -77,12 +77,16 @@ def _example(qa: Any, context: str, where: str, report: ReadReport) -> QaExample
     if not isinstance(question, str):
         raise DataError(f"{where}: missing field 'question'")
     qid = str(qa.get("id", where))
-    impossible = bool(qa.get("is_impossible", False))
+    impossible = qa.get("is_impossible", False)
+    if not isinstance(impossible, bool):  # "false" is a string, and bool("false") is True
+        raise DataError(f"{where} (id {qid}): 'is_impossible' must be true or false, got {impossible!r}")
     answers = []
     given = _answers(qa.get("answers"), where)
     for text, start in given:
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}: an answer text must be a non-empty string")
+            raise DataError(f"{where} (id {qid}): an answer text must be a non-empty string")
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+            raise DataError(f"{where} (id {qid}): 'answer_start' must be a character offset of 0 or more, got {start!r}")
         report.answers += 1
         found = _locate(context, text, start)
         if found is None:
@@ -119,7 +123,7 @@ def _read_squad(path: str | Path) -> tuple[list[QaExample], ReadReport]:
         return examples, report
     try:
         doc = json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):

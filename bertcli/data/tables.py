@@ -8,63 +8,91 @@ from pathlib import Path
 from typing import Iterator
 
 from bertcli.errors import DataError
+from bertcli.textio import MAX_LINE_BYTES, line_too_long, split_lines
 
 
-MAX_LINE_BYTES = 1 << 20  # one example per line: a longer line means the wrong file, or one without line breaks
-
-
-def line_too_long(where: str, size: int) -> DataError:
-    return DataError(f"{where}: the line is {size:,} bytes long, over the limit of {MAX_LINE_BYTES:,} for one "
-                     f"example (is this the right file, with one example per line?)")
-
-
-def _check_line_lengths(path: str | Path, data: bytes) -> None:
-    if len(data) <= MAX_LINE_BYTES:
-        return
-    start, number = 0, 1
-    while start < len(data):
-        end = data.find(b"\n", start)
-        end = len(data) if end < 0 else end
-        if end - start > MAX_LINE_BYTES:
-            raise line_too_long(f"{path}: line {number}", end - start)
-        start, number = end + 1, number + 1
+MAX_DOCUMENT_BYTES = 4 << 30  # a whole-file format (SQuAD JSON) read into memory: SQuAD v2 train is 40 MB
+_CHUNK = 1 << 20
 
 
 def read_text(path: str | Path, one_example_per_line: bool = True) -> str:
-    """The whole file as text; invalid UTF-8 and NUL bytes are reported with their offset, and
-    so is a line over MAX_LINE_BYTES in a line-oriented file."""
+    """The whole file as text, read once as a stream (a pipe or `<(...)` works too). Invalid UTF-8
+    and NUL bytes are reported with their line and offset, and so is a line over MAX_LINE_BYTES in
+    a line-oriented file, as soon as it is met: a device such as /dev/zero is never read to its end."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path}: file not found")
     if p.is_dir():
         raise DataError(f"{path}: is a directory, expected a file")
-    data = p.read_bytes()
-    if one_example_per_line:
-        _check_line_lengths(path, data)
+    chunks: list[bytes] = []
+    size, lines, since_break = 0, 1, 0  # bytes read, line number at the chunk's start, bytes since the last \n
+    try:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                nul = chunk.find(b"\x00")
+                if nul >= 0:
+                    line = lines + chunk.count(b"\n", 0, nul)
+                    raise DataError(f"{path}: line {line}: NUL byte (byte offset {size + nul}); is this a binary file?")
+                if one_example_per_line:
+                    pieces = chunk.split(b"\n")
+                    for number, piece in enumerate(pieces[:-1] if len(pieces) > 1 else []):
+                        if since_break + len(piece) > MAX_LINE_BYTES:
+                            raise line_too_long(f"{path}: line {lines + number}", since_break + len(piece))
+                        since_break = 0
+                    since_break += len(pieces[-1])
+                    if since_break > MAX_LINE_BYTES:
+                        where = f"{path}: line {lines + len(pieces) - 1}"
+                        raise line_too_long(where, since_break + _rest_of_line(f, p))
+                elif size + len(chunk) > MAX_DOCUMENT_BYTES:
+                    raise DataError(f"{path}: over {MAX_DOCUMENT_BYTES:,} bytes, too large to read as one document")
+                chunks.append(chunk)
+                size += len(chunk)
+                lines += chunk.count(b"\n")
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror}") from None
+    data = b"".join(chunks)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[:err.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: not UTF-8 text (byte offset {err.start})") from None
-    if "\x00" in text:
-        offset = data.index(b"\x00")
-        line = data[:offset].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: NUL byte (byte offset {offset}); is this a binary file?")
     return text.removeprefix("\ufeff")
+
+
+def _rest_of_line(f, path: Path) -> int:
+    """Bytes up to the next line break, counted without keeping them (a regular file only: a
+    stream may never end)."""
+    if not path.is_file():
+        return 0
+    count = 0
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+        end = chunk.find(b"\n")
+        if end >= 0:
+            return count + end
+        count += len(chunk)
+    return count
 
 
 def read_jsonl(path: str | Path, text: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of JSONL `text` read from `path`."""
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise DataError(f"{path}: line {number}: not valid JSON ({err})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {number}: expected a JSON object")
         yield number, row
+
+
+def _csv_rows(path: str | Path, lines: list[str]) -> Iterator[list[str]]:
+    reader = csv.reader(lines)
+    try:
+        yield from reader
+    except csv.Error as err:
+        raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({err})") from None
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
@@ -75,11 +103,8 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
     if suffix in (".jsonl", ".json"):
         yield from read_jsonl(path, text)
         return
-    lines = text.splitlines()
-    if suffix == ".csv":
-        reader = csv.reader(lines)
-    else:
-        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+    lines = split_lines(text)
+    reader = _csv_rows(path, lines) if suffix == ".csv" else (line.split("\t") for line in lines)  # TSV: no quoting
     header = None
     for number, fields in enumerate(reader, start=1):
         if header is None:

@@ -30,6 +30,10 @@ class Task(ABC):
         """Label names found in training data (tasks without labels return [])."""
         return []
 
+    def check_labels(self, examples: Sequence) -> None:
+        """DataError naming the first example whose label the model does not know (tasks
+        without labels accept every example)."""
+
     def saved_options(self) -> dict:
         """Settings learnt from the training data that predict needs (kept in config.json)."""
         return {}

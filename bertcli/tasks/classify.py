@@ -126,7 +126,7 @@ class ClassifyTask(Task):
         if text.startswith("{"):
             try:
                 row = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):
                 row = None
             if isinstance(row, dict):
                 if not isinstance(row.get("text"), str):

@@ -121,7 +121,7 @@ class QaTask(Task):
             return QaExample(where, "", "", (), True, where)
         try:
             row = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise DataError(f"{where}: expected a JSON line {{\"question\": ..., \"context\": ...}}") from None
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("context"), str):
             raise DataError(f"{where}: expected string fields 'question' and 'context'")

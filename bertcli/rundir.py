@@ -1,0 +1,207 @@
+"""Output directories that bertcli owns: a marker, one writer at a time, and only its own files
+ever removed.
+
+A directory that a command writes (a run, a tokenizer, token shards) gets `.bertcli-run`, a small
+JSON file naming what it holds. `--overwrite` and the clean-up of a killed run's leftovers act only
+on a directory with that marker, and then only on the files that command writes: a directory
+holding anything else is refused with the names of what it holds, and nothing in it is touched.
+
+One process writes a directory at a time: it holds an advisory lock (`fcntl.flock`) on
+`.bertcli.lock` for as long as it runs. The kernel drops the lock when the process dies, however it
+dies, so a SIGKILL never leaves a stale lock; a second writer exits at once, naming the holder's pid.
+
+An output that is, contains or lies inside one of the command's inputs is refused before anything
+is touched (`check_apart`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+from bertcli import __version__
+from bertcli.errors import BertcliError
+from bertcli.fileio import atomic_write_text
+
+MARKER = ".bertcli-run"
+LOCK = ".bertcli.lock"
+STAGE_DIR = ".saving"  # files being written; moved into place once complete
+_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # an atomic write's temporary file (fileio.atomic_write)
+_TOKENIZER = {"tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"}
+# what each kind of directory holds: bertcli writes these names and no others
+OWN = {
+    "run": _TOKENIZER | {"config.json", "model.safetensors", "recipe.yaml", "log.jsonl", "metrics.json", "resume.pt"},
+    "tokenizer": _TOKENIZER,
+    "shards": {"index.json"},
+}
+_SHARD_FILE = re.compile(r"\d{5}\.(tokens\.bin|sentences\.npy|documents\.npy|words\.bin)")
+WHAT = {"run": "a bertcli run", "tokenizer": "a bertcli tokenizer", "shards": "bertcli token shards"}
+
+
+def is_leftover(name: str) -> bool:
+    """What a process killed mid-write leaves: a staged checkpoint or an atomic write's temporary file."""
+    return name == STAGE_DIR or _TEMP.fullmatch(name) is not None
+
+
+def is_own(kind: str, name: str) -> bool:
+    if name in (MARKER, LOCK) or name in OWN[kind] or is_leftover(name):
+        return True
+    return kind == "shards" and _SHARD_FILE.fullmatch(name) is not None
+
+
+def marked_kind(directory: Path) -> str | None:
+    """The kind written in the directory's marker, or None when it has no valid marker."""
+    path = directory / MARKER
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 4096:
+            return None
+        kind = json.loads(path.read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if kind in OWN else None
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_apart(out: Path, inputs: Iterable[tuple[str, str | Path | None]], own: Iterable[Path] = ()) -> None:
+    """Refuse an output directory that is, contains or lies inside an input (named by its key, e.g.
+    data.train). `own` lists files of the run itself that may be read back (--resume of its recipe.yaml)."""
+    target = _resolved(out)
+    allowed = {_resolved(p) for p in own}
+    for key, path in inputs:
+        if path is None or str(path) == "":
+            continue
+        source = _resolved(path)
+        if source in allowed:
+            continue
+        if _inside(source, target) or _inside(target, source):
+            where = "is" if source == target else ("contains" if _inside(source, target) else "lies inside")
+            raise BertcliError(f"{out}: the output directory {where} the input {key} ({path}); write the output "
+                               "somewhere else (--out), so that nothing you read is replaced")
+
+
+class Claim:
+    """The lock on an output directory, held until `release` (or the process ends)."""
+
+    def __init__(self, directory: Path, fd: int):
+        self.directory = directory
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, wait: bool = False) -> Claim:
+    """Make `out` this process's output directory of `kind` ("run", "tokenizer" or "shards").
+
+    - A missing or empty directory is created and marked.
+    - An existing one needs `resume` (continue it) or `overwrite` (remove bertcli's files in it);
+      both require the marker of the same kind, and `overwrite` refuses a directory that holds
+      anything bertcli does not write there.
+    - Leftovers of a killed writer are removed, in a marked directory only.
+    `wait` blocks on another writer's lock (for bertcli's own cache) instead of refusing."""
+    if resume and overwrite:
+        raise BertcliError("--resume and --overwrite exclude each other")
+    _check_state(out, kind, resume, overwrite)  # before anything is created
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BertcliError(f"{out}: cannot create the output directory: {err.strerror}") from None
+    try:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        raise BertcliError(f"{out / LOCK}: cannot open the output directory's lock: {err.strerror}") from None
+    try:
+        _lock(fd, out, wait)
+        _check_state(out, kind, resume, overwrite)  # again: another writer may have been here in between
+        if marked_kind(out) is None:
+            atomic_write_text(out / MARKER, json.dumps({"kind": kind, "bertcli_version": __version__}) + "\n")
+        for entry in sorted(out.iterdir()):
+            if is_leftover(entry.name) or (overwrite and entry.name not in (MARKER, LOCK)):
+                _remove(entry)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Claim(out, fd)
+
+
+def precheck(out: Path, kind: str, resume: bool = False, overwrite: bool = False) -> None:
+    """What `claim` will refuse, said before a long preparation rather than after it."""
+    if resume and overwrite:
+        raise BertcliError("--resume and --overwrite exclude each other")
+    _check_state(out, kind, resume, overwrite)
+
+
+def _check_state(out: Path, kind: str, resume: bool, overwrite: bool) -> None:
+    if out.is_symlink() and not out.is_dir():
+        raise BertcliError(f"{out}: is a symbolic link to nothing; name a directory")
+    if out.exists() and not out.is_dir():
+        raise BertcliError(f"{out}: exists and is not a directory")
+    try:
+        names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    except OSError as err:
+        raise BertcliError(f"{out}: cannot read the output directory: {err.strerror}") from None
+    if not [n for n in names if n != LOCK]:  # missing or empty (a lock alone: killed before its marker)
+        if resume:
+            raise BertcliError(f"{out}: nothing to resume (no resume.pt)")
+        return
+    found = marked_kind(out)
+    if found is None:
+        if resume or overwrite:
+            flag = "--resume" if resume else "--overwrite"
+            raise BertcliError(f"{out}: {flag} refused: the directory was not written by bertcli (it has no {MARKER} "
+                               f"marker), so bertcli will not touch it; choose another --out")
+        raise BertcliError(f"{out}: already exists and is not empty; choose another --out")
+    if found != kind:
+        raise BertcliError(f"{out}: holds {WHAT[found]}, not {WHAT[kind]}; choose another --out")
+    if resume:
+        if "resume.pt" not in names:
+            raise BertcliError(f"{out}: nothing to resume (no resume.pt); start afresh with --overwrite")
+        return
+    if not overwrite:
+        again = " pass --resume to continue it or" if kind == "run" else ""
+        raise BertcliError(f"{out}: already exists;{again} pass --overwrite to replace it")
+    foreign = [n for n in names if not is_own(kind, n)]
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise BertcliError(f"{out}: --overwrite refused: it holds files bertcli did not write ({shown}); they are "
+                           "kept, and so is everything else: move them away, or choose another --out")
+
+
+def _lock(fd: int, out: Path, wait: bool) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        raise BertcliError(f"{out}: another bertcli process (pid {holder}) is writing this directory; wait for it "
+                           "to end, or choose another --out") from None
+
+
+def _remove(entry: Path) -> None:
+    """Remove one of bertcli's own entries; a symbolic link is removed itself, never followed."""
+    if entry.is_dir() and not entry.is_symlink():
+        for child in entry.iterdir():
+            _remove(child)
+        entry.rmdir()
+    else:
+        entry.unlink()

@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -29,6 +30,7 @@ from bertcli.fileio import atomic_write_text
 
 MARKER = ".bertcli-run"
 LOCK = ".bertcli.lock"
+LOCK_TRIES = 25  # x 20 ms
 STAGE_DIR = ".saving"  # files being written; moved into place once complete
 _TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # an atomic write's temporary file (fileio.atomic_write)
 _TOKENIZER = {"tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"}
@@ -93,8 +95,9 @@ def check_apart(out: Path, inputs: Iterable[tuple[str, str | Path | None]], own:
 class Claim:
     """The lock on an output directory, held until `release` (or the process ends)."""
 
-    def __init__(self, directory: Path, fd: int):
+    def __init__(self, directory: Path, fd: int, complete: bool = False):
         self.directory = directory
+        self.complete = complete  # `claim(..., complete_with=NAME)` found NAME: the work is already done
         self._fd: int | None = fd
 
     def release(self) -> None:
@@ -109,7 +112,8 @@ class Claim:
         self.release()
 
 
-def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, wait: bool = False) -> Claim:
+def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, wait: bool = False,
+          complete_with: str | None = None) -> Claim:
     """Make `out` this process's output directory of `kind` ("run", "tokenizer" or "shards").
 
     - A missing or empty directory is created and marked.
@@ -117,9 +121,13 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
       both require the marker of the same kind, and `overwrite` refuses a directory that holds
       anything bertcli does not write there.
     - Leftovers of a killed writer are removed, in a marked directory only.
-    `wait` blocks on another writer's lock (for bertcli's own cache) instead of refusing."""
+    `wait` blocks on another writer's lock (for bertcli's own cache) instead of refusing; with
+    `complete_with`, a marked directory found holding that file once the lock is held is kept as it is
+    (another process finished the same work meanwhile) and the claim says `complete`."""
     if resume and overwrite:
         raise BertcliError("--resume and --overwrite exclude each other")
+    if not wait:
+        _refuse_if_locked(out)
     _check_state(out, kind, resume, overwrite)  # before anything is created
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +139,8 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
         raise BertcliError(f"{out / LOCK}: cannot open the output directory's lock: {err.strerror}") from None
     try:
         _lock(fd, out, wait)
+        if complete_with and marked_kind(out) == kind and (out / complete_with).is_file():
+            return Claim(out, fd, complete=True)
         _check_state(out, kind, resume, overwrite)  # again: another writer may have been here in between
         if marked_kind(out) is None:
             atomic_write_text(out / MARKER, json.dumps({"kind": kind, "bertcli_version": __version__}) + "\n")
@@ -149,7 +159,24 @@ def precheck(out: Path, kind: str, resume: bool = False, overwrite: bool = False
     """What `claim` will refuse, said before a long preparation rather than after it."""
     if resume and overwrite:
         raise BertcliError("--resume and --overwrite exclude each other")
+    _refuse_if_locked(out)
     _check_state(out, kind, resume, overwrite)
+
+
+def _refuse_if_locked(out: Path) -> None:
+    """A writer at work is named first, whatever else the directory holds (trying its lock changes
+    nothing on disk)."""
+    path = out / LOCK
+    if path.is_symlink() or not path.is_file():
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return  # e.g. a read-only file system: claim says what is wrong
+    try:
+        _lock(fd, out, wait=False)
+    finally:
+        os.close(fd)  # releases the trial lock
 
 
 def _check_state(out: Path, kind: str, resume: bool, overwrite: bool) -> None:
@@ -189,12 +216,20 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool) -> None:
 
 
 def _lock(fd: int, out: Path, wait: bool) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        raise BertcliError(f"{out}: another bertcli process (pid {holder}) is writing this directory; wait for it "
-                           "to end, or choose another --out") from None
+    """Take the lock; without `wait`, refuse when another process keeps it for more than a moment
+    (another command's trial of the lock holds it for microseconds)."""
+    if wait:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.02)
+    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+    raise BertcliError(f"{out}: another bertcli process (pid {holder}) is writing this directory; wait for it "
+                       "to end, or choose another --out")
 
 
 def _remove(entry: Path) -> None:

@@ -266,8 +266,9 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
                 import sys
 
                 sys.stderr.write(f"encoding {len(texts)} text file(s) into {target}\n")
-                with claim(target, "shards", overwrite=True, wait=True):  # bertcli's own cache
-                    encode_corpus(tokenizer, texts, target, segmenter=segmenter)
+                with claim(target, "shards", overwrite=True, wait=True, complete_with="index.json") as mine:
+                    if not mine.complete:  # else another process encoded the same text meanwhile
+                        encode_corpus(tokenizer, texts, target, segmenter=segmenter)
             shards.extend(load_shards(target, tokenizer))
     finally:
         for path in spooled:

@@ -1,0 +1,506 @@
+"""Trust: nothing of the user's is ever deleted or changed, no recipe runs code, every bad value
+gets exit code 2, signals and pipes end cleanly. One test or case per class of issue 14, through
+the real command line; every case that involves the user's files hashes the whole tree before and
+after."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bertcli.jobs import finetune
+from bertcli.recipes import load_recipe
+from bertcli.rundir import LOCK, MARKER
+from conftest import ROOT, run_cli, write_recipe
+
+ROWS = "sentence\tlabel\nthe film is wonderful\tpos\na dull and boring plot\tneg\ni loved it\tpos\ni hated it\tneg\n" * 4
+CONTEXT = "The tiny corpus was written by the doctor in Paris."
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file and link under `root` with its content hash (a link: where it points)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(root))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+        elif p.is_dir():
+            out[str(p.relative_to(root)) + "/"] = "dir"
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    d = tmp_path_factory.mktemp("trust-model")
+    (d / "train.tsv").write_text(ROWS, encoding="utf-8")
+    recipe = write_recipe(d / "recipe.yaml", {"name": "classify"}, {"train": str(d / "train.tsv"), "max_seq_len": 16},
+                          {"max_steps": 2}, tokenizer=tiny_tokenizer_dir)
+    finetune(load_recipe(recipe), d / "run", resume=False, overwrite=False)
+    return d / "run"
+
+
+@pytest.fixture
+def home(tmp_path, model, tiny_tokenizer_dir) -> Path:
+    """A user's folder: data, a tokenizer, a model, a project of their own and a recipe."""
+    (tmp_path / "train.tsv").write_text(ROWS, encoding="utf-8")
+    (tmp_path / "corpus.txt").write_text("The fox jumps. The dog sleeps.\n\nA second document here.\n" * 5)
+    shutil.copytree(model, tmp_path / "model")
+    shutil.copytree(tiny_tokenizer_dir, tmp_path / "tok")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("precious")
+    (project / ".bashrc").write_text("export X=1")
+    (project / "config.json").write_text("{}")
+    (project / "recipe.yaml").write_text("mine: true")
+    (project / ".saving").mkdir()
+    (project / ".saving" / "draft.txt").write_text("a draft")
+    (project / ".notes.abcdefgh.tmp").write_text("looks like a leftover, is not")
+    recipe(tmp_path)
+    return tmp_path
+
+
+def recipe(home: Path, task: str = "classify", train: str = "train.tsv", extra: str = "", name: str = "r.yaml",
+           init: str | None = None, eval: str | None = None, seq: int = 32) -> str:
+    model = f"{{init: {init}}}" if init else \
+        "{hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64, max_position: 128}"
+    evaluation = f", eval: {home / eval}" if eval else ""
+    text = (f"task: {{name: {task}}}\n" + ("" if init else f"tokenizer: {home / 'tok'}\n") + f"model: {model}\n"
+            f"data: {{train: {home / train}{evaluation}, max_seq_len: {seq}}}\n"
+            f"train: {{max_steps: 2, batch_size: 4, precision: fp32, log_every: 1}}\noutput: {home / 'out'}\n{extra}")
+    (home / name).write_text(text, encoding="utf-8")
+    return str(home / name)
+
+
+def in_process(argv: list[str], monkeypatch, capsys, stdin: bytes = b"") -> tuple[int, str, str]:
+    """`bertcli ARGV` through the real entry point, in this process: (exit code, stdout, stderr)."""
+    from bertcli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["bertcli", *argv])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    code = 0
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def spoil_config(home: Path, **changes) -> str:
+    path = home / "model" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return str(home / "model")
+
+
+def nan_weight(home: Path) -> str:
+    from safetensors.torch import load_file, save_file
+
+    path = home / "model" / "model.safetensors"
+    state = load_file(str(path))
+    state["classifier.weight"][0, 0] = float("nan")
+    save_file(state, str(path))
+    return str(home / "model")
+
+
+def squad(home: Path, qa: dict) -> str:
+    (home / "q.json").write_text(json.dumps({"data": [{"paragraphs": [{"context": CONTEXT, "qas": [qa]}]}]}))
+    return "q.json"
+
+
+def bomb(home: Path) -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
+    (home / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    return str(home / "bomb.yaml")
+
+
+# name -> (argv given the user's folder, stdin, the message's pattern); each must exit 2 and leave the folder as it was
+CASES = {
+    # 1. --overwrite never deletes what bertcli did not write
+    "overwrite a user's project": (lambda h: ["finetune", recipe(h), "--out", str(h / "project"), "--overwrite"], b"",
+                                   r"project: --overwrite refused: the directory was not written by bertcli"),
+    "out is model.init": (lambda h: ["finetune", recipe(h, init=str(h / "model")), "--out", str(h / "model"),
+                                     "--overwrite"], b"", r"is the input model.init"),
+    "out contains the data": (lambda h: ["finetune", recipe(h), "--out", str(h), "--overwrite"], b"",
+                              r"contains the input (recipe|data.train)"),
+    "out inside the tokenizer": (lambda h: ["finetune", recipe(h), "--out", str(h / "tok" / "run")], b"",
+                                 r"lies inside the input tokenizer"),
+    "out is the recipe's folder, through ..": (lambda h: ["finetune", recipe(h), "--out", f"{h}/project/..",
+                                                          "--overwrite"], b"", r"contains the input"),
+    "tokenize encode into the corpus's folder": (lambda h: ["tokenize", "encode", "--tokenizer", str(h / "tok"), "--corpus",
+                                                            str(h / "corpus.txt"), "--out", str(h), "--overwrite"], b"",
+                                                 r"contains the input --(corpus|tokenizer)"),
+    "tokenize train over a user's folder": (lambda h: ["tokenize", "train", "--corpus", str(h / "corpus.txt"), "--out",
+                                                       str(h / "project"), "--overwrite"], b"",
+                                            r"--overwrite refused: the directory was not written by bertcli"),
+    "tokenize encode over the tokenizer": (lambda h: ["tokenize", "encode", "--tokenizer", str(h / "tok"), "--corpus",
+                                                      str(h / "corpus.txt"), "--out", str(h / "tok"), "--overwrite"], b"",
+                                           r"is the input --tokenizer"),
+    "out is a file": (lambda h: ["finetune", recipe(h), "--out", str(h / "train.tsv")], b"",
+                      r"(exists and is not a directory|is the input data.train)"),
+    "resume a user's folder": (lambda h: ["finetune", recipe(h), "--out", str(h / "project"), "--resume"], b"",
+                               r"--resume refused: the directory was not written by bertcli"),
+    # 2. no flag: nothing removed, not even what looks like bertcli's leftovers
+    "leftover names in a user's folder": (lambda h: ["finetune", recipe(h), "--out", str(h / "project")], b"",
+                                          r"project: already exists and is not empty"),
+    # 5. impossible numbers
+    "lr infinite": (lambda h: ["finetune", recipe(h), "--set", "train.lr=.inf"], b"", r"train.lr: expected a finite number"),
+    "weight decay NaN": (lambda h: ["finetune", recipe(h), "--set", "train.weight_decay=.nan"], b"",
+                         r"train.weight_decay: expected a finite number"),
+    "max_grad_norm NaN": (lambda h: ["finetune", recipe(h), "--set", "train.max_grad_norm=.nan"], b"",
+                          r"train.max_grad_norm: expected a finite number"),
+    "epochs infinite": (lambda h: ["finetune", recipe(h), "--set", "train.epochs=.inf"], b"",
+                        r"train.epochs: expected a finite number"),
+    "seed of 10^26": (lambda h: ["finetune", recipe(h), "--set", f"train.seed={10**26}"], b"", r"train.seed: .* out of range"),
+    "negative seed": (lambda h: ["finetune", recipe(h), "--set", "train.seed=-3"], b"", r"train.seed: must be in 0\.\."),
+    "intermediate_size of 10^12": (lambda h: ["finetune", recipe(h), "--set", "model.intermediate_size=1000000000000"], b"",
+                                   r"parameters needs [\d,.]+ GiB to train, more than this machine's"),
+    "time budget of 1e400 seconds": (lambda h: ["finetune", recipe(h), "--set", "train.time_budget=1e400"], b"",
+                                     r"train.time_budget: must be longer than 0 and finite"),
+    "pretraining max_seq_len 3": (lambda h: ["pretrain", recipe(h, "pretrain", "corpus.txt"), "--set",
+                                             "data.max_seq_len=3"], b"", r"data.max_seq_len: pretraining needs at least 8"),
+    "layer_norm_eps NaN in a checkpoint": (lambda h: ["predict", spoil_config(h, layer_norm_eps=float("nan"))], b"good\n",
+                                           r"config.json: layer_norm_eps must be greater than 0"),
+    "dropout infinite in a checkpoint": (lambda h: ["predict", spoil_config(h, hidden_dropout_prob=float("inf"))], b"x\n",
+                                         r"config.json: hidden_dropout_prob must be in \[0, 1\)"),
+    "10^12 layers in a checkpoint": (lambda h: ["predict", spoil_config(h, num_hidden_layers=10**12)], b"x\n",
+                                     r"parameters needs [\d,.]+ GiB to load"),
+    "NaN weight in a checkpoint": (lambda h: ["predict", nan_weight(h)], b"x\n",
+                                   r"weights hold NaN or infinite values: classifier.weight"),
+    "NaN weight as model.init": (lambda h: ["finetune", recipe(h, init=nan_weight(h))], b"",
+                                 r"weights hold NaN or infinite values"),
+    # 6. checked before step 1: no run directory appears
+    "eval labels the model never saw": (lambda h: ["finetune", recipe(h, eval="odd.tsv")], b"",
+                                        r"odd.tsv:3: label 'surprised' is not one"),
+    # 9. bounded parsing and odd paths
+    "YAML alias bomb": (lambda h: ["finetune", bomb(h)], b"", r"more than 100,000 values once aliases are expanded"),
+    "20,000 nested brackets": (lambda h: ["finetune", recipe(h, extra="x: " + "[" * 20000 + "]" * 20000 + "\n")], b"",
+                               r"nested more than 32 levels deep"),
+    "20,000 nested brackets in --set": (lambda h: ["finetune", recipe(h), "--set", "train.lr=" + "[" * 20000], b"",
+                                        r"train.lr: expected a number, got a string \('\[\[\[.*\(20,000 characters\)"),
+    "a recipe over 1 MiB": (lambda h: ["finetune", recipe(h, extra="#" * (1 << 20) + "\n")], b"", r"too large for a recipe"),
+    "data is /dev/zero": (lambda h: ["finetune", recipe(h), "--set", "data.train=/dev/zero"], b"",
+                          r"/dev/zero: line 1: NUL byte"),
+    "evaluate on /dev/zero": (lambda h: ["evaluate", str(h / "model"), "--data", "/dev/zero"], b"", r"/dev/zero: line 1: NUL"),
+    "evaluate --out a directory": (lambda h: ["evaluate", str(h / "model"), "--data", str(h / "train.tsv"), "--out",
+                                              str(h / "project")], b"", r"--out .*project: is a directory"),
+    "evaluate --out in a missing folder": (lambda h: ["evaluate", str(h / "model"), "--data", str(h / "train.tsv"), "--out",
+                                                      str(h / "nowhere" / "m.json")], b"", r"nowhere does not exist"),
+    "evaluate --out over its data": (lambda h: ["evaluate", str(h / "model"), "--data", str(h / "train.tsv"), "--out",
+                                                str(h / "train.tsv")], b"", r"is an input of this command"),
+    "evaluate --report a file": (lambda h: ["evaluate", str(h / "model"), "--data", str(h / "train.tsv"), "--report",
+                                            str(h / "train.tsv")], b"", r"--report .*: exists and is not a directory"),
+    # 10. QA data that would mis-train silently
+    "negative answer_start": (lambda h: ["finetune", recipe(h, "qa", squad(h, {"id": "q7", "question": "Who?", "answers": [
+        {"text": "the doctor", "answer_start": -5}]}), seq=128)], b"", r"q.json: .*\(id q7\): 'answer_start' must be .* got -5"),
+    "is_impossible as a string": (lambda h: ["finetune", recipe(h, "qa", squad(h, {"id": "q8", "question": "Who?",
+                                                                                  "is_impossible": "false", "answers": [
+            {"text": "the doctor", "answer_start": 31}]}), seq=128)], b"", r"\(id q8\): 'is_impossible' must be true or false"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_case_is_exit_2_and_leaves_every_file(case, home, monkeypatch, capsys):
+    (home / "odd.tsv").write_text("sentence\tlabel\nfine\tpos\nodd\tsurprised\n")
+    setup, stdin, expected = CASES[case]
+    argv = setup(home)
+    before = tree(home)
+    code, out, err = in_process(argv, monkeypatch, capsys, stdin)
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    for line in out.splitlines():  # predict: every answer is JSON (never NaN)
+        json.loads(line)
+    if expected is not None:
+        assert re.search(expected, err), err[-2000:]
+    assert tree(home) == before, "a file the user had changed, or a file appeared"
+    assert not (home / "out").exists()
+
+
+def test_overwrite_removes_only_a_marked_run_of_bertcli_files(home, monkeypatch, capsys):
+    r = recipe(home)
+    assert in_process(["finetune", r], monkeypatch, capsys)[0] == 0
+    run = home / "out"
+    assert (run / MARKER).is_file() and (run / "model.safetensors").is_file()
+    (run / "my-notes.txt").write_text("mine")
+    before = tree(home)
+    code, _, err = in_process(["finetune", r, "--overwrite"], monkeypatch, capsys)
+    assert code == 2 and "it holds files bertcli did not write (my-notes.txt)" in err
+    assert tree(home) == before
+    (run / "my-notes.txt").unlink()
+    (run / ".saving").mkdir()
+    (run / ".saving" / "config.json").write_text("{}")  # a killed run's staged checkpoint: bertcli's own
+    old_log = (run / "log.jsonl").read_text()
+    code, _, err = in_process(["finetune", r, "--overwrite", "--set", "train.max_steps=3"], monkeypatch, capsys)
+    assert code == 0, err
+    assert not (run / ".saving").exists() and (run / "log.jsonl").read_text() != old_log
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_overwrite_through_a_symlinked_run(home, monkeypatch, capsys):
+    r = recipe(home)
+    assert in_process(["finetune", r], monkeypatch, capsys)[0] == 0
+    (home / "link").symlink_to(home / "out")
+    code, _, err = in_process(["finetune", r, "--out", str(home / "link"), "--overwrite"], monkeypatch, capsys)
+    assert code == 0, err
+    assert (home / "link").is_symlink() and (home / "out" / "model.safetensors").is_file()
+
+
+def test_training_never_saves_non_finite_weights(home, monkeypatch, capsys):
+    """A step that leaves NaN in the weights with a finite loss (the loss check cannot see it) must
+    not reach a checkpoint: exit 2, nothing saved."""
+    import torch
+
+    import bertcli.train as train
+
+    make = train.make_optimizer
+
+    def poisoned(model, cfg):
+        optimizer = make(model, cfg)
+        step = optimizer.step
+
+        def step_then_poison(*args, **kwargs):
+            result = step(*args, **kwargs)
+            with torch.no_grad():
+                model.classifier.bias.fill_(float("nan"))
+            return result
+
+        optimizer.step = step_then_poison
+        return optimizer
+
+    monkeypatch.setattr(train, "make_optimizer", poisoned)
+    code, _, err = in_process(["finetune", recipe(home), "--set", "train.max_steps=1"], monkeypatch, capsys)
+    assert code == 2 and "classifier.bias holds NaN or infinite values at step 1" in err, err
+    assert not (home / "out" / "model.safetensors").exists() and not (home / "out" / "resume.pt").exists()
+
+
+def test_predict_and_the_log_never_print_nan(home, monkeypatch, capsys):
+    from bertcli.fileio import finite_json
+    from bertcli.tasks.classify import ClassifyTask
+
+    assert finite_json({"loss": float("nan"), "x": [float("inf"), 1.5]}) == '{"loss": null, "x": [null, 1.5]}'
+    real = ClassifyTask.predict
+
+    def overflow(self, model, examples, batch_size):
+        answers = real(self, model, examples, batch_size)
+        answers[0]["score"] = float("nan")
+        return answers
+
+    monkeypatch.setattr(ClassifyTask, "predict", overflow)
+    code, out, err = in_process(["predict", str(home / "model")], monkeypatch, capsys, b"good\nbad\n")
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert code == 2 and "not a finite number" in answers[0]["error"] and answers[1]["label"]
+
+
+def test_package_paths_never_import(tmp_path, tiny_tokenizer_dir):
+    """A package on sys.path that writes a marker when imported: no marker after any command that
+    reads a package: path (the working directory is on sys.path under `python -m`)."""
+    evil = tmp_path / "evilpkg"
+    (evil / "sub" / "tok").mkdir(parents=True)
+    marker = tmp_path / "IMPORTED"
+    for init in (evil / "__init__.py", evil / "sub" / "__init__.py"):
+        init.write_text(f"open({str(marker)!r}, 'a').write({str(init)!r} + '\\n')\n")
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_tokenizer_dir / name, evil / "sub" / "tok" / name)
+    (tmp_path / "train.tsv").write_text(ROWS)
+    (tmp_path / "corpus.txt").write_text("The fox jumps. The dog sleeps.\n\nA second document here.\n" * 5)
+    base = {"model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "max_position": 64}}
+    for number, (task, data, tokenizer) in enumerate([
+            ("classify", "train.tsv", "package:evilpkg.sub/tok"), ("classify", "train.tsv", "package:evilpkg/sub/tok"),
+            ("pretrain", "corpus.txt", "package:evilpkg.sub/tok")]):
+        r = tmp_path / f"r{number}.yaml"
+        r.write_text(json.dumps({"task": {"name": task}, "tokenizer": tokenizer, **base,
+                                 "data": {"train": str(tmp_path / data), "max_seq_len": 32},
+                                 "train": {"max_steps": 1, "batch_size": 4, "precision": "fp32"}}))
+        done = run_cli("pretrain" if task == "pretrain" else "finetune", str(r), "--out", str(tmp_path / f"out{number}"),
+                       cwd=tmp_path)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        assert not marker.exists(), marker.read_text()
+    done = run_cli("finetune", str(r), "--set", "tokenizer=package:evilpkg.nothere/tok", "--out", str(tmp_path / "x"),
+                   cwd=tmp_path)
+    assert done.returncode == 2 and b"no folder nothere in evilpkg" in done.stderr and not marker.exists()
+
+
+def test_two_runs_into_one_out_one_refused_the_other_resumes(tmp_path, tiny_tokenizer_dir):
+    (tmp_path / "train.tsv").write_text(ROWS * 8)
+    r = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
+                     {"max_steps": 30, "batch_size": 4, "save_every": 5}, tokenizer=tiny_tokenizer_dir)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "bertcli", "finetune", str(r), "--out", str(out)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    winner = next(p for p, (code, _) in zip(procs, results) if code == 0)
+    assert "Traceback" not in loser
+    assert re.search(rf"another bertcli process \(pid {winner.pid}\) is writing|already exists", loser), loser
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records if "loss" in x] == list(range(1, 31))  # one run's log, not two interleaved
+    done = run_cli("finetune", str(r), "--out", str(out), "--resume", "--set", "train.max_steps=35")
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    done = run_cli("predict", str(out), stdin=b"i loved it\n")
+    assert done.returncode == 0 and json.loads(done.stdout)["label"] in ("pos", "neg")
+
+
+def test_a_held_lock_is_refused_at_once_and_a_killed_holder_leaves_none(tmp_path, tiny_tokenizer_dir):
+    import fcntl
+
+    (tmp_path / "train.tsv").write_text(ROWS)
+    r = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
+                     {"max_steps": 2, "batch_size": 4}, tokenizer=tiny_tokenizer_dir)
+    out = tmp_path / "run"
+    assert run_cli("finetune", str(r), "--out", str(out)).returncode == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(out / LOCK)!r}, os.O_RDWR)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "os.pwrite(fd, b'4242\\n', 0)\nprint('locked', flush=True)\ntime.sleep(120)"],
+                              stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"locked\n"
+    done = run_cli("finetune", str(r), "--out", str(out), "--resume", "--set", "train.max_steps=4")
+    assert done.returncode == 2 and b"another bertcli process (pid 4242) is writing" in done.stderr
+    holder.kill()
+    holder.wait()
+    fd = os.open(out / LOCK, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel released it with the process
+    os.close(fd)
+    done = run_cli("finetune", str(r), "--out", str(out), "--resume", "--set", "train.max_steps=4")
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+def test_sigterm_saves_a_resumable_checkpoint(tmp_path, tiny_tokenizer_dir):
+    (tmp_path / "train.tsv").write_text(ROWS * 8)
+    r = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
+                     {"max_steps": 100000, "batch_size": 4}, tokenizer=tiny_tokenizer_dir)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "bertcli", "finetune", str(r), "--out", str(out)],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "log.jsonl").is_file() and (out / "log.jsonl").stat().st_size > 200):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 143 and "SIGTERM at step" in err and "--resume" in err, err[-2000:]
+    step = int(re.search(r"SIGTERM at step (\d+)", err).group(1))
+    assert (out / "resume.pt").is_file() and (out / "model.safetensors").is_file()
+    done = run_cli("finetune", str(r), "--out", str(out), "--resume", "--set", f"train.max_steps={step + 3}")
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records if "loss" in x] == list(range(1, step + 4))
+
+
+def _predict(model: Path, **options) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bertcli", "predict", str(model)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            **options)
+
+
+def test_predict_ends_cleanly_however_its_pipes_end(model, tmp_path):
+    # the reader goes away while stdin is still open: exit 0, no interpreter abort
+    proc = _predict(model)
+    proc.stdin.write(b"good film\n" * 300)
+    proc.stdin.flush()
+    assert json.loads(proc.stdout.readline())["label"]
+    proc.stdout.close()
+    try:
+        for _ in range(50):
+            proc.stdin.write(b"good film\n" * 300)
+            proc.stdin.flush()
+            time.sleep(0.02)
+    except BrokenPipeError:
+        pass
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 0 and "Fatal Python error" not in err and "Traceback" not in err, err
+    # Ctrl-C while stdin is open: 130, no abort
+    proc = _predict(model)
+    proc.stdin.write(b"good film\n")
+    proc.stdin.flush()
+    assert json.loads(proc.stdout.readline())["label"]
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 130 and "Fatal Python error" not in err and "Traceback" not in err, err
+    # a whole file, read by `| head -1`: exit 0 with nothing on stderr
+    big = tmp_path / "big.txt"
+    big.write_text("a good film\n" * 20000)
+    done = subprocess.run(f"{sys.executable} -m bertcli predict {model} < {big} | head -1; exit ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stderr == b"" and len(done.stdout.splitlines()) == 1, done.stderr
+    # closed stdin: one message, exit 2
+    done = subprocess.run(f"{sys.executable} -m bertcli predict {model} <&-", shell=True, executable="/bin/bash",
+                          capture_output=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2 and b"stdin is closed" in done.stderr and b"Traceback" not in done.stderr
+    # a bad line mid-stream with stdin still open: the other lines answered, exit 2 with the count
+    proc = _predict(model)
+    proc.stdin.write(b"fine\nbad \xff\nok\n")
+    proc.stdin.flush()
+    lines = [json.loads(proc.stdout.readline()) for _ in range(3)]
+    proc.stdin.close()
+    proc.wait(timeout=60)
+    err = proc.stderr.read().decode()
+    assert "error" in lines[1] and lines[0]["label"] and lines[2]["label"]
+    assert proc.returncode == 2 and "1 of 3 input line(s)" in err and "Fatal Python error" not in err
+
+
+def _fifo(path: Path, data: bytes) -> threading.Thread:
+    os.mkfifo(path)
+
+    def feed() -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_fifos_are_read_once_as_streams(home, monkeypatch, capsys):
+    feeder = _fifo(home / "train.fifo", ROWS.encode())
+    code, _, err = in_process(["finetune", recipe(home), "--set", f"data.train={home / 'train.fifo'}"], monkeypatch, capsys)
+    feeder.join()
+    assert code == 0, err
+    feeder = _fifo(home / "in.fifo", b"i loved it\ni hated it\n")
+    code, out, err = in_process(["predict", str(home / "out"), "--input", str(home / "in.fifo")], monkeypatch, capsys)
+    feeder.join()
+    assert code == 0 and len(out.splitlines()) == 2, err
+    feeder = _fifo(home / "dev.fifo", ROWS.encode())
+    code, out, err = in_process(["evaluate", str(home / "out"), "--data", str(home / "dev.fifo")], monkeypatch, capsys)
+    feeder.join()
+    assert code == 0 and "accuracy" in out, err
+    feeder = _fifo(home / "corpus.fifo", (home / "corpus.txt").read_bytes())
+    code, _, err = in_process(["pretrain", recipe(home, "pretrain", "corpus.fifo", name="p.yaml"), "--out",
+                               str(home / "pre")], monkeypatch, capsys)
+    feeder.join()
+    assert code == 0, err
+
+
+def test_files_honour_the_umask_and_lines_split_on_newline_only(tmp_path, tiny_tokenizer_dir):
+    sep = "\u2028"
+    rows = f"sentence\tlabel\nthe film{sep}is wonderful\tpos\nboring\x1cplot\tneg\ni loved it\tpos\ni hated it\tneg\n"
+    (tmp_path / "train.tsv").write_text(rows, encoding="utf-8")
+    r = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
+                     {"max_steps": 1, "batch_size": 4}, tokenizer=tiny_tokenizer_dir)
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "bertcli", "finetune", str(r), "--out", str(out)], capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=lambda: os.umask(0o027), timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert b"data: 4 training examples" in done.stderr  # not 6: the separators stayed inside their cells
+    for p in out.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o640, p
+    done = run_cli("predict", str(out), stdin=f"one{sep}line\nsecond\x85line\n".encode())
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 2
+    done = run_cli("tokenize", "show", "--tokenizer", str(out), stdin=f"one{sep}line\n".encode())
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1

@@ -74,3 +74,20 @@ def write_recipe(path: Path, task: dict, data: dict, train: dict, tokenizer: Pat
         recipe["output"] = str(output)
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path
+
+
+REVIEWS = "sentence\tlabel\nthe film is wonderful\tpos\na dull and boring plot\tneg\ni loved it\tpos\ni hated it\tneg\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny classifier (labels pos, neg) fine-tuned for 2 steps: a real checkpoint to spoil or serve."""
+    from bertcli.jobs import finetune
+    from bertcli.recipes import load_recipe
+
+    d = tmp_path_factory.mktemp("tiny-classifier")
+    (d / "train.tsv").write_text(REVIEWS, encoding="utf-8")
+    recipe = write_recipe(d / "recipe.yaml", {"name": "classify"}, {"train": str(d / "train.tsv"), "max_seq_len": 16},
+                          {"max_steps": 2}, tokenizer=tiny_tokenizer_dir)
+    finetune(load_recipe(recipe), d / "run", resume=False, overwrite=False)
+    return d / "run"

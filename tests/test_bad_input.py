@@ -15,22 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from bertcli.jobs import finetune
-from bertcli.recipes import load_recipe
-from conftest import write_recipe
+from conftest import REVIEWS
 
-ROWS = "sentence\tlabel\nthe film is wonderful\tpos\na dull and boring plot\tneg\ni loved it\tpos\ni hated it\tneg\n"
+ROWS = REVIEWS
 CONTEXT = "The tiny corpus was written by the doctor in Paris."
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    d = tmp_path_factory.mktemp("bad-input-model")
-    (d / "train.tsv").write_text(ROWS, encoding="utf-8")
-    recipe = write_recipe(d / "recipe.yaml", {"name": "classify"}, {"train": str(d / "train.tsv"), "max_seq_len": 16},
-                          {"max_steps": 2}, tokenizer=tiny_tokenizer_dir)
-    finetune(load_recipe(recipe), d / "run", resume=False, overwrite=False)
-    return d / "run"
+def model(tiny_classifier_dir) -> Path:
+    return tiny_classifier_dir
 
 
 @pytest.fixture

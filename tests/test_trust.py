@@ -20,12 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from bertcli.jobs import finetune
-from bertcli.recipes import load_recipe
 from bertcli.rundir import LOCK, MARKER
-from conftest import ROOT, run_cli, write_recipe
+from conftest import REVIEWS, ROOT, run_cli, write_recipe
 
-ROWS = "sentence\tlabel\nthe film is wonderful\tpos\na dull and boring plot\tneg\ni loved it\tpos\ni hated it\tneg\n" * 4
+ROWS = REVIEWS * 4
 CONTEXT = "The tiny corpus was written by the doctor in Paris."
 
 
@@ -43,13 +41,8 @@ def tree(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    d = tmp_path_factory.mktemp("trust-model")
-    (d / "train.tsv").write_text(ROWS, encoding="utf-8")
-    recipe = write_recipe(d / "recipe.yaml", {"name": "classify"}, {"train": str(d / "train.tsv"), "max_seq_len": 16},
-                          {"max_steps": 2}, tokenizer=tiny_tokenizer_dir)
-    finetune(load_recipe(recipe), d / "run", resume=False, overwrite=False)
-    return d / "run"
+def model(tiny_classifier_dir) -> Path:
+    return tiny_classifier_dir
 
 
 @pytest.fixture
@@ -110,7 +103,7 @@ def nan_weight(home: Path) -> str:
 
     path = home / "model" / "model.safetensors"
     state = load_file(str(path))
-    state["classifier.weight"][0, 0] = float("nan")
+    state["bert.encoder.layer.0.attention.self.query.weight"][0, 0] = float("nan")
     save_file(state, str(path))
     return str(home / "model")
 
@@ -179,7 +172,7 @@ CASES = {
     "10^12 layers in a checkpoint": (lambda h: ["predict", spoil_config(h, num_hidden_layers=10**12)], b"x\n",
                                      r"parameters needs [\d,.]+ GiB to load"),
     "NaN weight in a checkpoint": (lambda h: ["predict", nan_weight(h)], b"x\n",
-                                   r"weights hold NaN or infinite values: classifier.weight"),
+                                   r"weights hold NaN or infinite values: bert.encoder.layer.0.attention.self.query.weight"),
     "NaN weight as model.init": (lambda h: ["finetune", recipe(h, init=nan_weight(h))], b"",
                                  r"weights hold NaN or infinite values"),
     # 6. checked before step 1: no run directory appears

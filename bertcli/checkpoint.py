@@ -138,10 +138,20 @@ def read_config(directory: str | Path) -> tuple[BertConfig, dict[str, Any]]:
     if cfg.hidden_size % cfg.num_attention_heads:
         raise CheckpointError(f"{path}: hidden_size {cfg.hidden_size} is not divisible by "
                               f"num_attention_heads {cfg.num_attention_heads}")
+    architectures = raw.get("architectures")
+    if architectures is not None and (not isinstance(architectures, list) or
+                                      not all(isinstance(a, str) for a in architectures)):
+        raise CheckpointError(f"{path}: architectures must be a list of class names, e.g. "
+                              f"[\"BertForSequenceClassification\"], got {json.dumps(architectures)[:80]}")
     if not 0 <= cfg.pad_token_id < cfg.vocab_size:
         raise CheckpointError(f"{path}: pad_token_id {cfg.pad_token_id} is not an id of the vocabulary")
     check_memory(cfg, str(path), INFERENCE_BYTES_PER_PARAMETER, "to load")
     return cfg, raw
+
+
+def saved_architecture(raw: dict[str, Any]) -> str:
+    """The head a checkpoint was saved with (read_config has checked the list)."""
+    return (raw.get("architectures") or ["BertModel"])[0]
 
 
 def read_labels(raw: dict[str, Any], source: str) -> list[str]:
@@ -231,15 +241,15 @@ def load_checkpoint(directory: str | Path, architecture: str | None = None, labe
     config.json); `labels` overrides the checkpoint's label names (a new classification head)."""
     cfg, raw = read_config(directory)
     source = str(Path(directory) / "config.json")
-    saved = (raw.get("architectures") or ["BertModel"])[0]
+    saved = saved_architecture(raw)
     architecture = architecture or saved
     if architecture not in ARCHITECTURES:
         raise CheckpointError(f"{source}: architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
     checkpoint_labels = read_labels(raw, source)
     use_labels = list(labels) if labels is not None else checkpoint_labels
     tokenizer = load_tokenizer(directory)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but config.json "
+    if tokenizer.id_limit > cfg.vocab_size:
+        raise CheckpointError(f"{directory}: the tokenizer has token ids up to {tokenizer.id_limit - 1} but config.json "
                               f"says vocab_size {cfg.vocab_size}")
     model = ARCHITECTURES[architecture](cfg, max(len(use_labels), 1))
     state = read_weights(directory)

@@ -7,14 +7,42 @@ commands so that `bertcli --help` starts quickly.
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from pathlib import Path
-from typing import List, Optional
+import os
 
-import typer
 
-from bertcli.errors import BertcliError, Interrupted
+def _occupy_closed_descriptors() -> list[int]:
+    """Which of stdin, stdout and stderr the process started without (`<&-`, `>&-`, `2>&-`: closed, or
+    left open the wrong way round by a launcher); each is pointed at /dev/null at once, before any
+    import opens a file, so that no file bertcli opens later takes descriptor 0, 1 or 2 (messages
+    and C-level warnings would land in it)."""
+    import fcntl
+
+    shut = []
+    for fd, wanted in ((0, (os.O_RDONLY, os.O_RDWR)), (1, (os.O_WRONLY, os.O_RDWR)), (2, (os.O_WRONLY, os.O_RDWR))):
+        try:
+            usable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE in wanted
+        except OSError:
+            usable = False
+        if not usable:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+            shut.append(fd)
+    return shut
+
+
+_SHUT = _occupy_closed_descriptors()
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import List, Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+from bertcli.errors import BertcliError, Interrupted  # noqa: E402
 
 app = typer.Typer(
     name="bertcli",
@@ -54,22 +82,31 @@ def _err(message: str) -> None:
 def tokenize_train(
     corpus: List[Path] = typer.Option(..., "--corpus", help="Text file(s) to learn the vocabulary from (repeatable)."),
     out: Path = typer.Option(..., "--out", help="Directory to write tokenizer.json, vocab.txt, tokenizer_config.json."),
-    vocab_size: int = typer.Option(30522, "--vocab-size", help="Vocabulary size, special tokens included."),
+    vocab_size: int = typer.Option(30522, "--vocab-size", min=6, max=2_000_000,
+                                   help="Vocabulary size, special tokens included."),
     cased: bool = typer.Option(False, "--cased", help="Keep case and accents (default: lower-case, as bert-base-uncased)."),
-    min_frequency: int = typer.Option(2, "--min-frequency", help="Minimum count for a merge to enter the vocabulary."),
+    min_frequency: int = typer.Option(2, "--min-frequency", min=0, max=2**32 - 1,
+                                      help="Minimum count for a merge to enter the vocabulary."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Train a BERT WordPiece tokenizer (CJK characters split one per token)."""
     import time
 
-    from bertcli.tokenizer import train_tokenizer
-
+    from bertcli.data.corpus import spool
     from bertcli.rundir import check_apart, claim, precheck
+    from bertcli.tokenizer import train_tokenizer
 
     check_apart(out, [("--corpus", c) for c in corpus])
     precheck(out, "tokenizer", overwrite=overwrite)
     start = time.perf_counter()
-    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size, lowercase=not cased, min_frequency=min_frequency)
+    # the trainer reads whole files by name: a pipe or a device is first read once, with checks, into a file
+    streams = {c: spool(c) for c in corpus if c.exists() and not c.is_file() and not c.is_dir()}
+    try:
+        tokenizer = train_tokenizer([streams.get(c, c) for c in corpus], vocab_size=vocab_size, lowercase=not cased,
+                                    min_frequency=min_frequency)
+    finally:
+        for path in streams.values():
+            path.unlink(missing_ok=True)
     with claim(out, "tokenizer", overwrite=overwrite):
         tokenizer.save(out)
     _err(f"tokenizer: {tokenizer.vocab_size} tokens from {len(corpus)} file(s) in "
@@ -86,6 +123,7 @@ def tokenize_show(
     from bertcli.textio import read_lines
     from bertcli.tokenizer import load_tokenizer
 
+    _require_stdout("tokenize show")
     tok = load_tokenizer(tokenizer)
     if sys.stdin is None:
         raise BertcliError("stdin is closed: pipe the text in")
@@ -158,14 +196,18 @@ def evaluate(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint
 
     check_outputs(out, report, inputs=[model_dir, data])  # before the model runs, not after
     metrics = run_evaluate(model_dir, data, precision=precision)
-    render(metrics)
     if out is not None:
         write_json(out, metrics)
     if report is not None:
         from bertcli.report import write_report
+        from bertcli.rundir import claim
 
-        for path in write_report(report, metrics, model_dir):
-            _err(f"wrote {path}")
+        with claim(report, "report", overwrite=True, replacing="--report"):
+            for path in write_report(report, metrics, model_dir):
+                _err(f"wrote {path}")
+    with _streaming():  # the files are written: a reader that goes away ends nothing more
+        sys.stdout.write(render(metrics))
+        sys.stdout.flush()
 
 
 @app.command(epilog="Example: cat reviews.txt | bertcli predict runs/sst2 > predictions.jsonl")
@@ -181,6 +223,7 @@ def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint 
     NER, one text per line; QA, JSONL {"question": ..., "context": ...}."""
     from bertcli.predict import open_input, run
 
+    _require_stdout("predict")
     stream, source = open_input(input)
     with _streaming():
         run(model_dir, stream, source, sys.stdout, batch_size, precision, int8)
@@ -231,7 +274,76 @@ def _spread_multi_values(argv: list[str]) -> list[str]:
     return out
 
 
+class _Messages(io.TextIOBase):
+    """stderr that a closed reader cannot stop: a training run piped into `| head` keeps training.
+    On the first broken pipe the descriptor is pointed at /dev/null and the writes go on there."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._silence()
+
+    def _silence(self) -> None:
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:
+        return self._stream.encoding
+
+
+STDOUT_CLOSED = False  # started with stdout closed (`>&-`): commands that print results refuse
+
+
+def _guard_streams() -> None:
+    """stdout or stderr closed at start (`>&-`, `2>&-`; see _SHUT) must not turn into an error far away."""
+    global STDOUT_CLOSED
+    import os
+
+    if 0 in _SHUT:
+        sys.stdin = None  # predict and tokenize show say that stdin is closed
+    if 1 in _SHUT or sys.stdout is None:
+        STDOUT_CLOSED = True
+        sys.stdout = open(os.devnull, "w")
+    if 2 in _SHUT or sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+    try:
+        sys.stderr.fileno()
+        sys.stderr = _Messages(sys.stderr)
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass  # not a real descriptor (a test's capture): left as it is
+
+
+def _require_stdout(command: str) -> None:
+    if STDOUT_CLOSED:
+        raise BertcliError(f"stdout is closed: `bertcli {command}` writes its results there; redirect it to a file")
+
+
 def main() -> None:
+    _guard_streams()
     try:
         app(args=_spread_multi_values(sys.argv[1:]))
     except BertcliError as err:

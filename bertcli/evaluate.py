@@ -25,7 +25,7 @@ def evaluate(model_dir: Path, data: Path, batch_size: int = 64, precision: str =
 def check_outputs(out: Path | None, report: Path | None, inputs: list[Path]) -> None:
     """--out names a file whose directory exists; --report a directory (or a path to make one);
     neither may be one of the inputs or inside the model directory's own files."""
-    from bertcli.rundir import check_apart
+    from bertcli.rundir import check_apart, precheck
 
     if out is not None:
         if out.is_dir():
@@ -41,18 +41,26 @@ def check_outputs(out: Path | None, report: Path | None, inputs: list[Path]) -> 
         if report.exists() and not report.is_dir():
             raise BertcliError(f"--report {report}: exists and is not a directory; name a directory for the figures")
         check_apart(report, [("MODEL_DIR", inputs[0]), ("--data", inputs[1])])
+        precheck(report, "report", overwrite=True, replacing="--report")
 
 
 def write_json(path: Path, metrics: dict) -> None:
     atomic_write_text(path, finite_json(metrics, indent=2, ensure_ascii=False) + "\n")
 
 
-def render(metrics: dict) -> None:
-    """The metrics as tables on stdout: headline numbers, per-class/per-type report, confusion."""
+def render(metrics: dict) -> str:
+    """The metrics as tables for stdout: headline numbers, per-class/per-type report, confusion.
+    Rendered into a string, so that a closed stdout is the caller's to handle (rich would exit 1)."""
+    import io
+    import shutil
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    terminal = sys.stdout is not None and sys.stdout.isatty()
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=terminal, width=shutil.get_terminal_size().columns if terminal else 100)
     console.print(f"{metrics['task']} on {metrics['data']}", highlight=False)
     head = Table()
     head.add_column("metric")
@@ -80,3 +88,4 @@ def render(metrics: dict) -> None:
         for gold, row in confusion.items():
             table.add_row(gold, *(str(row[p]) for p in confusion))
         console.print(table)
+    return buffer.getvalue()

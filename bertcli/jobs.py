@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 
 from bertcli.checkpoint import (ARCHITECTURES, TRAINING_BYTES_PER_PARAMETER, check_memory, load_checkpoint, read_config,
-                                save_checkpoint)
+                                save_checkpoint, saved_architecture)
 from bertcli.errors import BertcliError, CheckpointError
-from bertcli.fileio import atomic_write_text
 from bertcli.model import BertConfig
-from bertcli.recipes import Recipe, dump_recipe
+from bertcli.recipes import MAX_WINDOW, MIN_SEQ_LEN, Recipe, dump_recipe
 from bertcli.tasks import make_task
 from bertcli.tokenizer import WordPieceTokenizer, load_tokenizer
 from bertcli.rundir import check_apart, claim, precheck
@@ -25,10 +24,9 @@ def say(message: str) -> None:
 
 
 def output_dir(recipe: Recipe, out: Path | None) -> Path:
-    out = Path(out or recipe.output or "")
-    if not str(out) or str(out) == ".":
+    if out is None and not recipe.output:
         raise BertcliError("no output directory: set `output` in the recipe or pass --out")
-    return out
+    return Path(out if out is not None else recipe.output)
 
 
 def check_output_apart(recipe: Recipe, out: Path, source: Path | None, resume: bool) -> None:
@@ -89,16 +87,17 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         model, cfg = ck.model, ck.config
         loaded = f"model: {recipe.model.init} ({ck.report.summary()})"
     else:
-        cfg = scratch_config(recipe, tokenizer.vocab_size)
+        cfg = scratch_config(recipe, tokenizer.id_limit)
         model = ARCHITECTURES[task.architecture](cfg, max(len(task.labels), 1))
         loaded = f"model: new {cfg.num_hidden_layers} x {cfg.hidden_size} BERT"
     check_window(recipe, cfg)
+    check_segments(task.name, cfg, str(recipe.model.init or "model"))
+    task.segments = cfg.type_vocab_size
     features = task.encode(train_examples)
     with claim(out, "run", resume, overwrite):
         say(loaded)
         say(f"data: {len(train_examples)} training examples ({len(features)} sequences), "
             f"{len(eval_examples)} for evaluation")
-        atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
 
         def evaluate(m):
             metrics = task.evaluate(m, eval_examples, recipe.train.batch_size * 2)
@@ -110,7 +109,7 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
 
         job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features],
                   collate=task.collate, counts=task.counts, loss=task.loss,
-                  evaluate=evaluate if eval_examples else None, save=save)
+                  evaluate=evaluate if eval_examples else None, save=save, recipe=dump_recipe(recipe))
         metrics = fit(job, recipe.train, out, resume)
         write_metrics(out, metrics)
         say(f"saved: {out}")
@@ -121,17 +120,65 @@ def load_for_task(model_dir: Path):
     """A fine-tuned checkpoint and its task, for evaluate and predict."""
     from bertcli.tasks import task_for_architecture
 
-    _, raw = read_config(model_dir)
-    architecture = (raw.get("architectures") or ["BertModel"])[0]
-    name = task_for_architecture(architecture)
+    cfg, raw = read_config(model_dir)
+    name = task_for_architecture(saved_architecture(raw))
     ck = load_checkpoint(model_dir)
-    options = raw.get("bertcli_task") if isinstance(raw.get("bertcli_task"), dict) else {}
-    options = {k: v for k, v in options.items() if k != "name"}
-    options.setdefault("max_seq_len", min(512, ck.config.max_position_embeddings))
+    options = saved_task_options(raw, name, cfg, str(Path(model_dir) / "config.json"))
     if name in ("classify", "ner") and not ck.labels:
         raise CheckpointError(f"{model_dir}/config.json: no id2label: the label names of the head are unknown")
+    check_segments(name, cfg, str(model_dir))
     task = make_task(name, tokenizer=ck.tokenizer, labels=ck.labels, **options)
+    task.segments = cfg.type_vocab_size
     return ck, task
+
+
+# bertcli_task in config.json: what each saved option must be (a checkpoint may come from anywhere)
+_COUNTS = ("doc_stride", "max_query_len", "max_answer_len", "n_best")
+_COLUMNS = ("text_column", "text_pair_column", "label_column")
+
+
+def saved_task_options(raw: dict, name: str, cfg: BertConfig, source: str) -> dict:
+    """The task options saved in config.json's bertcli_task, checked: a CheckpointError names the
+    first that is not what bertcli writes. Unknown keys are left out."""
+    import math
+
+    saved = raw.get("bertcli_task", {})
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{source}: bertcli_task must be a JSON object")
+    options = {}
+    for key, value in saved.items():
+        if key == "max_seq_len" or key in _COUNTS:
+            ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_WINDOW
+        elif key == "no_answer_threshold":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif key in _COLUMNS:
+            ok = value is None or isinstance(value, str)
+        elif key == "with_no_answer":
+            ok = isinstance(value, bool)
+        else:
+            continue  # "name", or a key of a later version
+        if not ok:
+            raise CheckpointError(f"{source}: bertcli_task.{key} has an impossible value: {json_text(value)}")
+        options[key] = value
+    options.setdefault("max_seq_len", min(512, cfg.max_position_embeddings))
+    low = MIN_SEQ_LEN.get(name, 1)
+    if not low <= options["max_seq_len"] <= cfg.max_position_embeddings:
+        raise CheckpointError(f"{source}: bertcli_task.max_seq_len must be in {low}..{cfg.max_position_embeddings} "
+                              f"(max_position_embeddings), got {options['max_seq_len']}")
+    return options
+
+
+def json_text(value) -> str:
+    import json
+
+    return json.dumps(value)[:80]
+
+
+def check_segments(name: str, cfg: BertConfig, source: str) -> None:
+    """QA puts the question and the context in two segments: the model needs two token types."""
+    if name == "qa" and cfg.type_vocab_size < 2:
+        raise CheckpointError(f"{source}: type_vocab_size is {cfg.type_vocab_size}, but question answering needs 2 "
+                              "token types (question and context)")
 
 
 def init_distributed() -> None:
@@ -180,7 +227,7 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         model, cfg = ck.model, ck.config
         loaded = f"model: {recipe.model.init} ({ck.report.summary()})"
     else:
-        cfg = scratch_config(recipe, tokenizer.vocab_size)
+        cfg = scratch_config(recipe, tokenizer.id_limit)
         model = BertForPreTraining(cfg)
         loaded = f"model: new {cfg.num_hidden_layers} x {cfg.hidden_size} BERT, vocabulary {cfg.vocab_size}"
     check_window(recipe, cfg)
@@ -191,20 +238,19 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         eval_instances = make_instances(eval_shards, d.max_seq_len, t.objective, t.short_seq_prob, recipe.train.seed + 1)
         evaluate_fn = functools.partial(eval_task.evaluate, instances=eval_instances,
                                         batch_size=recipe.train.batch_size * 2, seed=recipe.train.seed,
-                                        most_frequent=most_frequent_token(train_shards, tokenizer.vocab_size, task.special))
+                                        most_frequent=most_frequent_token(train_shards, tokenizer.id_limit, task.special))
 
     def save(m, directory):
         save_checkpoint(directory, m, "BertForPreTraining", tokenizer, task={"name": "pretrain", **task_options(recipe)})
 
     job = Job(model=model, features=instances, lengths=task.lengths(instances), collate=task.collate,
-              counts=task.counts, loss=task.loss, evaluate=evaluate_fn, save=save)
+              counts=task.counts, loss=task.loss, evaluate=evaluate_fn, save=save, recipe=dump_recipe(recipe))
     lock = None
     try:
         if rank == 0:  # rank 0 alone writes, and holds the directory's lock
             lock = claim(out, "run", resume, overwrite)
             say(loaded)
             say(f"data: {tokens} training tokens in {len(instances)} sequences of up to {d.max_seq_len}")
-            atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
         if dist.is_initialized():
             dist.barrier()
         metrics = fit(job, recipe.train, out, resume)

@@ -29,9 +29,9 @@ _END = object()
 CHUNK_BATCHES = 8
 
 
-def _reader(stream: BinaryIO, lines: queue.Queue) -> None:
+def _reader(stream: BinaryIO, source: str, lines: queue.Queue) -> None:
     try:
-        for raw in raw_lines(stream):
+        for raw in raw_lines(stream, source):
             lines.put(raw)
     except BaseException as err:  # surfaced by the main thread
         lines.put(err)
@@ -64,7 +64,7 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
         model, precision = quantize_int8(model), "fp32"  # quantized layers run outside autocast
     chunk = batch_size * CHUNK_BATCHES
     lines: queue.Queue = queue.Queue(maxsize=chunk * 2)
-    threading.Thread(target=_reader, args=(stream, lines), daemon=True).start()
+    threading.Thread(target=_reader, args=(stream, source, lines), daemon=True).start()
     answered, failures, ended = 0, [], False
     while not ended:
         batch = [lines.get()]  # wait for the first line of a chunk...

@@ -102,7 +102,10 @@ class Recipe:
 PACKAGE_PREFIX = "package:"
 MAX_INT = 2**63 - 1  # what a 64-bit integer holds (torch and numpy read seeds and counts as int64)
 MAX_EPOCHS = 1_000_000
-MIN_PRETRAIN_SEQ_LEN = 8  # [CLS] A [SEP] B [SEP] with a few tokens for each sentence
+MAX_WINDOW = 1 << 20  # tokens in one sequence, and the like (a stride, a query): beyond any model
+# the shortest data.max_seq_len each task can work with: pretraining needs [CLS] A [SEP] B [SEP] with a
+# few tokens for each sentence; classification and NER [CLS], a token or two and [SEP]
+MIN_SEQ_LEN = {"pretrain": 8, "classify": 4, "ner": 4}
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
@@ -222,7 +225,10 @@ def _expanded_size(value: Any, seen: dict[int, int]) -> int:
 
 def safe_yaml(text: str) -> Any:
     """yaml.safe_load with bounds on nesting and on what aliases expand to (YAMLError beyond them)."""
-    value = yaml.load(text, Loader=_BoundedLoader)
+    try:
+        value = yaml.load(text, Loader=_BoundedLoader)
+    except ValueError as err:  # e.g. an integer of over 4,300 digits, which Python refuses to convert
+        raise yaml.YAMLError(str(err).split(";")[0]) from None
     if _expanded_size(value, {}) > MAX_YAML_NODES:
         raise yaml.YAMLError(f"more than {MAX_YAML_NODES:,} values once aliases are expanded")
     return value
@@ -442,9 +448,14 @@ def _check_values(recipe: Recipe) -> list[str]:
             problems.append(f"{key}: must be in [0, 1), got {value}")
     if task.name == "pretrain" and task.mask_prob == 0:
         problems.append("task.mask_prob: must be greater than 0 for pretraining")
-    if task.name == "pretrain" and 0 < d.max_seq_len < MIN_PRETRAIN_SEQ_LEN:
-        problems.append(f"data.max_seq_len: pretraining needs at least {MIN_PRETRAIN_SEQ_LEN} tokens ([CLS] A [SEP] B "
-                        f"[SEP] with room for each sentence), got {d.max_seq_len}")
+    low = MIN_SEQ_LEN.get(task.name, 1)
+    if 0 < d.max_seq_len < low:
+        problems.append(f"data.max_seq_len: {task.name} needs at least {low} tokens, got {d.max_seq_len}")
+    for key, value in [("data.max_seq_len", d.max_seq_len), ("data.doc_stride", d.doc_stride),
+                       ("data.max_query_len", d.max_query_len), ("task.max_answer_len", task.max_answer_len),
+                       ("task.n_best", task.n_best), ("model.max_position", m.max_position)]:
+        if value > MAX_WINDOW:
+            problems.append(f"{key}: at most {MAX_WINDOW:,}, got {value}")
     if not 0 <= t.seed <= MAX_INT:
         problems.append(f"train.seed: must be in 0..{MAX_INT}, got {t.seed}")
     if t.epochs is not None and t.epochs > MAX_EPOCHS:
@@ -471,10 +482,18 @@ def _check_values(recipe: Recipe) -> list[str]:
     if not d.train:
         problems.append("data.train: required (a file, or a list of files)")
     files_only = task.name != "pretrain"  # pretraining also reads shard directories
+    streams: dict[str, str] = {}  # a pipe can be read once: named twice, the second read would wait forever
     for key, paths in [("data.train", d.train), ("data.eval", d.eval)]:
         for index, p in enumerate(paths):
             label = key if len(paths) == 1 else f"{key}[{index}]"
             _check_file(label, p, files_only, problems)
+            path = Path(p)
+            if path.exists() and not path.is_file() and not path.is_dir():
+                real = str(path.resolve())
+                if real in streams:
+                    problems.append(f"{label}: {p} is a pipe that {streams[real]} reads already; a pipe can be "
+                                    "read only once")
+                streams.setdefault(real, label)
     return problems
 
 

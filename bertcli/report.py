@@ -4,6 +4,7 @@ Needs matplotlib (pip install 'bertcli[report]')."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from bertcli.errors import BertcliError
@@ -38,15 +39,8 @@ def write_report(directory: Path, metrics: dict, model_dir: Path) -> list[Path]:
         ax.set_title(f"accuracy {metrics['accuracy']:.4f}")
         fig.tight_layout()
         written.append(_save(fig, directory / "confusion.png", plt))
-    log = model_dir / "log.jsonl"
-    records = []
-    if log.is_file():
-        for line in split_lines(log.read_text(encoding="utf-8", errors="replace")):
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    steps = [r for r in records if "loss" in r]
+    records = _log_records(model_dir / "log.jsonl")
+    steps = [r for r in records if _number(r.get("loss"))]
     if steps:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([r["step"] for r in steps], [r["loss"] for r in steps])
@@ -59,13 +53,34 @@ def write_report(directory: Path, metrics: dict, model_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         keys = sorted({k for r in evals for k in r if k.startswith("eval_") and "loss" not in k and "perplexity" not in k})
         for key in keys:
-            points = [(r["step"], r[key]) for r in evals if key in r]
+            points = [(r["step"], r[key]) for r in evals if _number(r.get(key))]
+            if not points:
+                continue
             ax.plot(*zip(*points), marker="o", label=key.removeprefix("eval_"))
         ax.set_xlabel("step")
         ax.legend()
         fig.tight_layout()
         written.append(_save(fig, directory / "eval.png", plt))
     return written
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _log_records(path: Path) -> list[dict]:
+    """log.jsonl's records that have a numeric step; torn, foreign or hand-edited lines are passed over."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in split_lines(path.read_text(encoding="utf-8", errors="replace")):
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict) and _number(record.get("step")):
+            records.append(record)
+    return records
 
 
 def _save(fig, path: Path, plt) -> Path:

@@ -32,27 +32,53 @@ MARKER = ".bertcli-run"
 LOCK = ".bertcli.lock"
 LOCK_TRIES = 25  # x 20 ms
 STAGE_DIR = ".saving"  # files being written; moved into place once complete
-_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # an atomic write's temporary file (fileio.atomic_write)
+_TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")  # an atomic write's temporary file of NAME (fileio.atomic_write)
 _TOKENIZER = {"tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"}
 # what each kind of directory holds: bertcli writes these names and no others
 OWN = {
     "run": _TOKENIZER | {"config.json", "model.safetensors", "recipe.yaml", "log.jsonl", "metrics.json", "resume.pt"},
     "tokenizer": _TOKENIZER,
     "shards": {"index.json"},
+    "report": {"confusion.png", "loss.png", "eval.png"},
 }
 _SHARD_FILE = re.compile(r"\d{5}\.(tokens\.bin|sentences\.npy|documents\.npy|words\.bin)")
-WHAT = {"run": "a bertcli run", "tokenizer": "a bertcli tokenizer", "shards": "bertcli token shards"}
+WHAT = {"run": "a bertcli run", "tokenizer": "a bertcli tokenizer", "shards": "bertcli token shards",
+        "report": "a bertcli report"}
 
 
-def is_leftover(name: str) -> bool:
+def _named(kind: str, name: str) -> bool:
+    return name in OWN[kind] or name == MARKER or (kind == "shards" and _SHARD_FILE.fullmatch(name) is not None)
+
+
+def _temporary(kind: str, name: str) -> bool:
+    match = _TEMP.fullmatch(name)
+    return match is not None and _named(kind, match.group(1))
+
+
+def _own_file(kind: str, entry: Path) -> bool:
+    """A file (or a link: removing it leaves its target alone) under a name bertcli writes there."""
+    if entry.is_dir() and not entry.is_symlink():
+        return False
+    return entry.name == LOCK or _named(kind, entry.name) or _temporary(kind, entry.name)
+
+
+def _own_stage(kind: str, entry: Path) -> bool:
+    """The side directory of a write killed midway, holding only files bertcli writes."""
+    if entry.name != STAGE_DIR or entry.is_symlink() or not entry.is_dir():
+        return False
+    try:
+        return all(_own_file(kind, child) and child.name != LOCK for child in entry.iterdir())
+    except OSError:
+        return False
+
+
+def is_own(kind: str, entry: Path) -> bool:
+    return _own_file(kind, entry) or _own_stage(kind, entry)
+
+
+def is_leftover(kind: str, entry: Path) -> bool:
     """What a process killed mid-write leaves: a staged checkpoint or an atomic write's temporary file."""
-    return name == STAGE_DIR or _TEMP.fullmatch(name) is not None
-
-
-def is_own(kind: str, name: str) -> bool:
-    if name in (MARKER, LOCK) or name in OWN[kind] or is_leftover(name):
-        return True
-    return kind == "shards" and _SHARD_FILE.fullmatch(name) is not None
+    return _own_stage(kind, entry) or (_own_file(kind, entry) and _temporary(kind, entry.name))
 
 
 def marked_kind(directory: Path) -> str | None:
@@ -113,7 +139,7 @@ class Claim:
 
 
 def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, wait: bool = False,
-          complete_with: str | None = None) -> Claim:
+          complete_with: str | None = None, replacing: str = "--overwrite") -> Claim:
     """Make `out` this process's output directory of `kind` ("run", "tokenizer" or "shards").
 
     - A missing or empty directory is created and marked.
@@ -123,12 +149,13 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
     - Leftovers of a killed writer are removed, in a marked directory only.
     `wait` blocks on another writer's lock (for bertcli's own cache) instead of refusing; with
     `complete_with`, a marked directory found holding that file once the lock is held is kept as it is
-    (another process finished the same work meanwhile) and the claim says `complete`."""
+    (another process finished the same work meanwhile) and the claim says `complete`. `replacing`
+    names what asked to replace the directory, in messages."""
     if resume and overwrite:
         raise BertcliError("--resume and --overwrite exclude each other")
     if not wait:
         _refuse_if_locked(out)
-    _check_state(out, kind, resume, overwrite)  # before anything is created
+    _check_state(out, kind, resume, overwrite, replacing)  # before anything is created
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -141,11 +168,11 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
         _lock(fd, out, wait)
         if complete_with and marked_kind(out) == kind and (out / complete_with).is_file():
             return Claim(out, fd, complete=True)
-        _check_state(out, kind, resume, overwrite)  # again: another writer may have been here in between
+        _check_state(out, kind, resume, overwrite, replacing)  # again: another writer may have been here meanwhile
         if marked_kind(out) is None:
             atomic_write_text(out / MARKER, json.dumps({"kind": kind, "bertcli_version": __version__}) + "\n")
         for entry in sorted(out.iterdir()):
-            if is_leftover(entry.name) or (overwrite and entry.name not in (MARKER, LOCK)):
+            if is_leftover(kind, entry) or (overwrite and entry.name not in (MARKER, LOCK) and is_own(kind, entry)):
                 _remove(entry)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -155,12 +182,12 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
     return Claim(out, fd)
 
 
-def precheck(out: Path, kind: str, resume: bool = False, overwrite: bool = False) -> None:
+def precheck(out: Path, kind: str, resume: bool = False, overwrite: bool = False, replacing: str = "--overwrite") -> None:
     """What `claim` will refuse, said before a long preparation rather than after it."""
     if resume and overwrite:
         raise BertcliError("--resume and --overwrite exclude each other")
     _refuse_if_locked(out)
-    _check_state(out, kind, resume, overwrite)
+    _check_state(out, kind, resume, overwrite, replacing)
 
 
 def _refuse_if_locked(out: Path) -> None:
@@ -179,7 +206,7 @@ def _refuse_if_locked(out: Path) -> None:
         os.close(fd)  # releases the trial lock
 
 
-def _check_state(out: Path, kind: str, resume: bool, overwrite: bool) -> None:
+def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing: str = "--overwrite") -> None:
     if out.is_symlink() and not out.is_dir():
         raise BertcliError(f"{out}: is a symbolic link to nothing; name a directory")
     if out.exists() and not out.is_dir():
@@ -195,24 +222,25 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool) -> None:
     found = marked_kind(out)
     if found is None:
         if resume or overwrite:
-            flag = "--resume" if resume else "--overwrite"
+            flag = "--resume" if resume else replacing
             raise BertcliError(f"{out}: {flag} refused: the directory was not written by bertcli (it has no {MARKER} "
                                f"marker), so bertcli will not touch it; choose another --out")
         raise BertcliError(f"{out}: already exists and is not empty; choose another --out")
     if found != kind:
         raise BertcliError(f"{out}: holds {WHAT[found]}, not {WHAT[kind]}; choose another --out")
-    if resume:
-        if "resume.pt" not in names:
-            raise BertcliError(f"{out}: nothing to resume (no resume.pt); start afresh with --overwrite")
-        return
-    if not overwrite:
+    if not resume and not overwrite:
         again = " pass --resume to continue it or" if kind == "run" else ""
         raise BertcliError(f"{out}: already exists;{again} pass --overwrite to replace it")
-    foreign = [n for n in names if not is_own(kind, n)]
+    # --resume rewrites bertcli's files (and its side directory); --overwrite removes them all
+    foreign = [p.name for p in sorted(out.iterdir())
+               if not is_own(kind, p) and (overwrite or p.name == STAGE_DIR or p.name in OWN[kind])]
     if foreign:
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
-        raise BertcliError(f"{out}: --overwrite refused: it holds files bertcli did not write ({shown}); they are "
+        flag = "--resume" if resume else replacing
+        raise BertcliError(f"{out}: {flag} refused: it holds files bertcli did not write ({shown}); they are "
                            "kept, and so is everything else: move them away, or choose another --out")
+    if resume and "resume.pt" not in names:
+        raise BertcliError(f"{out}: nothing to resume (no resume.pt); start afresh with --overwrite")
 
 
 def _lock(fd: int, out: Path, wait: bool) -> None:

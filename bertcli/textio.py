@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 from typing import BinaryIO, Iterator
 
 from bertcli.errors import DataError
@@ -36,24 +37,35 @@ def split_lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def _reader(stream: BinaryIO):
+def _reader(stream: BinaryIO, source: str):
     """A function returning the next piece of the stream (b"" at its end). A real file descriptor
     is read with os.read, below Python's buffered reader: a thread blocked there holds no lock that
-    the interpreter needs at exit (a blocked BufferedReader.readline aborts the exit)."""
+    the interpreter needs at exit (a blocked BufferedReader.readline aborts the exit). A
+    descriptor left non-blocking by the caller is waited on; a failing read is a DataError."""
     try:
         fd = stream.fileno()
     except (AttributeError, OSError, io.UnsupportedOperation):
         fd = None
-    if fd is not None:  # (bertcli has read nothing through the stream's own buffer)
-        return lambda: os.read(fd, _PIECE)
-    read1 = getattr(stream, "read1", None)
-    return (lambda: read1(_PIECE)) if read1 else (lambda: stream.read(_PIECE))
+    if fd is None:
+        read1 = getattr(stream, "read1", None)
+        return (lambda: read1(_PIECE)) if read1 else (lambda: stream.read(_PIECE))
+
+    def read() -> bytes:
+        while True:
+            try:
+                return os.read(fd, _PIECE)
+            except BlockingIOError:
+                select.select([fd], [], [])
+            except OSError as err:
+                raise DataError(f"{source}: cannot read: {err.strerror or err}") from None
+
+    return read
 
 
-def raw_lines(stream: BinaryIO) -> Iterator[bytes | TooLong]:
+def raw_lines(stream: BinaryIO, source: str = "input") -> Iterator[bytes | TooLong]:
     """The stream's lines as bytes without their \\n, each yielded as soon as it is complete; a line
     over MAX_LINE_BYTES is skipped as it streams by and stands as TooLong(its length)."""
-    read = _reader(stream)
+    read = _reader(stream, source)
     pending = bytearray()
     skipped: int | None = None  # bytes of an over-long line so far
     for chunk in iter(read, b""):
@@ -87,7 +99,7 @@ def read_lines(stream: BinaryIO, source: str) -> Iterator[tuple[int, str]]:
     """Yield (line number from 1, text without its line ending) as lines arrive.
     Invalid UTF-8, NUL bytes and over-long lines raise DataError naming the line (and byte offset)."""
     offset = 0
-    for number, raw in enumerate(raw_lines(stream), start=1):
+    for number, raw in enumerate(raw_lines(stream, source), start=1):
         if isinstance(raw, TooLong):
             raise line_too_long(f"{source}: line {number}", raw)
         try:

@@ -40,6 +40,12 @@ class WordPieceTokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def id_limit(self) -> int:
+        """One more than the largest token id: the rows an embedding needs (more than vocab_size
+        when ids have gaps, e.g. a vocab.txt that repeats a token)."""
+        return max(self.backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
     def encode(self, text: str, pair: str | None = None, add_special_tokens: bool = True) -> Encoding:
         return self.backend.encode(text, pair, add_special_tokens=add_special_tokens)
 
@@ -129,9 +135,11 @@ def _read_lowercase(d: Path) -> bool | None:
     path = d / "tokenizer_config.json"
     if not path.is_file():
         return None
+    if path.stat().st_size > 1 << 20:
+        raise CheckpointError(f"{path}: over 1 MiB, too large for a tokenizer configuration")
     try:
         value = json.loads(path.read_text(encoding="utf-8")).get("do_lower_case")
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         raise CheckpointError(f"{path}: not a valid JSON object") from None
     return value if isinstance(value, bool) else None
 

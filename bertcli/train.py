@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from bertcli.allocator import keep_freed_memory
 from bertcli.data.batching import batch_order
 from bertcli.errors import BertcliError, Interrupted
-from bertcli.fileio import OutputError, append_text, atomic_write, discard, finite_json, publish
+from bertcli.fileio import OutputError, append_text, atomic_write, atomic_write_text, discard, finite_json, publish
 from bertcli.recipes import TrainConfig, parse_duration
 from bertcli.rundir import STAGE_DIR
 
@@ -56,6 +56,7 @@ class Job:
     loss: Callable[[nn.Module, dict[str, Tensor], dict[str, int]], Tensor]  # sum of terms / global counts
     evaluate: Callable[[nn.Module], dict[str, float]] | None  # eval metrics, without the eval_ prefix
     save: Callable[[nn.Module, Path], None]  # write the checkpoint files (weights, config, tokenizer) into a directory
+    recipe: str = ""  # the resolved recipe, written as recipe.yaml once the resume state (if any) has loaded
 
 
 def example_seed(seed: int, epoch: int, index: int) -> int:
@@ -140,9 +141,14 @@ def load_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimi
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, epoch, batch, tokens, elapsed = state["position"]
+        counts = [step, epoch, batch, tokens]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise ValueError(f"the position {counts} is not four counts of 0 or more")
+        if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed < math.inf:
+            raise ValueError(f"the elapsed time {elapsed!r} is not a number of seconds")
     except Exception as err:  # a resume file from elsewhere or from a different recipe
         raise BertcliError(f"{path}: cannot resume from it ({str(err).splitlines()[0][:200]})") from None
-    return Position(int(step), int(epoch), int(batch), int(tokens), float(elapsed))
+    return Position(step, epoch, batch, tokens, float(elapsed))
 
 
 class Log:
@@ -172,9 +178,12 @@ def _record_step(line: str) -> float:
     """The step of a log line; a blank or torn one (the process died while writing it) sorts last."""
     try:
         record = json.loads(line)
-        return record.get("step", 0) if isinstance(record, dict) else math.inf
-    except ValueError:
+    except (ValueError, RecursionError):
         return math.inf
+    step = record.get("step") if isinstance(record, dict) else None
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or math.isnan(step):
+        return math.inf  # not a line bertcli wrote
+    return step
 
 
 def _progress(total: int | None, enabled: bool):
@@ -243,6 +252,8 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
 
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           find_unused_parameters=True)
+    if writer and job.recipe:  # the run's files change only now, when nothing it reads can fail any more
+        atomic_write_text(out / "recipe.yaml", job.recipe)
     log = Log(out / "log.jsonl", pos.step if resume else None) if writer else None
     global_batch = cfg.batch_size * world
     batches_per_epoch = len(job.features) // global_batch if world > 1 else math.ceil(len(job.features) / global_batch)
@@ -300,6 +311,7 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
     model.train()
     skipped = 0  # non-finite steps in a row (bf16/fp16)
     done = total is not None and pos.step >= total
+    saved = False  # the final checkpoint is written
     ctrl_c = _StopRequest()
     try:
         with progress:
@@ -360,15 +372,15 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                     if pos.step % cfg.log_every == 0 or pos.step == 1:
                         now = time.perf_counter()
                         record = {"step": pos.step, "epoch": pos.epoch + pos.batch / len(order),
-                                  "loss": window["loss"] / max(window["steps"], 1), "lr": lr,
+                                  "loss": window["loss"] / window["steps"] if window["steps"] else None, "lr": lr,
                                   "tokens_per_s": window["tokens"] / max(now - window["start"] - window["paused"], 1e-9)}
                         if writer:
                             log.write(record)
-                            progress.update(bar, info=f"loss {record['loss']:.4f}  {record['tokens_per_s']:.0f} tok/s")
+                            shown = "skipped" if record["loss"] is None else f"{record['loss']:.4f}"
+                            progress.update(bar, info=f"loss {shown}  {record['tokens_per_s']:.0f} tok/s")
                             if not console.is_terminal:
                                 console.print(f"step {pos.step}" + (f"/{total}" if total else "") +
-                                              f"  loss {record['loss']:.4f}  lr {lr:.2e}  "
-                                              f"{record['tokens_per_s']:.0f} tok/s")
+                                              f"  loss {shown}  lr {lr:.2e}  {record['tokens_per_s']:.0f} tok/s")
                         window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": now, "paused": 0.0}
                     progress.update(bar, completed=pos.step)
                     out_of_time = budget is not None and time.perf_counter() - start >= budget
@@ -384,16 +396,20 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                 if pos.batch >= len(order):
                     pos.epoch += 1
                     pos.batch = 0
+        checkpoint()  # the trained weights are safe before the last evaluation starts
+        saved = True
+        evaluate()
+        if ctrl_c.is_set():  # a signal during that evaluation: its line is logged, and the run stops
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         ctrl_c.release()
-        checkpoint()
+        if not saved:
+            checkpoint()
         signum = ctrl_c.signum or signal.SIGINT
         raise Interrupted(f"{signal.Signals(signum).name} at step {pos.step}: saved to {out}; continue with --resume",
                           128 + signum) from None
     finally:
         ctrl_c.release()
-    evaluate()
-    checkpoint()
     return metrics
 
 

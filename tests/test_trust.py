@@ -23,7 +23,12 @@ import pytest
 from bertcli.rundir import LOCK, MARKER
 from conftest import REVIEWS, ROOT, run_cli, write_recipe
 
-ROWS = REVIEWS * 4
+HEADER, BODY = REVIEWS.split("\n", 1)
+ROWS = HEADER + "\n" + BODY * 4
+
+
+def rows(times: int) -> str:
+    return HEADER + "\n" + BODY * 4 * times
 CONTEXT = "The tiny corpus was written by the doctor in Paris."
 
 
@@ -108,9 +113,60 @@ def nan_weight(home: Path) -> str:
     return str(home / "model")
 
 
+def spoil_task(home: Path, **changes) -> str:
+    path = home / "model" / "config.json"
+    config = json.loads(path.read_text())
+    config["bertcli_task"] = {**config.get("bertcli_task", {}), **changes}
+    path.write_text(json.dumps(config))
+    return str(home / "model")
+
+
+def one_token_type(home: Path) -> str:
+    """A self-consistent checkpoint with a single token type (type_vocab_size 1)."""
+    from safetensors.torch import load_file, save_file
+
+    path = home / "model" / "model.safetensors"
+    state = load_file(str(path))
+    name = "bert.embeddings.token_type_embeddings.weight"
+    state[name] = state[name][:1].clone()
+    save_file(state, str(path))
+    return spoil_config(home, type_vocab_size=1)
+
+
+def spoil_resume(home: Path, position: list) -> str:
+    import torch
+
+    run = home / "model"
+    state = torch.load(run / "resume.pt", weights_only=True)
+    state["position"] = position
+    torch.save(state, run / "resume.pt")
+    return str(run)
+
+
+def fifo_twice(home: Path) -> list[str]:
+    os.mkfifo(home / "data.fifo")
+    return ["finetune", recipe(home), "--set", f"data.train={home / 'data.fifo'}", "--set",
+            f"data.eval={home / 'data.fifo'}"]
+
+
 def squad(home: Path, qa: dict) -> str:
     (home / "q.json").write_text(json.dumps({"data": [{"paragraphs": [{"context": CONTEXT, "qas": [qa]}]}]}))
     return "q.json"
+
+
+def plant(home: Path, name: str) -> str:
+    """A file of the user's inside the marked run `model`, at `name` (which may replace a file of bertcli's)."""
+    path = home / "model" / name
+    if path.parent.is_file():
+        path.parent.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("mine")
+    return str(home / "model")
+
+
+def deep_tokenizer_config(home: Path) -> str:
+    (home / "model" / "tokenizer_config.json").write_text("[" * 100000 + "]" * 100000)
+    return str(home / "model")
 
 
 def bomb(home: Path) -> str:
@@ -164,7 +220,7 @@ CASES = {
     "time budget of 1e400 seconds": (lambda h: ["finetune", recipe(h), "--set", "train.time_budget=1e400"], b"",
                                      r"train.time_budget: must be longer than 0 and finite"),
     "pretraining max_seq_len 3": (lambda h: ["pretrain", recipe(h, "pretrain", "corpus.txt"), "--set",
-                                             "data.max_seq_len=3"], b"", r"data.max_seq_len: pretraining needs at least 8"),
+                                             "data.max_seq_len=3"], b"", r"data.max_seq_len: pretrain needs at least 8 tokens"),
     "layer_norm_eps NaN in a checkpoint": (lambda h: ["predict", spoil_config(h, layer_norm_eps=float("nan"))], b"good\n",
                                            r"config.json: layer_norm_eps must be greater than 0"),
     "dropout infinite in a checkpoint": (lambda h: ["predict", spoil_config(h, hidden_dropout_prob=float("inf"))], b"x\n",
@@ -196,6 +252,52 @@ CASES = {
                                                 str(h / "train.tsv")], b"", r"is an input of this command"),
     "evaluate --report a file": (lambda h: ["evaluate", str(h / "model"), "--data", str(h / "train.tsv"), "--report",
                                             str(h / "train.tsv")], b"", r"--report .*: exists and is not a directory"),
+    "an integer of 5,000 digits in --set": (lambda h: ["finetune", recipe(h), "--set", "train.max_steps=" + "9" * 5000],
+                                            b"", r"train.max_steps: expected an integer, got a string"),
+    "an integer of 5,000 digits in the recipe": (lambda h: ["finetune", recipe(h, extra="x: " + "9" * 5000 + "\n")], b"",
+                                                 r"YAML refused: Exceeds the limit"),
+    "one pipe as both train and eval data": (fifo_twice, b"", r"data.eval: .*data.fifo is a pipe that data.train reads"),
+    "NER with max_seq_len 2": (lambda h: ["finetune", recipe(h, "ner", "ner.conll"), "--set", "data.max_seq_len=2"], b"",
+                               r"data.max_seq_len: ner needs at least 4 tokens"),
+    "a marked run's .saving holding a user's file, --resume": (lambda h: ["finetune", recipe(h), "--out", plant(
+        h, ".saving/extra.json"), "--resume"], b"", r"--resume refused: it holds files bertcli did not write \(\.saving\)"),
+    "a directory named like bertcli's file, --overwrite": (lambda h: ["finetune", recipe(h), "--out", plant(
+        h, "metrics.json/mine.txt"), "--overwrite"], b"", r"--overwrite refused: .* did not write \(metrics.json\)"),
+    "--report into a user's figures": (lambda h: ["evaluate", str(h / "model"), "--data", str(h / "train.tsv"),
+                                                  "--report", str(h / "figures")], b"",
+                                       r"--report refused: the directory was not written by bertcli"),
+    "bertcli_task.max_seq_len NaN": (lambda h: ["predict", spoil_task(h, max_seq_len=float("nan"))], b"x\n",
+                                     r"bertcli_task.max_seq_len has an impossible value: NaN"),
+    "bertcli_task.max_seq_len -5": (lambda h: ["predict", spoil_task(h, max_seq_len=-5)], b"x\n",
+                                    r"bertcli_task.max_seq_len has an impossible value: -5"),
+    "bertcli_task.max_seq_len a string": (lambda h: ["predict", spoil_task(h, max_seq_len="abc")], b"x\n",
+                                          r"bertcli_task.max_seq_len has an impossible value"),
+    "bertcli_task.max_seq_len past the positions": (lambda h: ["predict", spoil_task(h, max_seq_len=100000)], b"x\n",
+                                                    r"bertcli_task.max_seq_len must be in 4\.\.128"),
+    "architectures not a list": (lambda h: ["predict", spoil_config(h, architectures=5)], b"x\n",
+                                 r"architectures must be a list of class names"),
+    "token ids past vocab_size": (lambda h: ["predict", spoil_config(h, vocab_size=250)], b"x\n",
+                                  r"(token ids up to \d+ but config.json says vocab_size 250|weights disagree)"),
+    "a text pair for a model with one token type": (lambda h: ["predict", one_token_type(h)],
+                                                    b'{"text": "good", "text_pair": "bad"}\n',
+                                                    r"a text pair, but the model has 1 token type"),
+    "QA from a model with one token type": (lambda h: ["finetune", recipe(h, "qa", squad(h, {
+        "id": "q9", "question": "Who?", "answers": [{"text": "the doctor", "answer_start": 31}]}), init=one_token_type(h),
+        seq=128)], b"", r"question answering needs 2 token types"),
+    "tokenizer_config.json nested 100,000 deep": (lambda h: ["predict", deep_tokenizer_config(h)], b"x\n",
+                                                  r"tokenizer_config.json: not a valid JSON object"),
+    "resume.pt with a text position": (lambda h: ["finetune", recipe(h), "--out", spoil_resume(h, ["abc", 0, 0, 0, 0.0]),
+                                                  "--resume"], b"", r"resume.pt: cannot resume from it"),
+    "resume.pt with an infinite position": (lambda h: ["finetune", recipe(h), "--out", spoil_resume(
+        h, [float("inf"), 0, 0, 0, 0.0]), "--resume"], b"", r"resume.pt: cannot resume from it"),
+    "resume.pt with negative counts": (lambda h: ["finetune", recipe(h), "--out", spoil_resume(h, [-5, -3, -7, 0, 0.0]),
+                                                  "--resume"], b"", r"resume.pt: cannot resume from it"),
+    "tokenize train on /dev/zero": (lambda h: ["tokenize", "train", "--corpus", "/dev/zero", "--out", str(h / "t")], b"",
+                                    r"/dev/zero: NUL byte"),
+    "tokenize train with --min-frequency -1": (lambda h: ["tokenize", "train", "--corpus", str(h / "corpus.txt"), "--out",
+                                                          str(h / "t"), "--min-frequency", "-1"], b"", r"min-frequency"),
+    "tokenize train with --vocab-size 5e9": (lambda h: ["tokenize", "train", "--corpus", str(h / "corpus.txt"), "--out",
+                                                        str(h / "t"), "--vocab-size", "5000000000"], b"", r"vocab-size"),
     # 10. QA data that would mis-train silently
     "negative answer_start": (lambda h: ["finetune", recipe(h, "qa", squad(h, {"id": "q7", "question": "Who?", "answers": [
         {"text": "the doctor", "answer_start": -5}]}), seq=128)], b"", r"q.json: .*\(id q7\): 'answer_start' must be .* got -5"),
@@ -208,6 +310,9 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_case_is_exit_2_and_leaves_every_file(case, home, monkeypatch, capsys):
     (home / "odd.tsv").write_text("sentence\tlabel\nfine\tpos\nodd\tsurprised\n")
+    (home / "ner.conll").write_text("John\tB-PER\nlives\tO\nhere\tO\n\nMary\tB-PER\nleft\tO\n")
+    (home / "figures").mkdir()
+    (home / "figures" / "loss.png").write_text("my own figure")
     setup, stdin, expected = CASES[case]
     argv = setup(home)
     before = tree(home)
@@ -328,7 +433,7 @@ def test_package_paths_never_import(tmp_path, tiny_tokenizer_dir):
 
 
 def test_two_runs_into_one_out_one_refused_the_other_resumes(tmp_path, tiny_tokenizer_dir):
-    (tmp_path / "train.tsv").write_text(ROWS * 8)
+    (tmp_path / "train.tsv").write_text(rows(8))
     r = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
                      {"max_steps": 30, "batch_size": 4, "save_every": 5}, tokenizer=tiny_tokenizer_dir)
     out = tmp_path / "run"
@@ -375,7 +480,7 @@ def test_a_held_lock_is_refused_at_once_and_a_killed_holder_leaves_none(tmp_path
 
 
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path, tiny_tokenizer_dir):
-    (tmp_path / "train.tsv").write_text(ROWS * 8)
+    (tmp_path / "train.tsv").write_text(rows(8))
     r = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
                      {"max_steps": 100000, "batch_size": 4}, tokenizer=tiny_tokenizer_dir)
     out = tmp_path / "run"
@@ -497,3 +602,105 @@ def test_files_honour_the_umask_and_lines_split_on_newline_only(tmp_path, tiny_t
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 2
     done = run_cli("tokenize", "show", "--tokenizer", str(out), stdin=f"one{sep}line\n".encode())
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 1
+
+
+def test_resume_keeps_what_only_looks_like_leftovers_and_skips_foreign_log_lines(home, monkeypatch, capsys):
+    r = recipe(home)
+    assert in_process(["finetune", r], monkeypatch, capsys)[0] == 0
+    run = home / "out"
+    (run / ".notes.abcdefgh.tmp").write_text("mine")  # the pattern of a temporary file, of no name bertcli writes
+    (run / ".config.json.abcdefgh.tmp").write_text("a real leftover")  # a killed atomic write of config.json
+    with open(run / "log.jsonl", "a") as log:
+        log.write('{"step": "abc"}\nnull\n[1]\n5\n{"loss": 1}\n')
+    code, _, err = in_process(["finetune", r, "--resume", "--set", "train.max_steps=4"], monkeypatch, capsys)
+    assert code == 0, err
+    assert (run / ".notes.abcdefgh.tmp").read_text() == "mine" and not (run / ".config.json.abcdefgh.tmp").exists()
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records if "loss" in x] == [1, 2, 3, 4]
+    with open(run / "log.jsonl", "a") as log:  # and the report passes over such lines
+        log.write('{"step": "abc"}\nnull\n5\n"loss"\n{"eval_x": 1}\n{"step": 9, "loss": "high"}\n')
+    code, _, err = in_process(["evaluate", str(run), "--data", str(home / "train.tsv"), "--report",
+                               str(home / "figures")], monkeypatch, capsys)
+    assert code == 0 and (home / "figures" / "loss.png").stat().st_size > 1000, err
+    code, _, err = in_process(["evaluate", str(run), "--data", str(home / "train.tsv"), "--report",
+                               str(home / "figures")], monkeypatch, capsys)
+    assert code == 0, err  # a report directory of bertcli's own is rewritten
+
+
+def test_a_signal_during_the_final_evaluation_keeps_the_run(home, monkeypatch, capsys):
+    from bertcli.tasks.classify import ClassifyTask
+
+    real = ClassifyTask.evaluate
+
+    def interrupted(self, model, examples, batch_size):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, while the last evaluation runs
+        return real(self, model, examples, batch_size)
+
+    monkeypatch.setattr(ClassifyTask, "evaluate", interrupted)
+    r = recipe(home, eval="train.tsv")
+    code, _, err = in_process(["finetune", r, "--set", "train.max_steps=3"], monkeypatch, capsys)
+    assert code == 143 and "SIGTERM at step 3" in err, err
+    assert (home / "out" / "resume.pt").is_file() and (home / "out" / "model.safetensors").is_file()
+    monkeypatch.setattr(ClassifyTask, "evaluate", real)
+    code, _, err = in_process(["finetune", r, "--resume", "--set", "train.max_steps=3"], monkeypatch, capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (home / "out" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records if "loss" in x] == [1, 2, 3]
+    assert [x["step"] for x in records if "eval_accuracy" in x] == [3]  # logged once, not twice
+
+
+def test_labels_that_look_like_numbers(home, monkeypatch, capsys):
+    rows = "sentence\tlabel\n" + "good\t--1\nbad\t1\nfine\t²\n" * 3
+    (home / "odd-labels.tsv").write_text(rows)
+    code, _, err = in_process(["finetune", recipe(home, train="odd-labels.tsv")], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads((home / "out" / "config.json").read_text())["id2label"] == {"0": "--1", "1": "1", "2": "²"}
+
+
+def test_conll_columns_split_on_ascii_spaces_only(tmp_path):
+    from bertcli.data.conll import read_ner
+
+    path = tmp_path / "x.conll"
+    path.write_text("John\tB-PER\nSmi\u00a0th\tI-PER\nvisited\u2028it O\n")
+    sentence, = read_ner(path)
+    assert sentence.words == ("John", "Smi\u00a0th", "visited\u2028it") and sentence.tags == ("B-PER", "I-PER", "O")
+
+
+def test_closed_and_broken_standard_streams(model, tmp_path, tiny_tokenizer_dir):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def shell(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command, shell=True, executable="/bin/bash", capture_output=True, timeout=300, env=env)
+
+    py = f"{sys.executable} -m bertcli"
+    done = shell(f"echo hi | {py} predict {model} >&-")
+    assert done.returncode == 2 and b"stdout is closed" in done.stderr
+    done = shell(f"printf 'ok\\n\\xff\\n' | {py} predict {model} 2>&-")
+    assert done.returncode == 2 and len(done.stdout.splitlines()) == 2
+    (tmp_path / "train.tsv").write_text(ROWS)
+    r = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
+                     {"max_steps": 30, "batch_size": 4, "log_every": 1}, tokenizer=tiny_tokenizer_dir)
+    done = shell(f"{py} finetune {r} --out {tmp_path / 'quiet'} 2>&-")
+    assert done.returncode == 0 and (tmp_path / "quiet" / "model.safetensors").is_file()
+    # the reader of the messages goes away: the run trains on, and ends with its checkpoint
+    done = shell(f"{py} finetune {r} --out {tmp_path / 'piped'} 2>&1 | head -1; exit ${{PIPESTATUS[0]}}")
+    assert done.returncode == 0 and (tmp_path / "piped" / "resume.pt").is_file()
+    records = [json.loads(line) for line in (tmp_path / "piped" / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 30
+    done = shell(f"{py} evaluate {model} --data {tmp_path / 'train.tsv'} --out {tmp_path / 'm.json'} "
+                 f"--report {tmp_path / 'figs'} | head -1; exit ${{PIPESTATUS[0]}}")
+    assert done.returncode == 0 and (tmp_path / "m.json").is_file() and (tmp_path / "figs" / "confusion.png").is_file()
+
+
+def test_predict_waits_on_a_non_blocking_stdin(model):
+    import fcntl
+
+    def non_blocking() -> None:
+        fcntl.fcntl(0, fcntl.F_SETFL, fcntl.fcntl(0, fcntl.F_GETFL) | os.O_NONBLOCK)
+
+    proc = subprocess.Popen([sys.executable, "-m", "bertcli", "predict", str(model)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=non_blocking,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    time.sleep(3)  # predict is reading by now, and finds nothing there yet
+    out, err = proc.communicate(b"good\nbad\n", timeout=120)
+    assert proc.returncode == 0 and len(out.splitlines()) == 2, err.decode()[-2000:]

@@ -13,6 +13,7 @@ from bertcli.textio import split_lines
 from bertcli.metrics import get_entities
 
 TAG = re.compile(r"^(O|[BIES]-\S+)$")
+COLUMNS = re.compile(r"[ \t]+")  # ASCII spaces and tabs: a no-break space or U+2028 is part of a token
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def read_ner(path: str | Path) -> list[Sentence]:
         words, tags = [], []
 
     for number, line in enumerate(split_lines(text), start=1):
-        fields = line.split()
+        fields = COLUMNS.split(line.strip(" \t")) if line.strip(" \t") else []
         if not fields:
             flush()
             continue

@@ -96,7 +96,7 @@ def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, s
     for f in files:
         if not f.exists() or f.is_dir():
             raise DataError(f"{f}: {'is a directory, expected a text file' if f.is_dir() else 'file not found'}")
-    dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
+    dtype = np.uint16 if tokenizer.id_limit <= 65536 else np.uint32
     stage = out / STAGE_DIR
     discard(stage)
     stage.mkdir(parents=True)
@@ -255,7 +255,7 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
             if Path(p).is_dir():
                 continue
             if not Path(p).is_file():
-                spooled.append(_spool(Path(p)))
+                spooled.append(spool(Path(p)))
             texts.append(spooled[-1] if not Path(p).is_file() else Path(p))
         if texts:
             key = hashlib.sha256(json.dumps([tokenizer_sha256(tokenizer), segmenter or "none"] +
@@ -275,7 +275,7 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
     return shards
 
 
-def _spool(path: Path) -> Path:
+def spool(path: Path) -> Path:
     """Copy a stream that can be read only once (a FIFO, /dev/stdin, `<(...)`) into a cache file,
     stopping at the first NUL byte or over-long line (a device such as /dev/zero is not text)."""
     if not path.exists():

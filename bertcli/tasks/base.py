@@ -16,6 +16,7 @@ from bertcli.tokenizer import WordPieceTokenizer
 class Task(ABC):
     name: str
     architecture: str  # the Hugging Face class of the model with this task's head
+    segments: int = 2  # token types the model has (config.json type_vocab_size): text pairs need 2
 
     def __init__(self, tokenizer: WordPieceTokenizer, max_seq_len: int, labels: Sequence[str] = (), **options: Any):
         self.tokenizer = tokenizer

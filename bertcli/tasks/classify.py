@@ -31,8 +31,14 @@ class Example:
 
 def label_order(names: set[str]) -> list[str]:
     """Numeric labels in numeric order (0, 1, 2, ..., 10), others alphabetically."""
-    if all(n.lstrip("-").isdigit() for n in names):
-        return sorted(names, key=int)
+    def integer(name: str) -> int | None:
+        try:
+            return int(name)
+        except ValueError:  # "²" is a digit to str.isdigit() but not to int()
+            return None
+
+    if all(integer(n) is not None for n in names):
+        return sorted(names, key=lambda n: (integer(n), n))
     return sorted(names)
 
 
@@ -100,6 +106,10 @@ class ClassifyTask(Task):
                             f"({', '.join(self.labels)}); {len(unknown)} unknown label(s): {', '.join(unknown[:10])}")
 
     def _encode_texts(self, examples: Sequence[Example]):
+        paired = next((e for e in examples if e.pair is not None), None)
+        if paired is not None and self.segments < 2:
+            raise DataError(f"{paired.where}: a text pair, but the model has {self.segments} token type "
+                            "(type_vocab_size): it reads single texts only")
         inputs = [(e.text, e.pair) if e.pair is not None else e.text for e in examples]
         self.tokenizer.backend.enable_truncation(self.max_seq_len)
         try:
@@ -134,6 +144,9 @@ class ClassifyTask(Task):
                 pair = row.get("text_pair")
                 if pair is not None and not isinstance(pair, str):
                     raise DataError(f"{where}: 'text_pair' must be a string")
+                if pair is not None and self.segments < 2:
+                    raise DataError(f"{where}: a text pair, but the model has {self.segments} token type "
+                                    "(type_vocab_size): it reads single texts only")
                 return Example(row["text"], pair, None, where)
         return Example(text, None, None, where)
 

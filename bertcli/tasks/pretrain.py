@@ -123,7 +123,7 @@ class PretrainTask:
         self.tokenizer, self.shards = tokenizer, shards
         self.objective, self.mask_prob, self.whole_word = objective, mask_prob, whole_word_mask
         vocab = tokenizer.backend.get_vocab()
-        self.vocab_size = tokenizer.vocab_size
+        self.vocab_size = tokenizer.id_limit
         self.continuation = np.zeros(self.vocab_size, dtype=bool)
         for token, i in vocab.items():
             if token.startswith("##") and i < self.vocab_size:

@@ -3,7 +3,8 @@
 - classification: accuracy, macro-F1, per-class precision/recall/F1, confusion matrix
 - NER: entity-level precision/recall/F1 as seqeval's default (CoNLL) mode scores them
 - QA: exact match and F1 as the official SQuAD v1.1 evaluation script computes them
-  (answer normalisation, max over the gold answers); Chinese scored per character as CMRC does
+  (answer normalisation, max over the gold answers); Chinese as the official CMRC 2018 script
+  (v5) does: F1 from the longest common run of its mixed segmentation, EM without punctuation
 """
 
 from __future__ import annotations
@@ -115,8 +116,6 @@ def entity_metrics(gold: Iterable[Sequence[str]], pred: Iterable[Sequence[str]])
 # ---------------------------------------------------------------- extractive QA (SQuAD v1.1)
 
 
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
-_CMRC_PUNCT = set("-:_*^/\\~`+=，。：？！“”；’《》……·、「」（）－～『』") | set(string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
@@ -127,30 +126,12 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def _tokens(text: str, chinese: bool) -> list[str]:
-    if not chinese:
-        return normalize_answer(text).split()
-    # CMRC 2018: characters of CJK text one by one, other runs (Latin words, numbers) whole
-    out, word = [], ""
-    for ch in text.lower():
-        if ch in _CMRC_PUNCT or ch.isspace():
-            if word:
-                out.append(word)
-            word = ""
-        elif _CJK.match(ch):
-            if word:
-                out.append(word)
-            word = ""
-            out.append(ch)
-        else:
-            word += ch
-    if word:
-        out.append(word)
-    return out
+def _tokens(text: str) -> list[str]:
+    return normalize_answer(text).split()
 
 
-def _f1(prediction: str, gold: str, chinese: bool) -> float:
-    pred_tokens, gold_tokens = _tokens(prediction, chinese), _tokens(gold, chinese)
+def _f1(prediction: str, gold: str) -> float:
+    pred_tokens, gold_tokens = _tokens(prediction), _tokens(gold)
     common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
     same = sum(common.values())
     if same == 0:
@@ -159,22 +140,106 @@ def _f1(prediction: str, gold: str, chinese: bool) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _em(prediction: str, gold: str, chinese: bool) -> float:
-    if chinese:
-        return float("".join(_tokens(prediction, True)) == "".join(_tokens(gold, True)))
+def _em(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+# ---------------------------------------------------------------- CMRC 2018 (the official evaluation script, v5)
+
+# the script's own list: "……" is two characters, so a single "…" is not among them, and ASCII punctuation
+# other than these stays in the text
+CMRC_PUNCT = frozenset(["-", ":", "_", "*", "^", "/", "\\", "~", "`", "+", "=", "，", "。", "：", "？", "！", "“", "”",
+                        "；", "’", "《", "》", "……", "·", "、", "「", "」", "（", "）", "－", "～", "『", "』"])
+_HAN = re.compile(r"[\u4e00-\u9fa5]")  # the script's range for a Chinese character
+
+
+def cmrc_segments(text: str, drop_punctuation: bool = False) -> list[str]:
+    """The script's mixed segmentation: each Chinese character (and each of its punctuation marks) a
+    segment; runs of other characters split into words as NLTK's word tokenizer splits them. With
+    `drop_punctuation` the marks are skipped without ending the run around them, as the script does."""
+    segments, run = [], ""
+    for ch in text.lower().strip():
+        if drop_punctuation and ch in CMRC_PUNCT:
+            continue
+        if _HAN.match(ch) or ch in CMRC_PUNCT:
+            if run:
+                segments.extend(treebank_words(run))
+                run = ""
+            segments.append(ch)
+        else:
+            run += ch
+    if run:
+        segments.extend(treebank_words(run))
+    return segments
+
+
+def _longest_common_run(a: list[str], b: list[str]) -> int:
+    """The length of the longest contiguous run of segments shared by `a` and `b`."""
+    best, previous = 0, [0] * (len(b) + 1)
+    for x in a:
+        current = [0] * (len(b) + 1)
+        for j, y in enumerate(b):
+            if x == y:
+                current[j + 1] = previous[j] + 1
+                best = max(best, current[j + 1])
+        previous = current
+    return best
+
+
+def cmrc_f1(prediction: str, gold: str) -> float:
+    gold_segments, pred_segments = cmrc_segments(gold, True), cmrc_segments(prediction, True)
+    common = _longest_common_run(gold_segments, pred_segments)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred_segments), common / len(gold_segments)
+    return 2 * precision * recall / (precision + recall)
+
+
+def cmrc_em(prediction: str, gold: str) -> float:
+    def bare(text: str) -> str:
+        return "".join(ch for ch in text.lower().strip() if ch not in CMRC_PUNCT)
+
+    return float(bare(prediction) == bare(gold))
+
+
+# NLTK's word tokenizer (NLTKWordTokenizer, Apache-2.0), which the CMRC script applies to runs of
+# non-Chinese text: regular-expression rewrites, then a split on white space. Its sentence splitter
+# (Punkt, a trained model) is not run: an answer is one sentence or less.
+_QUOTES_BEFORE = [(r"([«“‘„]|[`]+)", r" \1 "), (r'^\"', r"``"), (r"(``)", r" \1 "), (r'([ \(\[{<])(\"|\'{2})', r"\1 `` "),
+                  (r"(?i)(?<!\w)(\')(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", r"\1 ")]
+_PUNCTUATION = [(r"([^\.])(\.)([\]\)}>\"\'»”’ ]*+)\s*$", r"\1 \2 \3 "), (r"([:,])([^\d])", r" \1 \2"), (r"([:,])$", r" \1 "),
+                (r"\.{2,}", r" \g<0> "), (r"[;@#$%&]", r" \g<0> "), (r"[\u2012-\u2015]", r" \g<0> "),
+                (r"([^\.])(\.)([\]\)}>\"\']*)\s*$", r"\1 \2\3 "), (r"[?!]", r" \g<0> "), (r"([^'])' ", r"\1 ' "),
+                (r"[*]", r" \g<0> "), (r"[\]\[\(\)\{\}\<\>]", r" \g<0> "), (r"--", r" -- ")]
+_QUOTES_AFTER = [(r"([»”’])", r" \1 "), (r"''", " '' "), (r'"', " '' "), (r"\s+", " "),
+                 (r"([^' ])('[sS]|'[mM]|'[dD]|') ", r"\1 \2 "), (r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) ", r"\1 \2 ")]
+_CONTRACTIONS = [r"(?i)\b(can)(?#X)(not)\b", r"(?i)\b(d)(?#X)('ye)\b", r"(?i)\b(gim)(?#X)(me)\b", r"(?i)\b(gon)(?#X)(na)\b",
+                 r"(?i)\b(got)(?#X)(ta)\b", r"(?i)\b(lem)(?#X)(me)\b", r"(?i)\b(more)(?#X)('n)\b",
+                 r"(?i)\b(wan)(?#X)(na)(?=\s)", r"(?i) ('t)(?#X)(is)\b", r"(?i) ('t)(?#X)(was)\b"]
+_TREEBANK = [(re.compile(a), b) for a, b in _QUOTES_BEFORE + _PUNCTUATION]
+_TREEBANK_END = [(re.compile(a), b) for a, b in _QUOTES_AFTER] + [(re.compile(c), r" \1 \2 ") for c in _CONTRACTIONS]
+
+
+def treebank_words(text: str) -> list[str]:
+    for pattern, replacement in _TREEBANK:
+        text = pattern.sub(replacement, text)
+    text = f" {text} "
+    for pattern, replacement in _TREEBANK_END:
+        text = pattern.sub(replacement, text)
+    return text.split()
 
 
 def squad_metrics(predictions: Sequence[str], golds: Sequence[Sequence[str]], chinese: bool = False) -> dict:
     """exact_match and f1 in percent, each the max over an example's gold answers, averaged.
     An example with no gold answers (SQuAD v2) scores 1 when the prediction is empty."""
+    em, f1 = (cmrc_em, cmrc_f1) if chinese else (_em, _f1)
     em_total = f1_total = 0.0
     for prediction, answers in zip(predictions, golds):
         if not answers:
             em_total += float(prediction == "")
             f1_total += float(prediction == "")
             continue
-        em_total += max(_em(prediction, a, chinese) for a in answers)
-        f1_total += max(_f1(prediction, a, chinese) for a in answers)
+        em_total += max(em(prediction, a) for a in answers)
+        f1_total += max(f1(prediction, a) for a in answers)
     n = len(predictions)
     return {"exact_match": 100 * em_total / n if n else 0.0, "f1": 100 * f1_total / n if n else 0.0, "count": n}

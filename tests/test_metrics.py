@@ -46,3 +46,109 @@ def test_chinese_answers_scored_per_character():
     m = squad_metrics(["北京大学"], [["北京"]], chinese=True)
     assert m["exact_match"] == 0 and m["f1"] == pytest.approx(100 * 2 * (2 / 4) * 1 / (2 / 4 + 1))
     assert squad_metrics(["北京。"], [["北京"]], chinese=True)["exact_match"] == 100
+
+
+# ---------------------------------------------------------------- CMRC 2018: the official script's scores
+
+
+def _official_cmrc(prediction: str, answers: list[str]) -> tuple[float, float]:
+    """The official CMRC 2018 evaluation (cmrc2018_evaluate.py v5: mixed_segmentation, find_lcs,
+    calc_f1_score, calc_em_score) as it scores one question, written out here with NLTK itself;
+    NLTK's sentence splitter is left out (it needs a trained model that is not installed)."""
+    import re
+
+    from nltk import word_tokenize
+
+    sp_char = ['-', ':', '_', '*', '^', '/', '\\', '~', '`', '+', '=', '，', '。', '：', '？', '！', '“', '”', '；', '’',
+               '《', '》', '……', '·', '、', '「', '」', '（', '）', '－', '～', '『', '』']
+
+    def mixed_segmentation(in_str, rm_punc=False):
+        in_str = str(in_str).lower().strip()
+        segs_out, temp_str = [], ""
+        for char in in_str:
+            if rm_punc and char in sp_char:
+                continue
+            if re.search(r'[\u4e00-\u9fa5]', char) or char in sp_char:
+                if temp_str != "":
+                    segs_out.extend(word_tokenize(temp_str, preserve_line=True))
+                    temp_str = ""
+                segs_out.append(char)
+            else:
+                temp_str += char
+        if temp_str != "":
+            segs_out.extend(word_tokenize(temp_str, preserve_line=True))
+        return segs_out
+
+    def find_lcs(s1, s2):
+        m = [[0 for _ in range(len(s2) + 1)] for _ in range(len(s1) + 1)]
+        mmax = p = 0
+        for i in range(len(s1)):
+            for j in range(len(s2)):
+                if s1[i] == s2[j]:
+                    m[i + 1][j + 1] = m[i][j] + 1
+                    if m[i + 1][j + 1] > mmax:
+                        mmax, p = m[i + 1][j + 1], i + 1
+        return s1[p - mmax:p], mmax
+
+    f1_scores = []
+    for ans in answers:
+        ans_segs, prediction_segs = mixed_segmentation(ans, rm_punc=True), mixed_segmentation(prediction, rm_punc=True)
+        _, lcs_len = find_lcs(ans_segs, prediction_segs)
+        if lcs_len == 0:
+            f1_scores.append(0)
+            continue
+        precision, recall = 1.0 * lcs_len / len(prediction_segs), 1.0 * lcs_len / len(ans_segs)
+        f1_scores.append((2 * precision * recall) / (precision + recall))
+
+    def remove_punctuation(in_str):
+        return "".join(ch for ch in str(in_str).lower().strip() if ch not in sp_char)
+
+    em = float(any(remove_punctuation(a) == remove_punctuation(prediction) for a in answers))
+    return em, max(f1_scores)
+
+
+def test_cmrc_scores_follow_the_official_script_where_it_differs_from_character_overlap():
+    assert squad_metrics(["京北"], [["北京"]], chinese=True)["f1"] == 50.0  # shared characters would say 100
+    assert squad_metrics(["北京 大学"], [["北京大学"]], chinese=True)["exact_match"] == 0  # a space is not punctuation
+    assert squad_metrics(["《北京》"], [["北京"]], chinese=True)["exact_match"] == 100
+
+
+def test_cmrc_scores_equal_the_official_script_on_cmrc_2018_answers():
+    """Every dev question's gold answers against predictions made from them (a gold answer, a part of
+    one, one with its neighbours' text, another question's answer): EM and F1 equal the official
+    script's, question by question."""
+    import json
+    import random
+
+    pytest.importorskip("nltk", reason="the official script's word tokenizer comes from nltk (test extra)")
+    from conftest import SHARED
+
+    path = SHARED / "data" / "cmrc2018" / "cmrc2018_dev.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is not here")
+    from bertcli.metrics import cmrc_em, cmrc_f1
+
+    questions = [[a["text"] for a in qa["answers"]] + [paragraph["context"]]
+                 for article in json.loads(path.read_text())["data"] for paragraph in article["paragraphs"]
+                 for qa in paragraph["qas"] if qa["answers"]]
+    rng = random.Random(0)
+    for answers in questions[:1500]:
+        *gold, context = answers
+        first = gold[0]
+        start = context.find(first)
+        cut = rng.randint(0, max(0, len(first) - 1))
+        predictions = [first, first[cut:], first[:cut + 1] + " 2018 Beijing's", rng.choice(questions)[0],
+                       context[max(0, start - 3):start + len(first) + 3] if start >= 0 else first + "。"]
+        for prediction in predictions:
+            expected = _official_cmrc(prediction, gold)
+            got = (max(cmrc_em(prediction, a) for a in gold), max(cmrc_f1(prediction, a) for a in gold))
+            assert got == pytest.approx(expected), (prediction, gold)
+
+
+@pytest.mark.parametrize("text", ["Good muffins cost $3.88 (roughly 3,36 euros) in New York. Thanks.",
+                                  "\"I can't,\" she said -- 'gonna' be there?", "U.S.A. 1990年代 a...b c;d @e #f"])
+def test_word_splitting_equals_nltk(text):
+    nltk = pytest.importorskip("nltk", reason="the reference word tokenizer comes from nltk (test extra)")
+    from bertcli.metrics import treebank_words
+
+    assert treebank_words(text) == nltk.word_tokenize(text, preserve_line=True)

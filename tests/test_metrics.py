@@ -152,3 +152,26 @@ def test_word_splitting_equals_nltk(text):
     from bertcli.metrics import treebank_words
 
     assert treebank_words(text) == nltk.word_tokenize(text, preserve_line=True)
+
+
+def test_entity_scores_equal_seqeval_on_random_tag_sequences():
+    """Property: on random sentences of tags in any scheme (IOB2, IOB1, BIOES and their mixtures, as
+    real predictions are), entity precision, recall and F1 equal seqeval's default mode."""
+    seqeval = pytest.importorskip("seqeval.metrics", reason="seqeval is the reference (test extra)")
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    tag = st.sampled_from(["O", "B-PER", "I-PER", "E-PER", "S-PER", "B-LOC", "I-LOC", "E-LOC", "S-LOC", "I-MISC"])
+    pair = st.integers(1, 12).flatmap(lambda n: st.tuples(st.lists(tag, min_size=n, max_size=n),
+                                                          st.lists(tag, min_size=n, max_size=n)))
+
+    @hypothesis.settings(max_examples=400, deadline=None, derandomize=True)
+    @hypothesis.given(st.lists(pair, min_size=1, max_size=5))
+    def check(sentences):
+        gold, pred = [g for g, _ in sentences], [p for _, p in sentences]
+        ours = entity_metrics(gold, pred)
+        for name, reference in (("precision", seqeval.precision_score), ("recall", seqeval.recall_score),
+                                ("f1", seqeval.f1_score)):
+            assert ours[name] == pytest.approx(float(reference(gold, pred, zero_division=0))), (name, gold, pred)
+
+    check()

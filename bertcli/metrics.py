@@ -144,6 +144,45 @@ def _em(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
+def squad_v2_metrics(best: Sequence[str], margins: Sequence[float], golds: Sequence[Sequence[str]], threshold: float,
+                     chinese: bool = False) -> dict:
+    """What the official SQuAD v2.0 script adds: EM/F1 over the answerable questions (has_answer_*) and
+    over the others (no_answer_*), and the best no-answer threshold on these questions (best_*): the
+    questions sorted by margin (no-answer score minus best span score) and answered up to each in turn.
+    `best` is each question's best non-empty span, `margins` its margin; a question is answered when
+    its margin is at most `threshold`, as predict does. As in the script, a gold answer that
+    normalises to nothing is no answer, and an unanswerable question's gold is the empty answer."""
+    em, f1 = (cmrc_em, cmrc_f1) if chinese else (_em, _f1_v2)
+    gold = [[a for a in g if (cmrc_segments(a, True) if chinese else _tokens(a))] or [""] for g in golds]
+    has = [g != [""] for g in gold]
+    raw = {"exact_match": [max(em(b, a) for a in g) for b, g in zip(best, gold)],
+           "f1": [max(f1(b, a) for a in g) for b, g in zip(best, gold)]}
+    answered = [m <= threshold for m in margins]
+    out: dict = {}
+    for name, scores in raw.items():
+        final = [s if on else float(not h) for s, on, h in zip(scores, answered, has)]
+        for group, wanted in (("has_answer", True), ("no_answer", False)):
+            chosen = [x for x, h in zip(final, has) if h == wanted]
+            out[f"{group}_{name}"] = 100 * sum(chosen) / len(chosen) if chosen else 0.0
+        current = best_total = float(sum(not h for h in has))  # every question left unanswered
+        best_threshold = 0.0
+        for i in sorted(range(len(gold)), key=lambda i: margins[i]):
+            current += scores[i] if has[i] else (-1.0 if best[i] else 0.0)
+            if current > best_total:
+                best_total, best_threshold = current, margins[i]
+        out[f"best_{name}"] = 100 * best_total / len(gold) if gold else 0.0
+        out[f"best_{name}_threshold"] = best_threshold
+    out["has_answer_count"], out["no_answer_count"] = sum(has), len(has) - sum(has)
+    return out
+
+
+def _f1_v2(prediction: str, gold: str) -> float:
+    """The v2 script's F1: as v1.1's, except that an empty answer against an empty one scores 1."""
+    if not _tokens(prediction) or not _tokens(gold):
+        return float(_tokens(prediction) == _tokens(gold))
+    return _f1(prediction, gold)
+
+
 # ---------------------------------------------------------------- CMRC 2018 (the official evaluation script, v5)
 
 # the script's own list: "……" is two characters, so a single "…" is not among them, and ASCII punctuation

@@ -175,3 +175,85 @@ def test_entity_scores_equal_seqeval_on_random_tag_sequences():
             assert ours[name] == pytest.approx(float(reference(gold, pred, zero_division=0))), (name, gold, pred)
 
     check()
+
+
+def _official_v2(preds: dict, na_probs: dict, golds: dict, thresh: float) -> dict:
+    """The official SQuAD v2.0 script (evaluate-v2.0.py: get_raw_scores, apply_no_ans_threshold,
+    make_eval_dict, find_best_thresh) written out for one call, the reference here."""
+    import collections as c
+    import re as r
+    import string as s_
+
+    def normalize(text):
+        text = "".join(ch for ch in text.lower() if ch not in set(s_.punctuation))
+        return " ".join(r.sub(r"\b(a|an|the)\b", " ", text).split())
+
+    def toks(text):
+        return normalize(text).split() if text else []
+
+    def exact(a, b):
+        return int(normalize(a) == normalize(b))
+
+    def f1(a_gold, a_pred):
+        gold_toks, pred_toks = toks(a_gold), toks(a_pred)
+        common = c.Counter(gold_toks) & c.Counter(pred_toks)
+        num_same = sum(common.values())
+        if len(gold_toks) == 0 or len(pred_toks) == 0:
+            return int(gold_toks == pred_toks)
+        if num_same == 0:
+            return 0
+        precision, recall = 1.0 * num_same / len(pred_toks), 1.0 * num_same / len(gold_toks)
+        return (2 * precision * recall) / (precision + recall)
+
+    has_ans, exact_raw, f1_raw = {}, {}, {}
+    for qid, answers in golds.items():
+        gold_answers = [a for a in answers if normalize(a)] or [""]
+        has_ans[qid] = gold_answers != [""]
+        exact_raw[qid] = max(exact(a, preds[qid]) for a in gold_answers)
+        f1_raw[qid] = max(f1(a, preds[qid]) for a in gold_answers)
+
+    def threshold(scores):
+        return {q: (float(not has_ans[q]) if na_probs[q] > thresh else scores[q]) for q in scores}
+
+    def best(scores):
+        cur = best_score = sum(1 for k in has_ans if not has_ans[k])
+        best_thresh = 0.0
+        for qid in sorted(na_probs, key=lambda k: na_probs[k]):
+            diff = scores[qid] if has_ans[qid] else (-1 if preds[qid] else 0)
+            cur += diff
+            if cur > best_score:
+                best_score, best_thresh = cur, na_probs[qid]
+        return 100.0 * best_score / len(scores), best_thresh
+
+    out = {}
+    for name, raw in (("exact_match", exact_raw), ("f1", f1_raw)):
+        final = threshold(raw)
+        for group, wanted in (("has_answer", True), ("no_answer", False)):
+            chosen = [final[q] for q in final if has_ans[q] == wanted]
+            out[f"{group}_{name}"] = 100.0 * sum(chosen) / len(chosen) if chosen else 0.0
+        out[f"best_{name}"], out[f"best_{name}_threshold"] = best(raw)
+    out["has_answer_count"] = sum(has_ans.values())
+    out["no_answer_count"] = len(has_ans) - out["has_answer_count"]
+    return out
+
+
+def test_squad_v2_scores_equal_the_official_script():
+    import random
+
+    from bertcli.metrics import squad_v2_metrics
+
+    words = ["Denver", "Broncos", "the", "Carolina", "Panthers", "a", "Super", "Bowl", "50", "."]
+    rng = random.Random(1)
+    for trial in range(300):
+        n = rng.randint(1, 12)
+
+        def phrase():
+            return " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+
+        golds = [[phrase() for _ in range(rng.randint(1, 2))] if rng.random() < 0.6 else [] for _ in range(n)]
+        best = [phrase() if rng.random() < 0.9 else "" for _ in range(n)]
+        margins = [rng.choice([-3.0, -1.0, -0.5, 0.0, 0.5, 2.0, rng.uniform(-4, 4)]) for _ in range(n)]
+        threshold = rng.choice([0.0, -1.0, 1.0])
+        ours = squad_v2_metrics(best, margins, golds, threshold)
+        reference = _official_v2(dict(enumerate(best)), dict(enumerate(margins)), dict(enumerate(golds)), threshold)
+        assert ours == pytest.approx(reference), (trial, best, margins, golds, threshold)

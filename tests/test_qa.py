@@ -77,3 +77,20 @@ def test_predict_answers_with_offsets(trained):
     assert 0 < answer["score"] <= 1 and blank["answer"] == ""
     done = run_cli("predict", str(d / "run"), stdin=b"not json\n")
     assert done.returncode == 2 and b"expected a JSON line" in done.stdout
+
+
+def test_squad_v2_reports_has_answer_no_answer_and_the_best_threshold(tmp_path, tiny_tokenizer_dir):
+    doc = squad(CONTEXTS)
+    for i, paragraph in enumerate(doc["data"][0]["paragraphs"]):
+        paragraph["qas"].append({"id": f"none-{i}", "question": "What is the colour of the moon?", "answers": [],
+                                 "is_impossible": True})
+    (tmp_path / "v2.json").write_text(json.dumps(doc), encoding="utf-8")
+    recipe = write_recipe(tmp_path / "recipe.yaml", {"name": "qa"},
+                          {"train": str(tmp_path / "v2.json"), "max_seq_len": 64, "max_query_len": 10},
+                          {"max_steps": 40, "batch_size": 8, "lr": 3e-3}, tokenizer=tiny_tokenizer_dir)
+    finetune(load_recipe(recipe), tmp_path / "run", resume=False, overwrite=False)
+    m = evaluate(tmp_path / "run", tmp_path / "v2.json")
+    assert m["has_answer_count"] == 4 and m["no_answer_count"] == 2
+    at_threshold = (4 * m["has_answer_f1"] + 2 * m["no_answer_f1"]) / 6
+    assert m["best_f1"] >= at_threshold - 1e-9 and m["best_exact_match"] >= 0
+    assert isinstance(m["best_f1_threshold"], float)

@@ -10,7 +10,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +19,20 @@ from torch import Tensor, nn
 from bertcli.data.squad import QaExample, read_squad
 from bertcli.data.windows import best_window, spans
 from bertcli.errors import DataError
-from bertcli.metrics import squad_metrics
+from bertcli.metrics import squad_metrics, squad_v2_metrics
 from bertcli.tasks.base import Task
 from bertcli.tokenizer import WordPieceTokenizer
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
+
+
+class Span(NamedTuple):
+    answer: dict  # what predict prints
+    best: str  # the best non-empty span's text, even when the answer is "no answer"
+    margin: float  # the no-answer score minus the best span's; above task.no_answer_threshold, no answer
+
+
+NO_SPAN = Span({"answer": "", "start": None, "end": None, "score": None}, "", math.inf)
 
 
 @dataclass(frozen=True)
@@ -128,7 +137,20 @@ class QaTask(Task):
         return QaExample(str(row.get("id", where)), row["question"], row["context"], (), False, where)
 
     def predict(self, model: nn.Module, examples: Sequence[QaExample], batch_size: int) -> list[dict]:
-        results: list[dict] = [{"answer": "", "start": None, "end": None, "score": None} for _ in examples]
+        return [span.answer for span in self._spans(model, examples, batch_size)]
+
+    def evaluate(self, model: nn.Module, examples: Sequence[QaExample], batch_size: int) -> dict:
+        """EM/F1 of the answers; for SQuAD v2 data also HasAns/NoAns and the best no-answer threshold
+        on these examples, as the official v2 script reports them."""
+        spans = self._spans(model, examples, batch_size)
+        metrics = self.score(examples, [span.answer for span in spans])
+        if self.with_no_answer or any(e.is_impossible for e in examples):
+            metrics.update(squad_v2_metrics([span.best for span in spans], [span.margin for span in spans],
+                                            [list(e.gold) for e in examples], self.threshold, self._chinese(examples)))
+        return metrics
+
+    def _spans(self, model: nn.Module, examples: Sequence[QaExample], batch_size: int) -> list[Span]:
+        results: list[Span] = [NO_SPAN for _ in examples]
         real = [i for i, e in enumerate(examples) if e.context.strip() and e.question.strip()]
         encoded = self._encode([examples[i] for i in real])
         jobs = [(k, w) for k, enc in enumerate(encoded) for w in range(len(enc.windows))]
@@ -147,7 +169,7 @@ class QaTask(Task):
             results[real[k]] = self._best_span(examples[real[k]], enc, [logits[(k, w)] for w in range(len(enc.windows))])
         return results
 
-    def _best_span(self, example: QaExample, enc: Encoded, window_logits: list[tuple[list[float], list[float]]]) -> dict:
+    def _best_span(self, example: QaExample, enc: Encoded, window_logits: list[tuple[list[float], list[float]]]) -> Span:
         first = len(enc.question) + 2
         candidates: list[tuple[float, int, int]] = []  # (score, first context token, last context token)
         null = math.inf
@@ -165,19 +187,26 @@ class QaTask(Task):
                     if si <= ei < si + self.max_answer_len:
                         candidates.append((s_logits[si] + e_logits[ei], token, ei - first + start))
         if not candidates:
-            return {"answer": "", "start": None, "end": None, "score": None}
+            return NO_SPAN
         candidates.sort(reverse=True)
         candidates = candidates[:self.n_best]
         best_score, s_tok, e_tok = candidates[0]
         scores = [c[0] for c in candidates] + ([null] if self.with_no_answer else [])
         top = max(scores)
         total = sum(math.exp(x - top) for x in scores)
-        if self.with_no_answer and null - best_score > self.threshold:
-            return {"answer": "", "start": None, "end": None, "score": round(math.exp(null - top) / total, 6)}
         char_start, char_end = enc.offsets[s_tok][0], enc.offsets[e_tok][1]
-        return {"answer": example.context[char_start:char_end], "start": char_start, "end": char_end,
-                "score": round(math.exp(best_score - top) / total, 6)}
+        text = example.context[char_start:char_end]
+        margin = null - best_score
+        if self.with_no_answer and margin > self.threshold:
+            return Span({"answer": "", "start": None, "end": None, "score": round(math.exp(null - top) / total, 6)},
+                        text, margin)
+        return Span({"answer": text, "start": char_start, "end": char_end,
+                     "score": round(math.exp(best_score - top) / total, 6)}, text, margin)
 
     def score(self, examples: Sequence[QaExample], predictions: Sequence[dict]) -> dict:
-        chinese = sum(bool(_CJK.search(e.context)) for e in examples) > len(examples) / 2
-        return squad_metrics([p["answer"] for p in predictions], [list(e.gold) for e in examples], chinese)
+        return squad_metrics([p["answer"] for p in predictions], [list(e.gold) for e in examples],
+                             self._chinese(examples))
+
+    @staticmethod
+    def _chinese(examples: Sequence[QaExample]) -> bool:
+        return sum(bool(_CJK.search(e.context)) for e in examples) > len(examples) / 2

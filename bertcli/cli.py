@@ -7,42 +7,15 @@ commands so that `bertcli --help` starts quickly.
 
 from __future__ import annotations
 
-import os
+import contextlib
+import sys
+from pathlib import Path
+from typing import List, Optional
 
+import typer
 
-def _occupy_closed_descriptors() -> list[int]:
-    """Which of stdin, stdout and stderr the process started without (`<&-`, `>&-`, `2>&-`: closed, or
-    left open the wrong way round by a launcher); each is pointed at /dev/null at once, before any
-    import opens a file, so that no file bertcli opens later takes descriptor 0, 1 or 2 (messages
-    and C-level warnings would land in it)."""
-    import fcntl
-
-    shut = []
-    for fd, wanted in ((0, (os.O_RDONLY, os.O_RDWR)), (1, (os.O_WRONLY, os.O_RDWR)), (2, (os.O_WRONLY, os.O_RDWR))):
-        try:
-            usable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE in wanted
-        except OSError:
-            usable = False
-        if not usable:
-            devnull = os.open(os.devnull, os.O_RDWR)
-            if devnull != fd:
-                os.dup2(devnull, fd)
-                os.close(devnull)
-            shut.append(fd)
-    return shut
-
-
-_SHUT = _occupy_closed_descriptors()
-
-import contextlib  # noqa: E402
-import io  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import List, Optional  # noqa: E402
-
-import typer  # noqa: E402
-
-from bertcli.errors import BertcliError, Interrupted  # noqa: E402
+from bertcli.errors import BertcliError, Interrupted
+from bertcli.streams import Closed, drop_stdout, guard
 
 app = typer.Typer(
     name="bertcli",
@@ -92,21 +65,15 @@ def tokenize_train(
     """Train a BERT WordPiece tokenizer (CJK characters split one per token)."""
     import time
 
-    from bertcli.data.corpus import spool
+    from bertcli.data.corpus import spooled
     from bertcli.rundir import check_apart, claim, precheck
     from bertcli.tokenizer import train_tokenizer
 
     check_apart(out, [("--corpus", c) for c in corpus])
     precheck(out, "tokenizer", overwrite=overwrite)
     start = time.perf_counter()
-    # the trainer reads whole files by name: a pipe or a device is first read once, with checks, into a file
-    streams = {c: spool(c) for c in corpus if c.exists() and not c.is_file() and not c.is_dir()}
-    try:
-        tokenizer = train_tokenizer([streams.get(c, c) for c in corpus], vocab_size=vocab_size, lowercase=not cased,
-                                    min_frequency=min_frequency)
-    finally:
-        for path in streams.values():
-            path.unlink(missing_ok=True)
+    with spooled(corpus) as files:  # the trainer reads whole files by name: a pipe is first read once, with checks
+        tokenizer = train_tokenizer(files, vocab_size=vocab_size, lowercase=not cased, min_frequency=min_frequency)
     with claim(out, "tokenizer", overwrite=overwrite):
         tokenizer.save(out)
     _err(f"tokenizer: {tokenizer.vocab_size} tokens from {len(corpus)} file(s) in "
@@ -236,7 +203,7 @@ def _streaming():
     try:
         yield
     except BrokenPipeError:
-        _drop_stdout()
+        drop_stdout()
         raise typer.Exit(0) from None
     except KeyboardInterrupt:
         sys.stdout.flush()
@@ -274,76 +241,17 @@ def _spread_multi_values(argv: list[str]) -> list[str]:
     return out
 
 
-class _Messages(io.TextIOBase):
-    """stderr that a closed reader cannot stop: a training run piped into `| head` keeps training.
-    On the first broken pipe the descriptor is pointed at /dev/null and the writes go on there."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            self._silence()
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            self._silence()
-
-    def _silence(self) -> None:
-        import os
-
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())
-        os.close(devnull)
-
-    def fileno(self) -> int:
-        return self._stream.fileno()
-
-    def isatty(self) -> bool:
-        return self._stream.isatty()
-
-    def writable(self) -> bool:
-        return True
-
-    @property
-    def encoding(self) -> str:
-        return self._stream.encoding
-
-
-STDOUT_CLOSED = False  # started with stdout closed (`>&-`): commands that print results refuse
-
-
-def _guard_streams() -> None:
-    """stdout or stderr closed at start (`>&-`, `2>&-`; see _SHUT) must not turn into an error far away."""
-    global STDOUT_CLOSED
-    import os
-
-    if 0 in _SHUT:
-        sys.stdin = None  # predict and tokenize show say that stdin is closed
-    if 1 in _SHUT or sys.stdout is None:
-        STDOUT_CLOSED = True
-        sys.stdout = open(os.devnull, "w")
-    if 2 in _SHUT or sys.stderr is None:
-        sys.stderr = open(os.devnull, "w")
-    try:
-        sys.stderr.fileno()
-        sys.stderr = _Messages(sys.stderr)
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        pass  # not a real descriptor (a test's capture): left as it is
+CLOSED = Closed()  # the standard streams this process started without (set by main)
 
 
 def _require_stdout(command: str) -> None:
-    if STDOUT_CLOSED:
+    if CLOSED.stdout:
         raise BertcliError(f"stdout is closed: `bertcli {command}` writes its results there; redirect it to a file")
 
 
 def main() -> None:
-    _guard_streams()
+    global CLOSED
+    CLOSED = guard()
     try:
         app(args=_spread_multi_values(sys.argv[1:]))
     except BertcliError as err:
@@ -355,7 +263,7 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:  # the reader closed the pipe (e.g. `| head`): end quietly
-        _drop_stdout()
+        drop_stdout()
         sys.exit(0)
     except OSError as err:  # the machine's storage refused a write not made through bertcli.fileio (stdout, say)
         from bertcli.fileio import STORAGE_ERRORS
@@ -363,12 +271,5 @@ def main() -> None:
         if err.errno not in STORAGE_ERRORS:
             raise
         _err(f"error: {err.filename or 'stdout'}: cannot write: {err.strerror}")
-        _drop_stdout()
+        drop_stdout()
         sys.exit(2)
-
-
-def _drop_stdout() -> None:
-    """Point stdout at /dev/null, so that Python's flush at exit does not fail a second time."""
-    import os
-
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -25,17 +25,20 @@ def evaluate(model_dir: Path, data: Path, batch_size: int = 64, precision: str =
 def check_outputs(out: Path | None, report: Path | None, inputs: list[Path]) -> None:
     """--out names a file whose directory exists; --report a directory (or a path to make one);
     neither may be one of the inputs or inside the model directory's own files."""
-    from bertcli.rundir import check_apart, precheck
+    from bertcli.rundir import check_apart, inside, precheck, resolved
 
     if out is not None:
         if out.is_dir():
             raise BertcliError(f"--out {out}: is a directory; name a file, e.g. {out / 'metrics.json'}")
         if not out.parent.is_dir():
             raise BertcliError(f"--out {out}: the directory {out.parent} does not exist")
-        if out.exists() and any(out.resolve() == p.resolve() for p in inputs):
+        if out.exists() and any(resolved(out) == resolved(p) for p in inputs):
             raise BertcliError(f"--out {out}: is an input of this command; name another file")
-        if out.resolve().parent == inputs[0].resolve():
+        if inside(resolved(out), resolved(inputs[0])):
             raise BertcliError(f"--out {out}: lies inside the model directory, which bertcli only reads here; "
+                               "name a file elsewhere")
+        if report is not None and inside(resolved(out), resolved(report)):
+            raise BertcliError(f"--out {out}: lies inside the --report directory, which holds the figures alone; "
                                "name a file elsewhere")
     if report is not None:
         if report.exists() and not report.is_dir():

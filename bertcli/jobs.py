@@ -205,6 +205,11 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     check_output_apart(recipe, out, source, resume)
     init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
+    streams = [p for p in (*recipe.data.train, *recipe.data.eval) if Path(p).exists() and not Path(p).is_file()
+               and not Path(p).is_dir()]
+    if dist.is_initialized() and dist.get_world_size() > 1 and streams:  # every rank reads the data
+        raise BertcliError(f"{streams[0]}: a pipe can be read only once, and each of the "
+                           f"{dist.get_world_size()} processes reads the data; save it to a file first")
     if rank == 0:
         precheck(out, "run", resume, overwrite)
     tokenizer = recipe_tokenizer(recipe)

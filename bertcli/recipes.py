@@ -190,9 +190,16 @@ MAX_YAML_NODES = 100_000  # values after aliases are expanded: an alias bomb sto
 
 class _BoundedLoader(yaml.SafeLoader):
     """yaml.safe_load's loader, refusing nesting deeper than MAX_YAML_DEPTH (PyYAML recurses, so
-    20,000 brackets would end in a RecursionError)."""
+    20,000 brackets would end in a RecursionError) and merge keys that expand past MAX_YAML_NODES."""
 
     depth = 0
+    merged = 0  # key/value pairs written out by merge keys (<<), which copy before any other check runs
+
+    def flatten_mapping(self, node):
+        super().flatten_mapping(node)
+        self.merged += len(node.value)
+        if self.merged > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"more than {MAX_YAML_NODES:,} values once merge keys (<<) are expanded")
 
     def compose_node(self, parent, index):
         self.depth += 1

@@ -56,18 +56,22 @@ def _temporary(kind: str, name: str) -> bool:
 
 
 def _own_file(kind: str, entry: Path) -> bool:
-    """A file (or a link: removing it leaves its target alone) under a name bertcli writes there."""
-    if entry.is_dir() and not entry.is_symlink():
+    """A regular file under a name bertcli writes there. bertcli never makes a symbolic link, so a
+    link, whatever its name, is the user's."""
+    if entry.is_symlink() or not entry.is_file():
         return False
     return entry.name == LOCK or _named(kind, entry.name) or _temporary(kind, entry.name)
 
 
 def _own_stage(kind: str, entry: Path) -> bool:
-    """The side directory of a write killed midway, holding only files bertcli writes."""
-    if entry.name != STAGE_DIR or entry.is_symlink() or not entry.is_dir():
+    """The side directory of a write killed midway, holding only files bertcli writes (one that
+    vanishes while it is looked at was being published by bertcli)."""
+    if entry.name != STAGE_DIR or entry.is_symlink() or not (entry.is_dir() or not entry.exists()):
         return False
     try:
         return all(_own_file(kind, child) and child.name != LOCK for child in entry.iterdir())
+    except FileNotFoundError:
+        return True
     except OSError:
         return False
 
@@ -93,27 +97,27 @@ def marked_kind(directory: Path) -> str | None:
     return kind if kind in OWN else None
 
 
-def _resolved(path: str | Path) -> Path:
+def resolved(path: str | Path) -> Path:
     return Path(os.path.realpath(os.path.expanduser(str(path))))
 
 
-def _inside(inner: Path, outer: Path) -> bool:
+def inside(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
 def check_apart(out: Path, inputs: Iterable[tuple[str, str | Path | None]], own: Iterable[Path] = ()) -> None:
     """Refuse an output directory that is, contains or lies inside an input (named by its key, e.g.
     data.train). `own` lists files of the run itself that may be read back (--resume of its recipe.yaml)."""
-    target = _resolved(out)
-    allowed = {_resolved(p) for p in own}
+    target = resolved(out)
+    allowed = {resolved(p) for p in own}
     for key, path in inputs:
         if path is None or str(path) == "":
             continue
-        source = _resolved(path)
+        source = resolved(path)
         if source in allowed:
             continue
-        if _inside(source, target) or _inside(target, source):
-            where = "is" if source == target else ("contains" if _inside(source, target) else "lies inside")
+        if inside(source, target) or inside(target, source):
+            where = "is" if source == target else ("contains" if inside(source, target) else "lies inside")
             raise BertcliError(f"{out}: the output directory {where} the input {key} ({path}); write the output "
                                "somewhere else (--out), so that nothing you read is replaced")
 
@@ -153,9 +157,9 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
     names what asked to replace the directory, in messages."""
     if resume and overwrite:
         raise BertcliError("--resume and --overwrite exclude each other")
-    if not wait:
+    if not wait:  # (bertcli's own cache waits for its writer and looks only then)
         _refuse_if_locked(out)
-    _check_state(out, kind, resume, overwrite, replacing)  # before anything is created
+        _check_state(out, kind, resume, overwrite, replacing)  # before anything is created
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -174,8 +178,11 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
         for entry in sorted(out.iterdir()):
             if is_leftover(kind, entry) or (overwrite and entry.name not in (MARKER, LOCK) and is_own(kind, entry)):
                 _remove(entry)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid only names the holder in another process's message (a full disk refuses it)
     except BaseException:
         os.close(fd)
         raise
@@ -220,6 +227,9 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
             raise BertcliError(f"{out}: nothing to resume (no resume.pt)")
         return
     found = marked_kind(out)
+    if found is None and resume and kind == "run" and "resume.pt" in names and all(
+            is_own(kind, p) for p in out.iterdir()):
+        return  # a run of a bertcli from before the marker, holding only a run's files: adopted (claim marks it)
     if found is None:
         if resume or overwrite:
             flag = "--resume" if resume else replacing
@@ -246,25 +256,33 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
 def _lock(fd: int, out: Path, wait: bool) -> None:
     """Take the lock; without `wait`, refuse when another process keeps it for more than a moment
     (another command's trial of the lock holds it for microseconds)."""
-    if wait:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return
-    for attempt in range(LOCK_TRIES):
+    for attempt in range(1 if wait else LOCK_TRIES):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             return
         except BlockingIOError:
             time.sleep(0.02)
+        except OSError as err:  # a file system without flock (some NFS, Lustre, FUSE mounts)
+            raise BertcliError(f"{out / LOCK}: cannot lock it ({err.strerror}): this file system has no file "
+                               "locks, so bertcli cannot make sure it is the only writer; write the run on a "
+                               "local disk") from None
     holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
     raise BertcliError(f"{out}: another bertcli process (pid {holder}) is writing this directory; wait for it "
                        "to end, or choose another --out")
 
 
 def _remove(entry: Path) -> None:
-    """Remove one of bertcli's own entries; a symbolic link is removed itself, never followed."""
-    if entry.is_dir() and not entry.is_symlink():
-        for child in entry.iterdir():
-            _remove(child)
-        entry.rmdir()
-    else:
-        entry.unlink()
+    """Remove one of bertcli's own entries: a file, or the side directory with only bertcli's files
+    in it (nothing is removed recursively: a directory that gained anything else stays)."""
+    try:
+        if entry.name == STAGE_DIR and entry.is_dir() and not entry.is_symlink():
+            for child in entry.iterdir():
+                if child.is_file() and not child.is_symlink():
+                    child.unlink()
+            entry.rmdir()
+        else:
+            entry.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise BertcliError(f"{entry}: cannot remove it ({err.strerror}); nothing else was changed after it") from None

@@ -399,8 +399,9 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
         checkpoint()  # the trained weights are safe before the last evaluation starts
         saved = True
         evaluate()
-        if ctrl_c.is_set():  # a signal during that evaluation: its line is logged, and the run stops
-            raise KeyboardInterrupt
+        if ctrl_c.is_set():  # a signal during that evaluation came when the run had nothing left to do
+            console.print(f"{signal.Signals(ctrl_c.signum).name} during the final evaluation: the run had "
+                          f"finished; its checkpoint and evaluation are saved")
     except KeyboardInterrupt:
         ctrl_c.release()
         if not saved:

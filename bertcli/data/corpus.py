@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,7 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from bertcli.errors import DataError
-from bertcli.fileio import atomic_write_text, discard, publish
+from bertcli.fileio import STORAGE_ERRORS, atomic_write_text, discard, publish, storage_error
 from bertcli.rundir import STAGE_DIR, claim
 from bertcli.tokenizer import WordPieceTokenizer
 
@@ -248,15 +250,7 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
     for p in paths:
         if Path(p).is_dir():
             shards.extend(load_shards(Path(p), tokenizer))
-    spooled: list[Path] = []
-    try:
-        texts = []
-        for p in paths:
-            if Path(p).is_dir():
-                continue
-            if not Path(p).is_file():
-                spooled.append(spool(Path(p)))
-            texts.append(spooled[-1] if not Path(p).is_file() else Path(p))
+    with spooled([Path(p) for p in paths if not Path(p).is_dir()]) as texts:
         if texts:
             key = hashlib.sha256(json.dumps([tokenizer_sha256(tokenizer), segmenter or "none"] +
                                             [file_sha256(t) for t in texts]).encode())
@@ -265,27 +259,45 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
                 import sys
 
                 sys.stderr.write(f"encoding {len(texts)} text file(s) into {target}\n")
-                with claim(target, "shards", overwrite=True, wait=True, complete_with="index.json") as mine:
+                with claim(target, "shards", overwrite=True, wait=True, complete_with="index.json",
+                           replacing="the shard cache") as mine:
                     if not mine.complete:  # else another process encoded the same text meanwhile
                         encode_corpus(tokenizer, texts, target, segmenter=segmenter)
             shards.extend(load_shards(target, tokenizer))
-    finally:
-        for path in spooled:
-            path.unlink(missing_ok=True)
     return shards
 
 
-def spool(path: Path) -> Path:
-    """Copy a stream that can be read only once (a FIFO, /dev/stdin, `<(...)`) into a cache file,
-    stopping at the first NUL byte or over-long line (a device such as /dev/zero is not text)."""
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
+@contextlib.contextmanager
+def spooled(paths: list[Path]) -> Iterator[list[Path]]:
+    """The paths, each stream among them (a FIFO, /dev/stdin, `<(...)`, a device) replaced by a cache
+    file holding what it gave: read once, stopped at the first NUL byte or over-long line (a device
+    such as /dev/zero is not text). The cache files are removed on the way out."""
+    made: list[Path] = []
+    try:
+        out = []
+        for path in paths:
+            if path.exists() and not path.is_file():
+                made.append(_spool(path))
+                out.append(made[-1])
+            else:
+                out.append(path)
+        yield out
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
+
+
+def _spool(path: Path) -> Path:
     directory = cache_dir() / "spool"
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{os.getpid()}-{len(list(directory.iterdir()))}.txt"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(suffix=".txt", dir=directory)  # a new file of its own, never a link
+    except OSError as err:
+        raise storage_error(directory, err) from None
+    target = Path(name)
     offset, since_break = 0, 0
     try:
-        with open(path, "rb") as source, open(target, "wb") as sink:
+        with open(path, "rb") as source, os.fdopen(fd, "wb") as sink:
             for chunk in iter(lambda: source.read(1 << 20), b""):
                 if b"\x00" in chunk:
                     raise DataError(f"{path}: NUL byte (byte offset {offset + chunk.index(0)}); is this a text stream?")
@@ -296,6 +308,10 @@ def spool(path: Path) -> Path:
                                     "text stream?")
                 sink.write(chunk)
                 offset += len(chunk)
+    except OSError as err:
+        target.unlink(missing_ok=True)
+        raise storage_error(target, err) if err.errno in STORAGE_ERRORS else DataError(
+            f"{path}: cannot read: {err.strerror}") from None
     except BaseException:
         target.unlink(missing_ok=True)
         raise

@@ -225,7 +225,10 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> Loa
     if trunk_missing:
         raise CheckpointError(f"{source}: encoder weights missing from the checkpoint: {_short(trunk_missing)}")
     unexpected = [k for k in state if k not in own]
-    broken = [k for k in own if k in state and state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    # checked as the model will hold them (fp32): a float64 1e300 is finite only before the cast, and
+    # isfinite does not exist for every stored type (float8)
+    broken = [k for k in own if k in state and own[k].is_floating_point()
+              and not bool(torch.isfinite(state[k].to(own[k].dtype)).all())]
     if broken:
         raise CheckpointError(f"{source}: weights hold NaN or infinite values: {_short(broken, 3)}; the model is "
                               "broken (it diverged in training?)")
@@ -248,9 +251,7 @@ def load_checkpoint(directory: str | Path, architecture: str | None = None, labe
     checkpoint_labels = read_labels(raw, source)
     use_labels = list(labels) if labels is not None else checkpoint_labels
     tokenizer = load_tokenizer(directory)
-    if tokenizer.id_limit > cfg.vocab_size:
-        raise CheckpointError(f"{directory}: the tokenizer has token ids up to {tokenizer.id_limit - 1} but config.json "
-                              f"says vocab_size {cfg.vocab_size}")
+    check_tokenizer(tokenizer, cfg, str(directory))
     model = ARCHITECTURES[architecture](cfg, max(len(use_labels), 1))
     state = read_weights(directory)
     if labels is not None and labels != checkpoint_labels:
@@ -258,6 +259,20 @@ def load_checkpoint(directory: str | Path, architecture: str | None = None, labe
     report = load_weights(model, state, str(directory))
     model.eval()
     return Checkpoint(model, cfg, tokenizer, architecture, use_labels, report)
+
+
+def check_tokenizer(tokenizer: WordPieceTokenizer, cfg: BertConfig, source: str) -> None:
+    """Every id the tokenizer can give (its vocabulary, and the [CLS]/[SEP] its template adds) has an
+    embedding row, and so does every token type it gives."""
+    single, pair = tokenizer.encode("a"), tokenizer.encode("a", "b")
+    top = max([tokenizer.id_limit - 1, *single.ids, *pair.ids])
+    if top >= cfg.vocab_size:
+        raise CheckpointError(f"{source}: the tokenizer has token ids up to {top} but config.json says vocab_size "
+                              f"{cfg.vocab_size}")
+    types = max([0, *single.type_ids, *(pair.type_ids if cfg.type_vocab_size >= 2 else [])])
+    if types >= cfg.type_vocab_size:
+        raise CheckpointError(f"{source}: the tokenizer gives token type {types} but config.json says type_vocab_size "
+                              f"{cfg.type_vocab_size}")
 
 
 def config_dict(cfg: BertConfig, architecture: str, labels: list[str] | None = None,

@@ -72,7 +72,7 @@ def tokenize_train(
     check_apart(out, [("--corpus", c) for c in corpus])
     precheck(out, "tokenizer", overwrite=overwrite)
     start = time.perf_counter()
-    with spooled(corpus) as files:  # the trainer reads whole files by name: a pipe is first read once, with checks
+    with spooled(corpus, scan=True) as files:  # the trainer reads whole files by name: a pipe is first read once, with checks
         tokenizer = train_tokenizer(files, vocab_size=vocab_size, lowercase=not cased, min_frequency=min_frequency)
     with claim(out, "tokenizer", overwrite=overwrite):
         tokenizer.save(out)
@@ -115,12 +115,13 @@ def tokenize_encode(
     sentences kept; blank lines separate documents)."""
     import time
 
-    from bertcli.data.corpus import encode_corpus
+    from bertcli.data.corpus import encode_corpus, read_once
     from bertcli.tokenizer import load_tokenizer
 
     from bertcli.rundir import check_apart, claim, precheck
 
     check_apart(out, [("--tokenizer", tokenizer)] + [("--corpus", c) for c in corpus])
+    read_once(corpus)
     precheck(out, "shards", overwrite=overwrite)
     start = time.perf_counter()
     loaded = load_tokenizer(tokenizer)

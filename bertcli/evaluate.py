@@ -34,6 +34,12 @@ def check_outputs(out: Path | None, report: Path | None, inputs: list[Path]) -> 
             raise BertcliError(f"--out {out}: the directory {out.parent} does not exist")
         if out.exists() and any(resolved(out) == resolved(p) for p in inputs):
             raise BertcliError(f"--out {out}: is an input of this command; name another file")
+        if out.is_symlink() or (out.exists() and not out.is_file()):
+            raise BertcliError(f"--out {out}: is a link or a special file, which bertcli does not replace; name a "
+                               "new file")
+        if out.is_file() and not _written_here(out):
+            raise BertcliError(f"--out {out}: exists and is not an earlier `bertcli evaluate --out`, so it is kept; "
+                               "name a new file")
         if inside(resolved(out), resolved(inputs[0])):
             raise BertcliError(f"--out {out}: lies inside the model directory, which bertcli only reads here; "
                                "name a file elsewhere")
@@ -45,6 +51,19 @@ def check_outputs(out: Path | None, report: Path | None, inputs: list[Path]) -> 
             raise BertcliError(f"--report {report}: exists and is not a directory; name a directory for the figures")
         check_apart(report, [("MODEL_DIR", inputs[0]), ("--data", inputs[1])])
         precheck(report, "report", overwrite=True, replacing="--report")
+
+
+def _written_here(path: Path) -> bool:
+    """Whether `path` holds what write_json writes (a JSON object with task, data and precision)."""
+    import json
+
+    try:
+        if path.stat().st_size > 64 << 20:
+            return False
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(found, dict) and {"task", "data", "precision"} <= set(found)
 
 
 def write_json(path: Path, metrics: dict) -> None:

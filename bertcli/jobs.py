@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from bertcli.checkpoint import (ARCHITECTURES, TRAINING_BYTES_PER_PARAMETER, check_memory, load_checkpoint, read_config,
-                                save_checkpoint, saved_architecture)
+from bertcli.checkpoint import (ARCHITECTURES, TRAINING_BYTES_PER_PARAMETER, check_memory, check_tokenizer,
+                                load_checkpoint, read_config, save_checkpoint, saved_architecture)
 from bertcli.errors import BertcliError, CheckpointError
 from bertcli.model import BertConfig
 from bertcli.recipes import MAX_WINDOW, MIN_SEQ_LEN, Recipe, dump_recipe
@@ -51,6 +51,13 @@ def scratch_config(recipe: Recipe, vocab_size: int) -> BertConfig:
     return cfg
 
 
+def scratch_model_config(recipe: Recipe, tokenizer: WordPieceTokenizer) -> BertConfig:
+    """The config of a model built from scratch for `tokenizer`, which must give ids it has rows for."""
+    cfg = scratch_config(recipe, tokenizer.id_limit)
+    check_tokenizer(tokenizer, cfg, str(recipe.tokenizer))
+    return cfg
+
+
 def check_window(recipe: Recipe, cfg: BertConfig) -> None:
     if recipe.data.max_seq_len > cfg.max_position_embeddings:
         raise BertcliError(f"data.max_seq_len {recipe.data.max_seq_len} is longer than the model's "
@@ -87,11 +94,12 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         model, cfg = ck.model, ck.config
         loaded = f"model: {recipe.model.init} ({ck.report.summary()})"
     else:
-        cfg = scratch_config(recipe, tokenizer.id_limit)
+        cfg = scratch_model_config(recipe, tokenizer)
         model = ARCHITECTURES[task.architecture](cfg, max(len(task.labels), 1))
         loaded = f"model: new {cfg.num_hidden_layers} x {cfg.hidden_size} BERT"
     check_window(recipe, cfg)
-    check_segments(task.name, cfg, str(recipe.model.init or "model"))
+    check_segments(task.name == "qa", cfg, str(recipe.model.init or "model"),
+                   "question answering (question and context)")
     task.segments = cfg.type_vocab_size
     features = task.encode(train_examples)
     with claim(out, "run", resume, overwrite):
@@ -126,7 +134,7 @@ def load_for_task(model_dir: Path):
     options = saved_task_options(raw, name, cfg, str(Path(model_dir) / "config.json"))
     if name in ("classify", "ner") and not ck.labels:
         raise CheckpointError(f"{model_dir}/config.json: no id2label: the label names of the head are unknown")
-    check_segments(name, cfg, str(model_dir))
+    check_segments(name == "qa", cfg, str(model_dir), "question answering (question and context)")
     task = make_task(name, tokenizer=ck.tokenizer, labels=ck.labels, **options)
     task.segments = cfg.type_vocab_size
     return ck, task
@@ -174,11 +182,10 @@ def json_text(value) -> str:
     return json.dumps(value)[:80]
 
 
-def check_segments(name: str, cfg: BertConfig, source: str) -> None:
-    """QA puts the question and the context in two segments: the model needs two token types."""
-    if name == "qa" and cfg.type_vocab_size < 2:
-        raise CheckpointError(f"{source}: type_vocab_size is {cfg.type_vocab_size}, but question answering needs 2 "
-                              "token types (question and context)")
+def check_segments(needs_two: bool, cfg: BertConfig, source: str, why: str) -> None:
+    """A task that always reads two segments needs a model with two token types."""
+    if needs_two and cfg.type_vocab_size < 2:
+        raise CheckpointError(f"{source}: type_vocab_size is {cfg.type_vocab_size}, but {why} needs 2 token types")
 
 
 def init_distributed() -> None:
@@ -232,10 +239,12 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         model, cfg = ck.model, ck.config
         loaded = f"model: {recipe.model.init} ({ck.report.summary()})"
     else:
-        cfg = scratch_config(recipe, tokenizer.id_limit)
+        cfg = scratch_model_config(recipe, tokenizer)
         model = BertForPreTraining(cfg)
         loaded = f"model: new {cfg.num_hidden_layers} x {cfg.hidden_size} BERT, vocabulary {cfg.vocab_size}"
     check_window(recipe, cfg)
+    check_segments(t.objective != "none", cfg, str(recipe.model.init or "model"),
+                   f"the {t.objective.upper()} objective (two sentences)")
     tokens = sum(len(s.tokens) for s in train_shards)
     evaluate_fn = None
     if eval_shards:

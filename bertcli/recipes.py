@@ -158,6 +158,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     # a key that failed above holds its default: leave out checks that would speak of it
     mentions = [re.compile(rf"(?<![\w.]){re.escape(key)}(?!\w)") for key in failed]
     problems.extend(p for p in _check_values(recipe) if not any(m.search(p) for m in mentions))
+    source_path = Path(path)
+    if not source_path.is_file():  # a recipe from a pipe: that pipe is read already
+        for key, paths in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+            if any(Path(p).exists() and Path(p).resolve() == source_path.resolve() for p in paths):
+                problems.append(f"{key}: {source} is the pipe the recipe came from; it can be read only once")
     if problems:
         raise RecipeError(source, problems)
     return recipe

@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Iterable
@@ -92,9 +93,20 @@ def marked_kind(directory: Path) -> str | None:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > 4096:
             return None
         kind = json.loads(path.read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
-    return kind if kind in OWN else None
+    return kind if isinstance(kind, str) and kind in OWN else None
+
+
+def _own_lock(directory: Path) -> bool:
+    """The lock file is bertcli's: a plain file with no other name (a hard link would let the pid
+    written into it land in a file of the user's)."""
+    path = directory / LOCK
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1
 
 
 def resolved(path: str | Path) -> Path:
@@ -165,10 +177,14 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
     except OSError as err:
         raise BertcliError(f"{out}: cannot create the output directory: {err.strerror}") from None
     try:
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
     except OSError as err:
         raise BertcliError(f"{out / LOCK}: cannot open the output directory's lock: {err.strerror}") from None
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise BertcliError(f"{out / LOCK}: is not bertcli's lock file (a plain file of its own): a "
+                               f"{'hard link' if stat.S_ISREG(info.st_mode) else 'special file'}; remove it")
         _lock(fd, out, wait)
         if complete_with and marked_kind(out) == kind and (out / complete_with).is_file():
             return Claim(out, fd, complete=True)
@@ -201,8 +217,8 @@ def _refuse_if_locked(out: Path) -> None:
     """A writer at work is named first, whatever else the directory holds (trying its lock changes
     nothing on disk)."""
     path = out / LOCK
-    if path.is_symlink() or not path.is_file():
-        return
+    if not _own_lock(out):
+        return  # none, or not bertcli's: claim says so
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -222,7 +238,8 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
         names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     except OSError as err:
         raise BertcliError(f"{out}: cannot read the output directory: {err.strerror}") from None
-    if not [n for n in names if n != LOCK]:  # missing or empty (a lock alone: killed before its marker)
+    if not [n for n in names if n != LOCK or not _own_lock(out)]:  # missing or empty (a lock alone: killed before
+        # its marker)
         if resume:
             raise BertcliError(f"{out}: nothing to resume (no resume.pt)")
         return

@@ -16,6 +16,7 @@ from bertcli.errors import DataError
 
 MAX_LINE_BYTES = 1 << 20  # one example per line: a longer line means the wrong file, or one without line breaks
 _PIECE = 1 << 16
+MAX_SKIPPED_BYTES = 64 << 20  # an over-long line is skipped as it streams by, up to here
 
 
 class TooLong(int):
@@ -75,6 +76,9 @@ def raw_lines(stream: BinaryIO, source: str = "input") -> Iterator[bytes | TooLo
             piece = chunk[start:] if end < 0 else chunk[start:end]
             if skipped is not None:
                 skipped += len(piece)
+                if b"\x00" in piece or skipped > MAX_SKIPPED_BYTES:  # a device such as /dev/zero never ends a line
+                    raise DataError(f"{source}: {skipped:,} bytes without a line break"
+                                    f"{' and with NUL bytes' if 0 in piece else ''}: this is not text")
             else:
                 pending += piece
                 if len(pending) > MAX_LINE_BYTES:

@@ -199,22 +199,28 @@ def _progress(total: int | None, enabled: bool):
 class _StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM (how schedulers such as SLURM, Kubernetes and systemd stop a job)
     during training sets a flag that the loop reads after each step (a KeyboardInterrupt raised at a
-    random point can be swallowed, e.g. inside a finalizer). A second signal, or one outside the
-    main thread's loop, interrupts at once."""
+    random point can be swallowed, e.g. inside a finalizer). A second signal interrupts at once,
+    except while the resumable checkpoint is being written (`saving`); once the final checkpoint is
+    written (`urgent`), the first signal interrupts the final evaluation at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.signum: int | None = None
+        self.saving = False
+        self.urgent = False
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
+        first = self.signum is None
+        self.signum = self.signum or signum
+        if self.saving:
+            return  # the checkpoint that the first signal asked for is being written: let it finish
+        if self.urgent or not first:
             raise KeyboardInterrupt
-        self.signum = signum
 
     def is_set(self) -> bool:
         return self.signum is not None
@@ -398,16 +404,18 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                     pos.batch = 0
         checkpoint()  # the trained weights are safe before the last evaluation starts
         saved = True
+        ctrl_c.urgent = True  # from here a signal stops the evaluation at once: --resume redoes it
+        if ctrl_c.is_set():
+            raise KeyboardInterrupt
         evaluate()
-        if ctrl_c.is_set():  # a signal during that evaluation came when the run had nothing left to do
-            console.print(f"{signal.Signals(ctrl_c.signum).name} during the final evaluation: the run had "
-                          f"finished; its checkpoint and evaluation are saved")
     except KeyboardInterrupt:
-        ctrl_c.release()
         if not saved:
+            ctrl_c.saving = True  # further signals wait for this checkpoint
             checkpoint()
+        ctrl_c.release()
         signum = ctrl_c.signum or signal.SIGINT
-        raise Interrupted(f"{signal.Signals(signum).name} at step {pos.step}: saved to {out}; continue with --resume",
+        again = "evaluate it" if saved else "continue"
+        raise Interrupted(f"{signal.Signals(signum).name} at step {pos.step}: saved to {out}; {again} with --resume",
                           128 + signum) from None
     finally:
         ctrl_c.release()

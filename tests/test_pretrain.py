@@ -181,11 +181,15 @@ def test_two_processes_under_torchrun_match_one(corpus, tiny_tokenizer_dir, tmp_
     from safetensors.numpy import load_file
 
     # every parameter's gradient was averaged across the processes (the losses alone barely move
-    # when one parameter, such as the tied word embeddings, is updated from half the batch)
+    # when one parameter, such as the tied word embeddings, is updated from half the batch). Adam
+    # divides by the gradient's size, so a weight whose gradient is ~0 may step either way on a last-bit
+    # difference in the summation order: a few such weights may differ, an unaveraged tensor differs
+    # nearly everywhere.
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys()
     for name in one:
-        assert np.allclose(one[name], two[name], atol=2e-5), name
+        apart = ~np.isclose(one[name], two[name], atol=2e-5)
+        assert apart.mean() <= 0.01 and np.abs(one[name] - two[name]).max() < 2e-2, (name, apart.mean())
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tiny_tokenizer_dir, tmp_path):

@@ -164,6 +164,56 @@ def plant(home: Path, name: str) -> str:
     return str(home / "model")
 
 
+def template_id(home: Path) -> str:
+    path = home / "model" / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    tokenizer["post_processor"]["special_tokens"]["[CLS]"]["ids"] = [99999]
+    path.write_text(json.dumps(tokenizer))
+    return str(home / "model")
+
+
+def huge_weight(home: Path) -> str:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = home / "model" / "model.safetensors"
+    state = load_file(str(path))
+    name = "bert.embeddings.word_embeddings.weight"
+    state[name] = state[name].to(torch.float64)
+    state[name][:, 0] = 1e300  # finite as stored, infinite as the model's float32
+    save_file(state, str(path))
+    return str(home / "model")
+
+
+def tampered_shards(home: Path) -> str:
+    import numpy as np
+
+    from bertcli.data.corpus import encode_corpus
+    from bertcli.tokenizer import load_tokenizer
+
+    encode_corpus(load_tokenizer(home / "tok"), [home / "corpus.txt"], home / "shards", show_progress=False)
+    offsets = np.load(home / "shards" / "00000.sentences.npy")
+    offsets[1], offsets[2] = offsets[2], offsets[1]
+    np.save(home / "shards" / "00000.sentences.npy", offsets)
+    return "shards"
+
+
+def link(home: Path) -> str:
+    (home / "m.json").symlink_to(home / "project" / "notes.txt")
+    return str(home / "m.json")
+
+
+def hard_lock(home: Path) -> str:
+    (home / "model" / LOCK).unlink()
+    os.link(home / "project" / "notes.txt", home / "model" / LOCK)
+    return str(home / "model")
+
+
+def odd_marker(home: Path) -> str:
+    (home / "model" / MARKER).write_text('{"kind": ["run"]}')
+    return str(home / "model")
+
+
 def merge_bomb(home: Path) -> str:
     lines = ["a0: &a0 {k0: 1, k1: 2, k2: 3, k3: 4, k4: 5, k5: 6, k6: 7, k7: 8, k8: 9, k9: 10}"]
     lines += [f"a{i}: &a{i} {{<<: [{', '.join([f'*a{i - 1}'] * 10)}], x{i}: 1}}" for i in range(1, 10)]
@@ -301,7 +351,7 @@ CASES = {
                                                     r"a text pair, but the model has 1 token type"),
     "QA from a model with one token type": (lambda h: ["finetune", recipe(h, "qa", squad(h, {
         "id": "q9", "question": "Who?", "answers": [{"text": "the doctor", "answer_start": 31}]}), init=one_token_type(h),
-        seq=128)], b"", r"question answering needs 2 token types"),
+        seq=128)], b"", r"question answering \(question and context\) needs 2 token types"),
     "tokenizer_config.json nested 100,000 deep": (lambda h: ["predict", deep_tokenizer_config(h)], b"x\n",
                                                   r"tokenizer_config.json: not a valid JSON object"),
     "resume.pt with a text position": (lambda h: ["finetune", recipe(h), "--out", spoil_resume(h, ["abc", 0, 0, 0, 0.0]),
@@ -323,6 +373,23 @@ CASES = {
                                          r"--overwrite refused: the directory was not written by bertcli"),
     "evaluate --out inside the model, two levels down": (lambda h: ["evaluate", str(h / "model"), "--data", str(
         h / "train.tsv"), "--out", plant(h, "sub/notes.txt") + "/sub/m.json"], b"", r"lies inside the model directory"),
+    "evaluate --out over a user's file": (lambda h: ["evaluate", str(h / "model"), "--data", str(h / "train.tsv"),
+                                                     "--out", str(h / "project" / "notes.txt")], b"",
+                                          r"exists and is not an earlier `bertcli evaluate --out`, so it is kept"),
+    "evaluate --out over a link": (lambda h: ["evaluate", str(h / "model"), "--data", str(h / "train.tsv"), "--out",
+                                              link(h)], b"", r"is a link or a special file"),
+    "a hard link as the lock": (lambda h: ["finetune", recipe(h), "--out", hard_lock(h), "--resume"], b"",
+                                r"is not bertcli's lock file .*: a hard link"),
+    "a marker whose kind is a list": (lambda h: ["finetune", recipe(h), "--out", odd_marker(h), "--overwrite"], b"",
+                                      r"--overwrite refused: the directory was not written by bertcli"),
+    "a template [CLS] id past vocab_size": (lambda h: ["predict", template_id(h)], b"x\n",
+                                             r"the tokenizer has token ids up to 99999"),
+    "float64 weights past the float32 range": (lambda h: ["evaluate", huge_weight(h), "--data", str(h / "train.tsv")],
+                                               b"", r"weights hold NaN or infinite values"),
+    "predict reading /dev/zero": (lambda h: ["predict", str(h / "model"), "--input", "/dev/zero"], b"",
+                                  r"/dev/zero: [\d,]+ bytes without a line break and with NUL bytes"),
+    "shards with offsets out of order": (lambda h: ["pretrain", recipe(h, "pretrain", tampered_shards(h))], b"",
+                                         r"damaged shard \(sentences offsets do not run in order"),
     # 10. QA data that would mis-train silently
     "negative answer_start": (lambda h: ["finetune", recipe(h, "qa", squad(h, {"id": "q7", "question": "Who?", "answers": [
         {"text": "the doctor", "answer_start": -5}]}), seq=128)], b"", r"q.json: .*\(id q7\): 'answer_start' must be .* got -5"),
@@ -648,11 +715,14 @@ def test_resume_keeps_what_only_looks_like_leftovers_and_skips_foreign_log_lines
                                str(home / "figures")], monkeypatch, capsys)
     assert code == 0 and (home / "figures" / "loss.png").stat().st_size > 1000, err
     code, _, err = in_process(["evaluate", str(run), "--data", str(home / "train.tsv"), "--report",
-                               str(home / "figures")], monkeypatch, capsys)
+                               str(home / "figures"), "--out", str(home / "m.json")], monkeypatch, capsys)
     assert code == 0, err  # a report directory of bertcli's own is rewritten
+    code, _, err = in_process(["evaluate", str(run), "--data", str(home / "train.tsv"), "--out", str(home / "m.json")],
+                              monkeypatch, capsys)
+    assert code == 0 and json.loads((home / "m.json").read_text())["task"] == "classify", err  # and its own --out
 
 
-def test_a_signal_during_the_final_evaluation_finds_the_run_saved(home, monkeypatch, capsys):
+def test_a_signal_during_the_final_evaluation_stops_it_with_the_run_saved(home, monkeypatch, capsys):
     from bertcli.tasks.classify import ClassifyTask
 
     real = ClassifyTask.evaluate
@@ -664,8 +734,11 @@ def test_a_signal_during_the_final_evaluation_finds_the_run_saved(home, monkeypa
     monkeypatch.setattr(ClassifyTask, "evaluate", interrupted)
     r = recipe(home, eval="train.tsv")
     code, _, err = in_process(["finetune", r, "--set", "train.max_steps=3"], monkeypatch, capsys)
-    assert code == 0 and "SIGTERM during the final evaluation: the run had finished" in err, err
+    assert code == 143 and "SIGTERM at step 3: saved to" in err and "evaluate it with --resume" in err, err
     assert (home / "out" / "resume.pt").is_file() and (home / "out" / "model.safetensors").is_file()
+    monkeypatch.setattr(ClassifyTask, "evaluate", real)
+    code, _, err = in_process(["finetune", r, "--resume", "--set", "train.max_steps=3"], monkeypatch, capsys)
+    assert code == 0, err
     assert "eval_accuracy" in json.loads((home / "out" / "metrics.json").read_text())
     records = [json.loads(line) for line in (home / "out" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records if "loss" in x] == [1, 2, 3]
@@ -737,3 +810,26 @@ def test_a_run_of_an_older_bertcli_resumes(home, monkeypatch, capsys):
     (home / "out" / LOCK).unlink()
     code, _, err = in_process(["finetune", r, "--resume", "--set", "train.max_steps=4"], monkeypatch, capsys)
     assert code == 0 and (home / "out" / MARKER).is_file(), err
+
+
+def test_a_second_signal_while_the_checkpoint_is_written_waits_for_it(home, monkeypatch, capsys):
+    import bertcli.jobs as jobs
+    from bertcli.tasks.classify import ClassifyTask
+
+    real_loss, real_save, calls = ClassifyTask.loss, jobs.save_checkpoint, [0]
+
+    def loss(self, *args):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the first: the loop stops after this step
+        return real_loss(self, *args)
+
+    def save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the second, impatient, while the checkpoint is written
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ClassifyTask, "loss", loss)
+    monkeypatch.setattr(jobs, "save_checkpoint", save)
+    code, _, err = in_process(["finetune", recipe(home), "--set", "train.max_steps=50"], monkeypatch, capsys)
+    assert code == 143 and "SIGTERM at step 2: saved to" in err, err
+    assert (home / "out" / "resume.pt").is_file() and (home / "out" / "model.safetensors").is_file()

@@ -98,6 +98,7 @@ def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, s
     for f in files:
         if not f.exists() or f.is_dir():
             raise DataError(f"{f}: {'is a directory, expected a text file' if f.is_dir() else 'file not found'}")
+    read_once(files)
     dtype = np.uint16 if tokenizer.id_limit <= 65536 else np.uint32
     stage = out / STAGE_DIR
     discard(stage)
@@ -235,7 +236,24 @@ def load_shards(directory: Path, tokenizer: WordPieceTokenizer | None = None) ->
                                 np.memmap(words, dtype=np.uint8, mode="r") if words.is_file() else None))
         except (OSError, ValueError) as err:
             raise DataError(f"{stem}: damaged shard ({err}); encode the text again") from None
+        problem = _shard_problem(shards[-1])
+        if problem:
+            raise DataError(f"{stem}: damaged shard ({problem}); encode the text again")
     return shards
+
+
+def _shard_problem(shard: Shard) -> str | None:
+    """What is wrong with a shard's offsets (the token ids are not scanned: that would read the
+    whole corpus at start-up), or None."""
+    for name, offsets, end in (("sentences", shard.sentences, len(shard.tokens)),
+                               ("documents", shard.documents, len(shard.sentences) - 1)):
+        if offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) < 1:
+            return f"{name} offsets are not a list of integers"
+        if offsets[0] != 0 or offsets[-1] != end or (len(offsets) > 1 and bool((np.diff(offsets) < 0).any())):
+            return f"{name} offsets do not run in order from 0 to {end}"
+    if shard.continues is not None and len(shard.continues) != len(shard.tokens):
+        return "word marks and tokens differ in number"
+    return None
 
 
 def cache_dir() -> Path:
@@ -267,11 +285,23 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
     return shards
 
 
+def read_once(paths: list[Path]) -> None:
+    """A pipe gives its text once: named twice, the second read would wait forever."""
+    seen: set[Path] = set()
+    for path in paths:
+        if path.exists() and not path.is_file() and not path.is_dir():
+            real = path.resolve()
+            if real in seen:
+                raise DataError(f"{path}: a pipe named twice; it can be read only once")
+            seen.add(real)
+
+
 @contextlib.contextmanager
-def spooled(paths: list[Path]) -> Iterator[list[Path]]:
+def spooled(paths: list[Path], scan: bool = False) -> Iterator[list[Path]]:
     """The paths, each stream among them (a FIFO, /dev/stdin, `<(...)`, a device) replaced by a cache
     file holding what it gave: read once, stopped at the first NUL byte or over-long line (a device
     such as /dev/zero is not text). The cache files are removed on the way out."""
+    read_once(paths)
     made: list[Path] = []
     try:
         out = []
@@ -280,6 +310,11 @@ def spooled(paths: list[Path]) -> Iterator[list[Path]]:
                 made.append(_spool(path))
                 out.append(made[-1])
             else:
+                if scan and path.is_file():  # a reader that takes whole lines into memory comes next
+                    try:
+                        _copy_checked(path, None)
+                    except OSError as err:
+                        raise DataError(f"{path}: cannot read: {err.strerror}") from None
                 out.append(path)
         yield out
     finally:
@@ -295,19 +330,9 @@ def _spool(path: Path) -> Path:
     except OSError as err:
         raise storage_error(directory, err) from None
     target = Path(name)
-    offset, since_break = 0, 0
     try:
-        with open(path, "rb") as source, os.fdopen(fd, "wb") as sink:
-            for chunk in iter(lambda: source.read(1 << 20), b""):
-                if b"\x00" in chunk:
-                    raise DataError(f"{path}: NUL byte (byte offset {offset + chunk.index(0)}); is this a text stream?")
-                last = chunk.rfind(b"\n")
-                since_break = since_break + len(chunk) if last < 0 else len(chunk) - last - 1
-                if since_break > MAX_CORPUS_LINE_BYTES:
-                    raise DataError(f"{path}: over {MAX_CORPUS_LINE_BYTES:,} bytes without a line break; is this a "
-                                    "text stream?")
-                sink.write(chunk)
-                offset += len(chunk)
+        with os.fdopen(fd, "wb") as sink:
+            _copy_checked(path, sink)
     except OSError as err:
         target.unlink(missing_ok=True)
         raise storage_error(target, err) if err.errno in STORAGE_ERRORS else DataError(
@@ -316,3 +341,21 @@ def _spool(path: Path) -> Path:
         target.unlink(missing_ok=True)
         raise
     return target
+
+
+def _copy_checked(path: Path, sink) -> None:
+    """Read `path` once in pieces (into `sink`, if any), stopping at the first NUL byte or at a line
+    over MAX_CORPUS_LINE_BYTES."""
+    offset, since_break = 0, 0
+    with open(path, "rb") as source:
+        for chunk in iter(lambda: source.read(1 << 20), b""):
+            if b"\x00" in chunk:
+                raise DataError(f"{path}: NUL byte (byte offset {offset + chunk.index(0)}); is this a text stream?")
+            last = chunk.rfind(b"\n")
+            since_break = since_break + len(chunk) if last < 0 else len(chunk) - last - 1
+            if since_break > MAX_CORPUS_LINE_BYTES:
+                raise DataError(f"{path}: over {MAX_CORPUS_LINE_BYTES:,} bytes without a line break; is this a "
+                                "text file?")
+            if sink is not None:
+                sink.write(chunk)
+            offset += len(chunk)

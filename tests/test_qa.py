@@ -94,3 +94,24 @@ def test_squad_v2_reports_has_answer_no_answer_and_the_best_threshold(tmp_path, 
     at_threshold = (4 * m["has_answer_f1"] + 2 * m["no_answer_f1"]) / 6
     assert m["best_f1"] >= at_threshold - 1e-9 and m["best_exact_match"] >= 0
     assert isinstance(m["best_f1_threshold"], float)
+
+
+def test_best_window_by_bisection_equals_the_scan_it_replaces():
+    import random
+
+    from bertcli.data.windows import best_window, spans
+
+    def scan(position, windows):  # the definition: every window holding the position, the most context wins
+        best, score = -1, -1.0
+        for i, (start, end) in enumerate(windows):
+            if start <= position < end:
+                s = min(position - start, end - 1 - position) + 0.01 * (end - start)
+                if s > score:
+                    best, score = i, s
+        return best
+
+    rng = random.Random(0)
+    for _ in range(500):
+        length, size = rng.randint(1, 300), rng.randint(1, 40)
+        windows = spans(length, size, rng.randint(1, size))
+        assert [best_window(p, windows) for p in range(length)] == [scan(p, windows) for p in range(length)]

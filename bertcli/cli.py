@@ -115,7 +115,8 @@ def tokenize_encode(
     sentences kept; blank lines separate documents)."""
     import time
 
-    from bertcli.data.corpus import encode_corpus, read_once
+    from bertcli.data.corpus import encode_corpus
+    from bertcli.textio import read_once
     from bertcli.tokenizer import load_tokenizer
 
     from bertcli.rundir import check_apart, claim, precheck

@@ -47,6 +47,22 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
+def finite_number(value) -> bool:
+    """A JSON number that is finite (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def all_finite(value) -> bool:
+    """No NaN or infinity anywhere in a JSON-ready value."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(all_finite(v) for v in value)
+    return True
+
+
 def _finite(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None

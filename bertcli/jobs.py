@@ -11,11 +11,13 @@ import torch
 from bertcli.checkpoint import (ARCHITECTURES, TRAINING_BYTES_PER_PARAMETER, check_memory, check_tokenizer,
                                 load_checkpoint, read_config, save_checkpoint, saved_architecture)
 from bertcli.errors import BertcliError, CheckpointError
+from bertcli.fileio import finite_number
 from bertcli.model import BertConfig
 from bertcli.recipes import MAX_WINDOW, MIN_SEQ_LEN, Recipe, dump_recipe
 from bertcli.tasks import make_task
 from bertcli.tokenizer import WordPieceTokenizer, load_tokenizer
 from bertcli.rundir import check_apart, claim, precheck
+from bertcli.textio import is_stream
 from bertcli.train import Job, fit, write_metrics
 
 
@@ -148,8 +150,6 @@ _COLUMNS = ("text_column", "text_pair_column", "label_column")
 def saved_task_options(raw: dict, name: str, cfg: BertConfig, source: str) -> dict:
     """The task options saved in config.json's bertcli_task, checked: a CheckpointError names the
     first that is not what bertcli writes. Unknown keys are left out."""
-    import math
-
     saved = raw.get("bertcli_task", {})
     if not isinstance(saved, dict):
         raise CheckpointError(f"{source}: bertcli_task must be a JSON object")
@@ -158,7 +158,7 @@ def saved_task_options(raw: dict, name: str, cfg: BertConfig, source: str) -> di
         if key == "max_seq_len" or key in _COUNTS:
             ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_WINDOW
         elif key == "no_answer_threshold":
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = finite_number(value)
         elif key in _COLUMNS:
             ok = value is None or isinstance(value, str)
         elif key == "with_no_answer":
@@ -212,8 +212,7 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     check_output_apart(recipe, out, source, resume)
     init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
-    streams = [p for p in (*recipe.data.train, *recipe.data.eval) if Path(p).exists() and not Path(p).is_file()
-               and not Path(p).is_dir()]
+    streams = [p for p in (*recipe.data.train, *recipe.data.eval) if is_stream(Path(p))]
     if dist.is_initialized() and dist.get_world_size() > 1 and streams:  # every rank reads the data
         raise BertcliError(f"{streams[0]}: a pipe can be read only once, and each of the "
                            f"{dist.get_world_size()} processes reads the data; save it to a file first")

@@ -8,7 +8,6 @@ of its input before the first answers go out. A line that cannot be read gets an
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import BinaryIO, TextIO
 import torch
 
 from bertcli.errors import BertcliError, DataError
-from bertcli.fileio import finite_json
+from bertcli.fileio import all_finite, finite_json
 from bertcli.jobs import load_for_task
 from bertcli.textio import TooLong, line_too_long, raw_lines
 from bertcli.train import autocast, resolve_precision
@@ -102,7 +101,7 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
         for number, answer in enumerate(answers, start=answered - len(answers) + 1):
             if answer is None:
                 answer = next(predictions)
-                if not _finite(answer):  # bf16 overflow in a model from elsewhere: an error, never `NaN`
+                if not all_finite(answer):  # bf16 overflow in a model from elsewhere: an error, never `NaN`
                     answer = {"error": f"{source}: line {number}: the model gave a score that is not a finite number"}
             if "error" in answer:
                 failures.append(answer["error"])
@@ -114,16 +113,6 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
         raise DataError(f"{len(failures)} of {answered} input line(s) could not be read and were answered with "
                         f"an error object; the first: {failures[0]}")
     return answered
-
-
-def _finite(value) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_finite(v) for v in value)
-    return True
 
 
 def open_input(path: Path | None) -> tuple[BinaryIO, str]:

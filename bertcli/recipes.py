@@ -20,7 +20,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from bertcli.errors import RecipeError
+from bertcli.errors import DataError, RecipeError
+from bertcli.textio import read_once
 
 TaskName = Literal["pretrain", "classify", "ner", "qa"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -158,11 +159,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     # a key that failed above holds its default: leave out checks that would speak of it
     mentions = [re.compile(rf"(?<![\w.]){re.escape(key)}(?!\w)") for key in failed]
     problems.extend(p for p in _check_values(recipe) if not any(m.search(p) for m in mentions))
-    source_path = Path(path)
-    if not source_path.is_file():  # a recipe from a pipe: that pipe is read already
-        for key, paths in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
-            if any(Path(p).exists() and Path(p).resolve() == source_path.resolve() for p in paths):
-                problems.append(f"{key}: {source} is the pipe the recipe came from; it can be read only once")
+    try:  # the recipe itself may have come from a pipe too
+        read_once([Path(path), *(Path(p) for p in (*recipe.data.train, *recipe.data.eval))])
+    except DataError as err:
+        problems.append(f"data: {err}")
     if problems:
         raise RecipeError(source, problems)
     return recipe
@@ -494,18 +494,10 @@ def _check_values(recipe: Recipe) -> list[str]:
     if not d.train:
         problems.append("data.train: required (a file, or a list of files)")
     files_only = task.name != "pretrain"  # pretraining also reads shard directories
-    streams: dict[str, str] = {}  # a pipe can be read once: named twice, the second read would wait forever
     for key, paths in [("data.train", d.train), ("data.eval", d.eval)]:
         for index, p in enumerate(paths):
             label = key if len(paths) == 1 else f"{key}[{index}]"
             _check_file(label, p, files_only, problems)
-            path = Path(p)
-            if path.exists() and not path.is_file() and not path.is_dir():
-                real = str(path.resolve())
-                if real in streams:
-                    problems.append(f"{label}: {p} is a pipe that {streams[real]} reads already; a pipe can be "
-                                    "read only once")
-                streams.setdefault(real, label)
     return problems
 
 

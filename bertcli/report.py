@@ -4,10 +4,10 @@ Needs matplotlib (pip install 'bertcli[report]')."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from bertcli.errors import BertcliError
+from bertcli.fileio import finite_number
 from bertcli.textio import split_lines
 
 
@@ -40,7 +40,7 @@ def write_report(directory: Path, metrics: dict, model_dir: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, directory / "confusion.png", plt))
     records = _log_records(model_dir / "log.jsonl")
-    steps = [r for r in records if _number(r.get("loss"))]
+    steps = [r for r in records if finite_number(r.get("loss"))]
     if steps:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([r["step"] for r in steps], [r["loss"] for r in steps])
@@ -53,7 +53,7 @@ def write_report(directory: Path, metrics: dict, model_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         keys = sorted({k for r in evals for k in r if k.startswith("eval_") and "loss" not in k and "perplexity" not in k})
         for key in keys:
-            points = [(r["step"], r[key]) for r in evals if _number(r.get(key))]
+            points = [(r["step"], r[key]) for r in evals if finite_number(r.get(key))]
             if not points:
                 continue
             ax.plot(*zip(*points), marker="o", label=key.removeprefix("eval_"))
@@ -62,10 +62,6 @@ def write_report(directory: Path, metrics: dict, model_dir: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, directory / "eval.png", plt))
     return written
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _log_records(path: Path) -> list[dict]:
@@ -78,7 +74,7 @@ def _log_records(path: Path) -> list[dict]:
             record = json.loads(line)
         except (ValueError, RecursionError):
             continue
-        if isinstance(record, dict) and _number(record.get("step")):
+        if isinstance(record, dict) and finite_number(record.get("step")):
             records.append(record)
     return records
 

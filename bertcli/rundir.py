@@ -193,7 +193,7 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
             atomic_write_text(out / MARKER, json.dumps({"kind": kind, "bertcli_version": __version__}) + "\n")
         for entry in sorted(out.iterdir()):
             if is_leftover(kind, entry) or (overwrite and entry.name not in (MARKER, LOCK) and is_own(kind, entry)):
-                _remove(entry)
+                _remove(kind, entry)
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -288,13 +288,14 @@ def _lock(fd: int, out: Path, wait: bool) -> None:
                        "to end, or choose another --out")
 
 
-def _remove(entry: Path) -> None:
+def _remove(kind: str, entry: Path) -> None:
     """Remove one of bertcli's own entries: a file, or the side directory with only bertcli's files
-    in it (nothing is removed recursively: a directory that gained anything else stays)."""
+    in it (each checked again as it goes; nothing is removed recursively, so a directory that gained
+    anything else stays, and says so)."""
     try:
         if entry.name == STAGE_DIR and entry.is_dir() and not entry.is_symlink():
             for child in entry.iterdir():
-                if child.is_file() and not child.is_symlink():
+                if _own_file(kind, child) and child.name != LOCK:
                     child.unlink()
             entry.rmdir()
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import select
+from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from bertcli.errors import DataError
@@ -21,6 +22,21 @@ MAX_SKIPPED_BYTES = 64 << 20  # an over-long line is skipped as it streams by, u
 
 class TooLong(int):
     """Stands for a line over MAX_LINE_BYTES (its length in bytes), which is never held in memory whole."""
+
+
+def is_stream(path: Path) -> bool:
+    """A path that can be read only once: a FIFO, `<(...)`, /dev/stdin, a device."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
+def read_once(paths: list[Path]) -> None:
+    """A pipe gives its text once: named twice, the second read would wait forever (DataError)."""
+    seen: set[Path] = set()
+    for path in paths:
+        if is_stream(path):
+            if path.resolve() in seen:
+                raise DataError(f"{path}: a pipe named twice; it can be read only once")
+            seen.add(path.resolve())
 
 
 def line_too_long(where: str, size: int) -> DataError:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from bertcli.allocator import keep_freed_memory
 from bertcli.data.batching import batch_order
 from bertcli.errors import BertcliError, Interrupted
-from bertcli.fileio import OutputError, append_text, atomic_write, atomic_write_text, discard, finite_json, publish
+from bertcli.fileio import OutputError, append_text, atomic_write, atomic_write_text, discard, finite_json, finite_number, publish
 from bertcli.recipes import TrainConfig, parse_duration
 from bertcli.rundir import STAGE_DIR
 
@@ -144,7 +144,7 @@ def load_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimi
         counts = [step, epoch, batch, tokens]
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             raise ValueError(f"the position {counts} is not four counts of 0 or more")
-        if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed < math.inf:
+        if not finite_number(elapsed) or elapsed < 0:
             raise ValueError(f"the elapsed time {elapsed!r} is not a number of seconds")
     except Exception as err:  # a resume file from elsewhere or from a different recipe
         raise BertcliError(f"{path}: cannot resume from it ({str(err).splitlines()[0][:200]})") from None
@@ -181,9 +181,7 @@ def _record_step(line: str) -> float:
     except (ValueError, RecursionError):
         return math.inf
     step = record.get("step") if isinstance(record, dict) else None
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or math.isnan(step):
-        return math.inf  # not a line bertcli wrote
-    return step
+    return step if finite_number(step) else math.inf  # a line bertcli did not write sorts last
 
 
 def _progress(total: int | None, enabled: bool):

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from bertcli.errors import DataError
+from bertcli.textio import is_stream, read_once
 from bertcli.fileio import STORAGE_ERRORS, atomic_write_text, discard, publish, storage_error
 from bertcli.rundir import STAGE_DIR, claim
 from bertcli.tokenizer import WordPieceTokenizer
@@ -100,8 +101,7 @@ def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, s
             raise DataError(f"{f}: {'is a directory, expected a text file' if f.is_dir() else 'file not found'}")
     read_once(files)
     dtype = np.uint16 if tokenizer.id_limit <= 65536 else np.uint32
-    stage = out / STAGE_DIR
-    discard(stage)
+    stage = out / STAGE_DIR  # (claim removed a killed writer's; one there now is not bertcli's to remove)
     stage.mkdir(parents=True)
     console = Console(stderr=True)
     progress = Progress(TextColumn("encoding"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console,
@@ -285,17 +285,6 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
     return shards
 
 
-def read_once(paths: list[Path]) -> None:
-    """A pipe gives its text once: named twice, the second read would wait forever."""
-    seen: set[Path] = set()
-    for path in paths:
-        if path.exists() and not path.is_file() and not path.is_dir():
-            real = path.resolve()
-            if real in seen:
-                raise DataError(f"{path}: a pipe named twice; it can be read only once")
-            seen.add(real)
-
-
 @contextlib.contextmanager
 def spooled(paths: list[Path], scan: bool = False) -> Iterator[list[Path]]:
     """The paths, each stream among them (a FIFO, /dev/stdin, `<(...)`, a device) replaced by a cache
@@ -306,7 +295,7 @@ def spooled(paths: list[Path], scan: bool = False) -> Iterator[list[Path]]:
     try:
         out = []
         for path in paths:
-            if path.exists() and not path.is_file():
+            if is_stream(path):
                 made.append(_spool(path))
                 out.append(made[-1])
             else:

@@ -33,7 +33,7 @@ from common import ROOT, SHARED_DATA, emit, machine, note  # noqa: E402
 
 from bertcli.jobs import finetune  # noqa: E402
 from bertcli.recipes import load_recipe  # noqa: E402
-from bertcli.tasks import make_task  # noqa: E402
+from bertcli.tasks import TASKS  # noqa: E402
 from bertcli.tokenizer import load_tokenizer  # noqa: E402
 
 TASKS = {  # recipe, HF class
@@ -148,12 +148,10 @@ def main() -> None:
         theirs = None
         if not args.skip_transformers:  # first: bertcli's training sets a process-wide malloc policy (allocator.py)
             tokenizer = load_tokenizer(recipe.model.init)
-            from bertcli.jobs import task_options
-
-            task = make_task(recipe.task.name, tokenizer=tokenizer, labels=recipe.task.labels, **task_options(recipe))
+            task = TASKS[recipe.task.name](tokenizer, recipe.task, recipe.data.max_seq_len)
             examples = [e for p in recipe.data.train for e in task.read(p)]
             eval_examples = [e for p in recipe.data.eval for e in task.read(p)]
-            task.labels = list(recipe.task.labels) or task.labels_from(examples)
+            task.labels = task.labels_from(examples)
             theirs = hf_train(recipe, hf_class, task, examples, eval_examples, args.hf_precision)
         start = time.perf_counter()
         ours = finetune(recipe, work / "bertcli", resume=False, overwrite=False)

@@ -45,7 +45,7 @@ from bertcli.allocator import keep_freed_memory  # noqa: E402
 from bertcli.data.corpus import encode_corpus, load_shards  # noqa: E402
 from bertcli.model import ROWS, BertConfig, BertForPreTraining, count_parameters, flops_per_token  # noqa: E402
 from bertcli.recipes import TrainConfig  # noqa: E402
-from bertcli.tasks.pretrain import PretrainTask, make_instances  # noqa: E402
+from bertcli.tasks.pretrain import PretrainOptions, PretrainTask, make_instances  # noqa: E402
 from bertcli.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from bertcli.train import autocast, make_optimizer  # noqa: E402
 
@@ -66,7 +66,7 @@ def batches(work: Path, seq: int, batch: int, count: int):
     tok.save(work / "tokenizer")
     encode_corpus(tok, files, work / "shards", show_progress=False)
     shards = load_shards(work / "shards", tok)
-    task = PretrainTask(tok, shards, "nsp")
+    task = PretrainTask(tok, shards, PretrainOptions())
     inst = make_instances(shards, seq, "nsp", 0.0, seed=0)
     inst = inst[torch.randperm(len(inst), generator=torch.Generator().manual_seed(0)).numpy()]
     out = [task.collate(list(inst[i * batch:(i + 1) * batch]), list(range(i * batch, (i + 1) * batch)))
@@ -78,7 +78,7 @@ def batches(work: Path, seq: int, batch: int, count: int):
 def load_setup(work: Path):
     """What `batches` and `main` kept under `work`: the task, the batches and the model config."""
     tok = load_tokenizer(work / "tokenizer")
-    task = PretrainTask(tok, load_shards(work / "shards", tok), "nsp")
+    task = PretrainTask(tok, load_shards(work / "shards", tok), PretrainOptions())
     cfg = BertConfig(**json.loads((work / "config.json").read_text()))
     return task, torch.load(work / "batches.pt"), cfg
 

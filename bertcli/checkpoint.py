@@ -276,10 +276,12 @@ def check_tokenizer(tokenizer: WordPieceTokenizer, cfg: BertConfig, source: str)
 
 
 def config_dict(cfg: BertConfig, architecture: str, labels: list[str] | None = None,
-                task: dict[str, Any] | None = None) -> dict[str, Any]:
+                task: dict[str, Any] | None = None, problem_type: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"architectures": [architecture], "model_type": "bert", **dataclasses.asdict(cfg),
                            "position_embedding_type": "absolute", "torch_dtype": "float32",
                            "bertcli_version": __version__}
+    if problem_type:
+        out["problem_type"] = problem_type  # the loss transformers picks: regression, single or multi-label
     if labels:
         out["id2label"] = {str(i): name for i, name in enumerate(labels)}
         out["label2id"] = {name: i for i, name in enumerate(labels)}
@@ -289,7 +291,7 @@ def config_dict(cfg: BertConfig, architecture: str, labels: list[str] | None = N
 
 
 def save_model(directory: str | Path, model: nn.Module, architecture: str, labels: list[str] | None = None,
-               task: dict[str, Any] | None = None) -> None:
+               task: dict[str, Any] | None = None, problem_type: str | None = None) -> None:
     """config.json + model.safetensors (fp32, contiguous, the tied decoder weight left out as HF does)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -298,11 +300,12 @@ def save_model(directory: str | Path, model: nn.Module, architecture: str, label
              if k != "cls.predictions.decoder.weight"}
     data = save(state, metadata={"format": "pt"})  # written by Python, so a full disk raises a plain OSError
     atomic_write(d / "model.safetensors", lambda tmp: Path(tmp).write_bytes(data))
-    atomic_write_text(d / "config.json", json.dumps(config_dict(cfg, architecture, labels, task), indent=2) + "\n")
+    atomic_write_text(d / "config.json", json.dumps(config_dict(cfg, architecture, labels, task, problem_type), indent=2) + "\n")
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, architecture: str, tokenizer: WordPieceTokenizer,
-                    labels: list[str] | None = None, task: dict[str, Any] | None = None) -> None:
+                    labels: list[str] | None = None, task: dict[str, Any] | None = None,
+                    problem_type: str | None = None) -> None:
     """A directory that `load_checkpoint` and Hugging Face's from_pretrained both read."""
-    save_model(directory, model, architecture, labels, task)
+    save_model(directory, model, architecture, labels, task, problem_type)
     tokenizer.save(directory, model_max_length=model.config.max_position_embeddings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -11,10 +12,10 @@ import torch
 from bertcli.checkpoint import (ARCHITECTURES, TRAINING_BYTES_PER_PARAMETER, check_memory, check_tokenizer,
                                 load_checkpoint, read_config, save_checkpoint, saved_architecture)
 from bertcli.errors import BertcliError, CheckpointError
-from bertcli.fileio import finite_number
 from bertcli.model import BertConfig
-from bertcli.recipes import MAX_WINDOW, MIN_SEQ_LEN, Recipe, dump_recipe
-from bertcli.tasks import make_task
+from bertcli.recipes import Recipe, build_options, dump_recipe
+from bertcli.tasks import TASKS, task_for_checkpoint
+from bertcli.tasks.base import Task
 from bertcli.tokenizer import WordPieceTokenizer, load_tokenizer
 from bertcli.rundir import check_apart, claim, precheck
 from bertcli.textio import is_stream
@@ -66,12 +67,9 @@ def check_window(recipe: Recipe, cfg: BertConfig) -> None:
                            f"max_position_embeddings ({cfg.max_position_embeddings})")
 
 
-def task_options(recipe: Recipe) -> dict:
-    """What predict and evaluate need to rebuild the task from a checkpoint (kept in config.json)."""
-    d, t = recipe.data, recipe.task
-    return {"max_seq_len": d.max_seq_len, "doc_stride": d.doc_stride, "max_query_len": d.max_query_len,
-            "max_answer_len": t.max_answer_len, "n_best": t.n_best, "no_answer_threshold": t.no_answer_threshold,
-            "text_column": d.text_column, "text_pair_column": d.text_pair_column, "label_column": d.label_column}
+def saved_task(task, max_seq_len: int) -> dict:
+    """config.json's bertcli_task: what predict and evaluate need to rebuild the task."""
+    return {"name": task.name, "max_seq_len": max_seq_len, **task.saved_options()}
 
 
 def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, source: Path | None = None) -> dict:
@@ -81,11 +79,10 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     check_output_apart(recipe, out, source, resume)
     precheck(out, "run", resume, overwrite)
     tokenizer = recipe_tokenizer(recipe)
-    options = task_options(recipe)
-    task = make_task(recipe.task.name, tokenizer=tokenizer, labels=recipe.task.labels, **options)
+    task = TASKS[recipe.task.name](tokenizer, recipe.task, recipe.data.max_seq_len)
     train_examples = [e for path in recipe.data.train for e in task.read(path)]
     eval_examples = [e for path in recipe.data.eval for e in task.read(path)]
-    task.labels = list(recipe.task.labels) or task.labels_from(train_examples)
+    task.labels = task.labels_from(train_examples)
     task.check_labels(eval_examples)  # now, not after the whole run
 
     torch.manual_seed(recipe.train.seed)
@@ -97,12 +94,10 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         loaded = f"model: {recipe.model.init} ({ck.report.summary()})"
     else:
         cfg = scratch_model_config(recipe, tokenizer)
-        model = ARCHITECTURES[task.architecture](cfg, max(len(task.labels), 1))
+        model = ARCHITECTURES[task.architecture](cfg, task.outputs)
         loaded = f"model: new {cfg.num_hidden_layers} x {cfg.hidden_size} BERT"
     check_window(recipe, cfg)
-    check_segments(task.name == "qa", cfg, str(recipe.model.init or "model"),
-                   "question answering (question and context)")
-    task.segments = cfg.type_vocab_size
+    check_task_segments(task, cfg, str(recipe.model.init or "model"))
     features = task.encode(train_examples)
     with claim(out, "run", resume, overwrite):
         say(loaded)
@@ -114,8 +109,8 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
             return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
         def save(m, directory):
-            saved = {"name": task.name, **options, **task.saved_options()}
-            save_checkpoint(directory, m, task.architecture, tokenizer, task.labels or None, task=saved)
+            save_checkpoint(directory, m, task.architecture, tokenizer, task.labels or None,
+                            task=saved_task(task, recipe.data.max_seq_len), problem_type=task.problem_type)
 
         job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features],
                   collate=task.collate, counts=task.counts, loss=task.loss,
@@ -128,58 +123,48 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
 
 def load_for_task(model_dir: Path):
     """A fine-tuned checkpoint and its task, for evaluate and predict."""
-    from bertcli.tasks import task_for_architecture
-
     cfg, raw = read_config(model_dir)
-    name = task_for_architecture(saved_architecture(raw))
+    source = str(Path(model_dir) / "config.json")
     ck = load_checkpoint(model_dir)
-    options = saved_task_options(raw, name, cfg, str(Path(model_dir) / "config.json"))
-    if name in ("classify", "ner") and not ck.labels:
-        raise CheckpointError(f"{model_dir}/config.json: no id2label: the label names of the head are unknown")
-    check_segments(name == "qa", cfg, str(model_dir), "question answering (question and context)")
-    task = make_task(name, tokenizer=ck.tokenizer, labels=ck.labels, **options)
-    task.segments = cfg.type_vocab_size
+    cls = task_for_checkpoint(raw, ck.labels, source)
+    options, max_seq_len = saved_task_options(raw, cls, cfg, source)
+    if cls.needs_labels and not ck.labels:
+        raise CheckpointError(f"{source}: no id2label: the label names of the head are unknown")
+    task = cls(ck.tokenizer, options, max_seq_len, ck.labels)
+    check_task_segments(task, cfg, str(model_dir))
     return ck, task
 
 
-# bertcli_task in config.json: what each saved option must be (a checkpoint may come from anywhere)
-_COUNTS = ("doc_stride", "max_query_len", "max_answer_len", "n_best")
-_COLUMNS = ("text_column", "text_pair_column", "label_column")
-
-
-def saved_task_options(raw: dict, name: str, cfg: BertConfig, source: str) -> dict:
-    """The task options saved in config.json's bertcli_task, checked: a CheckpointError names the
-    first that is not what bertcli writes. Unknown keys are left out."""
+def saved_task_options(raw: dict, cls, cfg: BertConfig, source: str):
+    """The task's options and window saved in config.json's bertcli_task, read by the task's own options
+    class and checked as a recipe's are (a checkpoint may come from anywhere): a CheckpointError names the
+    first that is not what bertcli writes. Keys the task has not (of a later version) are left out."""
     saved = raw.get("bertcli_task", {})
     if not isinstance(saved, dict):
         raise CheckpointError(f"{source}: bertcli_task must be a JSON object")
-    options = {}
-    for key, value in saved.items():
-        if key == "max_seq_len" or key in _COUNTS:
-            ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_WINDOW
-        elif key == "no_answer_threshold":
-            ok = finite_number(value)
-        elif key in _COLUMNS:
-            ok = value is None or isinstance(value, str)
-        elif key == "with_no_answer":
-            ok = isinstance(value, bool)
-        else:
-            continue  # "name", or a key of a later version
-        if not ok:
-            raise CheckpointError(f"{source}: bertcli_task.{key} has an impossible value: {json_text(value)}")
-        options[key] = value
-    options.setdefault("max_seq_len", min(512, cfg.max_position_embeddings))
-    low = MIN_SEQ_LEN.get(name, 1)
-    if not low <= options["max_seq_len"] <= cfg.max_position_embeddings:
+    names = {f.name for f in dataclasses.fields(cls.Options)} - {"name", "labels"}
+    options, problems = build_options(cls.Options, {k: v for k, v in saved.items() if k in names}, "bertcli_task.")
+    if problems:
+        raise CheckpointError(f"{source}: {problems[0].replace('task.', 'bertcli_task.', 1)}")
+    max_seq_len = saved.get("max_seq_len", min(512, cfg.max_position_embeddings))
+    low = cls.Options.min_seq_len
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or \
+            not low <= max_seq_len <= cfg.max_position_embeddings:
         raise CheckpointError(f"{source}: bertcli_task.max_seq_len must be in {low}..{cfg.max_position_embeddings} "
-                              f"(max_position_embeddings), got {options['max_seq_len']}")
-    return options
+                              f"(max_position_embeddings), got {json_text(max_seq_len)}")
+    return options, max_seq_len
 
 
 def json_text(value) -> str:
     import json
 
     return json.dumps(value)[:80]
+
+
+def check_task_segments(task: Task, cfg: BertConfig, source: str) -> None:
+    """QA reads a question and a context: it needs two token types. Text-pair tasks check each pair."""
+    check_segments(task.name == "qa", cfg, source, "question answering (question and context)")
+    task.segments = cfg.type_vocab_size
 
 
 def check_segments(needs_two: bool, cfg: BertConfig, source: str, why: str) -> None:
@@ -221,14 +206,14 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     tokenizer = recipe_tokenizer(recipe)
     t, d = recipe.task, recipe.data
     if rank == 0:  # encode raw text once; the other ranks then find it in the cache
-        train_shards = shards_for(list(d.train), tokenizer, d.segmenter)
-        eval_shards = shards_for(list(d.eval), tokenizer, d.segmenter) if d.eval else []
+        train_shards = shards_for(list(d.train), tokenizer, t.segmenter)
+        eval_shards = shards_for(list(d.eval), tokenizer, t.segmenter) if d.eval else []
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
-        train_shards = shards_for(list(d.train), tokenizer, d.segmenter)
-        eval_shards = shards_for(list(d.eval), tokenizer, d.segmenter) if d.eval else []
-    task = PretrainTask(tokenizer, train_shards, t.objective, t.mask_prob, t.whole_word_mask)
+        train_shards = shards_for(list(d.train), tokenizer, t.segmenter)
+        eval_shards = shards_for(list(d.eval), tokenizer, t.segmenter) if d.eval else []
+    task = PretrainTask(tokenizer, train_shards, t)
     instances = make_instances(train_shards, d.max_seq_len, t.objective, t.short_seq_prob, recipe.train.seed)
 
     torch.manual_seed(recipe.train.seed)
@@ -247,14 +232,14 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     tokens = sum(len(s.tokens) for s in train_shards)
     evaluate_fn = None
     if eval_shards:
-        eval_task = PretrainTask(tokenizer, eval_shards, t.objective, t.mask_prob, t.whole_word_mask)
+        eval_task = PretrainTask(tokenizer, eval_shards, t)
         eval_instances = make_instances(eval_shards, d.max_seq_len, t.objective, t.short_seq_prob, recipe.train.seed + 1)
         evaluate_fn = functools.partial(eval_task.evaluate, instances=eval_instances,
                                         batch_size=recipe.train.batch_size * 2, seed=recipe.train.seed,
                                         most_frequent=most_frequent_token(train_shards, tokenizer.id_limit, task.special))
 
     def save(m, directory):
-        save_checkpoint(directory, m, "BertForPreTraining", tokenizer, task={"name": "pretrain", **task_options(recipe)})
+        save_checkpoint(directory, m, "BertForPreTraining", tokenizer, task=saved_task(task, d.max_seq_len))
 
     job = Job(model=model, features=instances, lengths=task.lengths(instances), collate=task.collate,
               counts=task.counts, loss=task.loss, evaluate=evaluate_fn, save=save, recipe=dump_recipe(recipe))

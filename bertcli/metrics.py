@@ -1,6 +1,8 @@
 """Task metrics over predictions and gold labels: plain Python, no torch, no model.
 
 - classification: accuracy, macro-F1, per-class precision/recall/F1, confusion matrix
+- regression: Pearson and Spearman correlation (as scipy.stats computes them), mean squared error
+- multi-label: micro- and macro-averaged F1 (as scikit-learn's f1_score, zero_division=0), exact-set accuracy
 - NER: entity-level precision/recall/F1 as seqeval's default (CoNLL) mode scores them
 - QA: exact match and F1 as the official SQuAD v1.1 evaluation script computes them
   (answer normalisation, max over the gold answers); Chinese as the official CMRC 2018 script
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import re
 import string
 from typing import Iterable, Sequence
@@ -48,6 +51,73 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str], labels: Seq
         "confusion": confusion,
         "count": len(gold),
     }
+
+
+# ---------------------------------------------------------------- regression
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r; 0.0 when either side is constant (scipy gives NaN there, which no table can hold)."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties given the mean of the ranks they span (scipy.stats.rankdata's 'average')."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def regression_metrics(gold: Sequence[float], pred: Sequence[float]) -> dict:
+    """pearson, spearman (GLUE's STS-B scores), mse, count."""
+    if len(gold) != len(pred):
+        raise ValueError("gold and predicted value lists differ in length")
+    if not gold:
+        return {"pearson": 0.0, "spearman": 0.0, "mse": 0.0, "count": 0}
+    return {"pearson": pearson(pred, gold), "spearman": pearson(ranks(pred), ranks(gold)),
+            "mse": sum((p - g) ** 2 for p, g in zip(pred, gold)) / len(gold), "count": len(gold)}
+
+
+# ---------------------------------------------------------------- multi-label classification
+
+
+def multilabel_metrics(gold: Sequence[Iterable[str]], pred: Sequence[Iterable[str]], labels: Sequence[str]) -> dict:
+    """micro_f1, macro_f1 (the mean over every label, 0 for a label never given nor predicted),
+    micro precision and recall, exact_match (the whole set right), per_class, count."""
+    if len(gold) != len(pred):
+        raise ValueError("gold and predicted label lists differ in length")
+    counts = {label: [0, 0, 0] for label in labels}  # tp, fp, fn
+    exact = 0
+    for g, p in zip(gold, pred):
+        g, p = set(g), set(p)
+        exact += g == p
+        for label in labels:
+            if label in p:
+                counts[label][0 if label in g else 1] += 1
+            elif label in g:
+                counts[label][2] += 1
+    per_class = {}
+    for label, (tp, fp, fn) in counts.items():
+        precision, recall, f1 = _prf(tp, fp, fn)
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+    tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
+    precision, recall, f1 = _prf(tp, fp, fn)
+    return {"micro_f1": f1, "macro_f1": sum(c["f1"] for c in per_class.values()) / len(labels) if labels else 0.0,
+            "precision": precision, "recall": recall, "exact_match": exact / len(gold) if gold else 0.0,
+            "per_class": per_class, "count": len(gold)}
 
 
 # ---------------------------------------------------------------- NER (seqeval default mode)

@@ -21,29 +21,12 @@ from typing import Any, Literal, Optional
 import yaml
 
 from bertcli.errors import DataError, RecipeError
+from bertcli.tasks import TASKS
+from bertcli.tasks.base import MAX_WINDOW, TaskOptions
+from bertcli.tasks.classify import ClassifyOptions
 from bertcli.textio import read_once
 
-TaskName = Literal["pretrain", "classify", "ner", "qa"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-Objective = Literal["nsp", "sop", "none"]
-Segmenter = Literal["none", "jieba"]
-
-
-@dataclass(frozen=True)
-class TaskConfig:
-    name: TaskName = "classify"
-    # pretraining
-    objective: Objective = "nsp"
-    mask_prob: float = 0.15
-    whole_word_mask: bool = False
-    short_seq_prob: float = 0.1
-    # classification and NER: label names; empty = taken from the training data
-    labels: tuple[str, ...] = ()
-    # extractive QA
-    max_answer_len: int = 30
-    n_best: int = 20
-    no_answer_threshold: float = 0.0
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -61,15 +44,11 @@ class DataConfig:
     train: tuple[str, ...] = ()
     eval: tuple[str, ...] = ()
     max_seq_len: int = 128
-    # pretraining text: a word segmenter for Chinese whole-word masking (pip install 'bertcli[zh]')
-    segmenter: Segmenter = "none"
-    # classification TSV/CSV/JSONL columns; None = the usual names (sentence, text, text_a / label)
-    text_column: Optional[str] = None
-    text_pair_column: Optional[str] = None
-    label_column: Optional[str] = None
-    # extractive QA windows
-    doc_stride: int = 128
-    max_query_len: int = 64
+
+
+# keys that were data options before each task had its own options (bertcli 0.1)
+MOVED = {f"data.{key}": f"task.{key}" for key in
+         ("segmenter", "text_column", "text_pair_column", "label_column", "doc_stride", "max_query_len")}
 
 
 @dataclass(frozen=True)
@@ -92,7 +71,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TaskOptions = field(default_factory=ClassifyOptions)  # the chosen task's own options class
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: Optional[str] = None  # tokenizer directory, for a model built from scratch
     data: DataConfig = field(default_factory=DataConfig)
@@ -103,10 +82,6 @@ class Recipe:
 PACKAGE_PREFIX = "package:"
 MAX_INT = 2**63 - 1  # what a 64-bit integer holds (torch and numpy read seeds and counts as int64)
 MAX_EPOCHS = 1_000_000
-MAX_WINDOW = 1 << 20  # tokens in one sequence, and the like (a stride, a query): beyond any model
-# the shortest data.max_seq_len each task can work with: pretraining needs [CLS] A [SEP] B [SEP] with a
-# few tokens for each sentence; classification and NER [CLS], a token or two and [SEP]
-MIN_SEQ_LEN = {"pretrain": 8, "classify": 4, "ner": 4}
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
@@ -320,13 +295,16 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str], failed: set[st
     for key, value in raw.items():
         path = f"{prefix}{key}"
         if key not in names:
+            problems.append(f"{path}: {_unknown(cls, str(key), prefix, names)}")
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
-            problems.append(f"{path}: unknown key{hint}")
             if close:
                 failed.add(f"{prefix}{close[0]}")
             continue
         hint_type = hints[key]
+        if hint_type is TaskOptions:
+            chosen = _task_options(value, f"{path}.", problems, failed)
+            values[key] = _build(chosen, value, f"{path}.", problems, failed) if chosen else ClassifyOptions()
+            continue
         if dataclasses.is_dataclass(hint_type):
             values[key] = _build(hint_type, value, f"{path}.", problems, failed)
             continue
@@ -336,6 +314,39 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str], failed: set[st
             problems.append(f"{path}: {err}")
             failed.add(path)
     return cls(**values)
+
+
+def _task_options(raw: Any, prefix: str, problems: list[str], failed: set[str]) -> type[TaskOptions] | None:
+    """The options class of the task a `task:` section names (classify when it names none; None, with
+    a problem, when it names no task: its other keys cannot be checked then)."""
+    name = raw.get("name", ClassifyOptions.name) if isinstance(raw, dict) else ClassifyOptions.name
+    if isinstance(name, str) and name in TASKS:
+        return TASKS[name].Options
+    close = difflib.get_close_matches(str(name), list(TASKS), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    problems.append(f"{prefix}name: expected one of {' | '.join(TASKS)}, got {name!r}{hint}")
+    failed.add(prefix.rstrip("."))
+    return None
+
+
+def _unknown(cls: type, key: str, prefix: str, names: list[str]) -> str:
+    """What to say of a key that `cls` has not: where it moved, whose option it is, or a near name."""
+    path = f"{prefix}{key}"
+    if path in MOVED:
+        return f"now {MOVED[path]} (each task's options are in its task section)"
+    if issubclass(cls, TaskOptions):
+        owners = [name for name, task in TASKS.items() if key in {f.name for f in dataclasses.fields(task.Options)}]
+        if owners:
+            return f"an option of {' and '.join(owners)}, not of {cls.name} (options of {cls.name}: {', '.join(names[1:]) or 'none'})"
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return f"unknown key (did you mean '{prefix}{close[0]}'?)" if close else f"unknown key (known keys: {', '.join(names)})"
+
+
+def build_options(cls: type, raw: dict[str, Any], prefix: str) -> tuple[Any, list[str]]:
+    """`cls` (a task's options class) from a mapping, with the problems of its types and values."""
+    problems: list[str] = []
+    options = _build(cls, raw, prefix, problems, set())
+    return options, problems or options.problems()
 
 
 def _coerce(value: Any, hint: Any) -> Any:
@@ -432,7 +443,7 @@ def _resolve_packages(recipe: Recipe, problems: list[str]) -> Recipe:
 
 
 def _check_values(recipe: Recipe) -> list[str]:
-    problems: list[str] = []
+    problems: list[str] = recipe.task.problems()
     m, d, t, task = recipe.model, recipe.data, recipe.train, recipe.task
 
     def positive(key: str, value: Optional[float]) -> None:
@@ -443,29 +454,24 @@ def _check_values(recipe: Recipe) -> list[str]:
         ("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
         ("model.num_heads", m.num_heads), ("model.intermediate_size", m.intermediate_size),
         ("model.max_position", m.max_position), ("data.max_seq_len", d.max_seq_len),
-        ("data.doc_stride", d.doc_stride), ("data.max_query_len", d.max_query_len),
         ("train.max_steps", t.max_steps), ("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
         ("train.grad_accum", t.grad_accum), ("train.lr", t.lr), ("train.max_grad_norm", t.max_grad_norm),
         ("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
-        ("train.log_every", t.log_every), ("task.max_answer_len", task.max_answer_len), ("task.n_best", task.n_best),
+        ("train.log_every", t.log_every),
     ]:
         positive(key, value)
     if m.num_heads > 0 and m.hidden_size % m.num_heads:
         problems.append(f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads ({m.num_heads})")
     if m.init is None and d.max_seq_len > m.max_position:
         problems.append(f"data.max_seq_len: {d.max_seq_len} is longer than model.max_position ({m.max_position})")
-    for key, value in [("model.dropout", m.dropout), ("task.mask_prob", task.mask_prob),
-                       ("task.short_seq_prob", task.short_seq_prob), ("train.warmup_ratio", t.warmup_ratio)]:
-        if not 0 <= value < 1 and not (key == "train.warmup_ratio" and value == 1):
-            problems.append(f"{key}: must be in [0, 1), got {value}")
-    if task.name == "pretrain" and task.mask_prob == 0:
-        problems.append("task.mask_prob: must be greater than 0 for pretraining")
-    low = MIN_SEQ_LEN.get(task.name, 1)
+    if not 0 <= m.dropout < 1:
+        problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if not 0 <= t.warmup_ratio <= 1:
+        problems.append(f"train.warmup_ratio: must be in [0, 1], got {t.warmup_ratio}")
+    low = task.min_seq_len
     if 0 < d.max_seq_len < low:
         problems.append(f"data.max_seq_len: {task.name} needs at least {low} tokens, got {d.max_seq_len}")
-    for key, value in [("data.max_seq_len", d.max_seq_len), ("data.doc_stride", d.doc_stride),
-                       ("data.max_query_len", d.max_query_len), ("task.max_answer_len", task.max_answer_len),
-                       ("task.n_best", task.n_best), ("model.max_position", m.max_position)]:
+    for key, value in [("data.max_seq_len", d.max_seq_len), ("model.max_position", m.max_position)]:
         if value > MAX_WINDOW:
             problems.append(f"{key}: at most {MAX_WINDOW:,}, got {value}")
     if not 0 <= t.seed <= MAX_INT:
@@ -482,8 +488,6 @@ def _check_values(recipe: Recipe) -> list[str]:
             problems.append(f"train.time_budget: {err}")
     if t.max_steps is None and t.epochs is None and t.time_budget is None:
         problems.append("train: set at least one of train.max_steps, train.epochs or train.time_budget")
-    if len(set(task.labels)) != len(task.labels):
-        problems.append("task.labels: label names must be unique")
 
     if m.init is not None:
         _check_dir("model.init", m.init, "config.json", problems)

@@ -140,10 +140,10 @@ def test_existing_output_is_never_replaced_silently(trained, tmp_path):
 
 
 def test_malformed_tables_name_file_and_line(tmp_path, tiny_tokenizer_dir):
-    from bertcli.tasks.classify import ClassifyTask
+    from bertcli.tasks.classify import ClassifyOptions, ClassifyTask
     from bertcli.tokenizer import load_tokenizer
 
-    task = ClassifyTask(load_tokenizer(tiny_tokenizer_dir), 32)
+    task = ClassifyTask(load_tokenizer(tiny_tokenizer_dir), ClassifyOptions(), 32)
     ragged = tmp_path / "ragged.tsv"
     ragged.write_text("sentence\tlabel\ngood\t1\nno label here\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"ragged.tsv: line 3: 1 columns, but the header has 2"):
@@ -152,8 +152,8 @@ def test_malformed_tables_name_file_and_line(tmp_path, tiny_tokenizer_dir):
     wrong.write_text("review_text\tstars\ngood\t1\n", encoding="utf-8")
     with pytest.raises(DataError, match="no text column"):
         task.read(wrong)
-    assert ClassifyTask(load_tokenizer(tiny_tokenizer_dir), 32, text_column="review_text",
-                        label_column="stars").read(wrong)[0].label == "1"
+    named = ClassifyOptions(text_column="review_text", label_column="stars")
+    assert ClassifyTask(load_tokenizer(tiny_tokenizer_dir), named, 32).read(wrong)[0].label == "1"
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"text": "good", "label": 1}\n{"text": "bad"\n', encoding="utf-8")
     with pytest.raises(DataError, match="d.jsonl: line 2: not valid JSON"):

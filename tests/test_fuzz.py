@@ -61,13 +61,14 @@ def test_squad_reader(tmp_path, doc):
 @FUZZ
 @given(line=st.one_of(st.text(max_size=80), json_values.map(lambda v: __import__("json").dumps(v))))
 def test_predict_input_parsers(tiny_tokenizer_dir, line):
-    from bertcli.tasks.classify import ClassifyTask
-    from bertcli.tasks.ner import NerTask
-    from bertcli.tasks.qa import QaTask
+    from bertcli.tasks.classify import ClassifyOptions, ClassifyTask
+    from bertcli.tasks.ner import NerOptions, NerTask
+    from bertcli.tasks.qa import QaOptions, QaTask
     from bertcli.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_tokenizer_dir)
-    for task in (ClassifyTask(tok, 32, ["a"]), NerTask(tok, 32, ["O"]), QaTask(tok, 64, max_query_len=16)):
+    for task in (ClassifyTask(tok, ClassifyOptions(), 32, ["a"]), NerTask(tok, NerOptions(), 32, ["O"]),
+                 QaTask(tok, QaOptions(max_query_len=16), 64)):
         try:
             task.parse_input(line, "stdin: line 1")
         except DataError:

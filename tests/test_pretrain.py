@@ -15,7 +15,7 @@ import pytest
 from bertcli.data.corpus import encode_corpus, load_shards, split_sentences
 from bertcli.jobs import pretrain
 from bertcli.recipes import load_recipe
-from bertcli.tasks.pretrain import A_END, A_START, B_END, B_START, LABEL, PretrainTask, make_instances
+from bertcli.tasks.pretrain import A_END, A_START, B_END, B_START, LABEL, PretrainOptions, PretrainTask, make_instances
 from bertcli.tokenizer import load_tokenizer
 from conftest import CORPUS, ROOT, write_recipe
 
@@ -52,7 +52,7 @@ def test_instances_fit_the_window_and_label_both_ways(corpus, tiny_tokenizer_dir
     encode_corpus(tok, [corpus / "train.txt"], tmp_path / "s", show_progress=False)
     shards = load_shards(tmp_path / "s", tok)
     inst = make_instances(shards, 48, objective, 0.1, seed=1)
-    task = PretrainTask(tok, shards, objective)
+    task = PretrainTask(tok, shards, PretrainOptions(objective=objective))
     assert max(task.lengths(inst)) <= 48 and (inst[:, A_END] > inst[:, A_START]).all()
     if objective == "none":
         assert (inst[:, B_END] == inst[:, B_START]).all()
@@ -67,7 +67,7 @@ def test_masking_rule(corpus, tiny_tokenizer_dir, tmp_path):
     tok = load_tokenizer(tiny_tokenizer_dir)
     encode_corpus(tok, [corpus / "train.txt"], tmp_path / "s", show_progress=False)
     shards = load_shards(tmp_path / "s", tok)
-    task = PretrainTask(tok, shards, "nsp", mask_prob=0.15)
+    task = PretrainTask(tok, shards, PretrainOptions(mask_prob=0.15))
     inst = make_instances(shards, 64, "nsp", 0.0, seed=1)
     batch = task.collate(list(inst), list(range(len(inst))))
     again = task.collate(list(inst), list(range(len(inst))))
@@ -82,7 +82,7 @@ def test_masking_rule(corpus, tiny_tokenizer_dir, tmp_path):
     assert abs(as_mask - 0.8) < 0.05 and abs(kept - 0.1) < 0.05
     other = task.collate(list(inst), [s + 10_000 for s in range(len(inst))])
     assert not (other["mlm_labels"] == labels).all()  # another epoch, other masks
-    whole = PretrainTask(tok, shards, "nsp", mask_prob=0.15, whole_word_mask=True).collate(list(inst), list(range(len(inst))))
+    whole = PretrainTask(tok, shards, PretrainOptions(mask_prob=0.15, whole_word_mask=True)).collate(list(inst), list(range(len(inst))))
     for row_ids, row_labels in zip(whole["input_ids"], whole["mlm_labels"]):
         for p in range(1, len(row_ids)):
             original = row_labels[p].item() if row_labels[p] != -100 else row_ids[p].item()
@@ -107,7 +107,7 @@ def test_tiny_model_overfits_a_fixed_batch(corpus, tiny_tokenizer_dir, tmp_path)
     tok = load_tokenizer(tiny_tokenizer_dir)
     encode_corpus(tok, [corpus / "train.txt"], tmp_path / "s", show_progress=False)
     shards = load_shards(tmp_path / "s", tok)
-    task = PretrainTask(tok, shards, "nsp")
+    task = PretrainTask(tok, shards, PretrainOptions())
     rows = list(make_instances(shards, 48, "nsp", 0.0, seed=3)[:8])
     batch = task.collate(rows, list(range(8)))
     torch.manual_seed(0)
@@ -222,7 +222,7 @@ def test_chinese_whole_word_masking_with_jieba(tmp_path, tiny_tokenizer_dir):
     chars = [tok.backend.id_to_token(i) for i in first]
     assert chars[:7] == ["我", "爱", "北", "京", "天", "安", "门"]
     assert flags[:7] == [0, 0, 0, 1, 0, 1, 1]  # 北京 and 天安门 are words
-    task = PretrainTask(tok, [shard], "nsp", mask_prob=0.3, whole_word_mask=True)
+    task = PretrainTask(tok, [shard], PretrainOptions(mask_prob=0.3, whole_word_mask=True))
     inst = make_instances([shard], 32, "nsp", 0.0, seed=1)
     batch = task.collate(list(inst), list(range(len(inst))))
     for row, row_ids, row_labels in zip(inst, batch["input_ids"], batch["mlm_labels"]):

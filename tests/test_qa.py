@@ -52,9 +52,8 @@ def test_reader_relocates_wrong_starts_and_drops_missing_answers(tmp_path):
 def trained(request, tmp_path_factory, tiny_tokenizer_dir):
     d = tmp_path_factory.mktemp("qa")
     (d / "train.json").write_text(json.dumps(squad(CONTEXTS)), encoding="utf-8")
-    recipe = write_recipe(d / "recipe.yaml", {"name": "qa"},
-                          {"train": str(d / "train.json"), "eval": str(d / "train.json"), "max_seq_len": request.param,
-                           "max_query_len": 10, "doc_stride": 4},
+    recipe = write_recipe(d / "recipe.yaml", {"name": "qa", "max_query_len": 10, "doc_stride": 4},
+                          {"train": str(d / "train.json"), "eval": str(d / "train.json"), "max_seq_len": request.param},
                           {"max_steps": 150, "batch_size": 8, "lr": 3e-3}, tokenizer=tiny_tokenizer_dir)
     metrics = finetune(load_recipe(recipe), d / "run", resume=False, overwrite=False)
     return d, metrics
@@ -85,8 +84,8 @@ def test_squad_v2_reports_has_answer_no_answer_and_the_best_threshold(tmp_path, 
         paragraph["qas"].append({"id": f"none-{i}", "question": "What is the colour of the moon?", "answers": [],
                                  "is_impossible": True})
     (tmp_path / "v2.json").write_text(json.dumps(doc), encoding="utf-8")
-    recipe = write_recipe(tmp_path / "recipe.yaml", {"name": "qa"},
-                          {"train": str(tmp_path / "v2.json"), "max_seq_len": 64, "max_query_len": 10},
+    recipe = write_recipe(tmp_path / "recipe.yaml", {"name": "qa", "max_query_len": 10},
+                          {"train": str(tmp_path / "v2.json"), "max_seq_len": 64},
                           {"max_steps": 40, "batch_size": 8, "lr": 3e-3}, tokenizer=tiny_tokenizer_dir)
     finetune(load_recipe(recipe), tmp_path / "run", resume=False, overwrite=False)
     m = evaluate(tmp_path / "run", tmp_path / "v2.json")

@@ -77,7 +77,7 @@ def test_impossible_values(tmp_path, files):
             "train.batch_size=0", "train.precision=bf32", "train.time_budget=soon", "train.warmup_ratio=1.5",
             f"data.eval={tmp_path}", "model.init=/no/such/dir", "task.name=clasify"])
     message = str(err.value)
-    assert "task.name: expected one of pretrain | classify | ner | qa, got 'clasify' (did you mean 'classify'?)" in message
+    assert "task.name: expected one of pretrain | classify | ner | qa | regression | multilabel, got 'clasify' (did you mean 'classify'?)" in message
     assert "train.precision: expected one of auto | fp32 | bf16 | fp16, got 'bf32'" in message
     with pytest.raises(RecipeError) as err:
         load_recipe(write(tmp_path, valid(files)), [
@@ -85,7 +85,7 @@ def test_impossible_values(tmp_path, files):
             "model.init=/no/such/dir"])
     message = str(err.value)
     for expected in ("train.batch_size: must be greater than 0", "train.time_budget: 'soon' is not a duration",
-                     "train.warmup_ratio: must be in [0, 1)", "data.eval: expected a file, got a directory",
+                     "train.warmup_ratio: must be in [0, 1]", "data.eval: expected a file, got a directory",
                      "model.init: directory not found"):
         assert expected in message
 

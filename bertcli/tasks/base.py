@@ -1,27 +1,78 @@
 """The task interface: read examples, encode them (labels aligned to sub-words), compute the
-loss, predict (decode model outputs into predictions) and score predictions. The training
-loop, checkpointing and predict are written once against it."""
+loss, run the model over features in batches, decode its outputs into predictions and score
+predictions. The training loop, checkpointing and predict are written once against it.
+
+A task file imports torch inside the methods that run the model, never at the top: the recipe
+loader reads every task's options class, and `bertcli --help` and recipe errors stay fast."""
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
-
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
 
 from bertcli.tokenizer import WordPieceTokenizer
 
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+MAX_WINDOW = 1 << 20  # tokens in one sequence, and the like (a stride, a query): beyond any model
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """A recipe's `task:` section. Each task subclasses it with its own options, every one with
+    a default; the recipe loader checks a section against the chosen task's class, and the same
+    class reads the options back from a checkpoint's config.json (bertcli_task)."""
+
+    name: str = "classify"
+    # the shortest data.max_seq_len the task can work with ([CLS], a token or two, [SEP])
+    min_seq_len: ClassVar[int] = 4
+
+    def problems(self) -> list[str]:
+        """Values out of range, each as 'task.KEY: what is wrong' (types are checked already)."""
+        return []
+
+    def saved(self) -> dict[str, Any]:
+        """What evaluate and predict need to rebuild the task (labels live in id2label)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if k != "labels"}
+
+
+def positive(options: TaskOptions, *keys: str) -> list[str]:
+    """Problems of the integer options `keys` that must lie in 1..MAX_WINDOW."""
+    problems = []
+    for key in keys:
+        value = getattr(options, key)
+        if not 0 < value <= MAX_WINDOW:
+            problems.append(f"task.{key}: must be in 1..{MAX_WINDOW:,}, got {value}")
+    return problems
+
+
+def unique_labels(labels: Sequence[str]) -> list[str]:
+    return ["task.labels: label names must be unique"] if len(set(labels)) != len(labels) else []
+
 
 class Task(ABC):
-    name: str
-    architecture: str  # the Hugging Face class of the model with this task's head
+    name: ClassVar[str]
+    architecture: ClassVar[str]  # the Hugging Face class of the model with this task's head (checkpoint.ARCHITECTURES)
+    Options: ClassVar[type[TaskOptions]]
+    problem_type: ClassVar[str | None] = None  # config.json problem_type, which tells transformers which loss
+    needs_labels: ClassVar[bool] = False  # a checkpoint of this task must name its labels (id2label)
     segments: int = 2  # token types the model has (config.json type_vocab_size): text pairs need 2
 
-    def __init__(self, tokenizer: WordPieceTokenizer, max_seq_len: int, labels: Sequence[str] = (), **options: Any):
+    def __init__(self, tokenizer: WordPieceTokenizer, options: TaskOptions, max_seq_len: int,
+                 labels: Sequence[str] = ()):
         self.tokenizer = tokenizer
+        self.options = options
         self.max_seq_len = max_seq_len
         self.labels = list(labels)
+
+    @property
+    def outputs(self) -> int:
+        """Size of the head's output (a classifier's label count)."""
+        return max(len(self.labels), 1)
 
     @abstractmethod
     def read(self, path: str | Path) -> list:
@@ -36,8 +87,9 @@ class Task(ABC):
         without labels accept every example)."""
 
     def saved_options(self) -> dict:
-        """Settings learnt from the training data that predict needs (kept in config.json)."""
-        return {}
+        """What predict and evaluate need (kept in config.json's bertcli_task): the options, and
+        what was learnt from the training data."""
+        return self.options.saved()
 
     @abstractmethod
     def encode(self, examples: Sequence) -> list[dict]:
@@ -57,6 +109,25 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
         """The summed loss of each term divided by its count over the whole step (all
         micro-batches and processes), so accumulation and DDP give the same mean as one batch."""
+
+    def run(self, model: nn.Module, features: Sequence[dict], batch_size: int) -> list:
+        """The model's outputs for each feature, in order, as float CPU tensors (a tuple of them for
+        a head with several outputs). Features go through in batches of like lengths, for little
+        padding; evaluate and predict set the precision around this."""
+        import torch
+
+        results: list = [None] * len(features)
+        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+        device = next(model.parameters()).device
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in self.collate([features[i] for i in chunk]).items()}
+            with torch.inference_mode():
+                out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            parts = [t.float().cpu() for t in (out if isinstance(out, tuple) else (out,))]
+            for row, i in enumerate(chunk):
+                results[i] = parts[0][row] if len(parts) == 1 else tuple(p[row] for p in parts)
+        return results
 
     @abstractmethod
     def parse_input(self, text: str, where: str) -> Any:

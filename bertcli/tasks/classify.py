@@ -1,31 +1,45 @@
-"""Text classification (sentiment, topic, intent): single texts or pairs, any number of classes."""
+"""Text classification (sentiment, topic, intent): single texts or pairs, any number of classes.
+The sequence-level tasks (regression, multilabel) are built on it: they read the same columns
+and differ in what a label is, the loss and the decoding."""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from bertcli.data.tables import read_rows
 from bertcli.errors import DataError
 from bertcli.metrics import classification_metrics
-from bertcli.tasks.base import Task
-from bertcli.tokenizer import WordPieceTokenizer
+from bertcli.tasks.base import Task, TaskOptions, unique_labels
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 TEXT_COLUMNS = ("sentence", "text", "text_a", "sentence1", "review", "content")
 PAIR_COLUMNS = ("text_b", "sentence2")
 
 
 @dataclass(frozen=True)
+class ClassifyOptions(TaskOptions):
+    name: str = "classify"
+    labels: tuple[str, ...] = ()  # label names, in head order; empty = the labels of the training data
+    # TSV/CSV/JSONL columns; None = the usual names (sentence, text, text_a, ... / text_b, sentence2 / label)
+    text_column: Optional[str] = None
+    text_pair_column: Optional[str] = None
+    label_column: Optional[str] = None
+
+    def problems(self) -> list[str]:
+        return unique_labels(self.labels)
+
+
+@dataclass(frozen=True)
 class Example:
     text: str
     pair: str | None = None
-    label: str | None = None
+    label: Any = None  # a label name (classify), a number (regression), a tuple of names (multilabel)
     where: str = ""  # file:line, for messages
 
 
@@ -45,12 +59,11 @@ def label_order(names: set[str]) -> list[str]:
 class ClassifyTask(Task):
     name = "classify"
     architecture = "BertForSequenceClassification"
-
-    def __init__(self, tokenizer: WordPieceTokenizer, max_seq_len: int, labels: Sequence[str] = (),
-                 text_column: str | None = None, text_pair_column: str | None = None,
-                 label_column: str | None = None, **options):
-        super().__init__(tokenizer, max_seq_len, labels)
-        self.text_column, self.pair_column, self.label_column = text_column, text_pair_column, label_column
+    Options = ClassifyOptions
+    problem_type = "single_label_classification"
+    needs_labels = True
+    label_columns: tuple[str, ...] = ("label",)  # looked for when task.label_column is not set
+    options: ClassifyOptions
 
     # ------------------------------------------------------------ data
 
@@ -65,15 +78,20 @@ class ClassifyTask(Task):
             for key in (text_key, pair_key, label_key):
                 if key is not None and key not in row:
                     raise DataError(f"{where}: missing field {key!r}")
-            text, label = row[text_key], row[label_key]
+            text = row[text_key]
             if not isinstance(text, str) or (pair_key and not isinstance(row[pair_key], str)):
                 raise DataError(f"{where}: the text must be a string")
-            if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
-                raise DataError(f"{where}: the label must be a non-empty string or integer, got {label!r}")
-            examples.append(Example(text.strip(), row[pair_key].strip() if pair_key else None, str(label).strip(), where))
+            label = self.read_label(row[label_key], where)
+            examples.append(Example(text.strip(), row[pair_key].strip() if pair_key else None, label, where))
         if not examples:
             raise DataError(f"{path}: no examples")
         return examples
+
+    def read_label(self, value: Any, where: str) -> Any:
+        """The label of one row, as the task holds it (DataError when it cannot be one)."""
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+            raise DataError(f"{where}: the label must be a non-empty string or integer, got {value!r}")
+        return str(value).strip()
 
     def _columns(self, path, number: int, names: list[str]) -> tuple[str, str | None, str]:
         def pick(explicit: str | None, candidates: tuple[str, ...], what: str, required: bool) -> str | None:
@@ -84,13 +102,16 @@ class ClassifyTask(Task):
             found = next((c for c in candidates if c in names), None)
             if found is None and required:
                 raise DataError(f"{path}: line {number}: no {what} column (looked for {', '.join(candidates)}); "
-                                f"columns: {', '.join(names)}; set data.{what.replace(' ', '_')}_column")
+                                f"columns: {', '.join(names)}; set task.{what.replace(' ', '_')}_column")
             return found
 
-        return (pick(self.text_column, TEXT_COLUMNS, "text", True), pick(self.pair_column, PAIR_COLUMNS, "text pair", False),
-                pick(self.label_column, ("label",), "label", True))
+        o = self.options
+        return (pick(o.text_column, TEXT_COLUMNS, "text", True), pick(o.text_pair_column, PAIR_COLUMNS, "text pair", False),
+                pick(o.label_column, self.label_columns, "label", True))
 
     def labels_from(self, examples: Sequence[Example]) -> list[str]:
+        if self.options.labels:
+            return list(self.options.labels)
         labels = label_order({e.label for e in examples if e.label is not None})
         if len(labels) == 1:
             source = examples[0].where.rsplit(":", 1)[0]
@@ -120,8 +141,12 @@ class ClassifyTask(Task):
     def encode(self, examples: Sequence[Example]) -> list[dict]:
         self.check_labels(examples)
         index = {name: i for i, name in enumerate(self.labels)}
-        return [{"input_ids": enc.ids, "token_type_ids": enc.type_ids, "labels": index[e.label]}
+        return [{"input_ids": enc.ids, "token_type_ids": enc.type_ids, "labels": self.target(e.label, index)}
                 for e, enc in zip(examples, self._encode_texts(examples))]
+
+    def target(self, label: Any, index: dict[str, int]) -> Any:
+        """What the loss compares the head's output with, for one example's label (`index`: label -> id)."""
+        return index[label]
 
     # ------------------------------------------------------------ model
 
@@ -129,6 +154,8 @@ class ClassifyTask(Task):
         return {"examples": len(batch["labels"])}
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+        import torch.nn.functional as F
+
         logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum") / counts["examples"]
 
@@ -151,27 +178,26 @@ class ClassifyTask(Task):
         return Example(text, None, None, where)
 
     def predict(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> list[dict]:
-        results: list[dict] = [{} for _ in examples]
+        results = [self.decode(None) for _ in examples]
         real = [i for i, e in enumerate(examples) if e.text.strip()]
-        for i in set(range(len(examples))) - set(real):
-            results[i] = {"label": None, "score": None, "scores": {}}
         encodings = self._encode_texts([examples[i] for i in real])
-        order = sorted(range(len(real)), key=lambda k: len(encodings[k].ids))
-        device = next(model.parameters()).device
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = self.collate([{"input_ids": encodings[k].ids, "token_type_ids": encodings[k].type_ids} for k in chunk])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.inference_mode():
-                probs = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float().softmax(-1)
-            for k, row in zip(chunk, probs.tolist()):
-                best = max(range(len(row)), key=row.__getitem__)
-                result = {"label": self.labels[best], "score": round(row[best], 6),
-                          "scores": {name: round(p, 6) for name, p in zip(self.labels, row)}}
-                if encodings[k].overflowing:
-                    result["truncated"] = True  # longer than data.max_seq_len: classified on the first tokens
-                results[real[k]] = result
+        outputs = self.run(model, [{"input_ids": e.ids, "token_type_ids": e.type_ids} for e in encodings], batch_size)
+        for i, enc, logits in zip(real, encodings, outputs):
+            results[i] = self.decode(logits.tolist())
+            if enc.overflowing:
+                results[i]["truncated"] = True  # longer than data.max_seq_len: read on its first tokens
         return results
+
+    def decode(self, logits: list[float] | None) -> dict:
+        """The prediction for one text from its logits (None: an empty line)."""
+        if logits is None:
+            return {"label": None, "score": None, "scores": {}}
+        top = max(logits)
+        exps = [math.exp(x - top) for x in logits]
+        probs = [x / sum(exps) for x in exps]
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return {"label": self.labels[best], "score": round(probs[best], 6),
+                "scores": {name: round(p, 6) for name, p in zip(self.labels, probs)}}
 
     def score(self, examples: Sequence[Example], predictions: Sequence[dict]) -> dict:
         self.check_labels(examples)

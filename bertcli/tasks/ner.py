@@ -4,20 +4,29 @@ prediction time, and each word takes its prediction from the window where it has
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Sequence
 
 from bertcli.data.conll import Sentence, read_ner
 from bertcli.data.windows import best_window, spans
 from bertcli.errors import DataError
 from bertcli.metrics import entity_metrics, get_entities
-from bertcli.tasks.base import Task
+from bertcli.tasks.base import Task, TaskOptions, unique_labels
 from bertcli.tokenizer import WordPieceTokenizer
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class NerOptions(TaskOptions):
+    name: str = "ner"
+    labels: tuple[str, ...] = ()  # tag names, in head order; empty = "O" and the tags of the training data
+
+    def problems(self) -> list[str]:
+        return unique_labels(self.labels)
 
 
 @dataclass(frozen=True)
@@ -41,9 +50,12 @@ class TextInput:
 class NerTask(Task):
     name = "ner"
     architecture = "BertForTokenClassification"
+    Options = NerOptions
+    needs_labels = True
+    options: NerOptions
 
-    def __init__(self, tokenizer: WordPieceTokenizer, max_seq_len: int, labels: Sequence[str] = (), **options):
-        super().__init__(tokenizer, max_seq_len, labels)
+    def __init__(self, tokenizer: WordPieceTokenizer, options: NerOptions, max_seq_len: int, labels: Sequence[str] = ()):
+        super().__init__(tokenizer, options, max_seq_len, labels)
         self.window = max_seq_len - 2  # room for [CLS] and [SEP]
         self.step = max(1, self.window // 2)
 
@@ -51,6 +63,8 @@ class NerTask(Task):
         return read_ner(path)
 
     def labels_from(self, examples: Sequence[Sentence]) -> list[str]:
+        if self.options.labels:
+            return list(self.options.labels)
         tags = {t for e in examples for t in e.tags} - {"O"}
         return ["O"] + sorted(tags, key=lambda t: (t[2:], t[0]))
 
@@ -100,6 +114,8 @@ class NerTask(Task):
         return {"words": int((batch["labels"] != -100).sum())}
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+        import torch.nn.functional as F
+
         logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
                                reduction="sum") / counts["words"]
@@ -109,17 +125,8 @@ class NerTask(Task):
         """(tag, probability) per word, each word read in the window where it has most context."""
         pieces = self._pieces(word_lists)
         jobs = [(k, s, e) for k, p in enumerate(pieces) for s, e in self._windows(p)]
-        jobs.sort(key=lambda j: j[2] - j[1])
-        probs: dict[tuple[int, int], Tensor] = {}
-        device = next(model.parameters()).device
-        for i in range(0, len(jobs), batch_size):
-            chunk = jobs[i:i + batch_size]
-            batch = self.collate([self._feature(pieces[k], s, e, None) for k, s, e in chunk])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.inference_mode():
-                out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float().softmax(-1)
-            for (k, s, _), row in zip(chunk, out.cpu()):
-                probs[(k, s)] = row
+        outputs = self.run(model, [self._feature(pieces[k], s, e, None) for k, s, e in jobs], batch_size)
+        logits = {(k, s): row for (k, s, _), row in zip(jobs, outputs)}
         results = []
         for k, p in enumerate(pieces):
             windows = self._windows(p)
@@ -129,9 +136,9 @@ class NerTask(Task):
                     tagged.append(("O", 1.0))  # a word with no sub-tokens (e.g. only control characters)
                     continue
                 start = windows[best_window(position, windows)][0]
-                row = probs[(k, start)][position - start + 1]
-                best = int(row.argmax())
-                tagged.append((self.labels[best], float(row[best])))
+                row = logits[(k, start)][position - start + 1].tolist()
+                best = max(range(len(row)), key=row.__getitem__)
+                tagged.append((self.labels[best], 1 / sum(math.exp(x - row[best]) for x in row)))
             results.append(tagged)
         return results
 

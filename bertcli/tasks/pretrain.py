@@ -11,16 +11,38 @@ distributed run masks exactly as a single uninterrupted one.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
 from bertcli.data.corpus import Shard
 from bertcli.errors import DataError
+from bertcli.tasks.base import TaskOptions
 from bertcli.tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class PretrainOptions(TaskOptions):
+    name: str = "pretrain"
+    objective: Literal["nsp", "sop", "none"] = "nsp"  # the sentence objective beside masked language modelling
+    mask_prob: float = 0.15  # share of the tokens predicted
+    whole_word_mask: bool = False  # mask every piece of a word together
+    short_seq_prob: float = 0.1  # share of sequences packed to a shorter, random length
+    segmenter: Literal["none", "jieba"] = "none"  # words for Chinese whole-word masking (pip install 'bertcli[zh]')
+    # [CLS] A [SEP] B [SEP] with a few tokens for each sentence
+    min_seq_len: ClassVar[int] = 8
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not 0 < self.mask_prob < 1:
+            problems.append(f"task.mask_prob: must be greater than 0 and less than 1, got {self.mask_prob}")
+        if not 0 <= self.short_seq_prob < 1:
+            problems.append(f"task.short_seq_prob: must be in [0, 1), got {self.short_seq_prob}")
+        return problems
 
 # an instance: shard and [start, end) of segment A, shard and [start, end) of B (empty when none), label
 A_SHARD, A_START, A_END, B_SHARD, B_START, B_END, LABEL = range(7)
@@ -115,13 +137,14 @@ class PretrainTask:
 
     name = "pretrain"
     architecture = "BertForPreTraining"
+    Options = PretrainOptions
+    problem_type = None
 
-    def __init__(self, tokenizer: WordPieceTokenizer, shards: Sequence[Shard], objective: str = "nsp",
-                 mask_prob: float = 0.15, whole_word_mask: bool = False):
+    def __init__(self, tokenizer: WordPieceTokenizer, shards: Sequence[Shard], options: PretrainOptions):
         if tokenizer.mask_id is None:
             raise DataError("the tokenizer has no [MASK] token, which pretraining needs")
-        self.tokenizer, self.shards = tokenizer, shards
-        self.objective, self.mask_prob, self.whole_word = objective, mask_prob, whole_word_mask
+        self.tokenizer, self.shards, self.options = tokenizer, shards, options
+        self.objective, self.mask_prob, self.whole_word = options.objective, options.mask_prob, options.whole_word_mask
         vocab = tokenizer.backend.get_vocab()
         self.vocab_size = tokenizer.id_limit
         self.continuation = np.zeros(self.vocab_size, dtype=bool)
@@ -129,6 +152,9 @@ class PretrainTask:
             if token.startswith("##") and i < self.vocab_size:
                 self.continuation[i] = True
         self.special = np.asarray(sorted(i for t in SPECIAL_TOKENS if (i := tokenizer.backend.token_to_id(t)) is not None))
+
+    def saved_options(self) -> dict:
+        return self.options.saved()
 
     def lengths(self, instances: np.ndarray) -> list[int]:
         pair = self.objective != "none"
@@ -188,6 +214,8 @@ class PretrainTask:
         return ids, labels
 
     def collate(self, rows: Sequence[np.ndarray], seeds: Sequence[int]) -> dict[str, Tensor]:
+        import torch
+
         seqs = [self._sequence(r) for r in rows]
         width = max(len(ids) for ids, _, _ in seqs)
         batch = {k: torch.full((len(rows), width), v, dtype=torch.long) for k, v in
@@ -212,6 +240,8 @@ class PretrainTask:
         return mlm_logits.float(), batch["mlm_labels"][positions], sentence_logits.float()
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+        import torch.nn.functional as F
+
         mlm_logits, targets, sentence_logits = self.forward(model, batch)
         loss = F.cross_entropy(mlm_logits, targets, reduction="sum") / counts["masked"]
         if self.objective != "none":
@@ -222,6 +252,8 @@ class PretrainTask:
                  most_frequent: int) -> dict[str, float]:
         """Held-out MLM loss, accuracy and perplexity (fixed masks), the sentence objective's
         accuracy, and the accuracy of always guessing the most frequent training token."""
+        import torch.nn.functional as F
+
         device = next(model.parameters()).device
         loss_sum = correct = masked = baseline = sentence_correct = 0.0
         for start in range(0, len(instances), batch_size):

@@ -10,18 +10,17 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, Sequence
 
 from bertcli.data.squad import QaExample, read_squad
 from bertcli.data.windows import best_window, spans
 from bertcli.errors import DataError
 from bertcli.metrics import squad_metrics, squad_v2_metrics
-from bertcli.tasks.base import Task
+from bertcli.tasks.base import Task, TaskOptions, positive
 from bertcli.tokenizer import WordPieceTokenizer
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 
@@ -43,23 +42,42 @@ class Encoded:
     windows: list[tuple[int, int]]  # [start, end) over context tokens
 
 
+@dataclass(frozen=True)
+class QaOptions(TaskOptions):
+    name: str = "qa"
+    doc_stride: int = 128  # context tokens between the starts of two windows
+    max_query_len: int = 64  # question tokens kept
+    max_answer_len: int = 30  # longest answer, in tokens
+    n_best: int = 20  # start and end candidates searched per window
+    no_answer_threshold: float = 0.0  # SQuAD v2: no answer when its score beats the best span's by more
+    with_no_answer: bool = False  # SQuAD v2: may answer "" (also set when the training data has such questions)
+    min_seq_len: ClassVar[int] = 12  # [CLS], a question token, [SEP], 8 context tokens, [SEP]
+
+    def problems(self) -> list[str]:
+        return positive(self, "doc_stride", "max_query_len", "max_answer_len", "n_best")
+
+
 class QaTask(Task):
     name = "qa"
     architecture = "BertForQuestionAnswering"
+    Options = QaOptions
+    options: QaOptions
 
-    def __init__(self, tokenizer: WordPieceTokenizer, max_seq_len: int, labels: Sequence[str] = (),
-                 doc_stride: int = 128, max_query_len: int = 64, max_answer_len: int = 30, n_best: int = 20,
-                 no_answer_threshold: float = 0.0, with_no_answer: bool = False, **options):
-        super().__init__(tokenizer, max_seq_len, [])
-        self.with_no_answer = with_no_answer  # SQuAD v2: may answer "" (set when training data has such questions)
-        self.doc_stride, self.max_query_len = doc_stride, max_query_len
-        self.max_answer_len, self.n_best, self.threshold = max_answer_len, n_best, no_answer_threshold
-        if max_seq_len - min(max_query_len, max_seq_len) - 3 < 8:
+    def __init__(self, tokenizer: WordPieceTokenizer, options: QaOptions, max_seq_len: int, labels: Sequence[str] = ()):
+        super().__init__(tokenizer, options, max_seq_len, [])
+        self.with_no_answer = options.with_no_answer
+        self.doc_stride, self.max_query_len = options.doc_stride, options.max_query_len
+        self.max_answer_len, self.n_best, self.threshold = options.max_answer_len, options.n_best, options.no_answer_threshold
+        if max_seq_len - min(self.max_query_len, max_seq_len) - 3 < 8:
             raise DataError(f"data.max_seq_len {max_seq_len} leaves too little room for the context after "
-                            f"data.max_query_len {max_query_len}")
+                            f"task.max_query_len {self.max_query_len}")
+
+    @property
+    def outputs(self) -> int:
+        return 2  # a start and an end score per token
 
     def saved_options(self) -> dict:
-        return {"with_no_answer": self.with_no_answer}
+        return {**self.options.saved(), "with_no_answer": self.with_no_answer}
 
     def labels_from(self, examples: Sequence[QaExample]) -> list[str]:
         self.with_no_answer = self.with_no_answer or any(e.is_impossible for e in examples)
@@ -118,6 +136,8 @@ class QaTask(Task):
         return {"windows": len(batch["start_positions"])}
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+        import torch.nn.functional as F
+
         start, end = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         total = F.cross_entropy(start.float(), batch["start_positions"], reduction="sum") + \
             F.cross_entropy(end.float(), batch["end_positions"], reduction="sum")
@@ -154,17 +174,8 @@ class QaTask(Task):
         real = [i for i, e in enumerate(examples) if e.context.strip() and e.question.strip()]
         encoded = self._encode([examples[i] for i in real])
         jobs = [(k, w) for k, enc in enumerate(encoded) for w in range(len(enc.windows))]
-        jobs.sort(key=lambda j: encoded[j[0]].windows[j[1]][1] - encoded[j[0]].windows[j[1]][0])
-        logits: dict[tuple[int, int], tuple[list[float], list[float]]] = {}
-        device = next(model.parameters()).device
-        for i in range(0, len(jobs), batch_size):
-            chunk = jobs[i:i + batch_size]
-            batch = self.collate([self._feature(encoded[k], *encoded[k].windows[w]) for k, w in chunk])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.inference_mode():
-                start, end = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            for (k, w), s, e in zip(chunk, start.float().cpu().tolist(), end.float().cpu().tolist()):
-                logits[(k, w)] = (s, e)
+        outputs = self.run(model, [self._feature(encoded[k], *encoded[k].windows[w]) for k, w in jobs], batch_size)
+        logits = {job: (start.tolist(), end.tolist()) for job, (start, end) in zip(jobs, outputs)}
         for k, enc in enumerate(encoded):
             results[real[k]] = self._best_span(examples[real[k]], enc, [logits[(k, w)] for w in range(len(enc.windows))])
         return results

@@ -1,0 +1,64 @@
+"""Sentence(-pair) regression, STS-B style: one number per text or text pair, learnt with mean
+squared error, scored by Pearson and Spearman correlation. The head is transformers'
+BertForSequenceClassification with one output and problem_type "regression"."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from bertcli.errors import DataError
+from bertcli.metrics import regression_metrics
+from bertcli.tasks.base import TaskOptions
+from bertcli.tasks.classify import ClassifyTask, Example
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class RegressionOptions(TaskOptions):
+    name: str = "regression"
+    # TSV/CSV/JSONL columns; None = the usual names (sentence1, text, ... / sentence2, text_b / score, label)
+    text_column: Optional[str] = None
+    text_pair_column: Optional[str] = None
+    label_column: Optional[str] = None
+
+
+class RegressionTask(ClassifyTask):
+    name = "regression"
+    Options = RegressionOptions
+    problem_type = "regression"
+    label_columns = ("score", "label")
+
+    def read_label(self, value: Any, where: str) -> float:
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError, OverflowError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise DataError(f"{where}: the label must be a finite number, got {value!r}")
+        return number
+
+    def labels_from(self, examples: Sequence[Example]) -> list[str]:
+        return ["score"]  # one output; its name is what config.json's id2label says
+
+    def check_labels(self, examples: Sequence[Example]) -> None:
+        pass  # every finite number is a label (read_label checked each)
+
+    def target(self, label: float, index: dict[str, int]) -> float:
+        return label
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+        import torch.nn.functional as F
+
+        values = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float().squeeze(-1)
+        return F.mse_loss(values, batch["labels"].float(), reduction="sum") / counts["examples"]
+
+    def decode(self, logits: list[float] | None) -> dict:
+        return {"value": None if logits is None else round(logits[0], 6)}
+
+    def score(self, examples: Sequence[Example], predictions: Sequence[dict]) -> dict:
+        pred = [p["value"] if p["value"] is not None else 0.0 for p in predictions]
+        return regression_metrics([e.label for e in examples], pred)

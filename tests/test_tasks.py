@@ -1,0 +1,229 @@
+"""The task registry: each task's own options (checked against the recipe and the checkpoint), and the
+two tasks added through it, sentence-pair regression and multi-label classification, end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bertcli.checkpoint import ARCHITECTURES
+from bertcli.errors import RecipeError
+from bertcli.evaluate import evaluate
+from bertcli.jobs import finetune, load_for_task
+from bertcli.metrics import multilabel_metrics, regression_metrics
+from bertcli.recipes import load_recipe
+from bertcli.tasks import TASKS
+from bertcli.tasks.base import TaskOptions
+from conftest import ROOT, run_cli, write_recipe
+
+PAIRS = [("the film is wonderful", "the film is great", 4.8), ("a dull plot", "a boring plot", 4.0),
+         ("the cast shines", "the dog sleeps", 0.4), ("i loved it", "i hated it", 1.2),
+         ("a fast dark fox", "a quick brown fox", 3.6), ("hello world", "numbers appear too", 0.0),
+         ("the ending is superb", "the ending is good", 4.2), ("the lazy dog", "a sleeping dog", 3.0)]
+TAGGED = [("the film is wonderful", "film,praise"), ("a dull and boring plot", "plot,criticism"),
+          ("the fox jumps", "animal"), ("the lazy dog sleeps", "animal"), ("the plot of the film is superb", "film,plot,praise"),
+          ("hello world", ""), ("the dog hated the film", "animal,film,criticism"), ("i loved it", "praise")]
+
+
+def test_every_task_declares_its_head_options_and_name():
+    for name, task in TASKS.items():
+        assert task.name == name and task.architecture in ARCHITECTURES
+        assert issubclass(task.Options, TaskOptions) and task.Options().name == name
+
+
+def test_loading_a_recipe_imports_no_task_code_that_needs_torch(tmp_path):
+    """Every task's options class is read to check a recipe: torch stays out, so recipe errors come at once."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: {name: qa, doc_stride: 0}\ndata: {train: nowhere.json}\ntrain: {max_steps: 1}\n")
+    code = ("import sys\nfrom bertcli.errors import RecipeError\nfrom bertcli.recipes import load_recipe\n"
+            f"try:\n    load_recipe({str(recipe)!r})\nexcept RecipeError as err:\n    print(err)\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "task.doc_stride: must be in 1..1,048,576, got 0" in done.stdout
+    assert done.stdout.strip().endswith("False")
+
+
+@pytest.mark.parametrize("task, override, expected", [
+    ("classify", "task.doc_stride=7", "task.doc_stride: an option of qa, not of classify"),
+    ("classify", "task.objective=sop", "task.objective: an option of pretrain, not of classify"),
+    ("qa", "task.labels=[a, b]", "task.labels: an option of classify and ner and multilabel, not of qa"),
+    ("regression", "task.threshold=0.3", "task.threshold: an option of multilabel, not of regression"),
+    ("multilabel", "task.threshhold=0.3", "task.threshhold: unknown key (did you mean 'task.threshold'?)"),
+    ("multilabel", "task.threshold=1.5", "task.threshold: must be between 0 and 1"),
+    ("classify", "data.text_column=review", "data.text_column: now task.text_column"),
+    ("qa", "data.doc_stride=64", "data.doc_stride: now task.doc_stride"),
+])
+def test_task_section_is_checked_against_the_chosen_task(tmp_path, tiny_tokenizer_dir, task, override, expected):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": task}, {"train": str(tmp_path / "train.tsv")},
+                          {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe, [override])
+    assert expected in str(err.value)
+
+
+def test_saved_recipe_holds_only_the_task_s_own_options(tmp_path, tiny_tokenizer_dir):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "regression", "label_column": "label"},
+                          {"train": str(tmp_path / "train.tsv")}, {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
+    loaded = load_recipe(recipe)
+    assert [f.name for f in dataclasses.fields(loaded.task)] == ["name", "text_column", "text_pair_column",
+                                                                  "label_column"]
+    assert loaded.task.label_column == "label"
+
+
+# ---------------------------------------------------------------- metrics against their references
+
+
+def test_pearson_and_spearman_equal_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(3)
+    for _ in range(50):
+        n = rng.randint(2, 40)
+        gold = [rng.choice([0.0, 1.0, 2.5, rng.uniform(0, 5)]) for _ in range(n)]  # ties, as STS-B has
+        pred = [g + rng.gauss(0, 1) if rng.random() < 0.8 else rng.choice(gold) for g in gold]
+        if len(set(gold)) < 2 or len(set(pred)) < 2:
+            continue
+        ours = regression_metrics(gold, pred)
+        assert ours["pearson"] == pytest.approx(stats.pearsonr(pred, gold)[0], abs=1e-9)
+        assert ours["spearman"] == pytest.approx(stats.spearmanr(pred, gold)[0], abs=1e-9)
+
+
+def test_multilabel_f1_equals_scikit_learn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = random.Random(4)
+    labels = ["a", "b", "c", "d"]
+    for _ in range(50):
+        n = rng.randint(1, 30)
+        gold = [{x for x in labels if rng.random() < 0.3} for _ in range(n)]
+        pred = [{x for x in labels if rng.random() < 0.3} for _ in range(n)]
+        ours = multilabel_metrics(gold, pred, labels)
+        g = [[int(x in row) for x in labels] for row in gold]
+        p = [[int(x in row) for x in labels] for row in pred]
+        for average in ("micro", "macro"):
+            assert ours[f"{average}_f1"] == pytest.approx(metrics.f1_score(g, p, average=average, zero_division=0))
+        assert ours["exact_match"] == pytest.approx(metrics.accuracy_score(g, p))
+
+
+# ---------------------------------------------------------------- the two tasks, end to end
+
+
+@pytest.fixture(scope="module")
+def regression(tmp_path_factory, tiny_tokenizer_dir):
+    d = tmp_path_factory.mktemp("regression")
+    rows = "".join(f"{i}\t{a}\t{b}\t{s:.3f}\n" for i, (a, b, s) in enumerate(PAIRS))
+    (d / "train.tsv").write_text("index\tsentence1\tsentence2\tscore\n" + rows, encoding="utf-8")
+    recipe = write_recipe(d / "r.yaml", {"name": "regression"}, {"train": str(d / "train.tsv"),
+                          "eval": str(d / "train.tsv"), "max_seq_len": 32},
+                          {"max_steps": 120, "batch_size": 8, "lr": 3e-3}, tokenizer=tiny_tokenizer_dir)
+    metrics = finetune(load_recipe(recipe), d / "run", resume=False, overwrite=False)
+    return d, metrics
+
+
+def test_regression_learns_the_scores_of_sentence_pairs(regression):
+    d, metrics = regression
+    assert metrics["eval_pearson"] > 0.95 and metrics["eval_spearman"] > 0.9
+    m = evaluate(d / "run", d / "train.tsv")
+    assert m["task"] == "regression" and m["mse"] < 0.3
+    lines = [json.dumps({"text": a, "text_pair": b}) for a, b, _ in PAIRS] + [""]
+    done = run_cli("predict", str(d / "run"), stdin=("\n".join(lines) + "\n").encode())
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert answers[-1] == {"value": None}
+    for (_, _, score), answer in zip(PAIRS, answers):
+        assert abs(answer["value"] - score) < 1.0
+
+
+def test_regression_refuses_a_score_that_is_no_finite_number(tmp_path, tiny_tokenizer_dir):
+    from bertcli.errors import DataError
+
+    (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t4.0\nc\td\tnan\n")
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "regression"}, {"train": str(tmp_path / "bad.tsv")},
+                          {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
+    with pytest.raises(DataError, match=r"bad.tsv:3: the label must be a finite number, got 'nan'"):
+        finetune(load_recipe(recipe), tmp_path / "run", resume=False, overwrite=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def multilabel(tmp_path_factory, tiny_tokenizer_dir):
+    d = tmp_path_factory.mktemp("multilabel")
+    (d / "train.tsv").write_text("text\tlabels\n" + "".join(f"{t}\t{tags}\n" for t, tags in TAGGED), encoding="utf-8")
+    (d / "train.jsonl").write_text("".join(json.dumps({"text": t, "labels": tags.split(",") if tags else []}) + "\n"
+                                           for t, tags in TAGGED), encoding="utf-8")
+    recipe = write_recipe(d / "r.yaml", {"name": "multilabel"}, {"train": str(d / "train.tsv"),
+                          "eval": str(d / "train.jsonl"), "max_seq_len": 32},
+                          {"max_steps": 200, "batch_size": 8, "lr": 1e-2}, tokenizer=tiny_tokenizer_dir)
+    metrics = finetune(load_recipe(recipe), d / "run", resume=False, overwrite=False)
+    return d, metrics
+
+
+def test_multilabel_learns_several_labels_per_text(multilabel):
+    d, metrics = multilabel
+    assert metrics["eval_micro_f1"] == 1.0 and metrics["eval_exact_match"] == 1.0
+    config = json.loads((d / "run" / "config.json").read_text())
+    assert config["id2label"] == {"0": "animal", "1": "criticism", "2": "film", "3": "plot", "4": "praise"}
+    done = run_cli("predict", str(d / "run"), stdin=("\n".join(t for t, _ in TAGGED) + "\n").encode())
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert [",".join(a["labels"]) for a in answers] == [",".join(sorted(tags.split(","))) if tags else ""
+                                                         for _, tags in TAGGED]
+    assert all(len(a["scores"]) == 5 for a in answers)
+
+
+def test_multilabel_threshold_is_an_option_saved_for_predict(multilabel, tmp_path):
+    d, _ = multilabel
+    _, task = load_for_task(d / "run")
+    assert task.options.threshold == 0.5 and task.options.label_separator == ","
+    strict = task.decode([0.1, -3.0, 2.0, -0.1, 0.0])  # probabilities .52 .05 .88 .48 .5
+    assert strict["labels"] == ["animal", "film", "praise"]
+
+
+@pytest.mark.parametrize("fixture, problem_type, outputs", [("regression", "regression", 1),
+                                                           ("multilabel", "multi_label_classification", 5)])
+def test_transformers_loads_the_new_heads_with_the_same_outputs_and_loss(fixture, problem_type, outputs, request):
+    """config.json's problem_type makes transformers choose the same loss: logits and loss agree."""
+    transformers = pytest.importorskip("transformers")
+    d, _ = request.getfixturevalue(fixture)
+    ck, task = load_for_task(d / "run")
+    hf = transformers.BertForSequenceClassification.from_pretrained(d / "run").eval()
+    assert hf.config.problem_type == problem_type and hf.config.num_labels == outputs
+    examples = task.read(d / "train.tsv")
+    batch = task.collate(task.encode(examples))
+    with torch.no_grad():
+        ours = ck.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        theirs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    token_type_ids=batch["token_type_ids"], labels=batch["labels"].float())
+        loss = task.loss(ck.model, batch, task.counts(batch))
+    assert torch.allclose(ours, theirs.logits, atol=1e-5)
+    assert float(loss) == pytest.approx(float(theirs.loss), rel=1e-5)
+
+
+def test_checkpoint_from_elsewhere_is_read_by_its_problem_type(regression, tmp_path):
+    """A transformers checkpoint has no bertcli_task: its head and problem_type choose the task, as
+    transformers itself would (one output and no problem_type: regression)."""
+    import shutil
+
+    d, _ = regression
+    shutil.copytree(d / "run", tmp_path / "hf", ignore=shutil.ignore_patterns(".bertcli*", "resume.pt"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for problem_type in ("regression", None):
+        config.pop("bertcli_task", None)
+        config.pop("problem_type", None)
+        if problem_type:
+            config["problem_type"] = problem_type
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+        _, task = load_for_task(tmp_path / "hf")
+        assert task.name == "regression"
+    config["problem_type"] = "multi_label_classification"
+    config["id2label"] = {"0": "a", "1": "b"}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    done = run_cli("predict", str(tmp_path / "hf"), stdin=b"x\n")
+    assert done.returncode == 2 and b"weights disagree with config.json" in done.stderr

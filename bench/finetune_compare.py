@@ -33,15 +33,19 @@ from common import ROOT, SHARED_DATA, emit, machine, note  # noqa: E402
 
 from bertcli.jobs import finetune  # noqa: E402
 from bertcli.recipes import load_recipe  # noqa: E402
-from bertcli.tasks import TASKS  # noqa: E402
+from bertcli.allocator import keep_freed_memory  # noqa: E402
+from bertcli.tasks import TASKS as TASK_CLASSES  # noqa: E402
 from bertcli.tokenizer import load_tokenizer  # noqa: E402
 
 TASKS = {  # recipe, HF class
     "sst2": ("sentiment-sst2.yaml", "AutoModelForSequenceClassification"),
     "conll": ("ner-conll2003.yaml", "AutoModelForTokenClassification"),
     "squad": ("qa-squad.yaml", "AutoModelForQuestionAnswering"),
+    "stsb": ("regression-stsb.yaml", "AutoModelForSequenceClassification"),
+    # write its data first: python recipes/data/conll_types.py --data ../shared/data --out runs/conll-types
+    "conll-types": ("multilabel-conll-types.yaml", "AutoModelForSequenceClassification"),
 }
-HEADLINE = {"sst2": "accuracy", "conll": "f1", "squad": "f1"}
+HEADLINE = {"sst2": "accuracy", "conll": "f1", "squad": "f1", "stsb": "pearson", "conll-types": "micro_f1"}
 
 
 class Adapter(nn.Module):
@@ -61,7 +65,7 @@ def subset(path: str, task_name: str, limit: int | None, work: Path) -> str:
     if not limit or task_name == "squad":
         return path
     text = Path(path).read_text(encoding="utf-8")
-    if task_name == "sst2":
+    if task_name in ("sst2", "stsb", "conll-types"):  # a table: a header, then a row per example
         lines = text.splitlines(keepends=True)
         text = "".join(lines[:limit + 1])
     else:
@@ -80,7 +84,7 @@ def hf_train(recipe, hf_class: str, task, examples, eval_examples, precision: st
     kwargs = {}
     if task.name != "qa":
         kwargs = {"num_labels": len(task.labels), "id2label": dict(enumerate(task.labels)),
-                  "label2id": {n: i for i, n in enumerate(task.labels)}}
+                  "label2id": {n: i for i, n in enumerate(task.labels)}, "problem_type": task.problem_type}
     hf = getattr(transformers, hf_class).from_pretrained(recipe.model.init, **kwargs)
     model = Adapter(hf, task.name == "qa")
     features = task.encode(examples)
@@ -148,15 +152,16 @@ def main() -> None:
         theirs = None
         if not args.skip_transformers:  # first: bertcli's training sets a process-wide malloc policy (allocator.py)
             tokenizer = load_tokenizer(recipe.model.init)
-            task = TASKS[recipe.task.name](tokenizer, recipe.task, recipe.data.max_seq_len)
+            task = TASK_CLASSES[recipe.task.name](tokenizer, recipe.task, recipe.data.max_seq_len)
             examples = [e for p in recipe.data.train for e in task.read(p)]
             eval_examples = [e for p in recipe.data.eval for e in task.read(p)]
             task.labels = task.labels_from(examples)
             theirs = hf_train(recipe, hf_class, task, examples, eval_examples, args.hf_precision)
+        keep_freed_memory()  # what `bertcli finetune` sets for its process (after transformers' run: it is process-wide)
         start = time.perf_counter()
         ours = finetune(recipe, work / "bertcli", resume=False, overwrite=False)
         ours_seconds = time.perf_counter() - start
-        from bertcli.train import resolve_precision
+        from bertcli.runtime import resolve_precision
 
         ours_precision = resolve_precision(args.precision, torch.device("cpu"))
         result = {"bench": "finetune_compare", "task": args.task, "machine": machine(),

@@ -43,15 +43,34 @@ from common import ROOT, SHARED_DATA, emit, machine, measured_peak, note  # noqa
 
 from bertcli.allocator import keep_freed_memory  # noqa: E402
 from bertcli.data.corpus import encode_corpus, load_shards  # noqa: E402
-from bertcli.model import ROWS, BertConfig, BertForPreTraining, count_parameters, flops_per_token  # noqa: E402
+from bertcli.fastpath import ROWS  # noqa: E402
+from bertcli.model import BertConfig, BertForPreTraining  # noqa: E402
 from bertcli.recipes import TrainConfig  # noqa: E402
 from bertcli.tasks.pretrain import PretrainOptions, PretrainTask, make_instances  # noqa: E402
 from bertcli.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
-from bertcli.train import autocast, make_optimizer  # noqa: E402
+from bertcli.runtime import autocast  # noqa: E402
+from bertcli.train import make_optimizer  # noqa: E402
 
 SHAPES = {"tiny": (2, 128, 2), "6x384": (6, 384, 12), "12x768": (12, 768, 12)}  # layers, hidden, heads
 DEFAULT_BATCH = {"tiny": 32, "6x384": 16, "12x768": 8}
 
+
+
+def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
+    """Parameters, without the embedding tables when asked (for the FLOPs formula)."""
+    seen: set[int] = set()
+    total = 0
+    for name, p in model.named_parameters():
+        if id(p) in seen or (exclude_embeddings and "embeddings" in name):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def flops_per_token(cfg: BertConfig, seq_len: int, non_embedding_params: int) -> float:
+    """Training FLOPs per token: 6 x non-embedding parameters + attention (QK^T and AV)."""
+    return 6 * non_embedding_params + 12 * cfg.num_hidden_layers * seq_len * cfg.hidden_size
 
 def corpus_files() -> list[Path]:
     wiki = SHARED_DATA / "corpus" / "wikitext2" / "wiki.valid.raw"

@@ -19,7 +19,8 @@ from bertcli.streams import Closed, drop_stdout, guard
 
 app = typer.Typer(
     name="bertcli",
-    help="Pretrain BERT on your own corpus; fine-tune, evaluate and serve it for sentiment, NER and QA.",
+    help="Pretrain BERT on your own corpus; fine-tune, evaluate and serve it for classification (sentiment), "
+         "NER, QA, regression and multi-label classification.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -137,19 +138,21 @@ def pretrain(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optio
              resume: bool = ResumeOpt, overwrite: bool = OverwriteOpt) -> None:
     """Pretrain BERT with masked language modelling (+ NSP or SOP). Under
     `torchrun --nproc_per_node N -m bertcli pretrain RECIPE` it runs distributed (DDP)."""
-    loaded = _load(recipe, set_, expected_task="pretrain")
+    loaded = _load(recipe, set_, "pretrain")
     from bertcli.jobs import pretrain as run_pretrain
 
+    _training_memory()
     run_pretrain(loaded, out, resume, overwrite, source=recipe)
 
 
 @app.command(epilog="Example: bertcli finetune recipes/sentiment-sst2.yaml --set train.epochs=1")
 def finetune(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optional[List[str]] = SetOpt,
              resume: bool = ResumeOpt, overwrite: bool = OverwriteOpt) -> None:
-    """Fine-tune a checkpoint for classification, NER or extractive QA."""
-    loaded = _load(recipe, set_, expected_task=None)
+    """Fine-tune a checkpoint for a task: classify, ner, qa, regression or multilabel (task.name)."""
+    loaded = _load(recipe, set_, "finetune")
     from bertcli.jobs import finetune as run_finetune
 
+    _training_memory()
     run_finetune(loaded, out, resume, overwrite, source=recipe)
 
 
@@ -212,15 +215,26 @@ def _streaming():
         raise typer.Exit(130) from None
 
 
-def _load(recipe: Path, overrides: Optional[List[str]], expected_task: Optional[str]):
+def _training_memory() -> None:
+    """Training on a CPU keeps freed memory in the process (allocator.py). That is a setting of the
+    whole process, so the command makes it, not the training code a library user may call."""
+    import torch
+
+    from bertcli.allocator import keep_freed_memory
+
+    if not torch.cuda.is_available():
+        keep_freed_memory()
+
+
+def _load(recipe: Path, overrides: Optional[List[str]], command: str):
+    """The recipe, checked, for `command`: each task names the command that trains it."""
     from bertcli.errors import RecipeError
     from bertcli.recipes import load_recipe
 
     loaded = load_recipe(recipe, overrides or [])
-    if expected_task == "pretrain" and loaded.task.name != "pretrain":
-        raise RecipeError(str(recipe), [f"task.name: `bertcli pretrain` needs task.name pretrain, got {loaded.task.name}"])
-    if expected_task is None and loaded.task.name == "pretrain":
-        raise RecipeError(str(recipe), ["task.name: pretrain recipes run with `bertcli pretrain`"])
+    if loaded.task.command != command:
+        raise RecipeError(str(recipe), [f"task.name: {loaded.task.name} recipes run with `bertcli "
+                                        f"{loaded.task.command}`, not `bertcli {command}`"])
     return loaded
 
 

@@ -9,14 +9,13 @@ import torch
 from bertcli.errors import BertcliError
 from bertcli.fileio import atomic_write_text, finite_json
 from bertcli.jobs import load_for_task
-from bertcli.train import autocast, resolve_precision
+from bertcli.runtime import autocast, inference
 
 
 def evaluate(model_dir: Path, data: Path, batch_size: int = 64, precision: str = "auto") -> dict:
     ck, task = load_for_task(model_dir)
     examples = task.read(data)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = resolve_precision(precision, device)
+    device, precision = inference(precision)
     with torch.inference_mode(), autocast(device, precision):
         metrics = task.evaluate(ck.model.to(device).eval(), examples, batch_size)
     return {"task": task.name, "data": str(data), "precision": precision, **metrics}

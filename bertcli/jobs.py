@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bertcli.checkpoint import (ARCHITECTURES, TRAINING_BYTES_PER_PARAMETER, check_memory, check_tokenizer,
-                                load_checkpoint, read_config, save_checkpoint, saved_architecture)
+                                load_checkpoint, read_config, read_labels, save_checkpoint)
 from bertcli.errors import BertcliError, CheckpointError
 from bertcli.model import BertConfig
 from bertcli.recipes import Recipe, build_options, dump_recipe
@@ -86,9 +86,10 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     task.check_labels(eval_examples)  # now, not after the whole run
 
     torch.manual_seed(recipe.train.seed)
-    labels = task.labels or None
     if recipe.model.init:
-        ck = load_checkpoint(recipe.model.init, architecture=task.architecture, labels=labels)
+        _, init_raw = read_config(recipe.model.init)
+        task.labels = task.head_labels(read_labels(init_raw, str(Path(recipe.model.init) / "config.json")))
+        ck = load_checkpoint(recipe.model.init, architecture=task.architecture, labels=task.labels or None)
         check_memory(ck.config, recipe.model.init, TRAINING_BYTES_PER_PARAMETER, "to train")
         model, cfg = ck.model, ck.config
         loaded = f"model: {recipe.model.init} ({ck.report.summary()})"
@@ -125,11 +126,9 @@ def load_for_task(model_dir: Path):
     """A fine-tuned checkpoint and its task, for evaluate and predict."""
     cfg, raw = read_config(model_dir)
     source = str(Path(model_dir) / "config.json")
-    ck = load_checkpoint(model_dir)
-    cls = task_for_checkpoint(raw, ck.labels, source)
+    cls = task_for_checkpoint(raw, read_labels(raw, source), source)  # before the weights: it names what is wrong
     options, max_seq_len = saved_task_options(raw, cls, cfg, source)
-    if cls.needs_labels and not ck.labels:
-        raise CheckpointError(f"{source}: no id2label: the label names of the head are unknown")
+    ck = load_checkpoint(model_dir)
     task = cls(ck.tokenizer, options, max_seq_len, ck.labels)
     check_task_segments(task, cfg, str(model_dir))
     return ck, task
@@ -143,9 +142,10 @@ def saved_task_options(raw: dict, cls, cfg: BertConfig, source: str):
     if not isinstance(saved, dict):
         raise CheckpointError(f"{source}: bertcli_task must be a JSON object")
     names = {f.name for f in dataclasses.fields(cls.Options)} - {"name", "labels"}
-    options, problems = build_options(cls.Options, {k: v for k, v in saved.items() if k in names}, "bertcli_task.")
+    options, problems = build_options(cls.Options, {k: v for k, v in saved.items() if k in names}, "bertcli_task.",
+                                      strict=True)
     if problems:
-        raise CheckpointError(f"{source}: {problems[0].replace('task.', 'bertcli_task.', 1)}")
+        raise CheckpointError(f"{source}: {problems[0]}")
     max_seq_len = saved.get("max_seq_len", min(512, cfg.max_position_embeddings))
     low = cls.Options.min_seq_len
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or \
@@ -162,8 +162,9 @@ def json_text(value) -> str:
 
 
 def check_task_segments(task: Task, cfg: BertConfig, source: str) -> None:
-    """QA reads a question and a context: it needs two token types. Text-pair tasks check each pair."""
-    check_segments(task.name == "qa", cfg, source, "question answering (question and context)")
+    """A task whose every input is a pair (QA's question and context) needs two token types; tasks that
+    read pairs sometimes check each one."""
+    check_segments(task.two_segments, cfg, source, f"{task.name} (every input a pair of texts)")
     task.segments = cfg.type_vocab_size
 
 

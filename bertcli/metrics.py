@@ -63,7 +63,7 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
     sxx = sum((a - mx) ** 2 for a in x)
     syy = sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
+    return sxy / (math.sqrt(sxx) * math.sqrt(syy)) if sxx > 0 and syy > 0 else 0.0
 
 
 def ranks(values: Sequence[float]) -> list[float]:
@@ -96,7 +96,7 @@ def regression_metrics(gold: Sequence[float], pred: Sequence[float]) -> dict:
 
 def multilabel_metrics(gold: Sequence[Iterable[str]], pred: Sequence[Iterable[str]], labels: Sequence[str]) -> dict:
     """micro_f1, macro_f1 (the mean over every label, 0 for a label never given nor predicted),
-    micro precision and recall, exact_match (the whole set right), per_class, count."""
+    micro_precision, micro_recall, exact_match (the whole set right), per_class, count."""
     if len(gold) != len(pred):
         raise ValueError("gold and predicted label lists differ in length")
     counts = {label: [0, 0, 0] for label in labels}  # tp, fp, fn
@@ -116,7 +116,7 @@ def multilabel_metrics(gold: Sequence[Iterable[str]], pred: Sequence[Iterable[st
     tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
     precision, recall, f1 = _prf(tp, fp, fn)
     return {"micro_f1": f1, "macro_f1": sum(c["f1"] for c in per_class.values()) / len(labels) if labels else 0.0,
-            "precision": precision, "recall": recall, "exact_match": exact / len(gold) if gold else 0.0,
+            "micro_precision": precision, "micro_recall": recall, "exact_match": exact / len(gold) if gold else 0.0,
             "per_class": per_class, "count": len(gold)}
 
 

@@ -19,7 +19,7 @@ from bertcli.errors import BertcliError, DataError
 from bertcli.fileio import all_finite, finite_json
 from bertcli.jobs import load_for_task
 from bertcli.textio import TooLong, line_too_long, raw_lines
-from bertcli.train import autocast, resolve_precision
+from bertcli.runtime import autocast, inference
 
 _END = object()
 # Lines already waiting are taken up to this many batches at a time: the task sorts them by
@@ -54,8 +54,7 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
         precision: str = "auto", int8: bool = False) -> int:
     """Answer every line of `stream` on `out`; returns the number of lines answered."""
     ck, task = load_for_task(model_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = resolve_precision(precision, device)
+    device, precision = inference(precision)
     model = ck.model.to(device).eval()
     if int8:
         if device.type != "cpu":

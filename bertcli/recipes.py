@@ -133,7 +133,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe = _resolve_packages(_build(Recipe, raw, "", problems, failed), problems)
     # a key that failed above holds its default: leave out checks that would speak of it
     mentions = [re.compile(rf"(?<![\w.]){re.escape(key)}(?!\w)") for key in failed]
-    problems.extend(p for p in _check_values(recipe) if not any(m.search(p) for m in mentions))
+    checks = _check_values(recipe, task_known="task" not in failed)
+    problems.extend(p for p in checks if not any(m.search(p) for m in mentions))
     try:  # the recipe itself may have come from a pipe too
         read_once([Path(path), *(Path(p) for p in (*recipe.data.train, *recipe.data.eval))])
     except DataError as err:
@@ -278,10 +279,11 @@ def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None
 # ---------------------------------------------------------------- typed building
 
 
-def _build(cls: type, raw: Any, prefix: str, problems: list[str], failed: set[str]) -> Any:
+def _build(cls: type, raw: Any, prefix: str, problems: list[str], failed: set[str], strict: bool = False) -> Any:
     """Build dataclass `cls` from `raw`. A problem is appended per unknown key or wrong type,
     and such a field keeps its default (its key path goes into `failed`), so that the later
-    checks still run and every problem is reported at once."""
+    checks still run and every problem is reported at once. `strict` (JSON that bertcli wrote)
+    takes no conversions: a number is no string, nor a string a number."""
     where = prefix.rstrip(".") or "recipe"
     if raw is None:
         raw = {}
@@ -295,10 +297,10 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str], failed: set[st
     for key, value in raw.items():
         path = f"{prefix}{key}"
         if key not in names:
-            problems.append(f"{path}: {_unknown(cls, str(key), prefix, names)}")
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            message, close = _unknown(cls, str(key), prefix, names)
+            problems.append(f"{path}: {message}")
             if close:
-                failed.add(f"{prefix}{close[0]}")
+                failed.add(f"{prefix}{close}")
             continue
         hint_type = hints[key]
         if hint_type is TaskOptions:
@@ -309,6 +311,8 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str], failed: set[st
             values[key] = _build(hint_type, value, f"{path}.", problems, failed)
             continue
         try:
+            if strict and not _same_type(value, hint_type):
+                raise ValueError(f"expected {_type_name(hint_type)}, got {_kind(value)}")
             values[key] = _coerce(value, hint_type)
         except ValueError as err:
             problems.append(f"{path}: {err}")
@@ -329,24 +333,59 @@ def _task_options(raw: Any, prefix: str, problems: list[str], failed: set[str]) 
     return None
 
 
-def _unknown(cls: type, key: str, prefix: str, names: list[str]) -> str:
-    """What to say of a key that `cls` has not: where it moved, whose option it is, or a near name."""
+def _owners(key: str) -> list[str]:
+    """The tasks that have an option named `key`."""
+    return [name for name, task in TASKS.items() if key in {f.name for f in dataclasses.fields(task.Options)}]
+
+
+def _unknown(cls: type, key: str, prefix: str, names: list[str]) -> tuple[str, str | None]:
+    """What to say of a key that `cls` has not (where it moved, whose option it is, or a near name),
+    and the near name when there is one."""
     path = f"{prefix}{key}"
     if path in MOVED:
-        return f"now {MOVED[path]} (each task's options are in its task section)"
-    if issubclass(cls, TaskOptions):
-        owners = [name for name, task in TASKS.items() if key in {f.name for f in dataclasses.fields(task.Options)}]
-        if owners:
-            return f"an option of {' and '.join(owners)}, not of {cls.name} (options of {cls.name}: {', '.join(names[1:]) or 'none'})"
+        return f"now {MOVED[path]}, an option of {' and '.join(_owners(key))} (each task's options are in its task section)", None
+    if issubclass(cls, TaskOptions) and _owners(key):
+        own = [n for n in names if n != "name"]
+        return (f"an option of {' and '.join(_owners(key))}, not of {cls.name} "
+                f"(options of {cls.name}: {', '.join(own) or 'none'})"), None
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    return f"unknown key (did you mean '{prefix}{close[0]}'?)" if close else f"unknown key (known keys: {', '.join(names)})"
+    if close:
+        return f"unknown key (did you mean '{prefix}{close[0]}'?)", close[0]
+    return f"unknown key (known keys: {', '.join(names)})", None
 
 
-def build_options(cls: type, raw: dict[str, Any], prefix: str) -> tuple[Any, list[str]]:
-    """`cls` (a task's options class) from a mapping, with the problems of its types and values."""
+def _same_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value is of the field's type as it is (None for Optional; an int for a float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return (value is None and type(None) in args) or any(_same_type(value, a) for a in args if a is not type(None))
+    if origin is Literal:
+        return isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        hint, "a list of strings" if origin is tuple else "one of " + " | ".join(map(str, args)))
+
+
+def build_options(cls: type, raw: dict[str, Any], prefix: str, strict: bool = False) -> tuple[Any, list[str]]:
+    """`cls` (a task's options class) from a mapping, with the problems of its types and values
+    (named under `prefix`, e.g. 'bertcli_task.')."""
     problems: list[str] = []
-    options = _build(cls, raw, prefix, problems, set())
-    return options, problems or options.problems()
+    options = _build(cls, raw, prefix, problems, set(), strict)
+    if problems:
+        return options, problems
+    return options, [p.replace("task.", prefix, 1) if p.startswith("task.") else p for p in options.problems()]
 
 
 def _coerce(value: Any, hint: Any) -> Any:
@@ -442,8 +481,10 @@ def _resolve_packages(recipe: Recipe, problems: list[str]) -> Recipe:
     return dataclasses.replace(recipe, model=model, tokenizer=resolve("tokenizer", recipe.tokenizer))
 
 
-def _check_values(recipe: Recipe) -> list[str]:
-    problems: list[str] = recipe.task.problems()
+def _check_values(recipe: Recipe, task_known: bool) -> list[str]:
+    """Problems of values, ranges and files. Without a known task (a mistyped task.name) the checks
+    that depend on the task are left out: they would speak of a task the user did not choose."""
+    problems: list[str] = recipe.task.problems() if task_known else []
     m, d, t, task = recipe.model, recipe.data, recipe.train, recipe.task
 
     def positive(key: str, value: Optional[float]) -> None:
@@ -468,7 +509,7 @@ def _check_values(recipe: Recipe) -> list[str]:
         problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if not 0 <= t.warmup_ratio <= 1:
         problems.append(f"train.warmup_ratio: must be in [0, 1], got {t.warmup_ratio}")
-    low = task.min_seq_len
+    low = task.min_seq_len if task_known else 1
     if 0 < d.max_seq_len < low:
         problems.append(f"data.max_seq_len: {task.name} needs at least {low} tokens, got {d.max_seq_len}")
     for key, value in [("data.max_seq_len", d.max_seq_len), ("model.max_position", m.max_position)]:
@@ -497,7 +538,7 @@ def _check_values(recipe: Recipe) -> list[str]:
         _check_dir("tokenizer", recipe.tokenizer, None, problems)
     if not d.train:
         problems.append("data.train: required (a file, or a list of files)")
-    files_only = task.name != "pretrain"  # pretraining also reads shard directories
+    files_only = task_known and not task.reads_directories  # pretraining also reads shard directories
     for key, paths in [("data.train", d.train), ("data.eval", d.eval)]:
         for index, p in enumerate(paths):
             label = key if len(paths) == 1 else f"{key}[{index}]"

@@ -16,20 +16,20 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bertcli.allocator import keep_freed_memory
 from bertcli.data.batching import batch_order
 from bertcli.errors import BertcliError, Interrupted
 from bertcli.fileio import OutputError, append_text, atomic_write, atomic_write_text, discard, finite_json, finite_number, publish
 from bertcli.recipes import TrainConfig, parse_duration
 from bertcli.rundir import STAGE_DIR
+from bertcli.runtime import autocast, device_for, resolve_precision
 
 RESUME_FILE = "resume.pt"
 MAX_SKIPPED_STEPS = 10  # non-finite losses in a row that bf16/fp16 may skip before the run stops
@@ -63,31 +63,6 @@ def example_seed(seed: int, epoch: int, index: int) -> int:
     """A seed per (run seed, epoch, example): masks are drawn anew each epoch, identically
     however many processes share the batch, and again identically after a resume."""
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63 - 1)
-
-
-def device_for(precision: str, local_rank: int = 0) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    if precision == "fp16":
-        raise BertcliError("train.precision: fp16 needs a CUDA GPU; use bf16 (or fp32) on a CPU")
-    return torch.device("cpu")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 on hardware with native bf16 matrix units (AVX512-BF16 or AMX on CPUs, Ampere or
-    later GPUs), where it is about twice as fast or more at the same accuracy; fp32 elsewhere."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16" if fast else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -237,15 +212,58 @@ def _global_sum(values: list[float], world: int, device: torch.device) -> list[f
     return t.tolist()
 
 
-def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]:
-    """Train `job.model` in place; write log.jsonl and checkpoints into `out` (rank 0 alone
-    writes). Returns the last evaluation's metrics (eval_-prefixed), or {} without eval data."""
+@dataclass
+class _Window:
+    """What the next log line reports: the steps since the last one."""
+
+    start: float
+    loss: float = 0.0
+    steps: int = 0  # steps whose update was applied (a skipped step has no loss to average)
+    tokens: int = 0
+    paused: float = 0.0  # seconds spent evaluating and saving: tokens/s counts training time only
+
+
+@dataclass
+class _Run:
+    """One training run's state, set up once by `_start`; the parts of the loop below read and update it."""
+
+    job: Job
+    cfg: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    precision: str
+    model: nn.Module  # the model itself, which is saved and evaluated
+    wrapped: nn.Module  # what the loss runs (DistributedDataParallel across processes)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    pos: Position
+    log: Log | None  # rank 0 alone writes
+    total: int | None  # planned steps (None: a time budget alone bounds the run)
+    budget: float | None
+    start: float
+    batches_per_epoch: int
+    progress: Any
+    console: Any
+    window: _Window
+    metrics: dict[str, float] = field(default_factory=dict)
+    skipped: int = 0  # non-finite steps in a row (bf16/fp16)
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.world
+
+
+def _start(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> _Run:
+    """Device, precision, optimizer, the resume state, then the run's files (only once nothing can fail)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    writer = rank == 0
     device = device_for(cfg.precision, int(os.environ.get("LOCAL_RANK", 0)))
     precision = resolve_precision(cfg.precision, device)
-    if device.type == "cpu":
-        keep_freed_memory()
     model = job.model.to(device)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -256,168 +274,205 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
 
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           find_unused_parameters=True)
-    if writer and job.recipe:  # the run's files change only now, when nothing it reads can fail any more
-        atomic_write_text(out / "recipe.yaml", job.recipe)
-    log = Log(out / "log.jsonl", pos.step if resume else None) if writer else None
     global_batch = cfg.batch_size * world
     batches_per_epoch = len(job.features) // global_batch if world > 1 else math.ceil(len(job.features) / global_batch)
     if batches_per_epoch == 0:
         raise BertcliError(f"data.train: {len(job.features)} training sequences, fewer than one batch of {global_batch}")
+    if rank == 0 and job.recipe:  # the run's files change only now, when nothing it reads can fail any more
+        atomic_write_text(out / "recipe.yaml", job.recipe)
+    log = Log(out / "log.jsonl", pos.step if resume else None) if rank == 0 else None
     total = plan_steps(cfg, batches_per_epoch)
-    budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
-    start = time.perf_counter() - pos.elapsed
-    metrics: dict[str, float] = {}
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter(), "paused": 0.0}
-    progress, console = _progress(total, writer)
+    progress, console = _progress(total, rank == 0)
+    return _Run(job, cfg, out, rank, world, device, precision, model, wrapped, optimizer, scaler, pos, log, total,
+                parse_duration(cfg.time_budget) if cfg.time_budget else None, time.perf_counter() - pos.elapsed,
+                batches_per_epoch, progress, console, _Window(time.perf_counter()))
 
-    def checkpoint() -> None:
-        began = time.perf_counter()
-        pos.elapsed = began - start
-        broken = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
-        if broken is not None:  # never saved: a checkpoint of NaN weights would only spread the damage
-            raise BertcliError(f"{broken} holds NaN or infinite values at step {pos.step}: the training diverged; "
-                               f"lower train.lr or check the data. Nothing was saved for this step; the last good "
-                               f"checkpoint in {out} (if any) is kept")
-        if writer:  # written whole into a side directory, then moved in by renames: never half replaced
-            stage = out / STAGE_DIR
+
+def _micro_batches(run: _Run, group: Sequence[Sequence[int]]) -> tuple[list[dict[str, Tensor]], dict[str, int], int]:
+    """This process's share of each batch of one step, on the device; the loss terms' counts over the
+    whole step (every micro-batch, every process); and the step's tokens. Counts are taken from the
+    batches before they move to the device, so they cost the accelerator no synchronisation."""
+    micro, per_batch, tokens = [], [], 0
+    for global_indices in group:
+        mine = global_indices[run.rank::run.world]
+        seeds = [example_seed(run.cfg.seed, run.pos.epoch, i) for i in mine]
+        batch = run.job.collate([run.job.features[i] for i in mine], seeds)
+        per_batch.append(run.job.counts(batch))
+        tokens += int(batch["attention_mask"].sum())
+        micro.append({k: v.to(run.device, non_blocking=True) for k, v in batch.items()})
+    names = sorted(per_batch[0])
+    *totals, tokens = _global_sum([*[sum(c[n] for c in per_batch) for n in names], tokens], run.world, run.device)
+    return micro, {n: max(int(c), 1) for n, c in zip(names, totals)}, int(tokens)
+
+
+def _step(run: _Run, group: Sequence[Sequence[int]]) -> tuple[float, int, bool]:
+    """One optimizer step over the batches in `group` (gradient accumulation): returns the step's loss,
+    its tokens, and whether its update was skipped (bf16/fp16 overflow). The loss and the gradient norm
+    are read from the accelerator once, together, for the check that no update is made of NaN."""
+    cfg, pos = run.cfg, run.pos
+    torch.manual_seed(example_seed(cfg.seed, pos.step, run.rank))  # dropout: reproducible on resume
+    micro, counts, tokens = _micro_batches(run, group)
+    step_loss = torch.zeros((), device=run.device)
+    for i, batch in enumerate(micro):
+        sync = run.world == 1 or i == len(micro) - 1
+        with (contextlib.nullcontext() if sync else run.wrapped.no_sync()), autocast(run.device, run.precision):
+            loss = run.job.loss(run.wrapped, batch, counts)
+        run.scaler.scale(loss * run.world).backward()
+        step_loss += loss.detach().float()
+    lr = lr_at(pos.step, cfg, run.total)
+    for param_group in run.optimizer.param_groups:
+        param_group["lr"] = lr
+    run.scaler.unscale_(run.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
+    step_loss, norm = torch.stack([step_loss, norm.to(step_loss)]).tolist()
+    step_loss, = _global_sum([step_loss], run.world, run.device)
+    bad = not math.isfinite(step_loss) or (run.precision != "fp16" and not math.isfinite(norm))
+    if bad and (run.precision == "fp32" or run.skipped >= MAX_SKIPPED_STEPS):
+        what = f"the loss became {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm became {norm}"
+        again = f" after {run.skipped} skipped steps in a row" if run.skipped else ""
+        raise BertcliError(f"{what} at step {pos.step + 1}{again}; lower train.lr or check the data. "
+                           f"The last good checkpoint in {run.out} (if any) is kept")
+    if bad:  # low precision overflowed: drop this step's update, as a loss scaler does
+        run.skipped += 1
+        message = (f"step {pos.step + 1}: loss {step_loss}, gradient norm {norm} in {run.precision}: "
+                   f"update skipped ({run.skipped} in a row; the run stops after {MAX_SKIPPED_STEPS})")
+        run.console.print(message)
+        if run.writer:
+            run.log.write({"step": pos.step + 1, "skipped": message})
+    else:
+        run.skipped = 0
+        run.scaler.step(run.optimizer)
+    run.scaler.update()  # fp16: lowers the scale after an overflow
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss, tokens, bad
+
+
+def _log(run: _Run, bar, batches: int) -> None:
+    """A log.jsonl line and the progress line, for the steps since the last one."""
+    now, w, pos = time.perf_counter(), run.window, run.pos
+    record = {"step": pos.step, "epoch": pos.epoch + pos.batch / batches,
+              "loss": w.loss / w.steps if w.steps else None, "lr": lr_at(pos.step - 1, run.cfg, run.total),
+              "tokens_per_s": w.tokens / max(now - w.start - w.paused, 1e-9)}
+    if run.writer:
+        run.log.write(record)
+        shown = "skipped" if record["loss"] is None else f"{record['loss']:.4f}"
+        run.progress.update(bar, info=f"loss {shown}  {record['tokens_per_s']:.0f} tok/s")
+        if not run.console.is_terminal:
+            run.console.print(f"step {pos.step}" + (f"/{run.total}" if run.total else "") +
+                              f"  loss {shown}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s")
+    run.window = _Window(now)
+
+
+def _evaluate(run: _Run) -> None:
+    """Rank 0 evaluates (eval_-prefixed metrics into log.jsonl); the others wait for it."""
+    began = time.perf_counter()
+    if run.job.evaluate is not None and run.writer:
+        run.model.eval()
+        with torch.inference_mode(), autocast(run.device, run.precision):
+            run.metrics = {f"eval_{k}": v for k, v in run.job.evaluate(run.model).items()}
+        run.model.train()
+        run.log.write({"step": run.pos.step, **run.metrics})
+        run.console.print(f"step {run.pos.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in run.metrics.items()))
+    if run.world > 1:
+        dist.barrier()
+    run.window.paused += time.perf_counter() - began
+
+
+def _checkpoint(run: _Run) -> None:
+    """The model, its config and tokenizer, and the resume state, written whole into a side directory
+    and moved in by renames, so a checkpoint is never half replaced. Weights that are not finite are
+    never saved: a checkpoint of NaN would only spread the damage."""
+    began = time.perf_counter()
+    pos, out = run.pos, run.out
+    pos.elapsed = began - run.start
+    broken = next((name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if broken is not None:
+        raise BertcliError(f"{broken} holds NaN or infinite values at step {pos.step}: the training diverged; "
+                           f"lower train.lr or check the data. Nothing was saved for this step; the last good "
+                           f"checkpoint in {out} (if any) is kept")
+    if run.writer:
+        stage = out / STAGE_DIR
+        discard(stage)
+        try:
+            stage.mkdir()
+            run.job.save(run.model, stage)
+            save_resume_state(stage, run.model, run.optimizer, run.scaler, pos)
+        except (OSError, OutputError) as err:
             discard(stage)
-            try:
-                stage.mkdir()
-                job.save(model, stage)
-                save_resume_state(stage, model, optimizer, scaler, pos)
-            except (OSError, OutputError) as err:
-                discard(stage)
-                reason = err.reason if isinstance(err, OutputError) else err.strerror
-                raise BertcliError(f"{out}: cannot save the checkpoint of step {pos.step}: {reason}. The previous "
-                                   f"checkpoint in {out} is intact") from None
-            publish(stage, out, last=RESUME_FILE)
-        if world > 1:
-            dist.barrier()
-        window["paused"] += time.perf_counter() - began
+            reason = err.reason if isinstance(err, OutputError) else err.strerror
+            raise BertcliError(f"{out}: cannot save the checkpoint of step {pos.step}: {reason}. The previous "
+                               f"checkpoint in {out} is intact") from None
+        publish(stage, out, last=RESUME_FILE)
+    if run.world > 1:
+        dist.barrier()
+    run.window.paused += time.perf_counter() - began
 
-    def evaluate() -> None:
-        began = time.perf_counter()
-        _evaluate()
-        window["paused"] += time.perf_counter() - began  # tokens/s counts training time only
 
-    def _evaluate() -> None:
-        nonlocal metrics
-        if job.evaluate is not None and writer:
-            model.eval()
-            with torch.inference_mode(), autocast(device, precision):
-                metrics = {f"eval_{k}": v for k, v in job.evaluate(model).items()}
-            model.train()
-            log.write({"step": pos.step, **metrics})
-            console.print(f"step {pos.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if world > 1:
-            dist.barrier()
+def _train(run: _Run, ctrl_c: _StopRequest) -> None:
+    """Steps until max_steps, epochs or the time budget ends the run, with the evaluations and
+    checkpoints that eval_every and save_every ask for. A signal ends it after the current step."""
+    cfg, pos = run.cfg, run.pos
+    done = run.total is not None and pos.step >= run.total
+    bar = run.progress.add_task("train", total=run.total, completed=pos.step, info="")
+    while not done:
+        order = batch_order(run.job.lengths, run.global_batch, seed=cfg.seed + pos.epoch)[:run.batches_per_epoch]
+        while pos.batch < len(order) and not done:
+            group = order[pos.batch:pos.batch + cfg.grad_accum]
+            loss, tokens, skipped = _step(run, group)
+            pos.step += 1
+            pos.batch += len(group)
+            pos.tokens += tokens
+            run.window.loss += 0.0 if skipped else loss
+            run.window.steps += 0 if skipped else 1
+            run.window.tokens += tokens
+            if pos.step % cfg.log_every == 0 or pos.step == 1:
+                _log(run, bar, len(order))
+            run.progress.update(bar, completed=pos.step)
+            out_of_time = run.budget is not None and time.perf_counter() - run.start >= run.budget
+            out_of_time, stop = (bool(v) for v in _global_sum([float(out_of_time), float(ctrl_c.is_set())],
+                                                              run.world, run.device))  # all ranks agree
+            if stop:
+                raise KeyboardInterrupt
+            done = (run.total is not None and pos.step >= run.total) or out_of_time
+            if cfg.eval_every and pos.step % cfg.eval_every == 0 and not done:
+                _evaluate(run)
+            if cfg.save_every and pos.step % cfg.save_every == 0 and not done:
+                _checkpoint(run)
+        if pos.batch >= len(order):
+            pos.epoch += 1
+            pos.batch = 0
 
-    model.train()
-    skipped = 0  # non-finite steps in a row (bf16/fp16)
-    done = total is not None and pos.step >= total
-    saved = False  # the final checkpoint is written
+
+def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]:
+    """Train `job.model` in place; write log.jsonl and checkpoints into `out` (rank 0 alone
+    writes). Returns the last evaluation's metrics (eval_-prefixed), or {} without eval data.
+    The final checkpoint is written before the final evaluation; Ctrl-C or SIGTERM before it
+    saves a resumable checkpoint, and during that evaluation stops it (--resume evaluates)."""
+    run = _start(job, cfg, out, resume)
+    run.model.train()
+    saved = False
     ctrl_c = _StopRequest()
     try:
-        with progress:
-            bar = progress.add_task("train", total=total, completed=pos.step, info="")
-            while not done:
-                order = batch_order(job.lengths, global_batch, seed=cfg.seed + pos.epoch)[:batches_per_epoch]
-                while pos.batch < len(order) and not done:
-                    torch.manual_seed(example_seed(cfg.seed, pos.step, rank))  # dropout: reproducible on resume
-                    group = order[pos.batch:pos.batch + cfg.grad_accum]
-                    micro = []
-                    for global_indices in group:
-                        mine = global_indices[rank::world]
-                        seeds = [example_seed(cfg.seed, pos.epoch, i) for i in mine]
-                        micro.append({k: v.to(device) for k, v in job.collate([job.features[i] for i in mine], seeds).items()})
-                    per_batch = [job.counts(b) for b in micro]
-                    names = sorted(per_batch[0])
-                    local = [sum(c[n] for c in per_batch) for n in names]
-                    tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-                    *totals, tokens = _global_sum([*local, tokens], world, device)
-                    counts = {n: max(int(c), 1) for n, c in zip(names, totals)}
-                    step_loss = 0.0
-                    for i, batch in enumerate(micro):
-                        sync = world == 1 or i == len(micro) - 1
-                        with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(device, precision):
-                            loss = job.loss(wrapped, batch, counts)
-                        scaler.scale(loss * world).backward()
-                        step_loss += loss.item()
-                    step_loss, = _global_sum([step_loss], world, device)
-                    lr = lr_at(pos.step, cfg, total)
-                    for param_group in optimizer.param_groups:
-                        param_group["lr"] = lr
-                    scaler.unscale_(optimizer)
-                    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                    bad = not math.isfinite(step_loss) or (precision != "fp16" and not math.isfinite(norm))
-                    if bad and (precision == "fp32" or skipped >= MAX_SKIPPED_STEPS):
-                        what = f"the loss became {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm became {norm}"
-                        again = f" after {skipped} skipped steps in a row" if skipped else ""
-                        raise BertcliError(f"{what} at step {pos.step + 1}{again}; lower train.lr or check the data. "
-                                           f"The last good checkpoint in {out} is kept")
-                    if bad:  # low precision overflowed: drop this step's update, as a loss scaler does
-                        skipped += 1
-                        message = (f"step {pos.step + 1}: loss {step_loss}, gradient norm {norm} in {precision}: "
-                                   f"update skipped ({skipped} in a row; the run stops after {MAX_SKIPPED_STEPS})")
-                        console.print(message)
-                        if writer:
-                            log.write({"step": pos.step + 1, "skipped": message})
-                    else:
-                        skipped = 0
-                        scaler.step(optimizer)
-                    scaler.update()  # fp16: lowers the scale after an overflow
-                    optimizer.zero_grad(set_to_none=True)
-                    pos.step += 1
-                    pos.batch += len(group)
-                    pos.tokens += int(tokens)
-                    window["loss"] += 0.0 if bad else step_loss
-                    window["steps"] += 0 if bad else 1
-                    window["tokens"] += int(tokens)
-                    if pos.step % cfg.log_every == 0 or pos.step == 1:
-                        now = time.perf_counter()
-                        record = {"step": pos.step, "epoch": pos.epoch + pos.batch / len(order),
-                                  "loss": window["loss"] / window["steps"] if window["steps"] else None, "lr": lr,
-                                  "tokens_per_s": window["tokens"] / max(now - window["start"] - window["paused"], 1e-9)}
-                        if writer:
-                            log.write(record)
-                            shown = "skipped" if record["loss"] is None else f"{record['loss']:.4f}"
-                            progress.update(bar, info=f"loss {shown}  {record['tokens_per_s']:.0f} tok/s")
-                            if not console.is_terminal:
-                                console.print(f"step {pos.step}" + (f"/{total}" if total else "") +
-                                              f"  loss {shown}  lr {lr:.2e}  {record['tokens_per_s']:.0f} tok/s")
-                        window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": now, "paused": 0.0}
-                    progress.update(bar, completed=pos.step)
-                    out_of_time = budget is not None and time.perf_counter() - start >= budget
-                    out_of_time, stop = (bool(v) for v in _global_sum([float(out_of_time), float(ctrl_c.is_set())],
-                                                                      world, device))  # all ranks agree
-                    if stop:
-                        raise KeyboardInterrupt
-                    done = (total is not None and pos.step >= total) or out_of_time
-                    if cfg.eval_every and pos.step % cfg.eval_every == 0 and not done:
-                        evaluate()
-                    if cfg.save_every and pos.step % cfg.save_every == 0 and not done:
-                        checkpoint()
-                if pos.batch >= len(order):
-                    pos.epoch += 1
-                    pos.batch = 0
-        checkpoint()  # the trained weights are safe before the last evaluation starts
+        with run.progress:
+            _train(run, ctrl_c)
+        _checkpoint(run)  # the trained weights are safe before the last evaluation starts
         saved = True
         ctrl_c.urgent = True  # from here a signal stops the evaluation at once: --resume redoes it
         if ctrl_c.is_set():
             raise KeyboardInterrupt
-        evaluate()
+        _evaluate(run)
     except KeyboardInterrupt:
         if not saved:
             ctrl_c.saving = True  # further signals wait for this checkpoint
-            checkpoint()
+            _checkpoint(run)
         ctrl_c.release()
         signum = ctrl_c.signum or signal.SIGINT
         again = "evaluate it" if saved else "continue"
-        raise Interrupted(f"{signal.Signals(signum).name} at step {pos.step}: saved to {out}; {again} with --resume",
+        raise Interrupted(f"{signal.Signals(signum).name} at step {run.pos.step}: saved to {out}; {again} with --resume",
                           128 + signum) from None
     finally:
         ctrl_c.release()
-    return metrics
+    return run.metrics
 
 
 def write_metrics(out: Path, metrics: dict) -> None:

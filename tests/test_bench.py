@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bertcli.model import ROWS, BertConfig, BertForPreTraining
+from bertcli.fastpath import ROWS
+from bertcli.model import BertConfig, BertForPreTraining
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "pretrain_throughput.py"
 

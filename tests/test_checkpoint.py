@@ -99,6 +99,20 @@ def test_transformers_loads_bertcli_checkpoint_with_same_logits(tiny_tokenizer_d
             assert hf.config.id2label[2] == "positive"
 
 
+def test_transformers_loads_a_pretraining_checkpoint_with_the_same_outputs(tiny_tokenizer_dir, tmp_path):
+    """BertForPreTraining: MLM logits (bertcli computes them at the positions asked for) and NSP logits."""
+    transformers = pytest.importorskip("transformers")
+    model, tok = build("BertForPreTraining", tiny_tokenizer_dir)
+    save_checkpoint(tmp_path / "pre", model, "BertForPreTraining", tok)
+    hf = transformers.BertForPreTraining.from_pretrained(tmp_path / "pre").eval()
+    ids, mask = batch(tok)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask)
+        mlm, nsp = model(ids, mask, mlm_positions=mask.bool())
+    assert torch.allclose(mlm, theirs.prediction_logits[mask.bool()], atol=1e-5)
+    assert torch.allclose(nsp, theirs.seq_relationship_logits, atol=1e-5)
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker

@@ -60,6 +60,7 @@ def test_predict_answers_every_line_in_order(trained):
     assert answers[-1]["label"] == "pos" and abs(sum(answers[-1]["scores"].values()) - 1) < 1e-4
 
 
+@pytest.mark.slow
 def test_predict_flushes_before_input_ends(trained):
     d, _, _ = trained
     proc = subprocess.Popen([sys.executable, "-m", "bertcli", "predict", str(d / "run")], stdin=subprocess.PIPE,
@@ -77,6 +78,7 @@ def test_predict_flushes_before_input_ends(trained):
         proc.kill()
 
 
+@pytest.mark.slow
 def test_reader_closing_the_pipe_early_ends_predict_quietly(trained):
     import os
 
@@ -89,6 +91,7 @@ def test_reader_closing_the_pipe_early_ends_predict_quietly(trained):
         done.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_line_gets_an_error_answer_and_exit_2(trained):
     d, _, _ = trained
     done = run_cli("predict", str(d / "run"), stdin=b"i loved it\nbad \xff\ni hated it\n")
@@ -98,6 +101,7 @@ def test_unreadable_line_gets_an_error_answer_and_exit_2(trained):
     assert b"1 of 3 input line(s)" in done.stderr and b"Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_ten_megabyte_line_is_refused_by_name(trained, tmp_path):
     """On stdin it gets an error answer in its place (never held whole); in a data file, exit 2."""
     d, _, _ = trained
@@ -113,6 +117,7 @@ def test_ten_megabyte_line_is_refused_by_name(trained, tmp_path):
     assert done.returncode == 2 and b"big.tsv: line 3: the line is 10,000,003 bytes long" in done.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_cli_table_json_and_unknown_labels(trained, tmp_path):
     d, train, _ = trained
     done = run_cli("evaluate", str(d / "run"), "--data", str(train), "--out", str(tmp_path / "m.json"))
@@ -126,6 +131,7 @@ def test_evaluate_cli_table_json_and_unknown_labels(trained, tmp_path):
     assert done.returncode == 2 and b"other.tsv:3: label 'surprised' is not one the model knows" in done.stderr
 
 
+@pytest.mark.slow
 def test_existing_output_is_never_replaced_silently(trained, tmp_path):
     d, _, _ = trained
     recipe = d / "recipe.yaml"
@@ -164,6 +170,7 @@ def test_malformed_tables_name_file_and_line(tmp_path, tiny_tokenizer_dir):
         task.read(binary)
 
 
+@pytest.mark.slow
 def test_evaluate_report_writes_figures(trained, tmp_path):
     pytest.importorskip("matplotlib")
     d, train, _ = trained
@@ -173,6 +180,7 @@ def test_evaluate_report_writes_figures(trained, tmp_path):
         assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_predict_int8_quantizes_and_keeps_the_answers(trained):
     from bertcli.jobs import load_for_task
     from bertcli.predict import quantize_int8

@@ -26,6 +26,8 @@ from bertcli.recipes import load_recipe
 from bertcli.rundir import LOCK, MARKER
 from conftest import CORPUS, ROOT, run_cli, write_recipe
 
+pytestmark = pytest.mark.slow  # killed and resumed runs, full disks: seconds each
+
 # Runs bertcli in this process after arranging to SIGKILL itself at the KILL_AT_REPLACE-th
 # os.replace (the last step of every atomic write and of publishing a checkpoint): the file
 # being written is first cut to half its size, as a crash in the middle of writing it would.

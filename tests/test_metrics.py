@@ -113,6 +113,7 @@ def test_cmrc_scores_follow_the_official_script_where_it_differs_from_character_
     assert squad_metrics(["《北京》"], [["北京"]], chinese=True)["exact_match"] == 100
 
 
+@pytest.mark.slow
 def test_cmrc_scores_equal_the_official_script_on_cmrc_2018_answers():
     """Every dev question's gold answers against predictions made from them (a gold answer, a part of
     one, one with its neighbours' text, another question's answer): EM and F1 equal the official

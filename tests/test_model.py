@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bertcli.model import ROWS, BertConfig, BertForPreTraining, BertModel, BertSelfAttention, Padding, dropout
+from bertcli.fastpath import ROWS, Padding, dropout
+from bertcli.model import BertConfig, BertForPreTraining, BertModel, BertSelfAttention
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

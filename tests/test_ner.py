@@ -83,6 +83,7 @@ def test_tiny_model_overfits_entities(trained):
     assert m["f1"] == 1.0 and m["entities"] == 7 and set(m["per_type"]) == {"PER", "LOC", "ORG"}
 
 
+@pytest.mark.slow
 def test_predict_gives_character_offsets_into_the_line(trained):
     d, _ = trained
     line = "  Mary Smith works for Acme Corp in London ."

@@ -143,6 +143,7 @@ def _losses(run):
     return [(r["step"], r["loss"]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_logs_the_same_losses(corpus, tiny_tokenizer_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BERTCLI_CACHE": str(tmp_path / "cache")}
     recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=300, save_every=10,
@@ -164,6 +165,7 @@ def test_sigkill_then_resume_logs_the_same_losses(corpus, tiny_tokenizer_dir, tm
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_match_one(corpus, tiny_tokenizer_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BERTCLI_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=8, log_every=1)
@@ -192,6 +194,7 @@ def test_two_processes_under_torchrun_match_one(corpus, tiny_tokenizer_dir, tmp_
         assert apart.mean() <= 0.01 and np.abs(one[name] - two[name]).max() < 2e-2, (name, apart.mean())
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tiny_tokenizer_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=100_000, log_every=1)

@@ -65,6 +65,7 @@ def test_tiny_model_overfits_answers(trained):
     assert evaluate(d / "run", d / "train.json")["f1"] == 100.0
 
 
+@pytest.mark.slow
 def test_predict_answers_with_offsets(trained):
     d, _ = trained
     context, qas = CONTEXTS[1]

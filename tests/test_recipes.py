@@ -129,7 +129,7 @@ def test_precision_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     import torch
 
     from bertcli.recipes import TrainConfig
-    from bertcli.train import resolve_precision
+    from bertcli.runtime import resolve_precision
 
     assert TrainConfig().precision == "auto"
     cpu = torch.device("cpu")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from conftest import ROOT, minilm_path, run_cli
 
 
+@pytest.mark.slow
 def test_quick_start_sentiment_recipe_runs(tmp_path):
     minilm_path()
     done = run_cli("finetune", "recipes/sentiment-reviews.yaml", "--out", str(tmp_path / "run"),
@@ -16,6 +19,7 @@ def test_quick_start_sentiment_recipe_runs(tmp_path):
     assert json.loads(done.stdout)["label"] in ("negative", "positive")
 
 
+@pytest.mark.slow
 def test_quick_start_pretraining_then_finetuning_runs(tmp_path):
     short = ["--set", "train.max_steps=3", "--set", "train.eval_every=2"]
     done = run_cli("tokenize", "train", "--corpus", "recipes/data/tiny-corpus.txt", "--out", str(tmp_path / "tok"),

@@ -206,6 +206,7 @@ def test_transformers_loads_the_new_heads_with_the_same_outputs_and_loss(fixture
     assert float(loss) == pytest.approx(float(theirs.loss), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_elsewhere_is_read_by_its_problem_type(regression, tmp_path):
     """A transformers checkpoint has no bertcli_task: its head and problem_type choose the task, as
     transformers itself would (one output and no problem_type: regression)."""
@@ -227,3 +228,121 @@ def test_checkpoint_from_elsewhere_is_read_by_its_problem_type(regression, tmp_p
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     done = run_cli("predict", str(tmp_path / "hf"), stdin=b"x\n")
     assert done.returncode == 2 and b"weights disagree with config.json" in done.stderr
+
+
+# ---------------------------------------------------------------- what a hostile user tried
+
+
+def _spoiled(d, tmp_path, **changes):
+    """A copy of the checkpoint in `d`/run whose config.json has `changes` (None removes a key;
+    a key 'bertcli_task.X' changes inside bertcli_task)."""
+    import shutil
+
+    target = tmp_path / "spoiled"
+    shutil.copytree(d / "run", target, ignore=shutil.ignore_patterns(".bertcli*", "resume.pt"))
+    config = json.loads((target / "config.json").read_text())
+    for key, value in changes.items():
+        node, _, inner = key.partition(".")
+        holder, key = (config[node], inner) if inner else (config, key)
+        if value is None:
+            holder.pop(key, None)
+        else:
+            holder[key] = value
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize("fixture, changes, expected", [
+    ("multilabel", {"bertcli_task.name": ["x"]}, r"bertcli_task.name must be a task's name, got \[\"x\"\]"),
+    ("multilabel", {"bertcli_task.threshold": "x"}, r"config.json: bertcli_task.threshold: expected a number, got a string"),
+    ("multilabel", {"bertcli_task.text_column": 5}, r"bertcli_task.text_column: expected a string or null, got a number"),
+    ("multilabel", {"bertcli_task.threshold": 1.5}, r"bertcli_task.threshold: must be between 0 and 1"),
+    ("multilabel", {"bertcli_task.name": "regression", "problem_type": None}, r"a regression head has 1 output\(s\), but id2label names 5"),
+    ("multilabel", {"problem_type": "regression"}, r"problem_type is 'regression', but bertcli_task.name 'multilabel'"),
+    ("multilabel", {"problem_type": False}, r"problem_type must be one of regression, single_label_classification"),
+    ("multilabel", {"id2label": None, "label2id": None}, r"no id2label: the label names of the multilabel head"),
+    ("regression", {"bertcli_task.name": "classify", "problem_type": None}, r"a classify head needs at least 2 labels, but id2label names 1"),
+])
+def test_a_checkpoint_edited_by_hand_is_one_clear_message(fixture, changes, expected, request, tmp_path):
+    """(In process: tests/test_trust.py runs such cases through the CLI, for exit code 2 and no traceback.)"""
+    from bertcli.errors import CheckpointError
+
+    d, _ = request.getfixturevalue(fixture)
+    with pytest.raises(CheckpointError, match=expected):
+        load_for_task(_spoiled(d, tmp_path, **changes))
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ("a\tb\t1e200\n", r"bad.tsv:2: the label '1e200' is beyond ±1e\+12"),
+    ("a\tb\tinf\n", r"bad.tsv:2: the label must be a finite number, got 'inf'"),
+])
+def test_regression_refuses_scores_that_overflow(rows, expected, tmp_path, regression):
+    from bertcli.errors import DataError
+
+    d, _ = regression
+    (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\tscore\n" + rows)
+    with pytest.raises(DataError, match=expected):
+        evaluate(d / "run", tmp_path / "bad.tsv")
+
+
+def test_multilabel_label_names_that_no_file_could_hold_are_refused(tmp_path, tiny_tokenizer_dir):
+    from bertcli.errors import DataError
+
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "a", "labels": ["A,B"]}) + "\n")
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "multilabel"}, {"train": str(tmp_path / "t.jsonl")},
+                          {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
+    with pytest.raises(DataError, match=r"t.jsonl:1: 'A,B' cannot be a label name"):
+        finetune(load_recipe(recipe), tmp_path / "run", resume=False, overwrite=False)
+    for labels in (["a,b", "c"], ["", "c"], [" a", "c"]):
+        with pytest.raises(RecipeError, match="cannot be a label name"):
+            load_recipe(recipe, [f"task.labels={json.dumps(labels)}"])
+
+
+def test_a_mistyped_task_name_is_the_only_message_about_the_task(tmp_path, tiny_tokenizer_dir):
+    (tmp_path / "shards").mkdir()
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "pretrian"}, {"train": str(tmp_path / "shards"),
+                          "max_seq_len": 2}, {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe)
+    assert err.value.problems == ["task.name: expected one of pretrain | classify | ner | qa | regression | "
+                                  "multilabel, got 'pretrian' (did you mean 'pretrain'?)"]
+
+
+def test_moved_data_keys_say_which_task_has_them(tmp_path, tiny_tokenizer_dir):
+    (tmp_path / "c.txt").write_text("some text\n")
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "pretrain"}, {"train": str(tmp_path / "c.txt"),
+                          "text_column": "x"}, {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
+    with pytest.raises(RecipeError, match=r"data.text_column: now task.text_column, an option of classify and "
+                                          r"regression and multilabel"):
+        load_recipe(recipe)
+
+
+@pytest.mark.slow
+def test_evaluate_output_keeps_the_run_precision_beside_multilabel_metrics(multilabel, tmp_path):
+    d, _ = multilabel
+    done = run_cli("evaluate", str(d / "run"), "--data", str(d / "train.tsv"), "--out", str(tmp_path / "m.json"),
+                   "--precision", "fp32")
+    assert done.returncode == 0, done.stderr
+    out = json.loads((tmp_path / "m.json").read_text())
+    assert out["precision"] == "fp32" and 0 <= out["micro_precision"] <= 1
+
+
+def test_blank_lines_get_an_empty_answer_and_eval_rows_with_empty_text_are_scored(multilabel, tmp_path):
+    d, _ = multilabel
+    done = run_cli("predict", str(d / "run"), stdin=b"the fox jumps\n\n")
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert answers[0]["labels"] == ["animal"] and answers[1] == {"labels": None, "scores": {}}
+    (tmp_path / "e.tsv").write_text("text\tlabels\nthe fox jumps\tanimal\n \tanimal\n")
+    assert evaluate(d / "run", tmp_path / "e.tsv")["count"] == 2
+
+
+def test_sequence_heads_compute_their_scores_in_fp32_under_bf16_autocast():
+    from bertcli.model import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=4, intermediate_size=64), 1).eval()
+    ids = torch.randint(1, 50, (2, 7))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, torch.ones_like(ids))
+    assert out.dtype == torch.float32

@@ -27,9 +27,11 @@ class TaskOptions:
     a default; the recipe loader checks a section against the chosen task's class, and the same
     class reads the options back from a checkpoint's config.json (bertcli_task)."""
 
-    name: str = "classify"
+    name: str = ""  # each task's class sets its own name as the default
     # the shortest data.max_seq_len the task can work with ([CLS], a token or two, [SEP])
     min_seq_len: ClassVar[int] = 4
+    command: ClassVar[str] = "finetune"  # the command that trains the task
+    reads_directories: ClassVar[bool] = False  # data.train/eval may name directories (pretraining's shards)
 
     def problems(self) -> list[str]:
         """Values out of range, each as 'task.KEY: what is wrong' (types are checked already)."""
@@ -60,6 +62,9 @@ class Task(ABC):
     Options: ClassVar[type[TaskOptions]]
     problem_type: ClassVar[str | None] = None  # config.json problem_type, which tells transformers which loss
     needs_labels: ClassVar[bool] = False  # a checkpoint of this task must name its labels (id2label)
+    min_labels: ClassVar[int] = 0  # the fewest labels its head can have
+    outputs_needed: ClassVar[int | None] = None  # a head of exactly this many outputs, whatever their names
+    two_segments: ClassVar[bool] = False  # every input is a pair (QA's question and context): needs 2 token types
     segments: int = 2  # token types the model has (config.json type_vocab_size): text pairs need 2
 
     def __init__(self, tokenizer: WordPieceTokenizer, options: TaskOptions, max_seq_len: int,
@@ -81,6 +86,11 @@ class Task(ABC):
     def labels_from(self, examples: Iterable) -> list[str]:
         """Label names found in training data (tasks without labels return [])."""
         return []
+
+    def head_labels(self, init_labels: list[str]) -> list[str]:
+        """The labels to build the head with, given those of the checkpoint it starts from: the task's own
+        (a different label set gets a new head)."""
+        return self.labels
 
     def check_labels(self, examples: Sequence) -> None:
         """DataError naming the first example whose label the model does not know (tasks

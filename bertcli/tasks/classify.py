@@ -62,6 +62,7 @@ class ClassifyTask(Task):
     Options = ClassifyOptions
     problem_type = "single_label_classification"
     needs_labels = True
+    min_labels = 2
     label_columns: tuple[str, ...] = ("label",)  # looked for when task.label_column is not set
     options: ClassifyOptions
 
@@ -177,9 +178,11 @@ class ClassifyTask(Task):
                 return Example(row["text"], pair, None, where)
         return Example(text, None, None, where)
 
-    def predict(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> list[dict]:
+    def predict(self, model: nn.Module, examples: Sequence[Example], batch_size: int, blank: bool = True) -> list[dict]:
+        """One prediction per example; a blank line (predict's input) gets the empty answer, unless `blank` is
+        False (labelled data, where every row is scored as the model reads it)."""
         results = [self.decode(None) for _ in examples]
-        real = [i for i, e in enumerate(examples) if e.text.strip()]
+        real = [i for i, e in enumerate(examples) if e.text.strip() or not blank]
         encodings = self._encode_texts([examples[i] for i in real])
         outputs = self.run(model, [{"input_ids": e.ids, "token_type_ids": e.type_ids} for e in encodings], batch_size)
         for i, enc, logits in zip(real, encodings, outputs):
@@ -198,6 +201,9 @@ class ClassifyTask(Task):
         best = max(range(len(probs)), key=probs.__getitem__)
         return {"label": self.labels[best], "score": round(probs[best], 6),
                 "scores": {name: round(p, 6) for name, p in zip(self.labels, probs)}}
+
+    def evaluate(self, model: nn.Module, examples: Sequence[Example], batch_size: int) -> dict:
+        return self.score(examples, self.predict(model, examples, batch_size, blank=False))
 
     def score(self, examples: Sequence[Example], predictions: Sequence[dict]) -> dict:
         self.check_labels(examples)

@@ -31,6 +31,11 @@ class MultiLabelOptions(TaskOptions):
 
     def problems(self) -> list[str]:
         problems = unique_labels(self.labels)
+        for name in self.labels:
+            if not name.strip() or name != name.strip() or self.label_separator in name:
+                problems.append(f"task.labels: {name!r} cannot be a label name: names are not empty, have no spaces "
+                                f"around them and do not hold task.label_separator ({self.label_separator!r})")
+                break
         if not 0 < self.threshold < 1:
             problems.append(f"task.threshold: must be between 0 and 1 (a probability), got {self.threshold}")
         if not self.label_separator or any(c in self.label_separator for c in "\t\r\n"):
@@ -43,18 +48,24 @@ class MultiLabelTask(ClassifyTask):
     name = "multilabel"
     Options = MultiLabelOptions
     problem_type = "multi_label_classification"
+    min_labels = 1
     label_columns = ("labels", "label")
     options: MultiLabelOptions
 
     def read_label(self, value: Any, where: str) -> tuple[str, ...]:
+        separator = self.options.label_separator
         if isinstance(value, str):
-            names = value.split(self.options.label_separator)
+            names = [n.strip() for n in value.split(separator) if n.strip()]
         elif isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
             names = [str(v) for v in value]
+            odd = next((n for n in names if not n.strip() or n != n.strip() or separator in n), None)
+            if odd is not None:
+                raise DataError(f"{where}: {odd!r} cannot be a label name: names are not empty, have no spaces "
+                                f"around them and do not hold task.label_separator ({separator!r})")
         else:
-            raise DataError(f"{where}: the labels must be a list of names, or names joined by "
-                            f"{self.options.label_separator!r}, got {value!r}")
-        return tuple(sorted({n.strip() for n in names if n.strip()}))
+            raise DataError(f"{where}: the labels must be a list of names, or names joined by {separator!r}, "
+                            f"got {str(value)[:80]!r}")
+        return tuple(sorted(set(names)))
 
     def labels_from(self, examples: Sequence[Example]) -> list[str]:
         if self.options.labels:
@@ -85,11 +96,11 @@ class MultiLabelTask(ClassifyTask):
 
     def decode(self, logits: list[float] | None) -> dict:
         if logits is None:
-            return {"labels": [], "scores": {}}
+            return {"labels": None, "scores": {}}  # a blank line: nothing was read (not: no label applies)
         probs = [0.5 * (1 + math.tanh(x / 2)) for x in logits]  # the sigmoid, without overflow
         return {"labels": [name for name, p in zip(self.labels, probs) if p >= self.options.threshold],
                 "scores": {name: round(p, 6) for name, p in zip(self.labels, probs)}}
 
     def score(self, examples: Sequence[Example], predictions: Sequence[dict]) -> dict:
         self.check_labels(examples)
-        return multilabel_metrics([e.label for e in examples], [p["labels"] for p in predictions], self.labels)
+        return multilabel_metrics([e.label for e in examples], [p["labels"] or () for p in predictions], self.labels)

@@ -35,6 +35,8 @@ class PretrainOptions(TaskOptions):
     segmenter: Literal["none", "jieba"] = "none"  # words for Chinese whole-word masking (pip install 'bertcli[zh]')
     # [CLS] A [SEP] B [SEP] with a few tokens for each sentence
     min_seq_len: ClassVar[int] = 8
+    command: ClassVar[str] = "pretrain"
+    reads_directories: ClassVar[bool] = True
 
     def problems(self) -> list[str]:
         problems = []

@@ -61,6 +61,7 @@ class QaTask(Task):
     name = "qa"
     architecture = "BertForQuestionAnswering"
     Options = QaOptions
+    two_segments = True
     options: QaOptions
 
     def __init__(self, tokenizer: WordPieceTokenizer, options: QaOptions, max_seq_len: int, labels: Sequence[str] = ()):

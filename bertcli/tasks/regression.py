@@ -26,10 +26,16 @@ class RegressionOptions(TaskOptions):
     label_column: Optional[str] = None
 
 
+MAX_TARGET = 1e12  # a score's size: its squared error (1e24) and a batch's sum stay far inside float32
+
+
 class RegressionTask(ClassifyTask):
     name = "regression"
     Options = RegressionOptions
     problem_type = "regression"
+    needs_labels = False
+    min_labels = 0
+    outputs_needed = 1  # one output, whatever config.json's id2label calls it
     label_columns = ("score", "label")
 
     def read_label(self, value: Any, where: str) -> float:
@@ -39,10 +45,16 @@ class RegressionTask(ClassifyTask):
             number = math.nan
         if not math.isfinite(number):
             raise DataError(f"{where}: the label must be a finite number, got {value!r}")
+        if abs(number) > MAX_TARGET:
+            raise DataError(f"{where}: the label {value!r} is beyond ±{MAX_TARGET:.0e}; rescale the scores (squared "
+                            "errors of such numbers overflow 32-bit floats)")
         return number
 
     def labels_from(self, examples: Sequence[Example]) -> list[str]:
-        return ["score"]  # one output; its name is what config.json's id2label says
+        return ["score"]  # the one output's name in config.json's id2label
+
+    def head_labels(self, init_labels: list[str]) -> list[str]:
+        return init_labels if len(init_labels) == 1 else self.labels  # a regression head (LABEL_0, ...) is kept
 
     def check_labels(self, examples: Sequence[Example]) -> None:
         pass  # every finite number is a label (read_label checked each)

@@ -1,0 +1,79 @@
+"""The training loop's contracts: the learning-rate schedule, gradient accumulation equal to one larger
+batch, a time budget alone ending a run; and predict's --input and truncation flag."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bertcli.jobs import finetune
+from bertcli.recipes import TrainConfig, load_recipe
+from bertcli.train import lr_at, plan_steps
+from conftest import run_cli, write_recipe
+
+EIGHT = "sentence\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in [
+    ("the film is wonderful", "pos"), ("a dull and boring plot", "neg"), ("i loved it", "pos"), ("i hated it", "neg"),
+    ("truly a joy", "pos"), ("painfully slow", "neg"), ("the ending is superb", "pos"), ("awful lazy script", "neg")])
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero():
+    cfg = TrainConfig(lr=1e-3, warmup_ratio=0.1, max_steps=100)
+    assert [lr_at(s, cfg, 100) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    assert [lr_at(s, cfg, 100) for s in (10, 55, 99)] == pytest.approx([1e-3, 5e-4, 1e-3 / 90])
+    assert lr_at(100, cfg, 100) == 0.0
+    assert lr_at(5, cfg, None) == 1e-3  # a time budget alone: constant
+    assert lr_at(0, TrainConfig(lr=1e-3, warmup_ratio=0.0), 10) == 1e-3
+
+
+def test_planned_steps_take_the_earlier_of_max_steps_and_epochs():
+    assert plan_steps(TrainConfig(epochs=2.0, grad_accum=3), 10) == 8  # ceil(10 / 3) = 4 steps an epoch
+    assert plan_steps(TrainConfig(epochs=2.0, max_steps=5), 10) == 5
+    assert plan_steps(TrainConfig(epochs=0.5), 10) == 5
+    assert plan_steps(TrainConfig(time_budget="1m"), 10) is None
+
+
+def _train(tmp_path, tiny_tokenizer_dir, name, **train):
+    (tmp_path / "train.tsv").write_text(EIGHT, encoding="utf-8")
+    recipe = write_recipe(tmp_path / f"{name}.yaml", {"name": "classify"},
+                          {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
+                          {"lr": 1e-3, **train}, tokenizer=tiny_tokenizer_dir)
+    finetune(load_recipe(recipe), tmp_path / name, resume=False, overwrite=False)
+    return load_file(str(tmp_path / name / "model.safetensors"))
+
+
+def test_gradient_accumulation_equals_one_larger_batch(tmp_path, tiny_tokenizer_dir):
+    """8 examples: one batch of 8, or two of 4 accumulated, make the same step (losses are divided by
+    the whole step's count, not per micro-batch)."""
+    one = _train(tmp_path, tiny_tokenizer_dir, "one", batch_size=8, grad_accum=1, max_steps=3)
+    two = _train(tmp_path, tiny_tokenizer_dir, "two", batch_size=4, grad_accum=2, max_steps=3)
+    start = _train(tmp_path, tiny_tokenizer_dir, "start", batch_size=8, grad_accum=1, max_steps=1, lr=1e-12)
+    moved = [k for k in one if not torch.allclose(one[k], start[k], atol=1e-6)]
+    assert len(moved) > 10  # the steps changed the weights...
+    for k in one:  # ...and the same way both times
+        assert torch.allclose(one[k], two[k], atol=2e-5), k
+
+
+@pytest.mark.slow
+def test_time_budget_alone_ends_a_run(tmp_path, tiny_tokenizer_dir):
+    _train(tmp_path, tiny_tokenizer_dir, "timed", batch_size=2, time_budget="2s", log_every=1)
+    log = [json.loads(line) for line in (tmp_path / "timed" / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in log if "loss" in r]
+    assert steps and steps == list(range(1, len(steps) + 1))
+    assert all(r["lr"] == 1e-3 for r in log if "lr" in r)  # no planned end: no decay
+    assert (tmp_path / "timed" / "resume.pt").is_file()
+
+
+@pytest.mark.slow
+def test_predict_reads_input_file_and_flags_truncation(tmp_path, tiny_classifier_dir):
+    long = " ".join(["wonderful"] * 40)  # past the model's 16 tokens
+    (tmp_path / "in.txt").write_text(f"i loved it\n{long}\n", encoding="utf-8")
+    from_file = run_cli("predict", str(tiny_classifier_dir), "--input", str(tmp_path / "in.txt"))
+    from_stdin = run_cli("predict", str(tiny_classifier_dir), stdin=(tmp_path / "in.txt").read_bytes())
+    assert from_file.returncode == 0, from_file.stderr
+    assert from_file.stdout == from_stdin.stdout
+    short, truncated = [json.loads(line) for line in from_file.stdout.decode().splitlines()]
+    assert "truncated" not in short and truncated["truncated"] is True
+    assert set(truncated["scores"]) == {"neg", "pos"}

@@ -33,7 +33,6 @@ from common import ROOT, SHARED_DATA, emit, machine, note  # noqa: E402
 
 from bertcli.jobs import finetune  # noqa: E402
 from bertcli.recipes import load_recipe  # noqa: E402
-from bertcli.allocator import keep_freed_memory  # noqa: E402
 from bertcli.tasks import TASKS as TASK_CLASSES  # noqa: E402
 from bertcli.tokenizer import load_tokenizer  # noqa: E402
 
@@ -157,9 +156,8 @@ def main() -> None:
             eval_examples = [e for p in recipe.data.eval for e in task.read(p)]
             task.labels = task.labels_from(examples)
             theirs = hf_train(recipe, hf_class, task, examples, eval_examples, args.hf_precision)
-        keep_freed_memory()  # what `bertcli finetune` sets for its process (after transformers' run: it is process-wide)
-        start = time.perf_counter()
-        ours = finetune(recipe, work / "bertcli", resume=False, overwrite=False)
+        start = time.perf_counter()  # keep_memory: what `bertcli finetune` asks for (after transformers' run: process-wide)
+        ours = finetune(recipe, work / "bertcli", resume=False, overwrite=False, keep_memory=True)
         ours_seconds = time.perf_counter() - start
         from bertcli.runtime import resolve_precision
 

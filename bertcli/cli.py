@@ -141,8 +141,7 @@ def pretrain(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optio
     loaded = _load(recipe, set_, "pretrain")
     from bertcli.jobs import pretrain as run_pretrain
 
-    _training_memory()
-    run_pretrain(loaded, out, resume, overwrite, source=recipe)
+    run_pretrain(loaded, out, resume, overwrite, source=recipe, keep_memory=True)
 
 
 @app.command(epilog="Example: bertcli finetune recipes/sentiment-sst2.yaml --set train.epochs=1")
@@ -152,8 +151,7 @@ def finetune(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optio
     loaded = _load(recipe, set_, "finetune")
     from bertcli.jobs import finetune as run_finetune
 
-    _training_memory()
-    run_finetune(loaded, out, resume, overwrite, source=recipe)
+    run_finetune(loaded, out, resume, overwrite, source=recipe, keep_memory=True)
 
 
 @app.command(epilog="Example: bertcli evaluate runs/sst2 --data dev.tsv --out metrics.json")
@@ -213,17 +211,6 @@ def _streaming():
     except KeyboardInterrupt:
         sys.stdout.flush()
         raise typer.Exit(130) from None
-
-
-def _training_memory() -> None:
-    """Training on a CPU keeps freed memory in the process (allocator.py). That is a setting of the
-    whole process, so the command makes it, not the training code a library user may call."""
-    import torch
-
-    from bertcli.allocator import keep_freed_memory
-
-    if not torch.cuda.is_available():
-        keep_freed_memory()
 
 
 def _load(recipe: Path, overrides: Optional[List[str]], command: str):

@@ -72,7 +72,18 @@ def saved_task(task, max_seq_len: int) -> dict:
     return {"name": task.name, "max_seq_len": max_seq_len, **task.saved_options()}
 
 
-def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, source: Path | None = None) -> dict:
+def training_memory(keep: bool) -> None:
+    """Training on a CPU keeps freed memory in the process (allocator.py), once the data and the model are
+    loaded (what they freed is given back first). It is a setting of the whole process: the commands ask for
+    it (`keep`); a program that calls finetune or pretrain as a library keeps glibc's defaults."""
+    if keep and not torch.cuda.is_available():
+        from bertcli.allocator import keep_freed_memory
+
+        keep_freed_memory()
+
+
+def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, source: Path | None = None,
+             keep_memory: bool = False) -> dict:
     """Fine-tune as the recipe says. Everything that can be checked (data, labels, model, output
     directory, lock) is checked before the output directory is touched and before step 1."""
     out = output_dir(recipe, out)
@@ -116,6 +127,7 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features],
                   collate=task.collate, counts=task.counts, loss=task.loss,
                   evaluate=evaluate if eval_examples else None, save=save, recipe=dump_recipe(recipe))
+        training_memory(keep_memory)
         metrics = fit(job, recipe.train, out, resume)
         write_metrics(out, metrics)
         say(f"saved: {out}")
@@ -187,7 +199,8 @@ def init_distributed() -> None:
         dist.init_process_group(backend)
 
 
-def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, source: Path | None = None) -> dict:
+def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, source: Path | None = None,
+             keep_memory: bool = False) -> dict:
     import torch.distributed as dist
 
     from bertcli.data.corpus import shards_for
@@ -252,6 +265,7 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
             say(f"data: {tokens} training tokens in {len(instances)} sequences of up to {d.max_seq_len}")
         if dist.is_initialized():
             dist.barrier()
+        training_memory(keep_memory)
         metrics = fit(job, recipe.train, out, resume)
         if rank == 0:
             write_metrics(out, metrics)

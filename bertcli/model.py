@@ -339,7 +339,7 @@ class BertForSequenceClassification(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> Tensor:
         _, pooled = self.bert(input_ids, attention_mask, token_type_ids)
-        with torch.autocast(pooled.device.type, enabled=False):  # in fp32: a score (regression) in bf16 has 3 digits
+        with torch.autocast(pooled.device.type, enabled=False):  # the last layer in fp32: a bf16 score has 3 digits
             return self.classifier(self.dropout(pooled).float())  # (B, num_labels)
 
 

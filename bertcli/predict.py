@@ -54,7 +54,7 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
         precision: str = "auto", int8: bool = False) -> int:
     """Answer every line of `stream` on `out`; returns the number of lines answered."""
     ck, task = load_for_task(model_dir)
-    device, precision = inference(precision)
+    device, precision = inference("fp32" if int8 else precision)  # int8 layers run outside autocast
     model = ck.model.to(device).eval()
     if int8:
         if device.type != "cpu":

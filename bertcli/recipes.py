@@ -133,7 +133,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe = _resolve_packages(_build(Recipe, raw, "", problems, failed), problems)
     # a key that failed above holds its default: leave out checks that would speak of it
     mentions = [re.compile(rf"(?<![\w.]){re.escape(key)}(?!\w)") for key in failed]
-    checks = _check_values(recipe, task_known="task" not in failed)
+    checks = _check_values(recipe, task_known=not failed & {"task", "task.name"})
     problems.extend(p for p in checks if not any(m.search(p) for m in mentions))
     try:  # the recipe itself may have come from a pipe too
         read_once([Path(path), *(Path(p) for p in (*recipe.data.train, *recipe.data.eval))])

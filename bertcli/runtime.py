@@ -8,12 +8,13 @@ import torch
 from bertcli.errors import BertcliError
 
 
-def device_for(precision: str, local_rank: int = 0) -> torch.device:
-    """The GPU of this process when there is one, else the CPU (which cannot do fp16)."""
+def device_for(precision: str, local_rank: int = 0, key: str = "train.precision") -> torch.device:
+    """The GPU of this process when there is one, else the CPU (which has no fp16 training: no loss
+    scaler there; `key` names the setting in the message)."""
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if precision == "fp16":
-        raise BertcliError("precision fp16 needs a CUDA GPU; use bf16 (or fp32) on a CPU")
+        raise BertcliError(f"{key}: fp16 needs a CUDA GPU; use bf16 (or fp32) on a CPU")
     return torch.device("cpu")
 
 
@@ -37,5 +38,5 @@ def autocast(device: torch.device, precision: str):
 
 def inference(precision: str) -> tuple[torch.device, str]:
     """The device and the resolved precision for evaluate and predict."""
-    device = device_for(precision)
+    device = device_for(precision, key="--precision")
     return device, resolve_precision(precision, device)

@@ -283,9 +283,11 @@ def _start(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> _Run:
     log = Log(out / "log.jsonl", pos.step if resume else None) if rank == 0 else None
     total = plan_steps(cfg, batches_per_epoch)
     progress, console = _progress(total, rank == 0)
-    return _Run(job, cfg, out, rank, world, device, precision, model, wrapped, optimizer, scaler, pos, log, total,
-                parse_duration(cfg.time_budget) if cfg.time_budget else None, time.perf_counter() - pos.elapsed,
-                batches_per_epoch, progress, console, _Window(time.perf_counter()))
+    return _Run(job=job, cfg=cfg, out=out, rank=rank, world=world, device=device, precision=precision, model=model,
+                wrapped=wrapped, optimizer=optimizer, scaler=scaler, pos=pos, log=log, total=total,
+                budget=parse_duration(cfg.time_budget) if cfg.time_budget else None,
+                start=time.perf_counter() - pos.elapsed, batches_per_epoch=batches_per_epoch, progress=progress,
+                console=console, window=_Window(time.perf_counter()))
 
 
 def _micro_batches(run: _Run, group: Sequence[Sequence[int]]) -> tuple[list[dict[str, Tensor]], dict[str, int], int]:
@@ -319,13 +321,14 @@ def _step(run: _Run, group: Sequence[Sequence[int]]) -> tuple[float, int, bool]:
             loss = run.job.loss(run.wrapped, batch, counts)
         run.scaler.scale(loss * run.world).backward()
         step_loss += loss.detach().float()
+    if run.world > 1:
+        dist.all_reduce(step_loss)  # the step's loss over every process, still on the device
     lr = lr_at(pos.step, cfg, run.total)
     for param_group in run.optimizer.param_groups:
         param_group["lr"] = lr
     run.scaler.unscale_(run.optimizer)
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
-    step_loss, norm = torch.stack([step_loss, norm.to(step_loss)]).tolist()
-    step_loss, = _global_sum([step_loss], run.world, run.device)
+    step_loss, norm = torch.stack([step_loss, norm.to(step_loss)]).tolist()  # the one read of this step's numbers
     bad = not math.isfinite(step_loss) or (run.precision != "fp16" and not math.isfinite(norm))
     if bad and (run.precision == "fp32" or run.skipped >= MAX_SKIPPED_STEPS):
         what = f"the loss became {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm became {norm}"

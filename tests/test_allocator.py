@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from conftest import ROOT
+
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="the policy is glibc malloc's")
 
@@ -55,3 +57,25 @@ def test_opt_out_keeps_glibc_defaults():
     assert not applied
     assert one >= 2**20  # the first block over 128 KB is mapped
     assert forty >= 40 * 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_policy_is_the_command_s_choice_not_the_library_s(keep, tmp_path, tiny_tokenizer_dir):
+    """`bertcli finetune` asks for it (keep_memory=True); a program calling jobs.finetune keeps glibc's defaults."""
+    from conftest import REVIEWS, write_recipe
+
+    (tmp_path / "train.tsv").write_text(REVIEWS)
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv"),
+                          "max_seq_len": 16}, {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
+    code = PROBE.replace("applied = keep_freed_memory()", (
+        "from bertcli.jobs import finetune\nfrom bertcli.recipes import load_recipe\n"
+        f"finetune(load_recipe({str(recipe)!r}), __import__('pathlib').Path({str(tmp_path / 'run')!r}), False, False, "
+        f"keep_memory={keep})\napplied = None"))
+    env = {k: v for k, v in os.environ.items() if k != "BERTCLI_KEEP_FREED_MEMORY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    if "mallinfo2" in out.stderr:
+        pytest.skip("glibc older than 2.33 has no mallinfo2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    forty = int(out.stdout.split()[-1])
+    assert (forty == 0) if keep else (forty >= 40 * 2**20)

@@ -160,7 +160,7 @@ def multilabel(tmp_path_factory, tiny_tokenizer_dir):
                                            for t, tags in TAGGED), encoding="utf-8")
     recipe = write_recipe(d / "r.yaml", {"name": "multilabel"}, {"train": str(d / "train.tsv"),
                           "eval": str(d / "train.jsonl"), "max_seq_len": 32},
-                          {"max_steps": 200, "batch_size": 8, "lr": 1e-2}, tokenizer=tiny_tokenizer_dir)
+                          {"max_steps": 300, "batch_size": 8, "lr": 1e-2}, tokenizer=tiny_tokenizer_dir)
     metrics = finetune(load_recipe(recipe), d / "run", resume=False, overwrite=False)
     return d, metrics
 
@@ -170,7 +170,8 @@ def test_multilabel_learns_several_labels_per_text(multilabel):
     assert metrics["eval_micro_f1"] == 1.0 and metrics["eval_exact_match"] == 1.0
     config = json.loads((d / "run" / "config.json").read_text())
     assert config["id2label"] == {"0": "animal", "1": "criticism", "2": "film", "3": "plot", "4": "praise"}
-    done = run_cli("predict", str(d / "run"), stdin=("\n".join(t for t, _ in TAGGED) + "\n").encode())
+    done = run_cli("predict", str(d / "run"), "--precision", "fp32",  # bf16 could tip a probability near 0.5
+                   stdin=("\n".join(t for t, _ in TAGGED) + "\n").encode())
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line) for line in done.stdout.decode().splitlines()]
     assert [",".join(a["labels"]) for a in answers] == [",".join(sorted(tags.split(","))) if tags else ""
@@ -197,13 +198,15 @@ def test_transformers_loads_the_new_heads_with_the_same_outputs_and_loss(fixture
     assert hf.config.problem_type == problem_type and hf.config.num_labels == outputs
     examples = task.read(d / "train.tsv")
     batch = task.collate(task.encode(examples))
+    # targets the model did not learn, so that both losses are far from 0 and compare to a relative 1e-5
+    batch["labels"] = batch["labels"] + 1.0 if fixture == "regression" else 1 - batch["labels"]
     with torch.no_grad():
         ours = ck.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         theirs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     token_type_ids=batch["token_type_ids"], labels=batch["labels"].float())
         loss = task.loss(ck.model, batch, task.counts(batch))
     assert torch.allclose(ours, theirs.logits, atol=1e-5)
-    assert float(loss) == pytest.approx(float(theirs.loss), rel=1e-5)
+    assert float(theirs.loss) > 0.1 and float(loss) == pytest.approx(float(theirs.loss), rel=1e-5)
 
 
 @pytest.mark.slow
@@ -288,7 +291,7 @@ def test_regression_refuses_scores_that_overflow(rows, expected, tmp_path, regre
 def test_multilabel_label_names_that_no_file_could_hold_are_refused(tmp_path, tiny_tokenizer_dir):
     from bertcli.errors import DataError
 
-    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "a", "labels": ["A,B"]}) + "\n")
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "a", "labels": [" A ", "", "A,B"]}) + "\n")
     recipe = write_recipe(tmp_path / "r.yaml", {"name": "multilabel"}, {"train": str(tmp_path / "t.jsonl")},
                           {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
     with pytest.raises(DataError, match=r"t.jsonl:1: 'A,B' cannot be a label name"):
@@ -306,6 +309,15 @@ def test_a_mistyped_task_name_is_the_only_message_about_the_task(tmp_path, tiny_
         load_recipe(recipe)
     assert err.value.problems == ["task.name: expected one of pretrain | classify | ner | qa | regression | "
                                   "multilabel, got 'pretrian' (did you mean 'pretrain'?)"]
+
+
+def test_a_misspelled_name_key_leaves_out_the_checks_of_a_task_not_chosen(tmp_path, tiny_tokenizer_dir):
+    (tmp_path / "t.conll").write_text("John B-PER\n")
+    recipe = write_recipe(tmp_path / "r.yaml", {"nmae": "ner"}, {"train": str(tmp_path / "t.conll"),
+                          "max_seq_len": 2}, {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe)
+    assert err.value.problems == ["task.nmae: unknown key (did you mean 'task.name'?)"]
 
 
 def test_moved_data_keys_say_which_task_has_them(tmp_path, tiny_tokenizer_dir):

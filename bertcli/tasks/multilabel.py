@@ -31,16 +31,17 @@ class MultiLabelOptions(TaskOptions):
 
     def problems(self) -> list[str]:
         problems = unique_labels(self.labels)
-        for name in self.labels:
-            if not name.strip() or name != name.strip() or self.label_separator in name:
-                problems.append(f"task.labels: {name!r} cannot be a label name: names are not empty, have no spaces "
-                                f"around them and do not hold task.label_separator ({self.label_separator!r})")
-                break
         if not 0 < self.threshold < 1:
             problems.append(f"task.threshold: must be between 0 and 1 (a probability), got {self.threshold}")
         if not self.label_separator or any(c in self.label_separator for c in "\t\r\n"):
             problems.append(f"task.label_separator: must be one or more characters other than tabs and line "
                             f"breaks, got {self.label_separator!r}")
+            return problems
+        for name in self.labels:
+            if not name.strip() or name != name.strip() or self.label_separator in name:
+                problems.append(f"task.labels: {name!r} cannot be a label name: names are not empty, have no spaces "
+                                f"around them and do not hold task.label_separator ({self.label_separator!r})")
+                break
         return problems
 
 
@@ -55,17 +56,18 @@ class MultiLabelTask(ClassifyTask):
     def read_label(self, value: Any, where: str) -> tuple[str, ...]:
         separator = self.options.label_separator
         if isinstance(value, str):
-            names = [n.strip() for n in value.split(separator) if n.strip()]
+            names = [n.strip() for n in value.split(separator)]
         elif isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
-            names = [str(v) for v in value]
-            odd = next((n for n in names if not n.strip() or n != n.strip() or separator in n), None)
+            names = [str(v).strip() for v in value]
+            odd = next((n for n in names if separator in n), None)
             if odd is not None:
-                raise DataError(f"{where}: {odd!r} cannot be a label name: names are not empty, have no spaces "
-                                f"around them and do not hold task.label_separator ({separator!r})")
+                raise DataError(f"{where}: {odd!r} cannot be a label name: it holds task.label_separator "
+                                f"({separator!r}), so no TSV or CSV row could name it")
+            names = [n for n in names if n]
         else:
             raise DataError(f"{where}: the labels must be a list of names, or names joined by {separator!r}, "
                             f"got {str(value)[:80]!r}")
-        return tuple(sorted(set(names)))
+        return tuple(sorted({n for n in names if n}))
 
     def labels_from(self, examples: Sequence[Example]) -> list[str]:
         if self.options.labels:

@@ -18,7 +18,8 @@ def evaluate(model_dir: Path, data: Path, batch_size: int = 64, precision: str =
     device, precision = inference(precision)
     with torch.inference_mode(), autocast(device, precision):
         metrics = task.evaluate(ck.model.to(device).eval(), examples, batch_size)
-    return {"task": task.name, "data": str(data), "precision": precision, **metrics}
+    # the run's precision under its own name: "precision" is a metric of NER and of the classes
+    return {"task": task.name, "data": str(data), "inference_precision": precision, **metrics}
 
 
 def check_outputs(out: Path | None, report: Path | None, inputs: list[Path]) -> None:
@@ -53,7 +54,8 @@ def check_outputs(out: Path | None, report: Path | None, inputs: list[Path]) -> 
 
 
 def _written_here(path: Path) -> bool:
-    """Whether `path` holds what write_json writes (a JSON object with task, data and precision)."""
+    """Whether `path` holds what write_json writes (a JSON object with task, data and inference_precision,
+    or precision as bertcli 0.1 named it)."""
     import json
 
     try:
@@ -62,7 +64,7 @@ def _written_here(path: Path) -> bool:
         found = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(found, dict) and {"task", "data", "precision"} <= set(found)
+    return isinstance(found, dict) and {"task", "data"} <= set(found) and bool({"inference_precision", "precision"} & set(found))
 
 
 def write_json(path: Path, metrics: dict) -> None:

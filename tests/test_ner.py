@@ -81,6 +81,7 @@ def test_tiny_model_overfits_entities(trained):
     assert metrics["eval_f1"] == 1.0
     m = evaluate(d / "run", d / "train.conll")
     assert m["f1"] == 1.0 and m["entities"] == 7 and set(m["per_type"]) == {"PER", "LOC", "ORG"}
+    assert m["precision"] == 1.0 and m["inference_precision"] in ("fp32", "bf16")  # the metric and the run's, apart
 
 
 @pytest.mark.slow

@@ -336,7 +336,7 @@ def test_evaluate_output_keeps_the_run_precision_beside_multilabel_metrics(multi
                    "--precision", "fp32")
     assert done.returncode == 0, done.stderr
     out = json.loads((tmp_path / "m.json").read_text())
-    assert out["precision"] == "fp32" and 0 <= out["micro_precision"] <= 1
+    assert out["inference_precision"] == "fp32" and 0 <= out["micro_precision"] <= 1
 
 
 def test_blank_lines_get_an_empty_answer_and_eval_rows_with_empty_text_are_scored(multilabel, tmp_path):

@@ -67,6 +67,7 @@ class TrainConfig:
     eval_every: Optional[int] = None
     save_every: Optional[int] = None
     log_every: int = 10
+    group_by_length: bool = True  # batches of like lengths (less padding, faster); false: a plain shuffle
 
 
 @dataclass(frozen=True)

@@ -418,7 +418,8 @@ def _train(run: _Run, ctrl_c: _StopRequest) -> None:
     done = run.total is not None and pos.step >= run.total
     bar = run.progress.add_task("train", total=run.total, completed=pos.step, info="")
     while not done:
-        order = batch_order(run.job.lengths, run.global_batch, seed=cfg.seed + pos.epoch)[:run.batches_per_epoch]
+        order = batch_order(run.job.lengths, run.global_batch, seed=cfg.seed + pos.epoch,
+                            group=50 if cfg.group_by_length else 0)[:run.batches_per_epoch]
         while pos.batch < len(order) and not done:
             group = order[pos.batch:pos.batch + cfg.grad_accum]
             loss, tokens, skipped = _step(run, group)

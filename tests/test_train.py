@@ -77,3 +77,20 @@ def test_predict_reads_input_file_and_flags_truncation(tmp_path, tiny_classifier
     short, truncated = [json.loads(line) for line in from_file.stdout.decode().splitlines()]
     assert "truncated" not in short and truncated["truncated"] is True
     assert set(truncated["scores"]) == {"neg", "pos"}
+
+
+def test_batches_cover_every_example_once_and_group_by_length_when_asked():
+    import random
+
+    from bertcli.data.batching import batch_order
+
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 120) for _ in range(1000)]
+    spread = {}
+    for group in (50, 0):
+        batches = batch_order(lengths, 8, seed=3, group=group)
+        assert sorted(i for b in batches for i in b) == list(range(1000))
+        assert batch_order(lengths, 8, seed=3, group=group) == batches != batch_order(lengths, 8, seed=4, group=group)
+        spread[group] = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread[50] < spread[0] / 10  # grouped: like lengths together; train.group_by_length=false: a plain shuffle
+    assert TrainConfig().group_by_length is True

@@ -12,13 +12,16 @@ from torch import Tensor
 def batch_order(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
                 group: int = 50) -> list[list[int]]:
     """Indices in batches. With shuffle, examples are shuffled, sorted by length inside windows
-    of `group` batches, and the batches shuffled again, as Hugging Face's group_by_length does.
-    The order depends only on `seed`, so a resumed run sees the same batches."""
+    of `group` batches, and the batches shuffled again, as Hugging Face's group_by_length does
+    (`group` 0: shuffled only, as its default sampler). The order depends only on `seed`, so a
+    resumed run sees the same batches."""
     indices = list(range(len(lengths)))
     if not shuffle:
         return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     rng = random.Random(seed)
     rng.shuffle(indices)
+    if group == 0:
+        return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     window = batch_size * group
     ordered: list[int] = []
     for start in range(0, len(indices), window):

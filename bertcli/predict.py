@@ -18,7 +18,7 @@ import torch
 from bertcli.errors import BertcliError, DataError
 from bertcli.fileio import all_finite, finite_json
 from bertcli.jobs import load_for_task
-from bertcli.textio import TooLong, line_too_long, raw_lines
+from bertcli.textio import TooLong, decode_line, line_too_long, raw_lines
 from bertcli.runtime import autocast, inference
 
 _END = object()
@@ -64,6 +64,7 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
     lines: queue.Queue = queue.Queue(maxsize=chunk * 2)
     threading.Thread(target=_reader, args=(stream, source, lines), daemon=True).start()
     answered, failures, ended = 0, [], False
+    offset = 0  # where the next line starts in the stream, in bytes
     while not ended:
         batch = [lines.get()]  # wait for the first line of a chunk...
         while len(batch) < chunk and batch[-1] is not _END:
@@ -80,19 +81,16 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
         for raw in batch:
             answered += 1
             where = f"{source}: line {answered}"
+            start, offset = offset, offset + (raw if isinstance(raw, TooLong) else len(raw)) + 1  # +1: its \n
             if isinstance(raw, TooLong):
                 answers.append({"error": str(line_too_long(where, raw))})
                 continue
             try:
-                text = raw.decode("utf-8")
+                text = decode_line(raw, where, start)
                 if answered == 1:
                     text = text.removeprefix("\ufeff")
-                if "\x00" in text:
-                    raise DataError(f"{where}: NUL byte (byte {raw.index(0)} of the line); is this binary input?")
                 examples.append(task.parse_input(text.removesuffix("\r"), where))
                 answers.append(None)
-            except UnicodeDecodeError as err:
-                answers.append({"error": f"{where}: not UTF-8 text (byte {err.start} of the line)"})
             except DataError as err:
                 answers.append({"error": str(err)})
         with torch.inference_mode(), autocast(device, precision):

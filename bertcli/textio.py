@@ -115,6 +115,18 @@ def raw_lines(stream: BinaryIO, source: str = "input") -> Iterator[bytes | TooLo
         yield bytes(pending)
 
 
+def decode_line(raw: bytes, where: str, offset: int) -> str:
+    """One line's bytes as text. Invalid UTF-8 or a NUL byte is a DataError naming `where` and the byte
+    offset in the file or stream (`offset`: where the line starts), the one meaning a byte offset has."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: not UTF-8 text (byte offset {offset + err.start})") from None
+    if b"\x00" in raw:
+        raise DataError(f"{where}: NUL byte (byte offset {offset + raw.index(0)}); is this binary input?")
+    return text
+
+
 def read_lines(stream: BinaryIO, source: str) -> Iterator[tuple[int, str]]:
     """Yield (line number from 1, text without its line ending) as lines arrive.
     Invalid UTF-8, NUL bytes and over-long lines raise DataError naming the line (and byte offset)."""
@@ -122,12 +134,7 @@ def read_lines(stream: BinaryIO, source: str) -> Iterator[tuple[int, str]]:
     for number, raw in enumerate(raw_lines(stream, source), start=1):
         if isinstance(raw, TooLong):
             raise line_too_long(f"{source}: line {number}", raw)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{source}: line {number}: not UTF-8 text (byte offset {offset + err.start})") from None
-        if b"\x00" in raw:
-            raise DataError(f"{source}: line {number}: NUL byte (byte offset {offset + raw.index(0)}); is this binary input?")
+        text = decode_line(raw, f"{source}: line {number}", offset)
         offset += len(raw) + 1
         if number == 1:
             text = text.removeprefix("\ufeff")

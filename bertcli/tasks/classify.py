@@ -197,7 +197,8 @@ class ClassifyTask(Task):
             return {"label": None, "score": None, "scores": {}}
         top = max(logits)
         exps = [math.exp(x - top) for x in logits]
-        probs = [x / sum(exps) for x in exps]
+        total = sum(exps)
+        probs = [x / total for x in exps]
         best = max(range(len(probs)), key=probs.__getitem__)
         return {"label": self.labels[best], "score": round(probs[best], 6),
                 "scores": {name: round(p, 6) for name, p in zip(self.labels, probs)}}

@@ -63,7 +63,6 @@ class MultiLabelTask(ClassifyTask):
             if odd is not None:
                 raise DataError(f"{where}: {odd!r} cannot be a label name: it holds task.label_separator "
                                 f"({separator!r}), so no TSV or CSV row could name it")
-            names = [n for n in names if n]
         else:
             raise DataError(f"{where}: the labels must be a list of names, or names joined by {separator!r}, "
                             f"got {str(value)[:80]!r}")

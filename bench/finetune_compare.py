@@ -135,7 +135,9 @@ def main() -> None:
                         help="transformers' precision (bf16 autocast is its faster setting on a CPU with native "
                              "bf16: 30.7 s against 42.8 s in fp32 on 2,000 SST-2 sentences here)")
     parser.add_argument("--set", action="append", default=[], help="more recipe overrides for both sides")
-    parser.add_argument("--skip-transformers", action="store_true")
+    skip = parser.add_mutually_exclusive_group()
+    skip.add_argument("--skip-transformers", action="store_true")
+    skip.add_argument("--skip-bertcli", action="store_true", help="transformers' side alone (more seeds of it)")
     args = parser.parse_args()
     recipe_file, hf_class = TASKS[args.task]
     if not SHARED_DATA.is_dir():
@@ -156,21 +158,24 @@ def main() -> None:
             eval_examples = [e for p in recipe.data.eval for e in task.read(p)]
             task.labels = task.labels_from(examples)
             theirs = hf_train(recipe, hf_class, task, examples, eval_examples, args.hf_precision)
-        start = time.perf_counter()  # keep_memory: what `bertcli finetune` asks for (after transformers' run: process-wide)
-        ours = finetune(recipe, work / "bertcli", resume=False, overwrite=False, keep_memory=True)
-        ours_seconds = time.perf_counter() - start
-        from bertcli.runtime import resolve_precision
-
-        ours_precision = resolve_precision(args.precision, torch.device("cpu"))
         result = {"bench": "finetune_compare", "task": args.task, "machine": machine(),
-                  "precision": {"bertcli": ours_precision, "transformers": args.hf_precision},
                   "train": train if args.max_train else base.data.train[0], "max_train": args.max_train,
-                  "epochs": recipe.train.epochs, "bertcli": {"seconds": ours_seconds, **ours}}
+                  "epochs": recipe.train.epochs, "seed": recipe.train.seed}
+        ours = None
+        if not args.skip_bertcli:
+            start = time.perf_counter()  # keep_memory: what `bertcli finetune` asks for (after transformers' run)
+            ours = finetune(recipe, work / "bertcli", resume=False, overwrite=False, keep_memory=True)
+            from bertcli.runtime import resolve_precision
+
+            result["bertcli"] = {"precision": resolve_precision(args.precision, torch.device("cpu")),
+                                 "seconds": time.perf_counter() - start, **ours}
         if theirs is not None:
             scores, seconds = theirs
-            result["transformers"] = {"seconds": seconds, **{f"eval_{k}": v for k, v in scores.items()}}
+            result["transformers"] = {"precision": args.hf_precision, "seconds": seconds,
+                                      **{f"eval_{k}": v for k, v in scores.items()}}
+        if ours is not None and theirs is not None:
             key = f"eval_{HEADLINE[args.task]}"
-            result["speedup"] = seconds / ours_seconds
+            result["speedup"] = seconds / result["bertcli"]["seconds"]
             result["difference_points"] = 100 * (ours[key] - result["transformers"][key]) * (1 if args.task != "squad" else 0.01)
     emit(result)
 

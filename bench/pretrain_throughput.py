@@ -46,7 +46,7 @@ from bertcli.data.corpus import encode_corpus, load_shards  # noqa: E402
 from bertcli.fastpath import ROWS  # noqa: E402
 from bertcli.model import BertConfig, BertForPreTraining  # noqa: E402
 from bertcli.recipes import TrainConfig  # noqa: E402
-from bertcli.tasks.pretrain import PretrainOptions, PretrainTask, make_instances  # noqa: E402
+from bertcli.tasks.pretrain import PretrainOptions, PretrainTask  # noqa: E402
 from bertcli.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from bertcli.runtime import autocast  # noqa: E402
 from bertcli.train import make_optimizer  # noqa: E402
@@ -85,10 +85,10 @@ def batches(work: Path, seq: int, batch: int, count: int):
     tok.save(work / "tokenizer")
     encode_corpus(tok, files, work / "shards", show_progress=False)
     shards = load_shards(work / "shards", tok)
-    task = PretrainTask(tok, shards, PretrainOptions())
-    inst = make_instances(shards, seq, "nsp", 0.0, seed=0)
-    inst = inst[torch.randperm(len(inst), generator=torch.Generator().manual_seed(0)).numpy()]
-    out = [task.collate(list(inst[i * batch:(i + 1) * batch]), list(range(i * batch, (i + 1) * batch)))
+    task = PretrainTask(tok, PretrainOptions(short_seq_prob=0.0), seq)
+    encoded = task.encode(shards, seed=0)
+    inst = [encoded[int(i)] for i in torch.randperm(len(encoded), generator=torch.Generator().manual_seed(0))]
+    out = [task.collate(inst[i * batch:(i + 1) * batch], list(range(i * batch, (i + 1) * batch)))
            for i in range(count)]
     torch.save(out, work / "batches.pt")
     return tok, task, out
@@ -97,8 +97,8 @@ def batches(work: Path, seq: int, batch: int, count: int):
 def load_setup(work: Path):
     """What `batches` and `main` kept under `work`: the task, the batches and the model config."""
     tok = load_tokenizer(work / "tokenizer")
-    task = PretrainTask(tok, load_shards(work / "shards", tok), PretrainOptions())
     cfg = BertConfig(**json.loads((work / "config.json").read_text()))
+    task = PretrainTask(tok, PretrainOptions(), cfg.max_position_embeddings)  # for its loss: the batches are made
     return task, torch.load(work / "batches.pt"), cfg
 
 

@@ -203,9 +203,7 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
              keep_memory: bool = False) -> dict:
     import torch.distributed as dist
 
-    from bertcli.data.corpus import shards_for
-    from bertcli.model import BertForPreTraining
-    from bertcli.tasks.pretrain import PretrainTask, make_instances, most_frequent_token
+    from bertcli.tasks.pretrain import PretrainTask, most_frequent_token
 
     out = output_dir(recipe, out)
     check_output_apart(recipe, out, source, resume)
@@ -219,26 +217,28 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         precheck(out, "run", resume, overwrite)
     tokenizer = recipe_tokenizer(recipe)
     t, d = recipe.task, recipe.data
-    if rank == 0:  # encode raw text once; the other ranks then find it in the cache
-        train_shards = shards_for(list(d.train), tokenizer, t.segmenter)
-        eval_shards = shards_for(list(d.eval), tokenizer, t.segmenter) if d.eval else []
+    task = PretrainTask(tokenizer, t, d.max_seq_len)
+
+    def read_all() -> tuple[list, list]:
+        return [s for p in d.train for s in task.read(p)], [s for p in d.eval for s in task.read(p)]
+
+    if rank == 0:  # rank 0 encodes raw text once; the other ranks then find it in the cache
+        train_shards, eval_shards = read_all()
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
-        train_shards = shards_for(list(d.train), tokenizer, t.segmenter)
-        eval_shards = shards_for(list(d.eval), tokenizer, t.segmenter) if d.eval else []
-    task = PretrainTask(tokenizer, train_shards, t)
-    instances = make_instances(train_shards, d.max_seq_len, t.objective, t.short_seq_prob, recipe.train.seed)
+        train_shards, eval_shards = read_all()
+    instances = task.encode(train_shards, seed=recipe.train.seed)
 
     torch.manual_seed(recipe.train.seed)
     if recipe.model.init:
-        ck = load_checkpoint(recipe.model.init, architecture="BertForPreTraining")
+        ck = load_checkpoint(recipe.model.init, architecture=task.architecture)
         check_memory(ck.config, recipe.model.init, TRAINING_BYTES_PER_PARAMETER, "to train")
         model, cfg = ck.model, ck.config
         loaded = f"model: {recipe.model.init} ({ck.report.summary()})"
     else:
         cfg = scratch_model_config(recipe, tokenizer)
-        model = BertForPreTraining(cfg)
+        model = ARCHITECTURES[task.architecture](cfg, task.outputs)
         loaded = f"model: new {cfg.num_hidden_layers} x {cfg.hidden_size} BERT, vocabulary {cfg.vocab_size}"
     check_window(recipe, cfg)
     check_segments(t.objective != "none", cfg, str(recipe.model.init or "model"),
@@ -246,14 +246,12 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     tokens = sum(len(s.tokens) for s in train_shards)
     evaluate_fn = None
     if eval_shards:
-        eval_task = PretrainTask(tokenizer, eval_shards, t)
-        eval_instances = make_instances(eval_shards, d.max_seq_len, t.objective, t.short_seq_prob, recipe.train.seed + 1)
-        evaluate_fn = functools.partial(eval_task.evaluate, instances=eval_instances,
-                                        batch_size=recipe.train.batch_size * 2, seed=recipe.train.seed,
-                                        most_frequent=most_frequent_token(train_shards, tokenizer.id_limit, task.special))
+        task.most_frequent = most_frequent_token(train_shards, tokenizer.id_limit, task.special)
+        evaluate_fn = functools.partial(task.evaluate, examples=task.encode(eval_shards),
+                                        batch_size=recipe.train.batch_size * 2)
 
     def save(m, directory):
-        save_checkpoint(directory, m, "BertForPreTraining", tokenizer, task=saved_task(task, d.max_seq_len))
+        save_checkpoint(directory, m, task.architecture, tokenizer, task=saved_task(task, d.max_seq_len))
 
     job = Job(model=model, features=instances, lengths=task.lengths(instances), collate=task.collate,
               counts=task.counts, loss=task.loss, evaluate=evaluate_fn, save=save, recipe=dump_recipe(recipe))

@@ -52,6 +52,15 @@ class WordPieceTokenizer:
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[Encoding]:
         return self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
 
+    def encode_truncated(self, inputs: list, max_len: int) -> list[Encoding]:
+        """Texts (or text pairs) encoded with their special tokens, each cut to `max_len` tokens (what
+        is cut is in the encoding's `overflowing`)."""
+        self.backend.enable_truncation(max_len)
+        try:
+            return self.backend.encode_batch(inputs)
+        finally:
+            self.backend.no_truncation()
+
     def save(self, directory: str | Path, model_max_length: int = 512) -> None:
         """Write the four tokenizer files into `directory` (each atomically)."""
         out = Path(directory)

@@ -17,7 +17,7 @@ from bertcli.jobs import pretrain
 from bertcli.recipes import load_recipe
 from bertcli.tasks.pretrain import A_END, A_START, B_END, B_START, LABEL, PretrainOptions, PretrainTask, make_instances
 from bertcli.tokenizer import load_tokenizer
-from conftest import CORPUS, ROOT, write_recipe
+from conftest import CORPUS, ROOT, run_cli, write_recipe
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -51,9 +51,11 @@ def test_instances_fit_the_window_and_label_both_ways(corpus, tiny_tokenizer_dir
     tok = load_tokenizer(tiny_tokenizer_dir)
     encode_corpus(tok, [corpus / "train.txt"], tmp_path / "s", show_progress=False)
     shards = load_shards(tmp_path / "s", tok)
-    inst = make_instances(shards, 48, objective, 0.1, seed=1)
-    task = PretrainTask(tok, shards, PretrainOptions(objective=objective))
-    assert max(task.lengths(inst)) <= 48 and (inst[:, A_END] > inst[:, A_START]).all()
+    task = PretrainTask(tok, PretrainOptions(objective=objective, short_seq_prob=0.1), 48)
+    encoded = task.encode(shards, seed=1)
+    inst = encoded.rows
+    assert (inst == make_instances(shards, 48, objective, 0.1, seed=1)).all()
+    assert max(task.lengths(encoded)) <= 48 and (inst[:, A_END] > inst[:, A_START]).all()
     if objective == "none":
         assert (inst[:, B_END] == inst[:, B_START]).all()
     else:
@@ -67,10 +69,10 @@ def test_masking_rule(corpus, tiny_tokenizer_dir, tmp_path):
     tok = load_tokenizer(tiny_tokenizer_dir)
     encode_corpus(tok, [corpus / "train.txt"], tmp_path / "s", show_progress=False)
     shards = load_shards(tmp_path / "s", tok)
-    task = PretrainTask(tok, shards, PretrainOptions(mask_prob=0.15))
-    inst = make_instances(shards, 64, "nsp", 0.0, seed=1)
-    batch = task.collate(list(inst), list(range(len(inst))))
-    again = task.collate(list(inst), list(range(len(inst))))
+    task = PretrainTask(tok, PretrainOptions(mask_prob=0.15, short_seq_prob=0.0), 64)
+    inst = list(task.encode(shards, seed=1))
+    batch = task.collate(inst, list(range(len(inst))))
+    again = task.collate(inst, list(range(len(inst))))
     assert all((batch[k] == again[k]).all() for k in batch)  # the same seeds draw the same masks
     labels, ids = batch["mlm_labels"], batch["input_ids"]
     chosen = labels != -100
@@ -80,9 +82,9 @@ def test_masking_rule(corpus, tiny_tokenizer_dir, tmp_path):
     as_mask = (ids[chosen] == tok.mask_id).float().mean().item()
     kept = (ids[chosen] == labels[chosen]).float().mean().item()
     assert abs(as_mask - 0.8) < 0.05 and abs(kept - 0.1) < 0.05
-    other = task.collate(list(inst), [s + 10_000 for s in range(len(inst))])
+    other = task.collate(inst, [s + 10_000 for s in range(len(inst))])
     assert not (other["mlm_labels"] == labels).all()  # another epoch, other masks
-    whole = PretrainTask(tok, shards, PretrainOptions(mask_prob=0.15, whole_word_mask=True)).collate(list(inst), list(range(len(inst))))
+    whole = PretrainTask(tok, PretrainOptions(mask_prob=0.15, whole_word_mask=True), 64).collate(inst, list(range(len(inst))))
     for row_ids, row_labels in zip(whole["input_ids"], whole["mlm_labels"]):
         for p in range(1, len(row_ids)):
             original = row_labels[p].item() if row_labels[p] != -100 else row_ids[p].item()
@@ -107,8 +109,8 @@ def test_tiny_model_overfits_a_fixed_batch(corpus, tiny_tokenizer_dir, tmp_path)
     tok = load_tokenizer(tiny_tokenizer_dir)
     encode_corpus(tok, [corpus / "train.txt"], tmp_path / "s", show_progress=False)
     shards = load_shards(tmp_path / "s", tok)
-    task = PretrainTask(tok, shards, PretrainOptions())
-    rows = list(make_instances(shards, 48, "nsp", 0.0, seed=3)[:8])
+    task = PretrainTask(tok, PretrainOptions(short_seq_prob=0.0), 48)
+    rows = list(task.encode(shards, seed=3))[:8]
     batch = task.collate(rows, list(range(8)))
     torch.manual_seed(0)
     model = BertForPreTraining(BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
@@ -125,18 +127,67 @@ def test_tiny_model_overfits_a_fixed_batch(corpus, tiny_tokenizer_dir, tmp_path)
     assert (mlm_logits.argmax(-1) == targets).all() and (sentence_logits.argmax(-1) == batch["sentence_labels"]).all()
 
 
-def test_pretrain_job_trains_evaluates_and_caches_shards(corpus, tiny_tokenizer_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("BERTCLI_CACHE", str(tmp_path / "cache"))
-    recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=60, eval_every=30,
-                                  log_every=10)
-    metrics = pretrain(load_recipe(recipe), tmp_path / "run", resume=False, overwrite=False)
-    losses = [loss for _, loss in _losses(tmp_path / "run")]
+@pytest.fixture(scope="module")
+def pretrained(corpus, tiny_tokenizer_dir, tmp_path_factory):
+    """A tiny model pretrained for 60 steps, its eval metrics, and the shard cache it filled."""
+    work = tmp_path_factory.mktemp("pretrained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BERTCLI_CACHE", str(work / "cache"))
+        recipe = tiny_pretrain_recipe(work / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=60, eval_every=30,
+                                      log_every=10)
+        metrics = pretrain(load_recipe(recipe), work / "run", resume=False, overwrite=False)
+    return work, metrics
+
+
+def test_pretrain_job_trains_evaluates_and_caches_shards(pretrained):
+    work, metrics = pretrained
+    losses = [loss for _, loss in _losses(work / "run")]
     assert losses[-1] < losses[0] - 0.5
     assert {"eval_mlm_loss", "eval_mlm_accuracy", "eval_perplexity", "eval_nsp_accuracy",
             "eval_mlm_baseline_accuracy"} <= set(metrics)
-    assert len(list((tmp_path / "cache" / "shards").iterdir())) == 2  # train and eval text, encoded once each
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert len(list((work / "cache" / "shards").iterdir())) == 2  # train and eval text, encoded once each
+    config = json.loads((work / "run" / "config.json").read_text())
     assert config["architectures"] == ["BertForPreTraining"]
+
+
+def test_evaluate_scores_a_pretrained_model_on_text_as_training_did(pretrained, corpus, tmp_path):
+    work, metrics = pretrained
+    done = run_cli("evaluate", str(work / "run"), "--data", str(corpus / "eval.txt"), "--precision", "fp32",
+                   "--out", str(tmp_path / "m.json"))
+    assert done.returncode == 0, done.stderr.decode()
+    found = json.loads((tmp_path / "m.json").read_text())
+    assert found["task"] == "pretrain"
+    for key in ("mlm_loss", "mlm_accuracy", "nsp_accuracy"):  # the same sequences and masks as the run's eval
+        assert found[key] == pytest.approx(metrics[f"eval_{key}"], rel=1e-4, abs=1e-6), key
+
+
+def test_predict_with_a_pretrained_model_fills_in_each_mask(pretrained):
+    import torch
+
+    from bertcli.checkpoint import load_checkpoint
+
+    work, _ = pretrained
+    lines = ["the [MASK] begins here .", "[MASK] ends with [MASK] 7 !", "no mask here", " "]
+    done = run_cli("predict", str(work / "run"), "--precision", "fp32", stdin="\n".join(lines).encode() + b"\n")
+    assert done.returncode == 2 and b"1 of 4 input line(s)" in done.stderr
+    first, second, third, blank = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert "no [MASK] in the line" in third["error"] and blank == {"text": None, "masks": []}
+    assert [len(first["masks"]), len(second["masks"])] == [1, 2]
+    ck = load_checkpoint(work / "run")
+    ck.model.eval()
+    for line, answer in ((lines[0], first), (lines[1], second)):
+        enc = ck.tokenizer.encode(line)
+        ids = torch.tensor([enc.ids])
+        with torch.inference_mode():  # every position's logits, the MLM head run unselected
+            logits, _ = ck.model(ids, torch.ones_like(ids), torch.tensor([enc.type_ids]))
+        probs = logits.float().softmax(-1)
+        filled = list(enc.ids)
+        for candidates, position in zip(answer["masks"], [p for p, i in enumerate(enc.ids) if i == ck.tokenizer.mask_id]):
+            top = probs[position].topk(5)
+            assert [c["token"] for c in candidates] == [ck.tokenizer.backend.id_to_token(int(i)) for i in top.indices]
+            assert [c["score"] for c in candidates] == pytest.approx(top.values.tolist(), abs=1e-5)
+            filled[position] = int(top.indices[0])
+        assert answer["text"] == ck.tokenizer.backend.decode(filled)
 
 
 def _losses(run):
@@ -225,9 +276,9 @@ def test_chinese_whole_word_masking_with_jieba(tmp_path, tiny_tokenizer_dir):
     chars = [tok.backend.id_to_token(i) for i in first]
     assert chars[:7] == ["我", "爱", "北", "京", "天", "安", "门"]
     assert flags[:7] == [0, 0, 0, 1, 0, 1, 1]  # 北京 and 天安门 are words
-    task = PretrainTask(tok, [shard], PretrainOptions(mask_prob=0.3, whole_word_mask=True))
-    inst = make_instances([shard], 32, "nsp", 0.0, seed=1)
-    batch = task.collate(list(inst), list(range(len(inst))))
+    task = PretrainTask(tok, PretrainOptions(mask_prob=0.3, whole_word_mask=True, short_seq_prob=0.0), 32)
+    inst = list(task.encode([shard], seed=1))
+    batch = task.collate(inst, list(range(len(inst))))
     for row, row_ids, row_labels in zip(inst, batch["input_ids"], batch["mlm_labels"]):
         _, _, continues = task._sequence(row)
         masked = (row_labels != -100).numpy()

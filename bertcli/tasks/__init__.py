@@ -15,7 +15,7 @@ from bertcli.tasks.pretrain import PretrainTask
 from bertcli.tasks.qa import QaTask
 from bertcli.tasks.regression import RegressionTask
 
-TASKS: dict[str, type[Task] | type[PretrainTask]] = {task.name: task for task in (
+TASKS: dict[str, type[Task]] = {task.name: task for task in (
     PretrainTask,
     ClassifyTask,
     NerTask,
@@ -29,8 +29,9 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 
 
 def task_for_checkpoint(raw: dict[str, Any], labels: list[str], source: str) -> type[Task]:
-    """The task a fine-tuned checkpoint was saved for: the name bertcli saved in config.json, or for a
-    checkpoint from elsewhere its head and problem_type, read as transformers reads them."""
+    """The task a checkpoint was saved for: the name bertcli saved in config.json, or for a checkpoint from
+    elsewhere its head and problem_type, read as transformers reads them (a pretrained one's MLM head is the
+    pretrain task: evaluate scores it on text, predict fills in [MASK])."""
     from bertcli.checkpoint import saved_architecture
     from bertcli.errors import CheckpointError
 
@@ -58,9 +59,6 @@ def task_for_checkpoint(raw: dict[str, Any], labels: list[str], source: str) -> 
                                   + (f" with problem_type {problem!r}" if problem else "")
                                   + " has no task head bertcli knows: fine-tune it first with `bertcli finetune`")
         task = heads[0]
-    if task is PretrainTask:
-        raise CheckpointError(f"{source}: a pretrained checkpoint has no task head: fine-tune it first with "
-                              "`bertcli finetune`")
     if task.architecture != architecture:
         raise CheckpointError(f"{source}: bertcli_task.name is {task.name!r}, whose head is {task.architecture}, but "
                               f"architectures says {architecture}")

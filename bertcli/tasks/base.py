@@ -120,21 +120,28 @@ class Task(ABC):
         """The summed loss of each term divided by its count over the whole step (all
         micro-batches and processes), so accumulation and DDP give the same mean as one batch."""
 
+    def call(self, model: nn.Module, batch: dict[str, Tensor]):
+        """The model's outputs for one inference batch (a tensor, or a tuple of them), each with the
+        batch's rows first."""
+        return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+
     def run(self, model: nn.Module, features: Sequence[dict], batch_size: int) -> list:
-        """The model's outputs for each feature, in order, as float CPU tensors (a tuple of them for
-        a head with several outputs). Features go through in batches of like lengths, for little
-        padding; evaluate and predict set the precision around this."""
+        """The model's outputs for each feature, in order, as CPU tensors (a tuple of them for a head
+        with several outputs). Features go through in batches of like lengths, for little padding;
+        evaluate and predict set the precision around this."""
         import torch
+
+        from bertcli.data.batching import collate
 
         results: list = [None] * len(features)
         order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
         device = next(model.parameters()).device
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in self.collate([features[i] for i in chunk]).items()}
+            batch = {k: v.to(device) for k, v in collate([features[i] for i in chunk], self.tokenizer.pad_id).items()}
             with torch.inference_mode():
-                out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            parts = [t.float().cpu() for t in (out if isinstance(out, tuple) else (out,))]
+                out = self.call(model, batch)
+            parts = [t.cpu() if t.dtype == torch.long else t.float().cpu() for t in (out if isinstance(out, tuple) else (out,))]
             for row, i in enumerate(chunk):
                 results[i] = parts[0][row] if len(parts) == 1 else tuple(p[row] for p in parts)
         return results
@@ -147,9 +154,11 @@ class Task(ABC):
     def predict(self, model: nn.Module, examples: Sequence, batch_size: int) -> list[dict]:
         """One JSON-ready prediction per example, in order."""
 
-    @abstractmethod
     def score(self, examples: Sequence, predictions: Sequence[dict]) -> dict:
-        """Metrics of predictions against the examples' gold labels (headline numbers first)."""
+        """Metrics of predictions against the examples' gold labels (headline numbers first). A task
+        scored otherwise (pretraining: its loss on held-out text) overrides `evaluate` instead."""
+        raise NotImplementedError(f"{type(self).__name__} scores in evaluate, not from predictions")
 
     def evaluate(self, model: nn.Module, examples: Sequence, batch_size: int) -> dict:
+        """Metrics of the model on labelled examples (evaluate, and eval during training)."""
         return self.score(examples, self.predict(model, examples, batch_size))

@@ -133,11 +133,7 @@ class ClassifyTask(Task):
             raise DataError(f"{paired.where}: a text pair, but the model has {self.segments} token type "
                             "(type_vocab_size): it reads single texts only")
         inputs = [(e.text, e.pair) if e.pair is not None else e.text for e in examples]
-        self.tokenizer.backend.enable_truncation(self.max_seq_len)
-        try:
-            return self.tokenizer.backend.encode_batch(inputs)
-        finally:
-            self.tokenizer.backend.no_truncation()
+        return self.tokenizer.encode_truncated(inputs, self.max_seq_len)
 
     def encode(self, examples: Sequence[Example]) -> list[dict]:
         self.check_labels(examples)

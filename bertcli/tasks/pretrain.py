@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Sequence
 
 import numpy as np
 
 from bertcli.data.corpus import Shard
 from bertcli.errors import DataError
-from bertcli.tasks.base import TaskOptions
+from bertcli.tasks.base import Task, TaskOptions
 from bertcli.tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
 
 if TYPE_CHECKING:
@@ -45,6 +46,10 @@ class PretrainOptions(TaskOptions):
         if not 0 <= self.short_seq_prob < 1:
             problems.append(f"task.short_seq_prob: must be in [0, 1), got {self.short_seq_prob}")
         return problems
+
+EVAL_SEED = 0  # evaluation's sequences and masks: the same for every run and every evaluation
+TOP_K = 5  # candidate tokens predict gives for each [MASK]
+MASK = "[MASK]"
 
 # an instance: shard and [start, end) of segment A, shard and [start, end) of B (empty when none), label
 A_SHARD, A_START, A_END, B_SHARD, B_START, B_END, LABEL = range(7)
@@ -134,18 +139,42 @@ def _pair(out, rng, shards, docs, doc_number, s, begin, end, target, max_tokens,
     return i
 
 
-class PretrainTask:
-    """MLM + sentence objective over shard instances; the loss interface of tasks/base.py."""
+class Instance(NamedTuple):
+    """One pretraining sequence: a row of `make_instances` and the shards it points into."""
+
+    shards: Sequence[Shard]
+    row: np.ndarray
+
+
+class Instances:
+    """A corpus's pretraining sequences, as `PretrainTask.encode` makes them: an (N, 7) array of token
+    ranges into its shards, indexed one Instance at a time (an instance is made only when a batch asks)."""
+
+    def __init__(self, shards: Sequence[Shard], rows: np.ndarray):
+        self.shards, self.rows = shards, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Instance:
+        return Instance(self.shards, self.rows[i])
+
+
+class PretrainTask(Task):
+    """MLM + sentence objective over a corpus's shards. Examples are shards (`read`), features
+    pretraining sequences (`encode`); evaluate gives the held-out MLM loss and accuracy, and predict
+    fills in the [MASK] tokens of each line with the model's most likely tokens."""
 
     name = "pretrain"
     architecture = "BertForPreTraining"
     Options = PretrainOptions
-    problem_type = None
+    options: PretrainOptions
 
-    def __init__(self, tokenizer: WordPieceTokenizer, shards: Sequence[Shard], options: PretrainOptions):
+    def __init__(self, tokenizer: WordPieceTokenizer, options: PretrainOptions, max_seq_len: int,
+                 labels: Sequence[str] = ()):
+        super().__init__(tokenizer, options, max_seq_len, labels)
         if tokenizer.mask_id is None:
             raise DataError("the tokenizer has no [MASK] token, which pretraining needs")
-        self.tokenizer, self.shards, self.options = tokenizer, shards, options
         self.objective, self.mask_prob, self.whole_word = options.objective, options.mask_prob, options.whole_word_mask
         vocab = tokenizer.backend.get_vocab()
         self.vocab_size = tokenizer.id_limit
@@ -154,36 +183,49 @@ class PretrainTask:
             if token.startswith("##") and i < self.vocab_size:
                 self.continuation[i] = True
         self.special = np.asarray(sorted(i for t in SPECIAL_TOKENS if (i := tokenizer.backend.token_to_id(t)) is not None))
+        self.most_frequent: int | None = None  # the baseline guess of evaluate (set from the training shards)
 
-    def saved_options(self) -> dict:
-        return self.options.saved()
+    @property
+    def outputs(self) -> int:
+        return self.vocab_size
 
-    def lengths(self, instances: np.ndarray) -> list[int]:
+    def read(self, path: str | Path) -> list[Shard]:
+        """The shards of a shard directory, or of a text file (encoded once and cached, corpus.shards_for)."""
+        from bertcli.data.corpus import shards_for
+
+        return shards_for([str(path)], self.tokenizer, self.options.segmenter)
+
+    def encode(self, examples: Sequence[Shard], seed: int = EVAL_SEED) -> Instances:
+        """The sequences Google's algorithm packs from the shards' documents (`seed` draws the short
+        sequences and the NSP/SOP pairs)."""
+        return Instances(examples, make_instances(examples, self.max_seq_len, self.objective,
+                                                  self.options.short_seq_prob, seed))
+
+    def lengths(self, instances: Instances) -> list[int]:
+        rows = instances.rows
         pair = self.objective != "none"
-        return ((instances[:, A_END] - instances[:, A_START]) + (instances[:, B_END] - instances[:, B_START])
-                + (3 if pair else 2)).tolist()
+        return ((rows[:, A_END] - rows[:, A_START]) + (rows[:, B_END] - rows[:, B_START]) + (3 if pair else 2)).tolist()
 
-    def _segment(self, shard: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    def _segment(self, shards: Sequence[Shard], shard: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Token ids of a segment, and 1 where a token continues the previous token's word:
         from the shard's segmenter when it has one, else WordPiece's '##' pieces."""
-        s = self.shards[shard]
+        s = shards[shard]
         ids = np.asarray(s.tokens[start:end], dtype=np.int64)
         if s.continues is not None:
             return ids, np.asarray(s.continues[start:end], dtype=bool) | self.continuation[ids]
         return ids, self.continuation[ids]
 
-    def _sequence(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        t = self.tokenizer
-        a, a_cont = self._segment(row[A_SHARD], row[A_START], row[A_END])
+    def _sequence(self, instance: Instance) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        t, (shards, row) = self.tokenizer, instance
+        a, a_cont = self._segment(shards, row[A_SHARD], row[A_START], row[A_END])
         parts, conts, types = [[t.cls_id], a, [t.sep_id]], [[False], a_cont, [False]], [0] * (len(a) + 2)
         if self.objective != "none":
-            b, b_cont = self._segment(row[B_SHARD], row[B_START], row[B_END])
+            b, b_cont = self._segment(shards, row[B_SHARD], row[B_START], row[B_END])
             parts += [b, [t.sep_id]]
             conts += [b_cont, [False]]
             types += [1] * (len(b) + 1)
         return (np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]), np.asarray(types, dtype=np.int64),
                 np.concatenate([np.asarray(c, dtype=bool) for c in conts]))
-
     def _mask(self, ids: np.ndarray, continues: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """BERT's masking: mask_prob of the tokens (at least one) are predicted; of those 80%
         become [MASK], 10% a random token and 10% stay. With whole-word masking, a word's
@@ -215,9 +257,12 @@ class PretrainTask:
         ids[random_positions] = rng.integers(0, self.vocab_size, size=len(random_positions))
         return ids, labels
 
-    def collate(self, rows: Sequence[np.ndarray], seeds: Sequence[int]) -> dict[str, Tensor]:
+    def collate(self, rows: Sequence[Instance], seeds: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """A padded batch with its masks drawn: from `seeds`, one per sequence (training: per epoch
+        and sequence), else from each sequence's position in the batch."""
         import torch
 
+        seeds = range(len(rows)) if seeds is None else seeds
         seqs = [self._sequence(r) for r in rows]
         width = max(len(ids) for ids, _, _ in seqs)
         batch = {k: torch.full((len(rows), width), v, dtype=torch.long) for k, v in
@@ -229,7 +274,7 @@ class PretrainTask:
             batch["token_type_ids"][i, :n] = torch.from_numpy(types)
             batch["attention_mask"][i, :n] = 1
             batch["mlm_labels"][i, :n] = torch.from_numpy(labels)
-        batch["sentence_labels"] = torch.as_tensor(np.asarray([int(r[LABEL]) for r in rows]), dtype=torch.long)
+        batch["sentence_labels"] = torch.as_tensor(np.asarray([int(r.row[LABEL]) for r in rows]), dtype=torch.long)
         return batch
 
     def counts(self, batch: dict[str, Tensor]) -> dict[str, int]:
@@ -250,17 +295,22 @@ class PretrainTask:
             loss = loss + F.cross_entropy(sentence_logits, batch["sentence_labels"], reduction="sum") / counts["sequences"]
         return loss
 
-    def evaluate(self, model: nn.Module, instances: np.ndarray, batch_size: int, seed: int,
-                 most_frequent: int) -> dict[str, float]:
-        """Held-out MLM loss, accuracy and perplexity (fixed masks), the sentence objective's
-        accuracy, and the accuracy of always guessing the most frequent training token."""
+    def evaluate(self, model: nn.Module, examples: Sequence[Shard] | Instances, batch_size: int) -> dict[str, float]:
+        """Held-out MLM loss, accuracy and perplexity, the sentence objective's accuracy, and the accuracy of
+        always guessing the most frequent training token (of the evaluated text itself where the task did
+        not see training shards). Sequences and masks are drawn from fixed seeds: every evaluation of the
+        same text masks the same tokens."""
         import torch.nn.functional as F
 
+        instances = examples if isinstance(examples, Instances) else self.encode(examples)
+        most_frequent = self.most_frequent
+        if most_frequent is None:
+            most_frequent = most_frequent_token(instances.shards, self.vocab_size, self.special)
         device = next(model.parameters()).device
         loss_sum = correct = masked = baseline = sentence_correct = 0.0
         for start in range(0, len(instances), batch_size):
-            rows = instances[start:start + batch_size]
-            batch = self.collate(list(rows), [seed + start + i for i in range(len(rows))])
+            rows = [instances[i] for i in range(start, min(start + batch_size, len(instances)))]
+            batch = self.collate(rows, [EVAL_SEED + start + i for i in range(len(rows))])
             batch = {k: v.to(device) for k, v in batch.items()}
             mlm_logits, targets, sentence_logits = self.forward(model, batch)
             loss_sum += float(F.cross_entropy(mlm_logits, targets, reduction="sum"))
@@ -274,6 +324,49 @@ class PretrainTask:
         if self.objective != "none":
             metrics[f"{self.objective}_accuracy"] = sentence_correct / len(instances)
         return metrics
+
+    def parse_input(self, text: str, where: str) -> str:
+        if not text.strip():
+            return ""  # a blank line gets the empty answer, as with every task
+        if self.tokenizer.backend.token_to_id(MASK) is None or MASK not in text:
+            raise DataError(f"{where}: no {MASK} in the line: a pretrained model fills in the {MASK} tokens of "
+                            f"each line, e.g. 'Paris is the capital of {MASK}.'")
+        return text
+
+    def call(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The TOP_K most likely tokens and their probabilities at each [MASK], as (B, T, TOP_K) tensors
+        (zero elsewhere): the MLM head runs at the masks alone."""
+        import torch
+
+        positions = batch["input_ids"] == self.tokenizer.mask_id
+        mlm_logits, _ = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                              mlm_positions=positions)
+        k = min(TOP_K, mlm_logits.shape[-1])
+        top = mlm_logits.float().softmax(-1).topk(k, dim=-1)
+        shape = (*positions.shape, k)
+        scores = torch.zeros(shape, device=positions.device)
+        ids = torch.zeros(shape, dtype=torch.long, device=positions.device)
+        scores[positions], ids[positions] = top.values, top.indices
+        return scores, ids
+
+    def predict(self, model: nn.Module, examples: Sequence[str], batch_size: int) -> list[dict]:
+        """For each line: the text with every [MASK] replaced by its most likely token, and for each
+        [MASK] (in order) the TOP_K most likely tokens with their probabilities (a blank line: no text)."""
+        results: list[dict] = [{"text": None, "masks": []} for _ in examples]
+        real = [i for i, text in enumerate(examples) if text]
+        encodings = self.tokenizer.encode_truncated([examples[i] for i in real], self.max_seq_len)
+        outputs = self.run(model, [{"input_ids": e.ids, "token_type_ids": e.type_ids} for e in encodings], batch_size)
+        for i, enc, (scores, ids) in zip(real, encodings, outputs):
+            filled, masks = list(enc.ids), []
+            for p in (p for p, i in enumerate(enc.ids) if i == self.tokenizer.mask_id):
+                candidates = [{"token": self.tokenizer.backend.id_to_token(int(i)), "score": round(float(s), 6)}
+                              for s, i in zip(scores[p], ids[p])]
+                masks.append(candidates)
+                filled[p] = int(ids[p][0])
+            results[i] = {"text": self.tokenizer.backend.decode(filled), "masks": masks}
+            if enc.overflowing:
+                results[i]["truncated"] = True  # longer than max_seq_len: masks past it are not filled
+        return results
 
 
 def most_frequent_token(shards: Sequence[Shard], vocab_size: int, special: np.ndarray, limit: int = 50_000_000) -> int:

@@ -18,7 +18,7 @@ import torch
 from bertcli.errors import BertcliError, DataError
 from bertcli.fileio import all_finite, finite_json
 from bertcli.jobs import load_for_task
-from bertcli.textio import TooLong, decode_line, line_too_long, raw_lines
+from bertcli.textio import TooLong, decode_text, line_too_long, raw_lines
 from bertcli.runtime import autocast, inference
 
 _END = object()
@@ -86,7 +86,7 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
                 answers.append({"error": str(line_too_long(where, raw))})
                 continue
             try:
-                text = decode_line(raw, where, start)
+                text = decode_text(raw, source, start, answered)
                 if answered == 1:
                     text = text.removeprefix("\ufeff")
                 examples.append(task.parse_input(text.removesuffix("\r"), where))

@@ -115,16 +115,25 @@ def raw_lines(stream: BinaryIO, source: str = "input") -> Iterator[bytes | TooLo
         yield bytes(pending)
 
 
-def decode_line(raw: bytes, where: str, offset: int) -> str:
-    """One line's bytes as text. Invalid UTF-8 or a NUL byte is a DataError naming `where` and the byte
-    offset in the file or stream (`offset`: where the line starts), the one meaning a byte offset has."""
+def decode_text(data: bytes, source: str, offset: int = 0, line: int | None = None) -> str:
+    """Bytes as text: the one UTF-8 and NUL check of every reader. The first bad byte (invalid UTF-8,
+    or a NUL) is a DataError naming its line and its byte offset in the file or stream, the one
+    meaning a byte offset has. `offset`: where `data` starts in it; `line`: the line `data` is, when it
+    is one line (else the line is counted up to the bad byte)."""
+    nul = data.find(b"\x00")
     try:
-        text = raw.decode("utf-8")
+        text = data.decode("utf-8")
+        bad = -1
     except UnicodeDecodeError as err:
-        raise DataError(f"{where}: not UTF-8 text (byte offset {offset + err.start})") from None
-    if b"\x00" in raw:
-        raise DataError(f"{where}: NUL byte (byte offset {offset + raw.index(0)}); is this binary input?")
-    return text
+        bad = err.start
+    if nul < 0 and bad < 0:
+        return text
+    at = nul if bad < 0 or 0 <= nul < bad else bad
+    number = line if line is not None else data.count(b"\n", 0, at) + 1
+    where = f"{source}: line {number}"
+    if at == nul:
+        raise DataError(f"{where}: NUL byte (byte offset {offset + at}); is this binary input?")
+    raise DataError(f"{where}: not UTF-8 text (byte offset {offset + at})")
 
 
 def read_lines(stream: BinaryIO, source: str) -> Iterator[tuple[int, str]]:
@@ -134,7 +143,7 @@ def read_lines(stream: BinaryIO, source: str) -> Iterator[tuple[int, str]]:
     for number, raw in enumerate(raw_lines(stream, source), start=1):
         if isinstance(raw, TooLong):
             raise line_too_long(f"{source}: line {number}", raw)
-        text = decode_line(raw, f"{source}: line {number}", offset)
+        text = decode_text(raw, source, offset, number)
         offset += len(raw) + 1
         if number == 1:
             text = text.removeprefix("\ufeff")

@@ -9,12 +9,14 @@ import hashlib
 import io
 import json
 import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
+from bertcli.errors import DataError
 from conftest import REVIEWS
 
 ROWS = REVIEWS
@@ -154,3 +156,27 @@ def test_bad_input_is_one_clear_message_and_exit_2(case, home, monkeypatch, caps
     message = "\n".join([err, *(json.loads(line).get("error", "") for line in out.splitlines() if line.strip())])
     assert re.search(expected, message), message[-2000:]
     assert digest(home) == before, "a file the user had changed"
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"ok\nfine\n", None),
+    (b"ok\nbad \xff here\nand \x00", "f: line 2: not UTF-8 text (byte offset 7)"),  # the first bad byte wins
+    (b"ok\n\x00 then \xff", "f: line 2: NUL byte (byte offset 3); is this binary input?"),
+    (b"caf\xc3", "f: line 1: not UTF-8 text (byte offset 3)"),  # cut inside a character
+])
+def test_one_decoder_names_the_first_bad_byte_in_every_reader(data, message, tmp_path):
+    from bertcli.data.tables import read_text
+    from bertcli.textio import decode_text
+
+    if message is None:
+        assert decode_text(data, "f") == data.decode()
+        return
+    with pytest.raises(DataError, match=re.escape(message)):
+        decode_text(data, "f")
+    (tmp_path / "f").write_bytes(data)  # a whole file (SQuAD's JSON, a TSV) says the same
+    with pytest.raises(DataError, match=re.escape(message.replace("f:", f"{tmp_path / 'f'}:"))):
+        read_text(tmp_path / "f", one_example_per_line=False)
+    if message.startswith("f: line 2"):  # one line of a stream: the line given, the offset where the line starts
+        line = data.split(b"\n")[1]
+        with pytest.raises(DataError, match=re.escape(message)):
+            decode_text(line, "f", offset=3, line=2)

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from bertcli.errors import DataError
-from bertcli.textio import decode_line, is_stream, read_once
+from bertcli.textio import decode_text, is_stream, read_once
 from bertcli.fileio import STORAGE_ERRORS, atomic_write_text, discard, publish, storage_error
 from bertcli.rundir import STAGE_DIR, claim
 from bertcli.tokenizer import WordPieceTokenizer
@@ -50,7 +50,7 @@ def iter_documents(path: Path, on_bytes: Callable[[bytes], None] = lambda b: Non
             if len(raw) > MAX_CORPUS_LINE_BYTES:
                 raise DataError(f"{path}: line {number}: over {MAX_CORPUS_LINE_BYTES:,} bytes without a line break; "
                                 "is this a text file?")
-            line = decode_line(raw, f"{path}: line {number}", offset)
+            line = decode_text(raw, str(path), offset, number)
             offset += len(raw)
             on_bytes(raw)
             if line.strip():

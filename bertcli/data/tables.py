@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bertcli.errors import DataError
-from bertcli.textio import MAX_LINE_BYTES, line_too_long, split_lines
+from bertcli.textio import MAX_LINE_BYTES, decode_text, line_too_long, split_lines
 
 
 MAX_DOCUMENT_BYTES = 4 << 30  # a whole-file format (SQuAD JSON) read into memory: SQuAD v2 train is 40 MB
@@ -29,10 +29,8 @@ def read_text(path: str | Path, one_example_per_line: bool = True) -> str:
     try:
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(_CHUNK), b""):
-                nul = chunk.find(b"\x00")
-                if nul >= 0:
-                    line = lines + chunk.count(b"\n", 0, nul)
-                    raise DataError(f"{path}: line {line}: NUL byte (byte offset {size + nul}); is this a binary file?")
+                if b"\x00" in chunk:  # binary: stop here (a device is never read to its end), naming the first bad byte
+                    decode_text(b"".join(chunks) + chunk, str(path))
                 if one_example_per_line:
                     pieces = chunk.split(b"\n")
                     for number, piece in enumerate(pieces[:-1] if len(pieces) > 1 else []):
@@ -50,13 +48,7 @@ def read_text(path: str | Path, one_example_per_line: bool = True) -> str:
                 lines += chunk.count(b"\n")
     except OSError as err:
         raise DataError(f"{path}: cannot read: {err.strerror}") from None
-    data = b"".join(chunks)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: not UTF-8 text (byte offset {err.start})") from None
-    return text.removeprefix("\ufeff")
+    return decode_text(b"".join(chunks), str(path)).removeprefix("\ufeff")
 
 
 def _rest_of_line(f, path: Path) -> int:

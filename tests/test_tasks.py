@@ -336,7 +336,7 @@ def test_blank_lines_get_an_empty_answer_and_eval_rows_with_empty_text_are_score
     assert evaluate(d / "run", tmp_path / "e.tsv")["count"] == 2
 
 
-def test_sequence_heads_compute_their_scores_in_fp32_under_bf16_autocast():
+def test_sequence_heads_pool_and_score_in_fp32_under_bf16_autocast():
     from bertcli.model import BertConfig, BertForSequenceClassification
 
     model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
@@ -344,4 +344,5 @@ def test_sequence_heads_compute_their_scores_in_fp32_under_bf16_autocast():
     ids = torch.randint(1, 50, (2, 7))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(ids, torch.ones_like(ids))
-    assert out.dtype == torch.float32
+        pooled = model.bert(ids, torch.ones_like(ids)).pooled
+    assert out.dtype == pooled.dtype == torch.float32  # the pooler and the classifier both

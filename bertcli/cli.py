@@ -144,14 +144,43 @@ def pretrain(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optio
     run_pretrain(loaded, out, resume, overwrite, source=recipe, keep_memory=True)
 
 
-@app.command(epilog="Example: bertcli finetune recipes/sentiment-sst2.yaml --set train.epochs=1")
-def finetune(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optional[List[str]] = SetOpt,
+@app.command(epilog="Example: bertcli finetune recipes/sentiment-sst2.yaml --set train.epochs=1\n\n"
+             "A suite: bertcli finetune recipes/glue/*.yaml --set model.init=runs/my-bert --out runs/glue\n\n"
+             "A sweep: bertcli finetune recipes/glue/rte.yaml --sweep train.lr=2e-5,3e-5,5e-5 --sweep train.epochs=2,3 "
+             "--out runs/rte-sweep")
+def finetune(recipes: List[Path] = typer.Argument(..., help="YAML recipe(s) (see recipes/); several make a suite.",
+                                                   show_default=False),
+             out: Optional[Path] = OutOpt, set_: Optional[List[str]] = SetOpt,
+             sweep: Optional[List[str]] = typer.Option(None, "--sweep", help="Run a grid: KEY=V1,V2,... (repeatable; "
+                                                       "one run per combination)."),
              resume: bool = ResumeOpt, overwrite: bool = OverwriteOpt) -> None:
-    """Fine-tune a checkpoint for a task: classify, ner, qa, regression or multilabel (task.name)."""
-    loaded = _load(recipe, set_, "finetune")
-    from bertcli.jobs import finetune as run_finetune
+    """Fine-tune a checkpoint for a task: classify, ner, qa, regression or multilabel (task.name).
 
-    run_finetune(loaded, out, resume, overwrite, source=recipe, keep_memory=True)
+    Several recipes make a suite (GLUE's, say), and --sweep a grid: each run goes into its own
+    sub-directory of --out (named after its recipe, and its values), one after another, and one
+    table ranks them by each recipe's task.headline metrics, as does --out/suite.json. The same
+    command with --resume continues an interrupted suite: finished runs are kept. To spread a
+    sweep over machines, give each machine its own --out and part of the values (--sweep
+    train.lr=2e-5 here, --sweep train.lr=3e-5,5e-5 there): the runs are independent."""
+    if len(recipes) == 1 and not sweep:
+        loaded = _load(recipes[0], set_, "finetune")
+        from bertcli.jobs import finetune as run_finetune
+
+        run_finetune(loaded, out, resume, overwrite, source=recipes[0], keep_memory=True)
+        return
+    from bertcli.suite import plan, render, run_suite
+
+    if out is None:
+        raise BertcliError("a suite or sweep needs --out DIR: each run goes into a sub-directory of it")
+    points = plan(list(recipes), set_ or [], sweep or [])
+    summary = run_suite(points, out, resume, overwrite, keep_memory=True)
+    with _streaming():
+        sys.stdout.write(render(summary))
+        sys.stdout.flush()
+    if summary.get("failed"):
+        first = next(r for r in summary["runs"] if "error" in r)
+        raise BertcliError(f"{summary['failed']} of {len(summary['runs'])} runs failed (the table has the others); "
+                           f"the first, {first['name']}: {first['error']}")
 
 
 @app.command(epilog="Example: bertcli evaluate runs/sst2 --data dev.tsv --out metrics.json")

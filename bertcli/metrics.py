@@ -28,8 +28,11 @@ def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
 # ---------------------------------------------------------------- classification
 
 
-def classification_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict:
-    """accuracy, macro_f1, per_class {label: {precision, recall, f1, support}}, confusion[gold][pred]."""
+def classification_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str],
+                           positive: str | None = None) -> dict:
+    """accuracy, macro_f1, matthews (Matthews correlation, multi-class form: GLUE's CoLA metric), with a
+    `positive` label its precision, recall and f1 (GLUE's MRPC F1), per_class {label: {precision, recall,
+    f1, support}}, confusion[gold][pred]."""
     if len(gold) != len(pred):
         raise ValueError("gold and predicted label lists differ in length")
     confusion = {g: {p: 0 for p in labels} for g in labels}
@@ -44,13 +47,28 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str], labels: Seq
         per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
     correct = sum(g == p for g, p in zip(gold, pred))
     present = [label for label in labels if per_class[label]["support"] or any(p == label for p in pred)]
-    return {
+    metrics = {
         "accuracy": correct / len(gold) if gold else 0.0,
         "macro_f1": sum(per_class[label]["f1"] for label in present) / len(present) if present else 0.0,
-        "per_class": per_class,
-        "confusion": confusion,
-        "count": len(gold),
+        "matthews": matthews(confusion),
     }
+    if positive is not None:
+        metrics.update({k: per_class[positive][k] for k in ("f1", "precision", "recall")})
+    return {**metrics, "per_class": per_class, "confusion": confusion, "count": len(gold)}
+
+
+def matthews(confusion: dict[str, dict[str, int]]) -> float:
+    """Matthews correlation of a confusion matrix (gold -> predicted -> count), in its multi-class
+    form (Gorodkin 2004, as scikit-learn's matthews_corrcoef); 0.0 where it is undefined (one class
+    alone predicted or given)."""
+    labels = list(confusion)
+    total = sum(sum(row.values()) for row in confusion.values())
+    correct = sum(confusion[k][k] for k in labels)
+    given = [sum(confusion[k].values()) for k in labels]
+    predicted = [sum(confusion[g][k] for g in labels) for k in labels]
+    covariance = correct * total - sum(p * t for p, t in zip(predicted, given))
+    spread = (total * total - sum(p * p for p in predicted)) * (total * total - sum(t * t for t in given))
+    return covariance / math.sqrt(spread) if spread > 0 else 0.0
 
 
 # ---------------------------------------------------------------- regression

@@ -485,7 +485,7 @@ def _resolve_packages(recipe: Recipe, problems: list[str]) -> Recipe:
 def _check_values(recipe: Recipe, task_known: bool) -> list[str]:
     """Problems of values, ranges and files. Without a known task (a mistyped task.name) the checks
     that depend on the task are left out: they would speak of a task the user did not choose."""
-    problems: list[str] = recipe.task.problems() if task_known else []
+    problems: list[str] = recipe.task.problems() + recipe.task.headline_problems() if task_known else []
     m, d, t, task = recipe.model, recipe.data, recipe.train, recipe.task
 
     def positive(key: str, value: Optional[float]) -> None:

@@ -41,10 +41,12 @@ OWN = {
     "tokenizer": _TOKENIZER,
     "shards": {"index.json"},
     "report": {"confusion.png", "loss.png", "eval.png"},
+    "suite": {"suite.json"},  # and its runs, each a directory of its own (suite.py)
 }
 _SHARD_FILE = re.compile(r"\d{5}\.(tokens\.bin|sentences\.npy|documents\.npy|words\.bin)")
 WHAT = {"run": "a bertcli run", "tokenizer": "a bertcli tokenizer", "shards": "bertcli token shards",
-        "report": "a bertcli report"}
+        "report": "a bertcli report", "suite": "a bertcli suite or sweep"}
+NESTED = {"suite": ("run", "suite")}  # a suite holds runs (and, for a suite of sweeps, a sweep per recipe)
 
 
 def _named(kind: str, name: str) -> bool:
@@ -77,8 +79,14 @@ def _own_stage(kind: str, entry: Path) -> bool:
         return False
 
 
+def _own_nested(kind: str, entry: Path) -> bool:
+    """A directory of bertcli's own inside one that holds others (a suite's runs): a real directory
+    with the marker of a kind it may hold. It is never removed from outside: its own claim acts on it."""
+    return kind in NESTED and not entry.is_symlink() and entry.is_dir() and marked_kind(entry) in NESTED[kind]
+
+
 def is_own(kind: str, entry: Path) -> bool:
-    return _own_file(kind, entry) or _own_stage(kind, entry)
+    return _own_file(kind, entry) or _own_stage(kind, entry) or _own_nested(kind, entry)
 
 
 def is_leftover(kind: str, entry: Path) -> bool:
@@ -192,7 +200,8 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
         if marked_kind(out) is None:
             atomic_write_text(out / MARKER, json.dumps({"kind": kind, "bertcli_version": __version__}) + "\n")
         for entry in sorted(out.iterdir()):
-            if is_leftover(kind, entry) or (overwrite and entry.name not in (MARKER, LOCK) and is_own(kind, entry)):
+            if is_leftover(kind, entry) or (overwrite and entry.name not in (MARKER, LOCK) and is_own(kind, entry)
+                                            and not _own_nested(kind, entry)):
                 _remove(kind, entry)
         try:
             os.ftruncate(fd, 0)
@@ -241,7 +250,7 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
     if not [n for n in names if n != LOCK or not _own_lock(out)]:  # missing or empty (a lock alone: killed before
         # its marker)
         if resume:
-            raise BertcliError(f"{out}: nothing to resume (no resume.pt)")
+            raise BertcliError(f"{out}: nothing to resume" + (" (no resume.pt)" if kind == "run" else ""))
         return
     found = marked_kind(out)
     if found is None and resume and kind == "run" and "resume.pt" in names and all(
@@ -256,7 +265,7 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
     if found != kind:
         raise BertcliError(f"{out}: holds {WHAT[found]}, not {WHAT[kind]}; choose another --out")
     if not resume and not overwrite:
-        again = " pass --resume to continue it or" if kind == "run" else ""
+        again = " pass --resume to continue it or" if kind in ("run", "suite") else ""
         raise BertcliError(f"{out}: already exists;{again} pass --overwrite to replace it")
     # --resume rewrites bertcli's files (and its side directory); --overwrite removes them all
     foreign = [p.name for p in sorted(out.iterdir())
@@ -266,7 +275,7 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
         flag = "--resume" if resume else replacing
         raise BertcliError(f"{out}: {flag} refused: it holds files bertcli did not write ({shown}); they are "
                            "kept, and so is everything else: move them away, or choose another --out")
-    if resume and "resume.pt" not in names:
+    if resume and kind == "run" and "resume.pt" not in names:
         raise BertcliError(f"{out}: nothing to resume (no resume.pt); start afresh with --overwrite")
 
 

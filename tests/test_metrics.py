@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from bertcli.metrics import classification_metrics, entity_metrics, get_entities, normalize_answer, squad_metrics
@@ -258,3 +260,25 @@ def test_squad_v2_scores_equal_the_official_script():
         ours = squad_v2_metrics(best, margins, golds, threshold)
         reference = _official_v2(dict(enumerate(best)), dict(enumerate(margins)), dict(enumerate(golds)), threshold)
         assert ours == pytest.approx(reference), (trial, best, margins, golds, threshold)
+
+
+def test_matthews_and_positive_class_f1_equal_scikit_learn_on_random_labels():
+    import warnings
+
+    from sklearn.metrics import f1_score, matthews_corrcoef, precision_score, recall_score
+
+    rng = random.Random(7)
+    for _ in range(300):
+        labels = [str(i) for i in range(rng.randint(2, 4))]
+        gold = [rng.choice(labels) for _ in range(rng.randint(1, 40))]
+        pred = [rng.choice(labels) if rng.random() < 0.6 else g for g in gold]
+        if rng.random() < 0.1:
+            pred = [labels[0]] * len(gold)  # one class alone predicted: Matthews is 0 by convention
+        found = classification_metrics(gold, pred, labels, positive=labels[1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert found["matthews"] == pytest.approx(matthews_corrcoef(gold, pred), abs=1e-12)
+            for name, reference in [("f1", f1_score), ("precision", precision_score), ("recall", recall_score)]:
+                expected = reference(gold, pred, labels=[labels[1]], average="micro", zero_division=0)
+                assert found[name] == pytest.approx(expected, abs=1e-12), name
+    assert "f1" not in classification_metrics(["a", "b"], ["a", "a"], ["a", "b"])  # only with a positive label

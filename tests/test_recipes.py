@@ -115,7 +115,7 @@ def test_durations():
         parse_duration("10 minutes")
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("**/*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_recipe_parses(path):
     """Types and keys of every shipped recipe are right; only missing data files may be reported
     (the real data sets live outside the project)."""

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from bertcli.checkpoint import ARCHITECTURES
-from bertcli.errors import RecipeError
+from bertcli.errors import DataError, RecipeError
 from bertcli.evaluate import evaluate
 from bertcli.jobs import finetune, load_for_task
 from bertcli.metrics import multilabel_metrics, regression_metrics
 from bertcli.recipes import load_recipe
 from bertcli.tasks import TASKS
 from bertcli.tasks.base import TaskOptions
+from bertcli.tokenizer import load_tokenizer
 from conftest import ROOT, run_cli, write_recipe
 
 PAIRS = [("the film is wonderful", "the film is great", 4.8), ("a dull plot", "a boring plot", 4.0),
@@ -59,6 +60,12 @@ def test_loading_a_recipe_imports_no_task_code_that_needs_torch(tmp_path):
     ("multilabel", "task.threshold=1.5", "task.threshold: must be between 0 and 1"),
     ("classify", "data.text_column=review", "data.text_column: now task.text_column"),
     ("qa", "data.doc_stride=64", "data.doc_stride: now task.doc_stride"),
+    ("classify", "task.headline=acuracy", "task.headline: 'acuracy' is not an eval metric of classify that ranks runs "
+                                          "(did you mean 'accuracy'?)"),
+    ("classify", "task.headline=[f1,accuracy]", "task.headline: f1, precision and recall are those of "
+                                                "task.positive_label, which is not set"),
+    ("regression", "task.headline=mse", "one of pearson, spearman"),
+    ("classify", "task.columns=[a,a]", "task.columns: column names must be unique"),
 ])
 def test_task_section_is_checked_against_the_chosen_task(tmp_path, tiny_tokenizer_dir, task, override, expected):
     (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\n")
@@ -74,8 +81,8 @@ def test_saved_recipe_holds_only_the_task_s_own_options(tmp_path, tiny_tokenizer
     recipe = write_recipe(tmp_path / "r.yaml", {"name": "regression", "label_column": "label"},
                           {"train": str(tmp_path / "train.tsv")}, {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
     loaded = load_recipe(recipe)
-    assert [f.name for f in dataclasses.fields(loaded.task)] == ["name", "text_column", "text_pair_column",
-                                                                  "label_column"]
+    assert [f.name for f in dataclasses.fields(loaded.task)] == ["name", "headline", "text_column", "text_pair_column",
+                                                                  "label_column", "columns"]
     assert loaded.task.label_column == "label"
 
 
@@ -346,3 +353,18 @@ def test_sequence_heads_pool_and_score_in_fp32_under_bf16_autocast():
         out = model(ids, torch.ones_like(ids))
         pooled = model.bert(ids, torch.ones_like(ids)).pooled
     assert out.dtype == pooled.dtype == torch.float32  # the pooler and the classifier both
+
+
+def test_a_file_without_a_header_row_is_read_by_task_columns(tmp_path, tiny_tokenizer_dir):
+    from bertcli.tasks.classify import ClassifyOptions, ClassifyTask
+
+    (tmp_path / "cola.tsv").write_text("gj04\t1\t\tThe book was read.\ngj04\t0\t*\tRead book the was.\n")
+    options = ClassifyOptions(columns=("source", "label", "mark", "sentence"), text_column="sentence")
+    task = ClassifyTask(load_tokenizer(tiny_tokenizer_dir), options, 16)
+    examples = task.read(tmp_path / "cola.tsv")
+    assert [(e.text, e.label) for e in examples] == [("The book was read.", "1"), ("Read book the was.", "0")]
+    (tmp_path / "bad.tsv").write_text("gj04\t1\tThe book was read.\n")
+    with pytest.raises(DataError, match=r"bad.tsv: line 1: 3 columns, but task.columns names 4"):
+        task.read(tmp_path / "bad.tsv")
+    with pytest.raises(DataError, match="no column 'sentence'"):  # without task.columns the first row is the header
+        ClassifyTask(load_tokenizer(tiny_tokenizer_dir), ClassifyOptions(text_column="sentence"), 16).read(tmp_path / "cola.tsv")

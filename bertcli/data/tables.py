@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from bertcli.errors import DataError
 from bertcli.textio import MAX_LINE_BYTES, decode_text, line_too_long, split_lines
@@ -87,17 +87,21 @@ def _csv_rows(path: str | Path, lines: list[str]) -> Iterator[list[str]]:
         raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({err})") from None
 
 
-def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
+def read_rows(path: str | Path, columns: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
     """(line number, row) pairs. `.jsonl`/`.json` hold one JSON object per line; `.csv` is
-    comma-separated with quoting; anything else is tab-separated without quoting (GLUE)."""
+    comma-separated with quoting; anything else is tab-separated without quoting (GLUE). The first
+    row names the columns, or `columns` does for a file without a header row."""
     text = read_text(path)
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".json"):
+        if columns:
+            raise DataError(f"{path}: JSON lines name their fields; task.columns is for TSV and CSV files without a "
+                            "header row")
         yield from read_jsonl(path, text)
         return
     lines = split_lines(text)
     reader = _csv_rows(path, lines) if suffix == ".csv" else (line.split("\t") for line in lines)  # TSV: no quoting
-    header = None
+    header = list(columns) or None
     for number, fields in enumerate(reader, start=1):
         if header is None:
             header = [h.strip() for h in fields]
@@ -107,7 +111,8 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
         if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue
         if len(fields) != len(header):
-            raise DataError(f"{path}: line {number}: {len(fields)} columns, but the header has {len(header)} "
+            named = "task.columns names" if columns else "the header has"
+            raise DataError(f"{path}: line {number}: {len(fields)} columns, but {named} {len(header)} "
                             f"({', '.join(header)})")
         yield number, dict(zip(header, fields))
     if header is None:

@@ -28,14 +28,37 @@ class TaskOptions:
     class reads the options back from a checkpoint's config.json (bertcli_task)."""
 
     name: str = ""  # each task's class sets its own name as the default
+    # the eval metrics that rank runs in a suite or sweep (their mean, as GLUE averages a task's two
+    # metrics); empty = the task's default_headline
+    headline: tuple[str, ...] = ()
     # the shortest data.max_seq_len the task can work with ([CLS], a token or two, [SEP])
     min_seq_len: ClassVar[int] = 4
     command: ClassVar[str] = "finetune"  # the command that trains the task
     reads_directories: ClassVar[bool] = False  # data.train/eval may name directories (pretraining's shards)
+    metrics: ClassVar[tuple[str, ...]] = ()  # the eval metrics it reports where higher is better: headline's choices
+    default_headline: ClassVar[tuple[str, ...]] = ()
 
     def problems(self) -> list[str]:
         """Values out of range, each as 'task.KEY: what is wrong' (types are checked already)."""
         return []
+
+    def headline_metrics(self) -> tuple[str, ...]:
+        return self.headline or self.default_headline
+
+    def headline_problems(self) -> list[str]:
+        """task.headline names metrics this task reports, each once (checked for every task)."""
+        import difflib
+
+        problems = []
+        for name in self.headline:
+            if name not in self.metrics:
+                close = difflib.get_close_matches(name, self.metrics, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                problems.append(f"task.headline: {name!r} is not an eval metric of {self.name} that ranks runs{hint}; "
+                                f"one of {', '.join(self.metrics)}")
+        if len(set(self.headline)) != len(self.headline):
+            problems.append("task.headline: names a metric twice")
+        return problems
 
     def saved(self) -> dict[str, Any]:
         """What evaluate and predict need to rebuild the task (labels live in id2label)."""

@@ -8,7 +8,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from bertcli.data.tables import read_rows
 from bertcli.errors import DataError
@@ -30,9 +30,27 @@ class ClassifyOptions(TaskOptions):
     text_column: Optional[str] = None
     text_pair_column: Optional[str] = None
     label_column: Optional[str] = None
+    # the column names of a TSV/CSV file without a header row (CoLA's); empty = the first row names them
+    columns: tuple[str, ...] = ()
+    positive_label: Optional[str] = None  # report precision, recall and f1 of this label (GLUE's MRPC F1)
+    metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "matthews", "f1", "precision", "recall")
+    default_headline: ClassVar[tuple[str, ...]] = ("accuracy",)
 
     def problems(self) -> list[str]:
-        return unique_labels(self.labels)
+        problems = unique_labels(self.labels) + column_problems(self.columns)
+        if self.positive_label is None and {"f1", "precision", "recall"} & set(self.headline):
+            problems.append("task.headline: f1, precision and recall are those of task.positive_label, which is not set")
+        if self.positive_label is not None and self.labels and self.positive_label not in self.labels:
+            problems.append(f"task.positive_label: {self.positive_label!r} is not one of task.labels")
+        return problems
+
+
+def column_problems(columns: Sequence[str]) -> list[str]:
+    if any(not c.strip() or "\t" in c for c in columns):
+        return ["task.columns: column names are not empty and hold no tabs"]
+    if len(set(columns)) != len(columns):
+        return ["task.columns: column names must be unique"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -71,7 +89,7 @@ class ClassifyTask(Task):
     def read(self, path: str | Path) -> list[Example]:
         examples = []
         columns = None
-        for number, row in read_rows(path):
+        for number, row in read_rows(path, self.options.columns):
             if columns is None:
                 columns = self._columns(path, number, list(row))
             text_key, pair_key, label_key = columns
@@ -118,6 +136,10 @@ class ClassifyTask(Task):
             source = examples[0].where.rsplit(":", 1)[0]
             raise DataError(f"{source}: every example has the label {labels[0]!r}; a classifier learns from at "
                             "least two labels (or name them all in task.labels)")
+        positive = self.options.positive_label
+        if positive is not None and positive not in labels:
+            raise DataError(f"task.positive_label: {positive!r} is not a label of the training data "
+                            f"({', '.join(labels[:10])})")
         return labels
 
     def check_labels(self, examples: Sequence[Example]) -> None:
@@ -206,4 +228,4 @@ class ClassifyTask(Task):
         self.check_labels(examples)
         gold = [e.label for e in examples]
         pred = [p["label"] if p.get("label") is not None else self.labels[0] for p in predictions]
-        return classification_metrics(gold, pred, self.labels)
+        return classification_metrics(gold, pred, self.labels, self.options.positive_label)

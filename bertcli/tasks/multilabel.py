@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from bertcli.errors import DataError
 from bertcli.metrics import multilabel_metrics
 from bertcli.tasks.base import TaskOptions, unique_labels
-from bertcli.tasks.classify import ClassifyTask, Example, label_order
+from bertcli.tasks.classify import ClassifyTask, Example, column_problems, label_order
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -28,9 +28,13 @@ class MultiLabelOptions(TaskOptions):
     text_column: Optional[str] = None
     text_pair_column: Optional[str] = None
     label_column: Optional[str] = None
+    # the column names of a TSV/CSV file without a header row (CoLA's); empty = the first row names them
+    columns: tuple[str, ...] = ()
+    metrics: ClassVar[tuple[str, ...]] = ("micro_f1", "macro_f1", "exact_match", "micro_precision", "micro_recall")
+    default_headline: ClassVar[tuple[str, ...]] = ("micro_f1",)
 
     def problems(self) -> list[str]:
-        problems = unique_labels(self.labels)
+        problems = unique_labels(self.labels) + column_problems(self.columns)
         if not 0 < self.threshold < 1:
             problems.append(f"task.threshold: must be between 0 and 1 (a probability), got {self.threshold}")
         if not self.label_separator or any(c in self.label_separator for c in "\t\r\n"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from bertcli.data.conll import Sentence, read_ner
 from bertcli.data.windows import best_window, spans
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 class NerOptions(TaskOptions):
     name: str = "ner"
     labels: tuple[str, ...] = ()  # tag names, in head order; empty = "O" and the tags of the training data
+    metrics: ClassVar[tuple[str, ...]] = ("f1", "precision", "recall")
+    default_headline: ClassVar[tuple[str, ...]] = ("f1",)
 
     def problems(self) -> list[str]:
         return unique_labels(self.labels)

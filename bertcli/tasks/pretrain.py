@@ -37,6 +37,8 @@ class PretrainOptions(TaskOptions):
     # [CLS] A [SEP] B [SEP] with a few tokens for each sentence
     min_seq_len: ClassVar[int] = 8
     command: ClassVar[str] = "pretrain"
+    metrics: ClassVar[tuple[str, ...]] = ("mlm_accuracy", "nsp_accuracy", "sop_accuracy")
+    default_headline: ClassVar[tuple[str, ...]] = ("mlm_accuracy",)
     reads_directories: ClassVar[bool] = True
 
     def problems(self) -> list[str]:

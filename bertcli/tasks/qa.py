@@ -52,6 +52,8 @@ class QaOptions(TaskOptions):
     no_answer_threshold: float = 0.0  # SQuAD v2: no answer when its score beats the best span's by more
     with_no_answer: bool = False  # SQuAD v2: may answer "" (also set when the training data has such questions)
     min_seq_len: ClassVar[int] = 12  # [CLS], a question token, [SEP], 8 context tokens, [SEP]
+    metrics: ClassVar[tuple[str, ...]] = ("f1", "exact_match")
+    default_headline: ClassVar[tuple[str, ...]] = ("f1",)
 
     def problems(self) -> list[str]:
         return positive(self, "doc_stride", "max_query_len", "max_answer_len", "n_best")

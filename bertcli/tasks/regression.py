@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from bertcli.errors import DataError
 from bertcli.metrics import regression_metrics
 from bertcli.tasks.base import TaskOptions
-from bertcli.tasks.classify import ClassifyTask, Example
+from bertcli.tasks.classify import ClassifyTask, Example, column_problems
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -24,6 +24,13 @@ class RegressionOptions(TaskOptions):
     text_column: Optional[str] = None
     text_pair_column: Optional[str] = None
     label_column: Optional[str] = None
+    # the column names of a TSV/CSV file without a header row (CoLA's); empty = the first row names them
+    columns: tuple[str, ...] = ()
+    metrics: ClassVar[tuple[str, ...]] = ("pearson", "spearman")
+    default_headline: ClassVar[tuple[str, ...]] = ("pearson",)
+
+    def problems(self) -> list[str]:
+        return column_problems(self.columns)
 
 
 MAX_TARGET = 1e12  # a score's size: its squared error (1e24) and a batch's sum stay far inside float32

@@ -1,0 +1,297 @@
+"""Several fine-tuning runs as one job: a suite (several recipes, such as GLUE's: one run per recipe),
+a sweep (`--sweep KEY=V1,V2,...`: one run per point of the grid), or both (a sweep per recipe).
+
+The runs go into sub-directories of one output directory, one after another: several processes on
+one machine would contend for the same cores. One table ranks them by each recipe's headline metrics
+(task.headline; their mean when there are several, as GLUE counts a task with two metrics) and marks
+the best point of each sweep; suite.json holds the same, rewritten after every run. An interrupted
+suite continues with the same command and --resume: finished runs are kept as they are, an
+interrupted one resumes from its checkpoint, and a run whose saved recipe differs from the one it
+would run now is refused rather than mixed in."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bertcli.errors import BertcliError, Interrupted, RecipeError
+from bertcli.fileio import atomic_write_text, finite_json
+from bertcli.recipes import Recipe, load_recipe, recipe_to_dict
+from bertcli.rundir import check_apart, claim, marked_kind, precheck
+
+SUMMARY = "suite.json"
+MAX_POINTS = 1000  # runs in one grid: beyond any sweep a person means to run one after another
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of the suite."""
+
+    name: str  # its directory, relative to the suite's
+    group: str  # the recipe's name (its file name without .yaml)
+    source: Path  # the recipe file
+    recipe: Recipe
+    values: dict[str, str] = field(default_factory=dict)  # this point's values of the swept keys
+
+
+def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
+    """`KEY=V1,V2,...` options as (key, values) axes, each value as written (a --set value)."""
+    axes: list[tuple[str, list[str]]] = []
+    for item in sweeps:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        choices = [v.strip() for v in values.split(",")]
+        if not sep or not key or not all(choices):
+            raise BertcliError(f"--sweep {item!r}: expected KEY=V1,V2,... (e.g. --sweep train.lr=2e-5,3e-5,5e-5), "
+                               "with no empty value")
+        if key in (k for k, _ in axes):
+            raise BertcliError(f"--sweep {key}: given twice; list all its values in one --sweep")
+        if len(set(choices)) != len(choices):
+            raise BertcliError(f"--sweep {key}: a value is listed twice")
+        axes.append((key, choices))
+    return axes
+
+
+def _point_names(axes: list[tuple[str, list[str]]], grid: list[dict[str, str]]) -> list[str]:
+    """Directory names made of each point's values, `lr=2e-5,epochs=2`: the keys' last parts where they
+    differ (whole keys where not), and characters a file name should not hold replaced by '_'."""
+    leaves = [k.rsplit(".", 1)[-1] for k, _ in axes]
+    short = dict(zip((k for k, _ in axes), leaves if len(set(leaves)) == len(leaves) else [k for k, _ in axes]))
+    names = [",".join(f"{short[k]}={re.sub(r'[^A-Za-z0-9._+-]', '_', v)}" for k, v in values.items())
+             for values in grid]
+    if len(set(names)) != len(names):  # values that differ only in replaced characters
+        names = [f"{i + 1:03d}-{n}" for i, n in enumerate(names)]
+    return names
+
+
+def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[Point]:
+    """Every run of the suite, its recipe loaded and checked now: a problem in any of them is reported
+    before the first run starts (all at once)."""
+    axes = parse_sweeps(sweeps)
+    grid = [dict(zip((k for k, _ in axes), values)) for values in itertools.product(*(v for _, v in axes))]
+    if len(grid) * len(sources) > MAX_POINTS:
+        raise BertcliError(f"--sweep: {len(grid) * len(sources):,} runs; at most {MAX_POINTS:,} in one suite")
+    groups = [Path(s).name.removesuffix(".yaml").removesuffix(".yml") for s in sources]
+    twice = sorted({g for g in groups if groups.count(g) > 1})
+    if twice:
+        raise BertcliError(f"two recipes are named {twice[0]!r}: each runs into a sub-directory named after its "
+                           "file, so their names must differ")
+    names = _point_names(axes, grid)
+    points, errors = [], []
+    for source, group in zip(sources, groups):
+        for values, name in zip(grid, names):
+            try:
+                recipe = load_recipe(source, [*overrides, *(f"{k}={v}" for k, v in values.items())])
+            except RecipeError as err:
+                where = f" (--sweep {', '.join(f'{k}={v}' for k, v in values.items())})" if values else ""
+                errors.append(f"{err}{where}")
+                break  # the same problem would come back at every point
+            if recipe.task.command != "finetune":
+                errors.append(f"{source}: task.name {recipe.task.name} is trained by `bertcli {recipe.task.command}`; "
+                              "a suite holds fine-tuning recipes")
+                break
+            path = "/".join(n for n in (group if len(sources) > 1 else "", name if axes else "") if n)
+            points.append(Point(path, group, Path(source), recipe, values))
+    if errors:
+        raise BertcliError("\n".join(errors))
+    return points
+
+
+def score(point: Point, metrics: dict[str, Any]) -> float | None:
+    """The mean of the point's headline eval metrics (None without them: no eval data)."""
+    values = [metrics.get(f"eval_{m}") for m in point.recipe.task.headline_metrics()]
+    if not values or any(not isinstance(v, (int, float)) for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def _recipe_change(path: Path, recipe: Recipe) -> str | None:
+    """How the recipe saved in a run directory differs from `recipe` ('train.lr: 2e-05 then, 3e-05
+    now'), or None when it is the same (or none was saved yet)."""
+    try:
+        saved = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        return f"its recipe.yaml cannot be read ({err})"
+
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+
+    then, now = flat(saved), flat(recipe_to_dict(recipe))
+    for key in sorted(set(then) | set(now)):
+        if then.get(key) != now.get(key):
+            return f"{key}: {json.dumps(then.get(key))} then, {json.dumps(now.get(key))} now"
+    return None
+
+
+def _action(path: Path, point: Point, resume: bool, overwrite: bool) -> str:
+    """What to do with a run's directory: "new", "resume", "overwrite" or "done" (finished before:
+    kept). Whatever would be refused is refused now, before any run starts."""
+    empty = not path.exists() or (path.is_dir() and not path.is_symlink() and not any(path.iterdir()))
+    if empty:
+        precheck(path, "run")
+        return "new"
+    if overwrite:
+        precheck(path, "run", overwrite=True)
+        return "overwrite"
+    if not resume:
+        precheck(path, "run")  # refuses, saying what is there
+    if marked_kind(path) != "run":
+        precheck(path, "run", resume=True)  # refuses: not a run of bertcli's
+    change = _recipe_change(path, point.recipe)
+    if change is not None:
+        raise BertcliError(f"{path}: was run with another recipe ({change}); run it again with --overwrite, or "
+                           "choose another --out")
+    if (path / "metrics.json").is_file():
+        return "done"
+    if (path / "resume.pt").is_file():
+        precheck(path, "run", resume=True)
+        return "resume"
+    precheck(path, "run", overwrite=True)  # stopped before its first checkpoint: its own files go, it starts again
+    return "overwrite"
+
+
+def run_suite(points: list[Point], out: Path, resume: bool, overwrite: bool, keep_memory: bool = False) -> dict:
+    """Run every point into `out`, one after another; returns the summary written to suite.json."""
+    from bertcli.jobs import finetune, say
+
+    inputs = [("recipe", p.source) for p in points]
+    for p in points:
+        inputs += [("model.init", p.recipe.model.init), ("tokenizer", p.recipe.tokenizer)]
+        inputs += [("data.train", d) for d in p.recipe.data.train] + [("data.eval", d) for d in p.recipe.data.eval]
+    check_apart(out, inputs)
+    precheck(out, "suite", resume, overwrite)
+    actions = [_action(out / p.name, p, resume and (out / p.name).exists(), overwrite) for p in points]
+    earlier = _read_summary(out) if resume else {}
+    rows: list[dict] = []
+    with contextlib.ExitStack() as held:
+        held.enter_context(claim(out, "suite", resume, overwrite))
+        for middle in sorted({str(Path(p.name).parent) for p in points} - {"."}):  # a sweep per recipe
+            path = out / middle
+            again = path.exists() and any(path.iterdir())
+            held.enter_context(claim(path, "suite", resume=again and resume, overwrite=again and overwrite))
+        for number, (point, action) in enumerate(zip(points, actions), start=1):
+            path = out / point.name
+            verb = {"new": "running", "resume": "resuming", "overwrite": "running again", "done": "finished before, kept"}
+            say(f"[{number}/{len(points)}] {point.name}: {verb[action]}")
+            row = {"name": point.name, "recipe": str(point.source), "group": point.group, "values": point.values,
+                   "headline": list(point.recipe.task.headline_metrics())}
+            if action == "done":
+                metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+                row.update(metrics=metrics, seconds=earlier.get(point.name, {}).get("seconds"))
+            else:
+                start = time.perf_counter()
+                try:
+                    metrics = finetune(point.recipe, path, resume=action == "resume", overwrite=action == "overwrite",
+                                       source=point.source, keep_memory=keep_memory)
+                except Interrupted as err:
+                    _write_summary(out, points, rows)
+                    raise Interrupted(f"{err}\nsuite: {number - 1} of {len(points)} runs finished; the same command "
+                                      "with --resume continues it", err.exit_code) from None
+                except BertcliError as err:  # one run's failure (a diverged learning rate, say) ends only that run
+                    say(f"{point.name}: failed: {err}")
+                    row.update(metrics={}, error=str(err))
+                    metrics = None
+                if metrics is not None:
+                    row.update(metrics=metrics)
+                row["seconds"] = time.perf_counter() - start
+            row["score"] = score(point, row["metrics"])
+            rows.append(row)
+            summary = _write_summary(out, points, rows)
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        summary["failed"] = len(failed)
+    return summary
+
+
+def _read_summary(out: Path) -> dict[str, dict]:
+    """The rows of an earlier suite.json by run name (for the times of runs kept as they were)."""
+    try:
+        found = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
+        return {r["name"]: r for r in found["runs"] if isinstance(r, dict) and isinstance(r.get("name"), str)}
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return {}
+
+
+def _write_summary(out: Path, points: list[Point], rows: list[dict]) -> dict:
+    """suite.json: every run so far, the best of each recipe's runs, and the average over recipes of
+    those bests once every recipe has one."""
+    best: dict[str, str] = {}
+    for group in dict.fromkeys(p.group for p in points):
+        scored = [r for r in rows if r["group"] == group and r["score"] is not None]
+        if scored:
+            best[group] = max(scored, key=lambda r: r["score"])["name"]
+    by_name = {r["name"]: r for r in rows}
+    groups = list(dict.fromkeys(p.group for p in points))
+    average = (sum(by_name[best[g]]["score"] for g in groups) / len(groups)) if len(best) == len(groups) else None
+    summary = {"runs": rows, "best": best, "average": average, "planned": len(points)}
+    atomic_write_text(out / SUMMARY, finite_json(summary, indent=2, ensure_ascii=False) + "\n")
+    return summary
+
+
+def render(summary: dict) -> str:
+    """The runs as tables for stdout: each recipe's runs ranked by score (the best marked *), then,
+    for several recipes, the best of each and their average."""
+    import io
+    import shutil
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    terminal = sys.stdout is not None and sys.stdout.isatty()
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=terminal, width=shutil.get_terminal_size().columns if terminal else 120)
+    rows, best = summary["runs"], summary["best"]
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    swept = any(r["values"] for r in rows)
+
+    def metrics_text(row: dict) -> str:
+        if "error" in row:
+            return "failed: " + row["error"].splitlines()[0].split("; ")[0][:100]
+        shown = [f"{m} {row['metrics'][f'eval_{m}']:.4f}" for m in row["headline"] if f"eval_{m}" in row["metrics"]]
+        return "  ".join(shown) or "no eval data"
+
+    def seconds_text(seconds: float | None) -> str:
+        return "" if seconds is None else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+    if swept:
+        for group in groups:
+            table = Table(title=f"{group}: sweep, ranked by {_headline(rows, group)}")
+            for column in ("", "run", "headline metrics", "score", "time"):
+                table.add_column(column, justify="right" if column in ("score", "time") else "left")
+            ranked = sorted((r for r in rows if r["group"] == group),
+                            key=lambda r: (r["score"] is None, -(r["score"] or 0.0)))
+            for r in ranked:
+                table.add_row("*" if best.get(group) == r["name"] else "", r["name"], metrics_text(r),
+                              "" if r["score"] is None else f"{r['score']:.4f}", seconds_text(r["seconds"]))
+            console.print(table)
+    if len(groups) > 1 or not swept:
+        table = Table(title="suite" + (": the best run of each recipe" if swept else ""))
+        for column in ("recipe", "headline metrics", "score", "time"):
+            table.add_column(column, justify="right" if column in ("score", "time") else "left")
+        for group in groups:
+            r = next((x for x in rows if x["name"] == best.get(group)), None) or next(x for x in rows if x["group"] == group)
+            table.add_row(r["name"], metrics_text(r), "" if r["score"] is None else f"{r['score']:.4f}",
+                          seconds_text(r["seconds"]))
+        if summary["average"] is not None:
+            table.add_row("average", "", f"{summary['average']:.4f}",
+                          seconds_text(sum(r["seconds"] or 0.0 for r in rows) if all(r["seconds"] is not None for r in rows) else None))
+        console.print(table)
+    return buffer.getvalue()
+
+
+def _headline(rows: list[dict], group: str) -> str:
+    row = next(r for r in rows if r["group"] == group)
+    return " + ".join(row["headline"]) if len(row["headline"]) < 2 else f"mean of {', '.join(row['headline'])}"

@@ -1,0 +1,184 @@
+"""Suites and sweeps: several fine-tuning runs into one directory, one table, resumable, and as
+careful with the user's files as a single run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bertcli.errors import BertcliError, Interrupted
+from conftest import REVIEWS, ROOT, run_cli, write_recipe
+
+SIMILAR = ("sentence1\tsentence2\tscore\n" + "the film is good\tthe film is fine\t4.5\n"
+           "a dull plot\ti loved it\t0.5\ni hated it\ti hated it\t5.0\nthe plot\ta film\t1.0\n")
+
+
+@pytest.fixture
+def recipes(tmp_path, tiny_tokenizer_dir) -> list[Path]:
+    """Two tiny recipes of different tasks (classification by accuracy, regression by Pearson and
+    Spearman), each trained and scored on its own small file."""
+    (tmp_path / "reviews.tsv").write_text(REVIEWS, encoding="utf-8")
+    (tmp_path / "similar.tsv").write_text(SIMILAR, encoding="utf-8")
+    sentiment = write_recipe(tmp_path / "sentiment.yaml", {"name": "classify"},
+                             {"train": str(tmp_path / "reviews.tsv"), "eval": str(tmp_path / "reviews.tsv"),
+                              "max_seq_len": 16}, {"max_steps": 3}, tokenizer=tiny_tokenizer_dir)
+    similar = write_recipe(tmp_path / "similar.yaml", {"name": "regression", "headline": ["pearson", "spearman"]},
+                           {"train": str(tmp_path / "similar.tsv"), "eval": str(tmp_path / "similar.tsv"),
+                            "max_seq_len": 16}, {"max_steps": 3}, tokenizer=tiny_tokenizer_dir)
+    return [sentiment, similar]
+
+
+def _suite(recipes, out, sets=(), sweeps=(), resume=False, overwrite=False):
+    from bertcli.suite import plan, run_suite
+
+    return run_suite(plan(list(recipes), list(sets), list(sweeps)), out, resume, overwrite)
+
+
+def test_a_suite_runs_each_recipe_into_its_own_directory_and_averages_the_headlines(recipes, tmp_path):
+    from bertcli.suite import render
+
+    summary = _suite(recipes, tmp_path / "suite")
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert list(runs) == ["sentiment", "similar"]
+    for name, run in runs.items():
+        metrics = json.loads((tmp_path / "suite" / name / "metrics.json").read_text())
+        assert run["metrics"] == metrics
+    similar = runs["similar"]["metrics"]
+    assert runs["similar"]["score"] == pytest.approx((similar["eval_pearson"] + similar["eval_spearman"]) / 2)
+    assert runs["sentiment"]["score"] == runs["sentiment"]["metrics"]["eval_accuracy"]
+    assert summary["average"] == pytest.approx((runs["sentiment"]["score"] + runs["similar"]["score"]) / 2)
+    assert json.loads((tmp_path / "suite" / "suite.json").read_text())["average"] == pytest.approx(summary["average"])
+    table = render(summary)
+    assert "sentiment" in table and "average" in table and f"{summary['average']:.4f}" in table
+
+
+def test_a_sweep_runs_the_grid_and_marks_the_best(recipes, tmp_path):
+    summary = _suite(recipes[:1], tmp_path / "sweep", sweeps=["train.lr=1e-5,3e-3", "train.seed=1,2"])
+    names = [r["name"] for r in summary["runs"]]
+    assert names == ["lr=1e-5,seed=1", "lr=1e-5,seed=2", "lr=3e-3,seed=1", "lr=3e-3,seed=2"]
+    for run in summary["runs"]:
+        saved = yaml.safe_load((tmp_path / "sweep" / run["name"] / "recipe.yaml").read_text())["train"]
+        assert (saved["lr"], saved["seed"]) == (float(run["values"]["train.lr"]), int(run["values"]["train.seed"]))
+    best = max(summary["runs"], key=lambda r: r["score"])
+    assert summary["best"] == {"sentiment": best["name"]}
+
+
+def test_an_interrupted_suite_resumes_without_running_finished_runs_again(recipes, tmp_path, monkeypatch):
+    import bertcli.jobs
+
+    real = bertcli.jobs.finetune
+    calls = []
+
+    def interrupted_second(recipe, out, *args, **kwargs):
+        calls.append(out.name)
+        if len(calls) == 2:
+            raise Interrupted("SIGINT at step 1: saved", 130)
+        return real(recipe, out, *args, **kwargs)
+
+    monkeypatch.setattr(bertcli.jobs, "finetune", interrupted_second)
+    with pytest.raises(Interrupted, match="1 of 2 runs finished; the same command with --resume continues it"):
+        _suite(recipes, tmp_path / "suite")
+    assert [r["name"] for r in json.loads((tmp_path / "suite" / "suite.json").read_text())["runs"]] == ["sentiment"]
+    first = (tmp_path / "suite" / "sentiment" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(BertcliError, match="already exists; pass --resume to continue it or pass --overwrite"):
+        _suite(recipes, tmp_path / "suite")
+    summary = _suite(recipes, tmp_path / "suite", resume=True)
+    assert calls == ["sentiment", "similar", "similar"]  # the finished run was kept, not run again
+    assert (tmp_path / "suite" / "sentiment" / "model.safetensors").stat().st_mtime_ns == first
+    assert [r["name"] for r in summary["runs"]] == ["sentiment", "similar"] and summary["average"] is not None
+    with pytest.raises(BertcliError, match=r"was run with another recipe \(train.max_steps: 3 then, 4 now\)"):
+        _suite(recipes, tmp_path / "suite", sets=["train.max_steps=4"], resume=True)
+    summary = _suite(recipes, tmp_path / "suite", sets=["train.max_steps=4"], overwrite=True)
+    assert all(json.loads((tmp_path / "suite" / n / "log.jsonl").read_text().splitlines()[-1])["step"] == 4
+               for n in ("sentiment", "similar"))
+
+
+def test_a_run_that_fails_ends_itself_alone_and_the_suite_with_exit_2(recipes, tmp_path):
+    done = run_cli("finetune", str(recipes[0]), "--out", str(tmp_path / "sweep"), "--sweep", "train.lr=1e-3,1e12")
+    assert done.returncode == 2, done.stderr.decode()[-2000:]
+    assert b"1 of 2 runs failed" in done.stderr and b"lr=1e12" in done.stderr
+    summary = json.loads((tmp_path / "sweep" / "suite.json").read_text())
+    assert summary["best"] == {"sentiment": "lr=1e-3"} and "error" in summary["runs"][1]
+    assert b"lr=1e-3" in done.stdout  # the table of the others
+
+
+def test_nothing_is_run_or_touched_when_one_run_s_directory_is_not_bertcli_s(recipes, tmp_path):
+    out = tmp_path / "suite"
+    _suite(recipes[:1], out, sweeps=["train.seed=1"])
+    (out / "seed=2").mkdir()
+    (out / "seed=2" / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(BertcliError, match="seed=2: --resume refused: the directory was not written by bertcli"):
+        _suite(recipes[:1], out, sweeps=["train.seed=1,2"], resume=True)
+    with pytest.raises(BertcliError, match="holds files bertcli did not write"):
+        _suite(recipes[:1], out, sweeps=["train.seed=1,2"], overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "seed=2" / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").write_text("mine too")  # a file of the user's in the suite itself
+    (out / "seed=2" / "notes.txt").unlink()
+    (out / "seed=2").rmdir()
+    with pytest.raises(BertcliError, match=r"--overwrite refused: it holds files bertcli did not write \(notes.txt\)"):
+        _suite(recipes[:1], out, sweeps=["train.seed=1,2"], overwrite=True)
+    assert not (out / "seed=2").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep", "train.lr"], "--sweep 'train.lr': expected KEY=V1,V2,..."),
+    (["--sweep", "train.lr=1e-3,", ], "with no empty value"),
+    (["--sweep", "train.lr=1,2", "--sweep", "train.lr=3"], "--sweep train.lr: given twice"),
+    (["--sweep", "train.lrr=1,2"], "train.lrr: unknown key (did you mean 'train.lr'?) (--sweep train.lrr=1)"),
+    (["--sweep", "train.lr=-1,2"], "train.lr: must be greater than 0"),
+])
+def test_a_bad_sweep_is_one_message_and_exit_2_before_any_run(recipes, tmp_path, args, message):
+    done = run_cli("finetune", str(recipes[0]), "--out", str(tmp_path / "s"), *args)
+    assert done.returncode == 2 and message in done.stderr.decode(), done.stderr.decode()[-2000:]
+    assert b"Traceback" not in done.stderr and not (tmp_path / "s").exists()
+
+
+def test_suites_refuse_what_they_cannot_run(recipes, tmp_path, tiny_tokenizer_dir):
+    (tmp_path / "corpus.txt").write_text("the film is good.\n\nthe plot is dull.\n")
+    pretraining = write_recipe(tmp_path / "pt.yaml", {"name": "pretrain"}, {"train": str(tmp_path / "corpus.txt")},
+                               {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
+    twin = tmp_path / "other"
+    twin.mkdir()
+    (twin / "sentiment.yaml").write_bytes(recipes[0].read_bytes())
+    for args, message in [
+        ([str(recipes[0]), str(twin / "sentiment.yaml"), "--out", str(tmp_path / "s")], "two recipes are named 'sentiment'"),
+        ([*map(str, recipes)], "a suite or sweep needs --out DIR"),
+        ([*map(str, recipes), "--out", str(tmp_path)], "contains"),  # the recipes and data lie inside it
+        ([str(recipes[0]), str(pretraining), "--out", str(tmp_path / "s")],
+         "is trained by `bertcli pretrain`; a suite holds fine-tuning recipes"),
+    ]:
+        done = run_cli("finetune", *args)
+        assert done.returncode == 2 and message in done.stderr.decode(), (args, done.stderr.decode()[-2000:])
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_suite_then_resume_finishes_it(recipes, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    long = ["--set", "train.max_steps=400", "--set", "train.eval_every=100"]
+    command = [sys.executable, "-m", "bertcli", "finetune", *map(str, recipes), "--out", str(tmp_path / "s"), *long]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    log = tmp_path / "s" / "sentiment" / "log.jsonl"
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and b"the same command with --resume continues it" in err, err.decode()[-2000:]
+    assert (tmp_path / "s" / "sentiment" / "resume.pt").is_file()
+    done = subprocess.run([*command[:-4], "--set", "train.max_steps=6", "--resume"], env=env, capture_output=True,
+                          timeout=300)
+    assert done.returncode == 2 and b"was run with another recipe" in done.stderr  # the budget is part of the recipe
+    done = subprocess.run([*command, "--resume"], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert b"[1/2] sentiment: resuming" in done.stderr
+    assert [r["name"] for r in json.loads((tmp_path / "s" / "suite.json").read_text())["runs"]] == ["sentiment", "similar"]

@@ -12,7 +12,7 @@ import json
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -259,6 +259,20 @@ def load_checkpoint(directory: str | Path, architecture: str | None = None, labe
     report = load_weights(model, state, str(directory))
     model.eval()
     return Checkpoint(model, cfg, tokenizer, architecture, use_labels, report)
+
+
+def keep_layers(ck: Checkpoint, layers: Sequence[int], source: str) -> Checkpoint:
+    """The checkpoint with only the encoder layers `layers` (in order, renumbered from 0), as DistilBERT
+    starts its student from every other layer of its teacher; the embeddings, pooler and head stay."""
+    count = ck.config.num_hidden_layers
+    if any(i >= count for i in layers):
+        raise CheckpointError(f"model.init_layers: {source} has layers 0..{count - 1}, not {max(layers)}")
+    cfg = dataclasses.replace(ck.config, num_hidden_layers=len(layers))
+    trunk = ck.model.bert if hasattr(ck.model, "bert") else ck.model
+    trunk.encoder.layer = nn.ModuleList(trunk.encoder.layer[i] for i in layers)
+    for module in {ck.model, trunk}:
+        module.config = cfg
+    return dataclasses.replace(ck, model=ck.model, config=cfg)
 
 
 def check_tokenizer(tokenizer: WordPieceTokenizer, cfg: BertConfig, source: str) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 from bertcli.checkpoint import (ARCHITECTURES, TRAINING_BYTES_PER_PARAMETER, check_memory, check_tokenizer,
-                                load_checkpoint, read_config, read_labels, save_checkpoint)
+                                keep_layers, load_checkpoint, read_config, read_labels, save_checkpoint)
 from bertcli.errors import BertcliError, CheckpointError
 from bertcli.model import BertConfig
 from bertcli.recipes import Recipe, build_options, dump_recipe
@@ -35,7 +36,8 @@ def output_dir(recipe: Recipe, out: Path | None) -> Path:
 def check_output_apart(recipe: Recipe, out: Path, source: Path | None, resume: bool) -> None:
     """`--out` must not be, hold or lie inside anything the run reads (--resume may read the
     run's own recipe.yaml back)."""
-    inputs = [("recipe", source), ("model.init", recipe.model.init), ("tokenizer", recipe.tokenizer)]
+    inputs = [("recipe", source), ("model.init", recipe.model.init), ("tokenizer", recipe.tokenizer),
+              ("model.teacher", recipe.model.teacher)]
     inputs += [("data.train", p) for p in recipe.data.train] + [("data.eval", p) for p in recipe.data.eval]
     check_apart(out, inputs, own=[out / "recipe.yaml"] if resume else [])
 
@@ -101,15 +103,33 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         _, init_raw = read_config(recipe.model.init)
         task.labels = task.head_labels(read_labels(init_raw, str(Path(recipe.model.init) / "config.json")))
         ck = load_checkpoint(recipe.model.init, architecture=task.architecture, labels=task.labels or None)
+        if recipe.model.init_layers:
+            ck = keep_layers(ck, recipe.model.init_layers, recipe.model.init)
         check_memory(ck.config, recipe.model.init, TRAINING_BYTES_PER_PARAMETER, "to train")
         model, cfg = ck.model, ck.config
         loaded = f"model: {recipe.model.init} ({ck.report.summary()})"
+        if recipe.model.init_layers:
+            loaded += f", its layers {', '.join(map(str, recipe.model.init_layers))} alone"
     else:
         cfg = scratch_model_config(recipe, tokenizer)
         model = ARCHITECTURES[task.architecture](cfg, task.outputs)
         loaded = f"model: new {cfg.num_hidden_layers} x {cfg.hidden_size} BERT"
     check_window(recipe, cfg)
     check_task_segments(task, cfg, str(recipe.model.init or "model"))
+    loss = task.loss
+    if recipe.model.teacher:
+        teacher = load_teacher(recipe, task, cfg)
+        alpha, temperature = recipe.train.distill_alpha, recipe.train.distill_temperature
+        loaded += (f"\nteacher: {recipe.model.teacher} ({teacher.config.num_hidden_layers} x "
+                   f"{teacher.config.hidden_size}), loss {alpha} x soft (T={temperature}) + {1 - alpha:g} x {task.name}")
+
+        def distilled(m, batch, counts):
+            if next(teacher.parameters()).device != batch["input_ids"].device:
+                teacher.to(batch["input_ids"].device)  # where training put the student
+            return task.distilled_loss(m, batch, counts, teacher, alpha, temperature)
+
+        loss = distilled
+
     features = task.encode(train_examples)
     with claim(out, "run", resume, overwrite):
         say(loaded)
@@ -125,13 +145,37 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
                             task=saved_task(task, recipe.data.max_seq_len), problem_type=task.problem_type)
 
         job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features],
-                  collate=task.collate, counts=task.counts, loss=task.loss,
+                  collate=task.collate, counts=task.counts, loss=loss,
                   evaluate=evaluate if eval_examples else None, save=save, recipe=dump_recipe(recipe))
         training_memory(keep_memory)
         metrics = fit(job, recipe.train, out, resume)
         write_metrics(out, metrics)
         say(f"saved: {out}")
     return metrics
+
+
+def load_teacher(recipe: Recipe, task: Task, student: BertConfig):
+    """model.teacher's model, in eval mode: a checkpoint fine-tuned for the same task, with the same labels
+    in the same order and the same tokenizer (it reads the student's token ids), any size."""
+    source = recipe.model.teacher
+    ck, taught = load_for_task(Path(source))
+    if taught.name != task.name:
+        raise CheckpointError(f"model.teacher: {source} is a {taught.name} model; this recipe trains {task.name}")
+    if taught.labels != task.labels and task.needs_labels:
+        raise CheckpointError(f"model.teacher: {source} has the labels {', '.join(taught.labels[:10])}; this run "
+                              f"{', '.join(task.labels[:10])}: a teacher names the same labels in the same order")
+    mine, theirs = (json.loads(t.backend.to_str()) for t in (task.tokenizer, ck.tokenizer))
+    for part in ("normalizer", "pre_tokenizer", "model"):
+        if mine.get(part) != theirs.get(part):
+            raise CheckpointError(f"model.teacher: {source} has another tokenizer ({part}) than the student; the "
+                                  "teacher reads the student's token ids, so both need the same one")
+    if recipe.data.max_seq_len > ck.config.max_position_embeddings:
+        raise CheckpointError(f"model.teacher: {source} reads at most {ck.config.max_position_embeddings} tokens, "
+                              f"data.max_seq_len is {recipe.data.max_seq_len}")
+    if ck.config.type_vocab_size < student.type_vocab_size:
+        raise CheckpointError(f"model.teacher: {source} has {ck.config.type_vocab_size} token type(s), the student "
+                              f"{student.type_vocab_size}")
+    return ck.model.eval()
 
 
 def load_for_task(model_dir: Path):
@@ -168,8 +212,6 @@ def saved_task_options(raw: dict, cls, cfg: BertConfig, source: str):
 
 
 def json_text(value) -> str:
-    import json
-
     return json.dumps(value)[:80]
 
 

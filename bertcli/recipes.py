@@ -37,6 +37,9 @@ class ModelConfig:
     intermediate_size: int = 1024
     max_position: int = 512
     dropout: float = 0.1
+    # start from these layers of model.init alone, renumbered from 0 (DistilBERT's start: every other)
+    init_layers: tuple[int, ...] = ()
+    teacher: Optional[str] = None  # a fine-tuned checkpoint of the same task and labels to distil from
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class TrainConfig:
     save_every: Optional[int] = None
     log_every: int = 10
     group_by_length: bool = True  # batches of like lengths (less padding, faster); false: a plain shuffle
+    # with model.teacher: loss = alpha x soft loss (KL to the teacher at distill_temperature, x T^2)
+    # + (1 - alpha) x the task's loss
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -363,7 +370,8 @@ def _same_type(value: Any, hint: Any) -> bool:
     if origin is Literal:
         return isinstance(value, str)
     if origin is tuple:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+        inner = args[0] if args else str
+        return isinstance(value, list) and all(isinstance(v, inner) and not isinstance(v, bool) for v in value)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -376,7 +384,8 @@ def _type_name(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
-        hint, "a list of strings" if origin is tuple else "one of " + " | ".join(map(str, args)))
+        hint, (f"a list of {'integers' if args and args[0] is int else 'strings'}" if origin is tuple
+               else "one of " + " | ".join(map(str, args))))
 
 
 def build_options(cls: type, raw: dict[str, Any], prefix: str, strict: bool = False) -> tuple[Any, list[str]]:
@@ -404,6 +413,14 @@ def _coerce(value: Any, hint: Any) -> Any:
             hint_text = f" (did you mean '{close[0]}'?)" if close else ""
             raise ValueError(f"expected one of {choices}, got {value!r}{hint_text}")
         return value
+    if origin is tuple and args and args[0] is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value,)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"expected an integer or a list of integers, got {_kind(value)}")
+        return tuple(value)
     if origin is tuple:
         if isinstance(value, str):
             return (value,)
@@ -478,7 +495,8 @@ def _resolve_packages(recipe: Recipe, problems: list[str]) -> Recipe:
             problems.append(f"{key}: {err}")
             return text
 
-    model = dataclasses.replace(recipe.model, init=resolve("model.init", recipe.model.init))
+    model = dataclasses.replace(recipe.model, init=resolve("model.init", recipe.model.init),
+                                teacher=resolve("model.teacher", recipe.model.teacher))
     return dataclasses.replace(recipe, model=model, tokenizer=resolve("tokenizer", recipe.tokenizer))
 
 
@@ -535,6 +553,19 @@ def _check_values(recipe: Recipe, task_known: bool) -> list[str]:
         _check_dir("model.init", m.init, "config.json", problems)
     elif recipe.tokenizer is None:
         problems.append("tokenizer: required when model.init is not set (a directory made by `bertcli tokenize train`)")
+    if m.init_layers:
+        if m.init is None:
+            problems.append("model.init_layers: takes layers of model.init, which is not set")
+        if any(i < 0 for i in m.init_layers) or list(m.init_layers) != sorted(set(m.init_layers)):
+            problems.append(f"model.init_layers: layer numbers from 0, each once, in order, got {list(m.init_layers)}")
+    if m.teacher is not None:
+        _check_dir("model.teacher", m.teacher, "config.json", problems)
+        if task_known and not task.distillable:
+            problems.append(f"model.teacher: {task.name} does not learn from a teacher (classify, ner and qa do)")
+    if not 0 <= t.distill_alpha <= 1:
+        problems.append(f"train.distill_alpha: must be in [0, 1], got {t.distill_alpha}")
+    if not 0 < t.distill_temperature <= 100:
+        problems.append(f"train.distill_temperature: must be greater than 0 and at most 100, got {t.distill_temperature}")
     if recipe.tokenizer is not None:
         _check_dir("tokenizer", recipe.tokenizer, None, problems)
     if not d.train:

@@ -35,6 +35,7 @@ class TaskOptions:
     min_seq_len: ClassVar[int] = 4
     command: ClassVar[str] = "finetune"  # the command that trains the task
     reads_directories: ClassVar[bool] = False  # data.train/eval may name directories (pretraining's shards)
+    distillable: ClassVar[bool] = False  # learns from a teacher's outputs (model.teacher): the task has soft_loss
     metrics: ClassVar[tuple[str, ...]] = ()  # the eval metrics it reports where higher is better: headline's choices
     default_headline: ClassVar[tuple[str, ...]] = ()
 
@@ -73,6 +74,15 @@ def positive(options: TaskOptions, *keys: str) -> list[str]:
         if not 0 < value <= MAX_WINDOW:
             problems.append(f"task.{key}: must be in 1..{MAX_WINDOW:,}, got {value}")
     return problems
+
+
+def kl_sum(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """The summed KL divergence from the teacher's softmax to the student's over the last dimension, at
+    `temperature`, times temperature^2, in fp32."""
+    import torch.nn.functional as F
+
+    return F.kl_div(F.log_softmax(student.float() / temperature, -1), F.log_softmax(teacher.float() / temperature, -1),
+                    reduction="sum", log_target=True) * temperature ** 2
 
 
 def unique_labels(labels: Sequence[str]) -> list[str]:
@@ -138,10 +148,33 @@ class Task(ABC):
     def counts(self, batch: dict[str, Tensor]) -> dict[str, int]:
         """How many targets each loss term has in this batch (examples, labelled tokens, ...)."""
 
-    @abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
         """The summed loss of each term divided by its count over the whole step (all
         micro-batches and processes), so accumulation and DDP give the same mean as one batch."""
+        return self.hard_loss(self.call(model, batch), batch, counts)
+
+    def hard_loss(self, outputs, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+        """The task's loss of the model's outputs against the batch's labels (see `loss`)."""
+        raise NotImplementedError(f"{type(self).__name__} computes its loss in `loss`")
+
+    def soft_loss(self, outputs, teacher: Any, batch: dict[str, Tensor], counts: dict[str, int],
+                  temperature: float) -> Tensor:
+        """The distillation term: KL divergence from the teacher's distributions to the student's at
+        `temperature`, times temperature^2 (Hinton et al.: the gradients keep their scale), over what the
+        task's loss is taken over and divided by the same counts (tasks with `distillable`)."""
+        raise NotImplementedError(f"{self.name} does not learn from a teacher")
+
+    def distilled_loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int], teacher: nn.Module,
+                       alpha: float, temperature: float) -> Tensor:
+        """alpha x soft_loss + (1 - alpha) x the task's loss; the teacher runs on the same batch without
+        gradients, under the same precision (the training step's autocast)."""
+        import torch
+
+        outputs = self.call(model, batch)
+        with torch.no_grad():
+            taught = self.call(teacher, batch)
+        soft = self.soft_loss(outputs, taught, batch, counts, temperature)
+        return alpha * soft + (1 - alpha) * self.hard_loss(outputs, batch, counts)
 
     def call(self, model: nn.Module, batch: dict[str, Tensor]):
         """The model's outputs for one inference batch (a tensor, or a tuple of them), each with the

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 from bertcli.data.tables import read_rows
 from bertcli.errors import DataError
 from bertcli.metrics import classification_metrics
-from bertcli.tasks.base import Task, TaskOptions, unique_labels
+from bertcli.tasks.base import Task, TaskOptions, kl_sum, unique_labels
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -33,6 +33,7 @@ class ClassifyOptions(TaskOptions):
     # the column names of a TSV/CSV file without a header row (CoLA's); empty = the first row names them
     columns: tuple[str, ...] = ()
     positive_label: Optional[str] = None  # report precision, recall and f1 of this label (GLUE's MRPC F1)
+    distillable: ClassVar[bool] = True
     metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "matthews", "f1", "precision", "recall")
     default_headline: ClassVar[tuple[str, ...]] = ("accuracy",)
 
@@ -172,11 +173,14 @@ class ClassifyTask(Task):
     def counts(self, batch: dict[str, Tensor]) -> dict[str, int]:
         return {"examples": len(batch["labels"])}
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+    def hard_loss(self, logits: Tensor, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
         import torch.nn.functional as F
 
-        logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum") / counts["examples"]
+
+    def soft_loss(self, logits: Tensor, teacher: Tensor, batch: dict[str, Tensor], counts: dict[str, int],
+                  temperature: float) -> Tensor:
+        return kl_sum(logits, teacher, temperature) / counts["examples"]  # each example's label distribution
 
     def parse_input(self, text: str, where: str) -> Example:
         if text.startswith("{"):

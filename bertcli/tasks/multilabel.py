@@ -15,7 +15,7 @@ from bertcli.tasks.base import TaskOptions, unique_labels
 from bertcli.tasks.classify import ClassifyTask, Example, column_problems, label_order
 
 if TYPE_CHECKING:
-    from torch import Tensor, nn
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -92,11 +92,10 @@ class MultiLabelTask(ClassifyTask):
         chosen = {index[name] for name in label}
         return [int(i in chosen) for i in range(len(self.labels))]
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+    def hard_loss(self, logits: Tensor, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
         import torch.nn.functional as F
 
-        logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float()
-        total = F.binary_cross_entropy_with_logits(logits, batch["labels"].float(), reduction="sum")
+        total = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].float(), reduction="sum")
         return total / (counts["examples"] * len(self.labels))  # the mean over every (example, label), as transformers'
 
     def decode(self, logits: list[float] | None) -> dict:

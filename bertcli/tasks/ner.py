@@ -13,7 +13,7 @@ from bertcli.data.conll import Sentence, read_ner
 from bertcli.data.windows import best_window, spans
 from bertcli.errors import DataError
 from bertcli.metrics import entity_metrics, get_entities
-from bertcli.tasks.base import Task, TaskOptions, unique_labels
+from bertcli.tasks.base import Task, TaskOptions, kl_sum, unique_labels
 from bertcli.tokenizer import WordPieceTokenizer
 
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 class NerOptions(TaskOptions):
     name: str = "ner"
     labels: tuple[str, ...] = ()  # tag names, in head order; empty = "O" and the tags of the training data
+    distillable: ClassVar[bool] = True
     metrics: ClassVar[tuple[str, ...]] = ("f1", "precision", "recall")
     default_headline: ClassVar[tuple[str, ...]] = ("f1",)
 
@@ -115,12 +116,16 @@ class NerTask(Task):
     def counts(self, batch: dict[str, Tensor]) -> dict[str, int]:
         return {"words": int((batch["labels"] != -100).sum())}
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+    def hard_loss(self, logits: Tensor, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
         import torch.nn.functional as F
 
-        logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
                                reduction="sum") / counts["words"]
+
+    def soft_loss(self, logits: Tensor, teacher: Tensor, batch: dict[str, Tensor], counts: dict[str, int],
+                  temperature: float) -> Tensor:
+        words = batch["labels"] != -100  # the tag distributions of the tokens the loss is taken at: each word's first
+        return kl_sum(logits[words], teacher[words], temperature) / counts["words"]
 
     def _tag_words(self, model: nn.Module, word_lists: Sequence[Sequence[str]], batch_size: int
                    ) -> list[list[tuple[str, float]]]:

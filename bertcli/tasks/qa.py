@@ -16,7 +16,7 @@ from bertcli.data.squad import QaExample, read_squad
 from bertcli.data.windows import best_window, spans
 from bertcli.errors import DataError
 from bertcli.metrics import squad_metrics, squad_v2_metrics
-from bertcli.tasks.base import Task, TaskOptions, positive
+from bertcli.tasks.base import Task, TaskOptions, kl_sum, positive
 from bertcli.tokenizer import WordPieceTokenizer
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class QaOptions(TaskOptions):
     no_answer_threshold: float = 0.0  # SQuAD v2: no answer when its score beats the best span's by more
     with_no_answer: bool = False  # SQuAD v2: may answer "" (also set when the training data has such questions)
     min_seq_len: ClassVar[int] = 12  # [CLS], a question token, [SEP], 8 context tokens, [SEP]
+    distillable: ClassVar[bool] = True
     metrics: ClassVar[tuple[str, ...]] = ("f1", "exact_match")
     default_headline: ClassVar[tuple[str, ...]] = ("f1",)
 
@@ -138,12 +139,20 @@ class QaTask(Task):
     def counts(self, batch: dict[str, Tensor]) -> dict[str, int]:
         return {"windows": len(batch["start_positions"])}
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+    def hard_loss(self, outputs: tuple[Tensor, Tensor], batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
         import torch.nn.functional as F
 
-        start, end = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        start, end = outputs
         total = F.cross_entropy(start.float(), batch["start_positions"], reduction="sum") + \
             F.cross_entropy(end.float(), batch["end_positions"], reduction="sum")
+        return total / (2 * counts["windows"])
+
+    def soft_loss(self, outputs: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor], batch: dict[str, Tensor],
+                  counts: dict[str, int], temperature: float) -> Tensor:
+        """The start and end distributions over each window's tokens (padding left out on both sides)."""
+        pad = batch["attention_mask"] == 0
+        total = sum(kl_sum(s.float().masked_fill(pad, -1e4), t.float().masked_fill(pad, -1e4), temperature)
+                    for s, t in zip(outputs, teacher))
         return total / (2 * counts["windows"])
 
     # ------------------------------------------------------------ prediction

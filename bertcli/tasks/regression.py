@@ -14,7 +14,7 @@ from bertcli.tasks.base import TaskOptions
 from bertcli.tasks.classify import ClassifyTask, Example, column_problems
 
 if TYPE_CHECKING:
-    from torch import Tensor, nn
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,10 @@ class RegressionTask(ClassifyTask):
     def target(self, label: float, index: dict[str, int]) -> float:
         return label
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+    def hard_loss(self, outputs: Tensor, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
         import torch.nn.functional as F
 
-        values = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float().squeeze(-1)
-        return F.mse_loss(values, batch["labels"].float(), reduction="sum") / counts["examples"]
+        return F.mse_loss(outputs.float().squeeze(-1), batch["labels"].float(), reduction="sum") / counts["examples"]
 
     def decode(self, logits: list[float] | None) -> dict:
         return {"value": None if logits is None else round(logits[0], 6)}

@@ -179,6 +179,7 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
         raise BertcliError("--resume and --overwrite exclude each other")
     if not wait:  # (bertcli's own cache waits for its writer and looks only then)
         _refuse_if_locked(out)
+        _refuse_inside_running_suite(out)
         _check_state(out, kind, resume, overwrite, replacing)  # before anything is created
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -219,6 +220,7 @@ def precheck(out: Path, kind: str, resume: bool = False, overwrite: bool = False
     if resume and overwrite:
         raise BertcliError("--resume and --overwrite exclude each other")
     _refuse_if_locked(out)
+    _refuse_inside_running_suite(out)
     _check_state(out, kind, resume, overwrite, replacing)
 
 
@@ -236,6 +238,36 @@ def _refuse_if_locked(out: Path) -> None:
         _lock(fd, out, wait=False)
     finally:
         os.close(fd)  # releases the trial lock
+
+
+def _holder(directory: Path) -> int:
+    """The pid written into a directory's lock by the process that holds it (0 when unknown)."""
+    try:
+        fd = os.open(directory / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        return int(os.pread(fd, 32, 0).strip() or b"0")
+    except (OSError, ValueError):
+        return 0
+    finally:
+        os.close(fd)
+
+
+def _refuse_inside_running_suite(out: Path) -> None:
+    """A directory inside a suite that another process is running is that suite's to write (its lock
+    covers its runs): a second command there would change a run under the suite's feet."""
+    for parent in out.parents[:2]:  # a suite's run, or a run of a sweep inside a suite
+        if marked_kind(parent) != "suite" or not _own_lock(parent):
+            continue
+        holder = _holder(parent)
+        if holder == os.getpid():
+            return  # this process is the suite: the run is one of its own
+        try:
+            _refuse_if_locked(parent)
+        except BertcliError:
+            raise BertcliError(f"{out}: lies in the suite {parent}, which another bertcli process (pid {holder or 'unknown'}) "
+                               "is running; wait for it to end, or choose another --out") from None
 
 
 def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing: str = "--overwrite") -> None:

@@ -12,9 +12,12 @@ would run now is refused rather than mixed in."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
+import math
 import json
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +29,11 @@ from bertcli.errors import BertcliError, Interrupted, RecipeError
 from bertcli.fileio import atomic_write_text, finite_json
 from bertcli.recipes import Recipe, load_recipe, recipe_to_dict
 from bertcli.rundir import check_apart, claim, marked_kind, precheck
+from bertcli.textio import is_stream
 
 SUMMARY = "suite.json"
 MAX_POINTS = 1000  # runs in one grid: beyond any sweep a person means to run one after another
+MAX_NAME = 120  # characters of a run's directory name made of its values (longer ones end in a hash)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ def _point_names(axes: list[tuple[str, list[str]]], grid: list[dict[str, str]]) 
     short = dict(zip((k for k, _ in axes), leaves if len(set(leaves)) == len(leaves) else [k for k, _ in axes]))
     names = [",".join(f"{short[k]}={re.sub(r'[^A-Za-z0-9._+-]', '_', v)}" for k, v in values.items())
              for values in grid]
+    names = [n if len(n) <= MAX_NAME else f"{n[:MAX_NAME - 13]}-{hashlib.sha256(n.encode()).hexdigest()[:12]}"
+             for n in names]  # a file name holds 255 bytes
     if len(set(names)) != len(names):  # values that differ only in replaced characters
         names = [f"{i + 1:03d}-{n}" for i, n in enumerate(names)]
     return names
@@ -76,10 +83,20 @@ def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[P
     """Every run of the suite, its recipe loaded and checked now: a problem in any of them is reported
     before the first run starts (all at once)."""
     axes = parse_sweeps(sweeps)
+    runs = len(sources) * math.prod(len(v) for _, v in axes)
+    if runs > MAX_POINTS:
+        raise BertcliError(f"--sweep: {runs:,} runs; at most {MAX_POINTS:,} in one suite")
     grid = [dict(zip((k for k, _ in axes), values)) for values in itertools.product(*(v for _, v in axes))]
-    if len(grid) * len(sources) > MAX_POINTS:
-        raise BertcliError(f"--sweep: {len(grid) * len(sources):,} runs; at most {MAX_POINTS:,} in one suite")
     groups = [Path(s).name.removesuffix(".yaml").removesuffix(".yml") for s in sources]
+    odd = next((g for g in groups if not g or g.startswith(".") or g == SUMMARY or len(g) > MAX_NAME), None)
+    if odd is not None and len(sources) > 1:
+        raise BertcliError(f"a recipe named {odd!r} cannot name a run's directory in a suite (an empty name, one "
+                           f"starting with '.', {SUMMARY} or over {MAX_NAME} characters); rename the file")
+    if len(grid) > 1:
+        stream = next((s for s in sources if is_stream(Path(s))), None)
+        if stream is not None:
+            raise BertcliError(f"{stream}: a pipe can be read only once, and a sweep reads its recipe once per run; "
+                               "save it to a file first")
     twice = sorted({g for g in groups if groups.count(g) > 1})
     if twice:
         raise BertcliError(f"two recipes are named {twice[0]!r}: each runs into a sub-directory named after its "
@@ -135,9 +152,21 @@ def _recipe_change(path: Path, recipe: Recipe) -> str | None:
     return None
 
 
-def _action(path: Path, point: Point, resume: bool, overwrite: bool) -> str:
+def real_directories(path: Path, out: Path) -> None:
+    """A run's directory, and the sweep's directory above it, are real directories when they exist: a
+    symbolic link would lead bertcli's writes, and removals, to a place it did not make."""
+    for p in (path, *path.parents[:len(path.relative_to(out).parts) - 1]):
+        if p.is_symlink():
+            raise BertcliError(f"{p}: is a symbolic link; a suite writes its runs into directories of its own, so "
+                               "bertcli will not follow it: move it away, or choose another --out")
+        if p.exists() and not p.is_dir():
+            raise BertcliError(f"{p}: exists and is not a directory")
+
+
+def _action(path: Path, out: Path, point: Point, resume: bool, overwrite: bool) -> str:
     """What to do with a run's directory: "new", "resume", "overwrite" or "done" (finished before:
     kept). Whatever would be refused is refused now, before any run starts."""
+    real_directories(path, out)
     empty = not path.exists() or (path.is_dir() and not path.is_symlink() and not any(path.iterdir()))
     if empty:
         precheck(path, "run")
@@ -163,7 +192,20 @@ def _action(path: Path, point: Point, resume: bool, overwrite: bool) -> str:
 
 
 def run_suite(points: list[Point], out: Path, resume: bool, overwrite: bool, keep_memory: bool = False) -> dict:
-    """Run every point into `out`, one after another; returns the summary written to suite.json."""
+    """Run every point into `out`, one after another; returns the summary written to suite.json. Ctrl-C or
+    SIGTERM, whenever it comes, stops the suite with its runs so far kept: during a run's training, at
+    its next step with its checkpoint saved; while a run is being prepared, after its first step; between
+    runs, before the next one."""
+    from bertcli.train import StopRequest
+
+    stop = StopRequest()
+    try:
+        return _run_all(points, out, resume, overwrite, keep_memory, stop)
+    finally:
+        stop.release()
+
+
+def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep_memory: bool, stop) -> dict:
     from bertcli.jobs import finetune, say
 
     inputs = [("recipe", p.source) for p in points]
@@ -172,7 +214,7 @@ def run_suite(points: list[Point], out: Path, resume: bool, overwrite: bool, kee
         inputs += [("data.train", d) for d in p.recipe.data.train] + [("data.eval", d) for d in p.recipe.data.eval]
     check_apart(out, inputs)
     precheck(out, "suite", resume, overwrite)
-    actions = [_action(out / p.name, p, resume and (out / p.name).exists(), overwrite) for p in points]
+    actions = [_action(out / p.name, out, p, resume and (out / p.name).exists(), overwrite) for p in points]
     earlier = _read_summary(out) if resume else {}
     rows: list[dict] = []
     with contextlib.ExitStack() as held:
@@ -182,6 +224,11 @@ def run_suite(points: list[Point], out: Path, resume: bool, overwrite: bool, kee
             again = path.exists() and any(path.iterdir())
             held.enter_context(claim(path, "suite", resume=again and resume, overwrite=again and overwrite))
         for number, (point, action) in enumerate(zip(points, actions), start=1):
+            if stop.is_set():
+                _write_summary(out, points, rows)
+                raise Interrupted(f"{signal.Signals(stop.signum).name} before {point.name}\nsuite: {number - 1} of "
+                                  f"{len(points)} runs finished; the same command with --resume continues it",
+                                  128 + stop.signum)
             path = out / point.name
             verb = {"new": "running", "resume": "resuming", "overwrite": "running again", "done": "finished before, kept"}
             say(f"[{number}/{len(points)}] {point.name}: {verb[action]}")

@@ -169,12 +169,14 @@ def _progress(total: int | None, enabled: bool):
                     disable=not (enabled and console.is_terminal)), console
 
 
-class _StopRequest:
+class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM (how schedulers such as SLURM, Kubernetes and systemd stop a job)
     during training sets a flag that the loop reads after each step (a KeyboardInterrupt raised at a
     random point can be swallowed, e.g. inside a finalizer). A second signal interrupts at once,
     except while the resumable checkpoint is being written (`saving`); once the final checkpoint is
-    written (`urgent`), the first signal interrupts the final evaluation at once."""
+    written (`urgent`), the first signal interrupts the final evaluation at once. A request made inside
+    another (a suite's, around its runs) starts with the signal that one already caught: a Ctrl-C
+    while a run was being prepared stops it after its first step."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -186,6 +188,9 @@ class _StopRequest:
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
+            outer = getattr(self._previous.get(signal.SIGINT), "__self__", None)
+            if isinstance(outer, StopRequest):
+                self.signum = outer.signum
 
     def _handle(self, signum, frame) -> None:
         first = self.signum is None
@@ -411,7 +416,7 @@ def _checkpoint(run: _Run) -> None:
     run.window.paused += time.perf_counter() - began
 
 
-def _train(run: _Run, ctrl_c: _StopRequest) -> None:
+def _train(run: _Run, ctrl_c: StopRequest) -> None:
     """Steps until max_steps, epochs or the time budget ends the run, with the evaluations and
     checkpoints that eval_every and save_every ask for. A signal ends it after the current step."""
     cfg, pos = run.cfg, run.pos
@@ -455,7 +460,7 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
     run = _start(job, cfg, out, resume)
     run.model.train()
     saved = False
-    ctrl_c = _StopRequest()
+    ctrl_c = StopRequest()
     try:
         with run.progress:
             _train(run, ctrl_c)

@@ -182,3 +182,71 @@ def test_ctrl_c_in_a_suite_then_resume_finishes_it(recipes, tmp_path):
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert b"[1/2] sentiment: resuming" in done.stderr
     assert [r["name"] for r in json.loads((tmp_path / "s" / "suite.json").read_text())["runs"]] == ["sentiment", "similar"]
+
+
+def test_a_run_directory_that_is_a_symbolic_link_is_refused_even_on_resume(recipes, tmp_path):
+    out = tmp_path / "sweep"
+    _suite(recipes[:1], out, sweeps=["train.seed=1,2"])
+    elsewhere = tmp_path / "precious"
+    (out / "seed=2").rename(elsewhere)  # a run of bertcli's, now outside the suite, and a link in its place
+    (out / "seed=2").symlink_to(elsewhere)
+    (elsewhere / "metrics.json").unlink()
+    before = {p.name: p.read_bytes() for p in elsewhere.iterdir() if p.is_file()}
+    with pytest.raises(BertcliError, match="seed=2: is a symbolic link"):
+        _suite(recipes[:1], out, sweeps=["train.seed=1,2"], resume=True)
+    with pytest.raises(BertcliError, match=r"--overwrite refused: it holds files bertcli did not write \(seed=2\)"):
+        _suite(recipes[:1], out, sweeps=["train.seed=1,2"], overwrite=True)
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir() if p.is_file()} == before
+
+
+def test_names_and_sizes_a_suite_cannot_hold_are_refused_at_once(recipes, tmp_path):
+    from bertcli.suite import MAX_NAME, plan
+
+    long_value = "0" * 300 + "2"  # a valid seed, too long for a file name as it is
+    points = plan(recipes[:1], [], [f"train.seed=1,{long_value}"])
+    assert len(points[1].name) <= MAX_NAME and points[1].name.startswith("seed=000")
+    values = ",".join(map(str, range(1, 11)))
+    axes = [f"{key}={values}" for key in ("train.seed", "train.max_steps", "train.batch_size", "train.log_every",
+                                          "train.grad_accum", "train.eval_every", "train.save_every", "model.num_layers")]
+    with pytest.raises(BertcliError, match="100,000,000 runs; at most 1,000"):  # (the grid itself would not fit)
+        plan(recipes[:1], [], axes)
+    odd = tmp_path / "suite.json.yaml"
+    odd.write_bytes(recipes[0].read_bytes())
+    with pytest.raises(BertcliError, match="a recipe named 'suite.json' cannot name a run's directory"):
+        plan([odd, recipes[1]], [], [])
+
+
+def test_a_stop_request_inside_another_starts_with_its_signal():
+    from bertcli.train import StopRequest
+
+    outer = StopRequest()
+    try:
+        fresh = StopRequest()
+        assert not fresh.is_set()
+        fresh.release()
+        outer._handle(signal.SIGTERM, None)  # Ctrl-C or SIGTERM between a suite's runs, or while one is prepared
+        inner = StopRequest()
+        assert inner.signum == signal.SIGTERM  # the run then stops after its first step
+        inner.release()
+        assert signal.getsignal(signal.SIGINT) == outer._handle
+    finally:
+        outer.release()
+
+
+def test_a_single_run_into_a_running_suite_is_refused(recipes, tmp_path):
+    from bertcli.rundir import claim
+
+    out = tmp_path / "suite"
+    _suite(recipes[:1], out, sweeps=["train.seed=1,2"])
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            f"from bertcli.rundir import claim; c = claim(Path({str(out)!r}), 'suite', resume=True); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        with pytest.raises(BertcliError, match=rf"lies in the suite .*, which another bertcli process \(pid {holder.pid}\)"):
+            claim(out / "seed=2", "run", resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    claim(out / "seed=2", "run", resume=True).release()  # once the suite has ended

@@ -33,13 +33,17 @@ def output_dir(recipe: Recipe, out: Path | None) -> Path:
     return Path(out if out is not None else recipe.output)
 
 
+def recipe_inputs(recipe: Recipe, source: Path | None) -> list[tuple[str, str | Path | None]]:
+    """Everything a run of the recipe reads, by key."""
+    inputs = [("recipe", source), ("model.init", recipe.model.init), ("tokenizer", recipe.tokenizer),
+              ("model.teacher", recipe.model.teacher)]
+    return inputs + [("data.train", p) for p in recipe.data.train] + [("data.eval", p) for p in recipe.data.eval]
+
+
 def check_output_apart(recipe: Recipe, out: Path, source: Path | None, resume: bool) -> None:
     """`--out` must not be, hold or lie inside anything the run reads (--resume may read the
     run's own recipe.yaml back)."""
-    inputs = [("recipe", source), ("model.init", recipe.model.init), ("tokenizer", recipe.tokenizer),
-              ("model.teacher", recipe.model.teacher)]
-    inputs += [("data.train", p) for p in recipe.data.train] + [("data.eval", p) for p in recipe.data.eval]
-    check_apart(out, inputs, own=[out / "recipe.yaml"] if resume else [])
+    check_apart(out, recipe_inputs(recipe, source), own=[out / "recipe.yaml"] if resume else [])
 
 
 def recipe_tokenizer(recipe: Recipe) -> WordPieceTokenizer:
@@ -103,13 +107,12 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         _, init_raw = read_config(recipe.model.init)
         task.labels = task.head_labels(read_labels(init_raw, str(Path(recipe.model.init) / "config.json")))
         ck = load_checkpoint(recipe.model.init, architecture=task.architecture, labels=task.labels or None)
-        if recipe.model.init_layers:
-            ck = keep_layers(ck, recipe.model.init_layers, recipe.model.init)
-        check_memory(ck.config, recipe.model.init, TRAINING_BYTES_PER_PARAMETER, "to train")
-        model, cfg = ck.model, ck.config
         loaded = f"model: {recipe.model.init} ({ck.report.summary()})"
         if recipe.model.init_layers:
+            ck = keep_layers(ck, recipe.model.init_layers, recipe.model.init)
             loaded += f", its layers {', '.join(map(str, recipe.model.init_layers))} alone"
+        check_memory(ck.config, recipe.model.init, TRAINING_BYTES_PER_PARAMETER, "to train")
+        model, cfg = ck.model, ck.config
     else:
         cfg = scratch_model_config(recipe, tokenizer)
         model = ARCHITECTURES[task.architecture](cfg, task.outputs)

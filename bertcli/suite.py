@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import math
 import json
+import math
 import re
 import signal
 import time
@@ -167,7 +167,7 @@ def _action(path: Path, out: Path, point: Point, resume: bool, overwrite: bool) 
     """What to do with a run's directory: "new", "resume", "overwrite" or "done" (finished before:
     kept). Whatever would be refused is refused now, before any run starts."""
     real_directories(path, out)
-    empty = not path.exists() or (path.is_dir() and not path.is_symlink() and not any(path.iterdir()))
+    empty = not path.exists() or not any(path.iterdir())  # (a real directory: checked above)
     if empty:
         precheck(path, "run")
         return "new"
@@ -206,13 +206,9 @@ def run_suite(points: list[Point], out: Path, resume: bool, overwrite: bool, kee
 
 
 def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep_memory: bool, stop) -> dict:
-    from bertcli.jobs import finetune, say
+    from bertcli.jobs import finetune, recipe_inputs, say
 
-    inputs = [("recipe", p.source) for p in points]
-    for p in points:
-        inputs += [("model.init", p.recipe.model.init), ("tokenizer", p.recipe.tokenizer)]
-        inputs += [("data.train", d) for d in p.recipe.data.train] + [("data.eval", d) for d in p.recipe.data.eval]
-    check_apart(out, inputs)
+    check_apart(out, [item for p in points for item in recipe_inputs(p.recipe, p.source)])
     precheck(out, "suite", resume, overwrite)
     actions = [_action(out / p.name, out, p, resume and (out / p.name).exists(), overwrite) for p in points]
     earlier = _read_summary(out) if resume else {}
@@ -240,8 +236,9 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
             else:
                 start = time.perf_counter()
                 try:
-                    metrics = finetune(point.recipe, path, resume=action == "resume", overwrite=action == "overwrite",
-                                       source=point.source, keep_memory=keep_memory)
+                    row["metrics"] = finetune(point.recipe, path, resume=action == "resume",
+                                              overwrite=action == "overwrite", source=point.source,
+                                              keep_memory=keep_memory)
                 except Interrupted as err:
                     _write_summary(out, points, rows)
                     raise Interrupted(f"{err}\nsuite: {number - 1} of {len(points)} runs finished; the same command "
@@ -249,9 +246,6 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
                 except BertcliError as err:  # one run's failure (a diverged learning rate, say) ends only that run
                     say(f"{point.name}: failed: {err}")
                     row.update(metrics={}, error=str(err))
-                    metrics = None
-                if metrics is not None:
-                    row.update(metrics=metrics)
                 row["seconds"] = time.perf_counter() - start
             row["score"] = score(point, row["metrics"])
             rows.append(row)
@@ -274,14 +268,14 @@ def _read_summary(out: Path) -> dict[str, dict]:
 def _write_summary(out: Path, points: list[Point], rows: list[dict]) -> dict:
     """suite.json: every run so far, the best of each recipe's runs, and the average over recipes of
     those bests once every recipe has one."""
-    best: dict[str, str] = {}
-    for group in dict.fromkeys(p.group for p in points):
+    groups = list(dict.fromkeys(p.group for p in points))
+    best: dict[str, dict] = {}
+    for group in groups:
         scored = [r for r in rows if r["group"] == group and r["score"] is not None]
         if scored:
-            best[group] = max(scored, key=lambda r: r["score"])["name"]
-    by_name = {r["name"]: r for r in rows}
-    groups = list(dict.fromkeys(p.group for p in points))
-    average = (sum(by_name[best[g]]["score"] for g in groups) / len(groups)) if len(best) == len(groups) else None
+            best[group] = max(scored, key=lambda r: r["score"])
+    average = sum(r["score"] for r in best.values()) / len(groups) if len(best) == len(groups) else None
+    best = {group: r["name"] for group, r in best.items()}
     summary = {"runs": rows, "best": best, "average": average, "planned": len(points)}
     atomic_write_text(out / SUMMARY, finite_json(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
@@ -341,4 +335,4 @@ def render(summary: dict) -> str:
 
 def _headline(rows: list[dict], group: str) -> str:
     row = next(r for r in rows if r["group"] == group)
-    return " + ".join(row["headline"]) if len(row["headline"]) < 2 else f"mean of {', '.join(row['headline'])}"
+    return row["headline"][0] if len(row["headline"]) == 1 else f"mean of {', '.join(row['headline'])}"

@@ -71,6 +71,24 @@ def test_a_sweep_runs_the_grid_and_marks_the_best(recipes, tmp_path):
     assert summary["best"] == {"sentiment": best["name"]}
 
 
+def test_the_best_run_of_each_recipe_and_their_average_are_marked(recipes, tmp_path):
+    """Distinct scores (the tiny runs above often tie): the best is the highest, the average is GLUE's."""
+    from bertcli.suite import _write_summary, plan, render
+
+    points = plan(recipes, [], ["train.seed=1,2,3"])
+    rows = [{"name": p.name, "group": p.group, "values": p.values, "headline": ["accuracy"], "seconds": 1.0,
+             "metrics": {"eval_accuracy": score} if score is not None else {}, "score": score}
+            for p, score in zip(points, [0.2, 0.7, None, 0.5, 0.1, 0.3])]
+    (tmp_path / "s").mkdir()
+    summary = _write_summary(tmp_path / "s", points, rows)
+    assert summary["best"] == {"sentiment": "sentiment/seed=2", "similar": "similar/seed=1"}
+    assert summary["average"] == pytest.approx((0.7 + 0.5) / 2)
+    table = render(summary)
+    marked = [line for line in table.splitlines() if "*" in line]
+    assert len(marked) == 2 and "seed=2" in marked[0] and "0.7000" in marked[0] and "similar/seed=1" in marked[1]
+    assert _write_summary(tmp_path / "s", points, rows[:3])["average"] is None  # a recipe without a score yet
+
+
 def test_an_interrupted_suite_resumes_without_running_finished_runs_again(recipes, tmp_path, monkeypatch):
     import bertcli.jobs
 

@@ -330,7 +330,7 @@ class PretrainTask(Task):
     def parse_input(self, text: str, where: str) -> str:
         if not text.strip():
             return ""  # a blank line gets the empty answer, as with every task
-        if self.tokenizer.backend.token_to_id(MASK) is None or MASK not in text:
+        if MASK not in text:  # (the tokenizer has the token: the constructor checked)
             raise DataError(f"{where}: no {MASK} in the line: a pretrained model fills in the {MASK} tokens of "
                             f"each line, e.g. 'Paris is the capital of {MASK}.'")
         return text
@@ -358,16 +358,15 @@ class PretrainTask(Task):
         real = [i for i, text in enumerate(examples) if text]
         encodings = self.tokenizer.encode_truncated([examples[i] for i in real], self.max_seq_len)
         outputs = self.run(model, [{"input_ids": e.ids, "token_type_ids": e.type_ids} for e in encodings], batch_size)
-        for i, enc, (scores, ids) in zip(real, encodings, outputs):
+        for line, enc, (scores, ids) in zip(real, encodings, outputs):
             filled, masks = list(enc.ids), []
-            for p in (p for p, i in enumerate(enc.ids) if i == self.tokenizer.mask_id):
-                candidates = [{"token": self.tokenizer.backend.id_to_token(int(i)), "score": round(float(s), 6)}
-                              for s, i in zip(scores[p], ids[p])]
-                masks.append(candidates)
+            for p in (p for p, token in enumerate(enc.ids) if token == self.tokenizer.mask_id):
+                masks.append([{"token": self.tokenizer.backend.id_to_token(int(t)), "score": round(float(s), 6)}
+                              for s, t in zip(scores[p], ids[p])])
                 filled[p] = int(ids[p][0])
-            results[i] = {"text": self.tokenizer.backend.decode(filled), "masks": masks}
+            results[line] = {"text": self.tokenizer.backend.decode(filled), "masks": masks}
             if enc.overflowing:
-                results[i]["truncated"] = True  # longer than max_seq_len: masks past it are not filled
+                results[line]["truncated"] = True  # longer than max_seq_len: masks past it are not filled
         return results
 
 

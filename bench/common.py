@@ -64,3 +64,21 @@ def sst2_dev(model: Path) -> tuple[list[str], list[str]]:
     rows = [line.split("\t") for line in dev_file.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
     names = json.loads((model / "config.json").read_text())["id2label"]
     return [r[0] for r in rows], [names.get(r[1], r[1]) for r in rows]  # label ids in the data -> the model's names
+
+
+def timed(cmd: list[str], text: str) -> tuple[float, list[dict], str]:
+    """A whole process, start to exit, fed `text` on stdin: (seconds, its JSON lines, its stderr)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, input=text.encode(), capture_output=True, env=env)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:6])} failed:\n{done.stderr.decode()[-2000:]}")
+    return seconds, [json.loads(line) for line in done.stdout.decode().splitlines()], done.stderr.decode()
+
+
+def accuracy(answers: list[dict], gold: list[str]) -> float:
+    return sum(a["label"] == g for a, g in zip(answers, gold)) / len(gold)
+

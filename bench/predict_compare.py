@@ -19,16 +19,12 @@ Without --model it first fine-tunes a quick SST-2 model (200 steps). Needs trans
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, emit, machine, note, quick_model, sst2_dev  # noqa: E402
+from common import accuracy, emit, machine, note, quick_model, sst2_dev, timed  # noqa: E402
 
 HF_PIPELINE = """
 import json, sys
@@ -46,23 +42,9 @@ load_file(sys.argv[1] + "/model.safetensors")
 """
 
 
-def timed(cmd: list[str], text: str) -> tuple[float, list[dict]]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
-    start = time.perf_counter()
-    done = subprocess.run(cmd, input=text.encode(), capture_output=True, env=env)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(cmd[:4])} failed:\n{done.stderr.decode()[-2000:]}")
-    return seconds, [json.loads(line) for line in done.stdout.decode().splitlines()]
-
-
 def best_of(runs: int, cmd: list[str], text: str) -> tuple[float, list[dict]]:
     results = [timed(cmd, text) for _ in range(runs)]
     return min(r[0] for r in results), results[0][1]
-
-
-def accuracy(answers: list[dict], gold: list[str]) -> float:
-    return sum(a["label"] == g for a, g in zip(answers, gold)) / len(gold)
 
 
 def main() -> None:
@@ -95,7 +77,7 @@ def main() -> None:
                 runs["transformers_pipeline_default"] = hf  # batch 1: too slow for the long file on 2 cores
             figures = {}
             for side, cmd in runs.items():
-                seconds, answers = timed(cmd, text)
+                seconds, answers, _ = timed(cmd, text)
                 assert len(answers) == n, (side, len(answers))
                 figures[side] = {"seconds": seconds, "sentences_per_s": n / seconds}
                 if name == "dev":

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from bertcli import __version__
 from bertcli.errors import CheckpointError
 from bertcli.fileio import atomic_write, atomic_write_text
-from bertcli.model import (ACTIVATIONS, BertConfig, BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
-                           BertForTokenClassification, BertModel, parameter_count)
+from bertcli.config import BertConfig, check_tokenizer, read_config, read_labels, saved_architecture
+from bertcli.model import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
+                           BertForTokenClassification, BertModel)
 from bertcli.tokenizer import WordPieceTokenizer, load_tokenizer
 
 # Hugging Face class name -> how to build it. Classification heads need the label count.
@@ -35,28 +36,6 @@ ARCHITECTURES = {
     "BertForQuestionAnswering": lambda cfg, n: BertForQuestionAnswering(cfg),
 }
 _TRUNK = ("embeddings.", "encoder.", "pooler.")
-MAX_CONFIG_BYTES = 1 << 20
-INFERENCE_BYTES_PER_PARAMETER = 4  # fp32 weights
-TRAINING_BYTES_PER_PARAMETER = 16  # fp32 weights, their gradients and AdamW's two moments
-
-
-def machine_memory() -> int:
-    """Bytes of physical memory on this machine."""
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def check_memory(cfg: BertConfig, source: str, bytes_per_parameter: int, purpose: str) -> None:
-    """Refuse a model whose parameters alone would not fit in this machine's memory, before any
-    tensor is made (a mistyped size would otherwise end in a crash, or in the machine swapping)."""
-    count = parameter_count(cfg)
-    need, have = count * bytes_per_parameter, machine_memory()
-    if need > have:
-        raise CheckpointError(f"{source}: a BERT of {count:,} parameters needs {need / 2**30:,.1f} GiB {purpose}, more "
-                              f"than this machine's {have / 2**30:,.1f} GiB of memory; check its sizes")
-
-
 @dataclass
 class LoadReport:
     """What a weight load did not match: new head weights, and weights the model has no use for."""
@@ -86,86 +65,6 @@ class Checkpoint:
 def _short(names: list[str], limit: int = 6) -> str:
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-def read_config(directory: str | Path) -> tuple[BertConfig, dict[str, Any]]:
-    """config.json -> (BertConfig, the raw dict). Keys that BertConfig lacks are kept in the dict."""
-    path = Path(directory) / "config.json"
-    if not Path(directory).is_dir():
-        raise CheckpointError(f"{directory}: checkpoint directory not found")
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: no config.json (not a BERT checkpoint directory)")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes, too large for a model configuration")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: nested too deeply to be a model configuration") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    model_type = raw.get("model_type", "bert")
-    if model_type != "bert":
-        raise CheckpointError(f"{path}: model_type is {model_type!r}; bertcli reads BERT checkpoints (model_type 'bert')")
-    if raw.get("position_embedding_type", "absolute") != "absolute":
-        raise CheckpointError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} is not supported (absolute only)")
-    known = {f.name: f for f in dataclasses.fields(BertConfig)}
-    values = {}
-    for key, f in known.items():
-        if key not in raw:
-            continue
-        value = raw[key]
-        expected = int if f.type in ("int", int) else float if f.type in ("float", float) else str
-        ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
-        if isinstance(value, bool) or not ok:
-            raise CheckpointError(f"{path}: {key} should be {expected.__name__}, got {value!r}")
-        values[key] = value
-    cfg = BertConfig(**values)
-    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-        if not 0 <= getattr(cfg, key) < 1:
-            raise CheckpointError(f"{path}: {key} must be in [0, 1), got {getattr(cfg, key)}")
-    if not 0 < cfg.layer_norm_eps < 1:
-        raise CheckpointError(f"{path}: layer_norm_eps must be greater than 0 and less than 1, got {cfg.layer_norm_eps}")
-    if not 0 <= cfg.initializer_range < 1e3:
-        raise CheckpointError(f"{path}: initializer_range must be a finite number of 0 or more, got {cfg.initializer_range}")
-    if cfg.hidden_act not in ACTIVATIONS:
-        raise CheckpointError(f"{path}: hidden_act {cfg.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size"):
-        if getattr(cfg, key) <= 0:
-            raise CheckpointError(f"{path}: {key} must be positive, got {getattr(cfg, key)}")
-    if cfg.hidden_size % cfg.num_attention_heads:
-        raise CheckpointError(f"{path}: hidden_size {cfg.hidden_size} is not divisible by "
-                              f"num_attention_heads {cfg.num_attention_heads}")
-    architectures = raw.get("architectures")
-    if architectures is not None and (not isinstance(architectures, list) or
-                                      not all(isinstance(a, str) for a in architectures)):
-        raise CheckpointError(f"{path}: architectures must be a list of class names, e.g. "
-                              f"[\"BertForSequenceClassification\"], got {json.dumps(architectures)[:80]}")
-    if not 0 <= cfg.pad_token_id < cfg.vocab_size:
-        raise CheckpointError(f"{path}: pad_token_id {cfg.pad_token_id} is not an id of the vocabulary")
-    check_memory(cfg, str(path), INFERENCE_BYTES_PER_PARAMETER, "to load")
-    return cfg, raw
-
-
-def saved_architecture(raw: dict[str, Any]) -> str:
-    """The head a checkpoint was saved with (read_config has checked the list)."""
-    return (raw.get("architectures") or ["BertModel"])[0]
-
-
-def read_labels(raw: dict[str, Any], source: str) -> list[str]:
-    """id2label from config.json as a list indexed by id ([] when absent)."""
-    id2label = raw.get("id2label")
-    if not id2label:
-        return []
-    try:
-        pairs = sorted((int(k), str(v)) for k, v in id2label.items())
-    except (ValueError, AttributeError):
-        raise CheckpointError(f"{source}: id2label must map integer ids to label names") from None
-    if [i for i, _ in pairs] != list(range(len(pairs))):
-        raise CheckpointError(f"{source}: id2label ids must be 0..{len(pairs) - 1}")
-    return [label for _, label in pairs]
 
 
 def read_weights(directory: str | Path) -> dict[str, Tensor]:
@@ -273,20 +172,6 @@ def keep_layers(ck: Checkpoint, layers: Sequence[int], source: str) -> Checkpoin
     for module in {ck.model, trunk}:
         module.config = cfg
     return dataclasses.replace(ck, model=ck.model, config=cfg)
-
-
-def check_tokenizer(tokenizer: WordPieceTokenizer, cfg: BertConfig, source: str) -> None:
-    """Every id the tokenizer can give (its vocabulary, and the [CLS]/[SEP] its template adds) has an
-    embedding row, and so does every token type it gives."""
-    single, pair = tokenizer.encode("a"), tokenizer.encode("a", "b")
-    top = max([tokenizer.id_limit - 1, *single.ids, *pair.ids])
-    if top >= cfg.vocab_size:
-        raise CheckpointError(f"{source}: the tokenizer has token ids up to {top} but config.json says vocab_size "
-                              f"{cfg.vocab_size}")
-    types = max([0, *single.type_ids, *(pair.type_ids if cfg.type_vocab_size >= 2 else [])])
-    if types >= cfg.type_vocab_size:
-        raise CheckpointError(f"{source}: the tokenizer gives token type {types} but config.json says type_vocab_size "
-                              f"{cfg.type_vocab_size}")
 
 
 def config_dict(cfg: BertConfig, architecture: str, labels: list[str] | None = None,

@@ -214,9 +214,12 @@ def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint 
             input: Optional[Path] = typer.Option(None, "--input", help="Read this file instead of stdin."),
             batch_size: int = typer.Option(32, "--batch-size", min=1, help="Lines per batch, at most."),
             precision: str = PrecisionOpt,
-            int8: bool = typer.Option(False, "--int8", help="Quantize the linear layers to int8 (CPU): faster, "
-                                                            "slightly less accurate.")) -> None:
-    """Stream predictions: one JSON line on stdout per input line, in order.
+            int8: bool = typer.Option(False, "--int8", help="int8 weights (CPU): faster, slightly less accurate; the "
+                                      "exported model.int8.onnx with the onnx engine, else torch's dynamic quantization."),
+            engine: str = typer.Option("auto", "--engine", help="auto (the exported graph when `bertcli export` made "
+                                       "one for these settings and onnxruntime is installed, else torch), torch or onnx."),
+            ) -> None:
+    """Stream predictions: one JSON line on stdout per input line, in order; stderr names the engine.
 
     Input by task: classification, one text per line or JSONL {"text": ..., "text_pair": ...};
     NER, one text per line; QA, JSONL {"question": ..., "context": ...}."""
@@ -225,7 +228,19 @@ def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint 
     _require_stdout("predict")
     stream, source = open_input(input)
     with _streaming():
-        run(model_dir, stream, source, sys.stdout, batch_size, precision, int8)
+        run(model_dir, stream, source, sys.stdout, batch_size, precision, int8, engine)
+
+
+@app.command(epilog="Example: bertcli export runs/sst2 --int8 && cat reviews.txt | bertcli predict runs/sst2 --int8")
+def export(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint directory."),
+           int8: bool = typer.Option(False, "--int8", help="Also write model.int8.onnx: int8 weights (ONNX Runtime's "
+                                                           "dynamic quantization).")) -> None:
+    """Export a fine-tuned model as an ONNX graph, model.onnx in its directory, for `bertcli predict --engine onnx`
+    (pip install 'bertcli[onnx]'). Each graph records the weights it was made from: predict runs it only while
+    they are unchanged."""
+    from bertcli.export import export as run_export
+
+    run_export(model_dir, int8, say=_err)
 
 
 @contextlib.contextmanager

@@ -79,6 +79,22 @@ class Padding:
         return full.index_copy(0, self.kept, x[:self.kept.numel()]).view(*self.shape, *x.shape[1:])
 
 
+class Masked:
+    """A padded batch kept padded: the encoder's layers run on (B, T, H) and attention reads the
+    mask. It is the path of an exported graph (bertcli export), whose shapes follow its inputs'
+    and which runs where packing by `nonzero` would cost more than the padding it saves."""
+
+    def __init__(self, attention_mask: Tensor):
+        self.mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T), as Padding's
+        self.bias = (1.0 - attention_mask[:, None, None, :].float()) * -10000.0  # added to the scores: BERT's own form
+
+    def pack(self, x: Tensor) -> Tensor:
+        return x
+
+    def unpack(self, x: Tensor) -> Tensor:
+        return x
+
+
 def grad_buffer(weight: Tensor) -> Tensor:
     """weight.grad, to add into in place. When it is None (zero_grad(set_to_none=True)), it becomes
     a zeroed buffer that stays with the parameter across steps: autograd would otherwise hand the

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import sys
@@ -10,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from bertcli.checkpoint import (ARCHITECTURES, TRAINING_BYTES_PER_PARAMETER, check_memory, check_tokenizer,
-                                keep_layers, load_checkpoint, read_config, read_labels, save_checkpoint)
+from bertcli.checkpoint import ARCHITECTURES, keep_layers, load_checkpoint, save_checkpoint
+from bertcli.config import (TRAINING_BYTES_PER_PARAMETER, BertConfig, check_memory, check_tokenizer, read_config,
+                            read_labels)
 from bertcli.errors import BertcliError, CheckpointError
-from bertcli.model import BertConfig
-from bertcli.recipes import Recipe, build_options, dump_recipe
-from bertcli.tasks import TASKS, task_for_checkpoint
+from bertcli.recipes import Recipe, dump_recipe
+from bertcli.tasks import TASKS, check_segments, check_task_segments, load_task
 from bertcli.tasks.base import Task
 from bertcli.tokenizer import WordPieceTokenizer, load_tokenizer
 from bertcli.rundir import check_apart, claim, precheck
@@ -183,52 +182,8 @@ def load_teacher(recipe: Recipe, task: Task, student: BertConfig):
 
 def load_for_task(model_dir: Path):
     """A fine-tuned checkpoint and its task, for evaluate and predict."""
-    cfg, raw = read_config(model_dir)
-    source = str(Path(model_dir) / "config.json")
-    cls = task_for_checkpoint(raw, read_labels(raw, source), source)  # before the weights: it names what is wrong
-    options, max_seq_len = saved_task_options(raw, cls, cfg, source)
-    ck = load_checkpoint(model_dir)
-    task = cls(ck.tokenizer, options, max_seq_len, ck.labels)
-    check_task_segments(task, cfg, str(model_dir))
-    return ck, task
-
-
-def saved_task_options(raw: dict, cls, cfg: BertConfig, source: str):
-    """The task's options and window saved in config.json's bertcli_task, read by the task's own options
-    class and checked as a recipe's are (a checkpoint may come from anywhere): a CheckpointError names the
-    first that is not what bertcli writes. Keys the task has not (of a later version) are left out."""
-    saved = raw.get("bertcli_task", {})
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{source}: bertcli_task must be a JSON object")
-    names = {f.name for f in dataclasses.fields(cls.Options)} - {"name", "labels"}
-    options, problems = build_options(cls.Options, {k: v for k, v in saved.items() if k in names}, "bertcli_task.",
-                                      strict=True)
-    if problems:
-        raise CheckpointError(f"{source}: {problems[0]}")
-    max_seq_len = saved.get("max_seq_len", min(512, cfg.max_position_embeddings))
-    low = cls.Options.min_seq_len
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or \
-            not low <= max_seq_len <= cfg.max_position_embeddings:
-        raise CheckpointError(f"{source}: bertcli_task.max_seq_len must be in {low}..{cfg.max_position_embeddings} "
-                              f"(max_position_embeddings), got {json_text(max_seq_len)}")
-    return options, max_seq_len
-
-
-def json_text(value) -> str:
-    return json.dumps(value)[:80]
-
-
-def check_task_segments(task: Task, cfg: BertConfig, source: str) -> None:
-    """A task whose every input is a pair (QA's question and context) needs two token types; tasks that
-    read pairs sometimes check each one."""
-    check_segments(task.two_segments, cfg, source, f"{task.name} (every input a pair of texts)")
-    task.segments = cfg.type_vocab_size
-
-
-def check_segments(needs_two: bool, cfg: BertConfig, source: str, why: str) -> None:
-    """A task that always reads two segments needs a model with two token types."""
-    if needs_two and cfg.type_vocab_size < 2:
-        raise CheckpointError(f"{source}: type_vocab_size is {cfg.type_vocab_size}, but {why} needs 2 token types")
+    _, task = load_task(model_dir)  # before the weights: it names what is wrong
+    return load_checkpoint(model_dir), task
 
 
 def init_distributed() -> None:

@@ -15,44 +15,14 @@ the measurements behind each piece.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bertcli.fastpath import Dropout, Padding, Selection, TiedDecoder, WordLookup, dropout, rounded
-
-
-@dataclass(frozen=True)
-class BertConfig:
-    """The architecture, under BertConfig's own key names (config.json)."""
-
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
-    pad_token_id: int = 0
-
-
-def parameter_count(cfg: BertConfig) -> int:
-    """The trunk's parameters plus the largest head's (the MLM transform), from the shapes alone:
-    what a model of this config will need before any tensor is made."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    embeddings = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * h + 2 * h
-    layer = 4 * (h * h + h) + 2 * h + (h * i + i) + (i * h + h) + 2 * h
-    pooler = h * h + h
-    heads = h * h + 3 * h + cfg.vocab_size + 2 * h + 2
-    return embeddings + cfg.num_hidden_layers * layer + pooler + heads
+from bertcli.config import BertConfig
+from bertcli.fastpath import Dropout, Masked, Padding, Selection, TiedDecoder, WordLookup, dropout, rounded
 
 
 ACTIVATIONS = {
@@ -105,6 +75,9 @@ class BertSelfAttention(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             y = dropout(scores.softmax(-1), self.dropout_p) @ v
+        elif isinstance(pad, Masked):  # an exported graph: attention written out, in the form ONNX Runtime fuses
+            scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5) + pad.bias
+            y = scores.softmax(-1) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, Tq, H)
@@ -224,6 +197,7 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg)
         self.pooler = BertPooler(cfg) if add_pooling_layer else None
+        self.packed = True  # a padded batch runs on its real tokens alone (fastpath.Padding); False: padded (Masked)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, needed: Tensor | None = None) -> TrunkOutput:
@@ -232,8 +206,10 @@ class BertModel(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)  # (B, T)
         if needed is not None and self.pooler is not None:
             needed = needed.bool() | (positions == 0)
-        if needed is None and (attention_mask is None or bool(attention_mask.all())):
+        if needed is None and (attention_mask is None or (self.packed and bool(attention_mask.all()))):
             hidden = self.encoder(self.embeddings(input_ids, token_type_ids, positions), None)
+        elif not self.packed:  # an exported graph: no branch on the data, the mask read in attention
+            hidden = self.encoder(self.embeddings(input_ids, token_type_ids, positions), Masked(attention_mask))
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)

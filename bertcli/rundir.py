@@ -16,6 +16,7 @@ is touched (`check_apart`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -37,7 +38,8 @@ _TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")  # an atomic write's temporary 
 _TOKENIZER = {"tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"}
 # what each kind of directory holds: bertcli writes these names and no others
 OWN = {
-    "run": _TOKENIZER | {"config.json", "model.safetensors", "recipe.yaml", "log.jsonl", "metrics.json", "resume.pt"},
+    "run": _TOKENIZER | {"config.json", "model.safetensors", "recipe.yaml", "log.jsonl", "metrics.json", "resume.pt",
+            "model.onnx", "model.int8.onnx"},  # the last two by bertcli export
     "tokenizer": _TOKENIZER,
     "shards": {"index.json"},
     "report": {"confusion.png", "loss.png", "eval.png"},
@@ -185,16 +187,8 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise BertcliError(f"{out}: cannot create the output directory: {err.strerror}") from None
+    fd = _take_lock(out, wait)
     try:
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
-    except OSError as err:
-        raise BertcliError(f"{out / LOCK}: cannot open the output directory's lock: {err.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-            raise BertcliError(f"{out / LOCK}: is not bertcli's lock file (a plain file of its own): a "
-                               f"{'hard link' if stat.S_ISREG(info.st_mode) else 'special file'}; remove it")
-        _lock(fd, out, wait)
         if complete_with and marked_kind(out) == kind and (out / complete_with).is_file():
             return Claim(out, fd, complete=True)
         _check_state(out, kind, resume, overwrite, replacing)  # again: another writer may have been here meanwhile
@@ -204,15 +198,44 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
             if is_leftover(kind, entry) or (overwrite and entry.name not in (MARKER, LOCK) and is_own(kind, entry)
                                             and not _own_nested(kind, entry)):
                 _remove(kind, entry)
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError:
-            pass  # the pid only names the holder in another process's message (a full disk refuses it)
     except BaseException:
         os.close(fd)
         raise
     return Claim(out, fd)
+
+
+def _take_lock(directory: Path, wait: bool) -> int:
+    """Open the directory's lock file, check it is bertcli's, lock it (see _lock) and write this process's pid
+    into it; returns the descriptor that holds the lock."""
+    try:
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
+    except OSError as err:
+        raise BertcliError(f"{directory / LOCK}: cannot open the output directory's lock: {err.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise BertcliError(f"{directory / LOCK}: is not bertcli's lock file (a plain file of its own): a "
+                               f"{'hard link' if stat.S_ISREG(info.st_mode) else 'special file'}; remove it")
+        _lock(fd, directory, wait)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # the pid only names the holder in another process's message (a full disk refuses it)
+    return fd
+
+
+def hold(directory: Path) -> Claim | contextlib.nullcontext:
+    """The lock of a directory of bertcli's, to add files to it (bertcli export adds its graphs to a run):
+    refused while another process writes it, as claim refuses. A directory without the marker (a
+    checkpoint from elsewhere) gets no lock file: nothing is added there but the command's own output."""
+    if marked_kind(directory) is None:
+        return contextlib.nullcontext()
+    _refuse_inside_running_suite(directory)
+    return Claim(directory, _take_lock(directory, wait=False))
 
 
 def precheck(out: Path, kind: str, resume: bool = False, overwrite: bool = False, replacing: str = "--overwrite") -> None:

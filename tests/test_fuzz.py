@@ -111,7 +111,7 @@ def test_checkpoint_config_reader(tmp_path, config):
     """A config.json from elsewhere gives a config or a CheckpointError naming it."""
     import json
 
-    from bertcli.checkpoint import read_config
+    from bertcli.config import read_config
     from bertcli.errors import CheckpointError
 
     (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")

@@ -4,16 +4,21 @@ what it saves for predict. Adding one is that file and a line in TASKS below."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from bertcli.tasks.base import Task
+from bertcli.tasks.base import Task, TaskOptions
 from bertcli.tasks.classify import ClassifyTask
 from bertcli.tasks.multilabel import MultiLabelTask
 from bertcli.tasks.ner import NerTask
 from bertcli.tasks.pretrain import PretrainTask
 from bertcli.tasks.qa import QaTask
 from bertcli.tasks.regression import RegressionTask
+
+if TYPE_CHECKING:
+    from bertcli.config import BertConfig
 
 TASKS: dict[str, type[Task]] = {task.name: task for task in (
     PretrainTask,
@@ -32,7 +37,7 @@ def task_for_checkpoint(raw: dict[str, Any], labels: list[str], source: str) -> 
     """The task a checkpoint was saved for: the name bertcli saved in config.json, or for a checkpoint from
     elsewhere its head and problem_type, read as transformers reads them (a pretrained one's MLM head is the
     pretrain task: evaluate scores it on text, predict fills in [MASK])."""
-    from bertcli.checkpoint import saved_architecture
+    from bertcli.config import saved_architecture
     from bertcli.errors import CheckpointError
 
     architecture = saved_architecture(raw)
@@ -74,3 +79,64 @@ def task_for_checkpoint(raw: dict[str, Any], labels: list[str], source: str) -> 
         raise CheckpointError(f"{source}: a {task.name} head needs at least {task.min_labels} labels, but id2label "
                               f"names {len(labels)}")
     return task
+
+
+def load_task(model_dir: str | Path) -> tuple[BertConfig, Task]:
+    """The task a checkpoint directory was saved for, with its tokenizer, labels and saved options, checked
+    as evaluate and predict need them; torch is not imported (the weights are read by whoever runs them)."""
+    from bertcli.config import check_tokenizer, read_config, read_labels
+    from bertcli.tokenizer import load_tokenizer
+
+    cfg, raw = read_config(model_dir)
+    source = str(Path(model_dir) / "config.json")
+    labels = read_labels(raw, source)
+    cls = task_for_checkpoint(raw, labels, source)
+    options, max_seq_len = saved_task_options(raw, cls, cfg, source)
+    tokenizer = load_tokenizer(model_dir)
+    check_tokenizer(tokenizer, cfg, str(model_dir))
+    task = cls(tokenizer, options, max_seq_len, labels)
+    check_task_segments(task, cfg, str(model_dir))
+    return cfg, task
+
+
+def saved_task_options(raw: dict, cls: type[Task], cfg: BertConfig, source: str) -> tuple[TaskOptions, int]:
+    """The task's options and window saved in config.json's bertcli_task, read by the task's own options
+    class and checked as a recipe's are (a checkpoint may come from anywhere): a CheckpointError names the
+    first that is not what bertcli writes. Keys the task has not (of a later version) are left out."""
+    from bertcli.errors import CheckpointError
+    from bertcli.recipes import build_options
+
+    saved = raw.get("bertcli_task", {})
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{source}: bertcli_task must be a JSON object")
+    names = {f.name for f in dataclasses.fields(cls.Options)} - {"name", "labels"}
+    options, problems = build_options(cls.Options, {k: v for k, v in saved.items() if k in names}, "bertcli_task.",
+                                      strict=True)
+    if problems:
+        raise CheckpointError(f"{source}: {problems[0]}")
+    max_seq_len = saved.get("max_seq_len", min(512, cfg.max_position_embeddings))
+    low = cls.Options.min_seq_len
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or \
+            not low <= max_seq_len <= cfg.max_position_embeddings:
+        raise CheckpointError(f"{source}: bertcli_task.max_seq_len must be in {low}..{cfg.max_position_embeddings} "
+                              f"(max_position_embeddings), got {json_text(max_seq_len)}")
+    return options, max_seq_len
+
+
+def json_text(value) -> str:
+    return json.dumps(value)[:80]
+
+
+def check_task_segments(task: Task, cfg: BertConfig, source: str) -> None:
+    """A task whose every input is a pair (QA's question and context) needs two token types; tasks that
+    read pairs sometimes check each one."""
+    check_segments(task.two_segments, cfg, source, f"{task.name} (every input a pair of texts)")
+    task.segments = cfg.type_vocab_size
+
+
+def check_segments(needs_two: bool, cfg: BertConfig, source: str, why: str) -> None:
+    """A task that always reads two segments needs a model with two token types."""
+    from bertcli.errors import CheckpointError
+
+    if needs_two and cfg.type_vocab_size < 2:
+        raise CheckpointError(f"{source}: type_vocab_size is {cfg.type_vocab_size}, but {why} needs 2 token types")

@@ -18,6 +18,8 @@ from bertcli.tokenizer import WordPieceTokenizer
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+    from bertcli.onnx_engine import OnnxModel
+
 MAX_WINDOW = 1 << 20  # tokens in one sequence, and the like (a stride, a query): beyond any model
 
 
@@ -181,26 +183,33 @@ class Task(ABC):
         batch's rows first."""
         return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
 
-    def run(self, model: nn.Module, features: Sequence[dict], batch_size: int) -> list:
-        """The model's outputs for each feature, in order, as CPU tensors (a tuple of them for a head
-        with several outputs). Features go through in batches of like lengths, for little padding;
-        evaluate and predict set the precision around this."""
+    def run(self, model: nn.Module | OnnxModel, features: Sequence[dict], batch_size: int) -> list:
+        """The model's outputs for each feature, in order, as CPU tensors or numpy arrays (a tuple of them for a
+        head with several outputs). Features go through in batches of like lengths, for little padding;
+        evaluate and predict set the precision around this. `model` is a torch module, or predict's ONNX
+        Runtime engine (onnx_engine.OnnxModel), which pads the rows itself."""
+        from bertcli.onnx_engine import OnnxModel
+
+        results: list = [None] * len(features)
+        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            rows = [features[i] for i in chunk]
+            parts = model(rows, self.tokenizer.pad_id) if isinstance(model, OnnxModel) else self._run_torch(model, rows)
+            for row, i in enumerate(chunk):
+                results[i] = parts[0][row] if len(parts) == 1 else tuple(p[row] for p in parts)
+        return results
+
+    def _run_torch(self, model: nn.Module, rows: Sequence[dict]) -> tuple[Tensor, ...]:
         import torch
 
         from bertcli.data.batching import collate
 
-        results: list = [None] * len(features)
-        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
         device = next(model.parameters()).device
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in collate([features[i] for i in chunk], self.tokenizer.pad_id).items()}
-            with torch.inference_mode():
-                out = self.call(model, batch)
-            parts = [t.cpu() if t.dtype == torch.long else t.float().cpu() for t in (out if isinstance(out, tuple) else (out,))]
-            for row, i in enumerate(chunk):
-                results[i] = parts[0][row] if len(parts) == 1 else tuple(p[row] for p in parts)
-        return results
+        batch = {k: v.to(device) for k, v in collate(rows, self.tokenizer.pad_id).items()}
+        with torch.inference_mode():
+            out = self.call(model, batch)
+        return tuple(t.cpu() if t.dtype == torch.long else t.float().cpu() for t in (out if isinstance(out, tuple) else (out,)))
 
     @abstractmethod
     def parse_input(self, text: str, where: str) -> Any:

@@ -1,0 +1,190 @@
+"""bertcli export: a fine-tuned checkpoint as an ONNX graph for ONNX Runtime (predict --engine onnx).
+
+The graph is traced by torch's exporter (torch.export, written by onnxscript) from the model with its
+padding kept (model.BertModel.packed = False): its batch and sequence axes are dynamic, and it reads
+input_ids, attention_mask and token_type_ids as transformers' exports do. Each layer's attention is
+then rewritten as one ONNX Runtime Attention node (onnx_graph.py), and the graph's outputs are
+checked against the model's on a batch of rows of different lengths before anything is written.
+
+`--int8` adds a copy with int8 weights by ONNX Runtime's dynamic quantization (`quantize_dynamic`:
+activations quantized per batch as they arrive), with a scale per output column of each weight
+(`per_channel`): on MiniLM fine-tuned on SST-2, dev accuracy 0.9060 against 0.9002 in fp32, where one
+scale per matrix, the default, gave 0.8888 (-1.1 points) at about the same speed.
+
+Both graphs are written into the checkpoint directory, each atomically, and each records in its
+metadata the config.json and weights it was made from (onnx_engine.fingerprint). A file already there
+under either name is replaced only when it is a graph that bertcli wrote; anything else is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from bertcli import __version__
+from bertcli.errors import BertcliError, CheckpointError
+from bertcli.fileio import atomic_write
+from bertcli.onnx_engine import EXTRA, GRAPH, GRAPH_INT8, INPUTS, PRODUCER, SOURCES_KEY, fingerprint
+from bertcli.tasks.base import Task
+
+OPSET = 20
+OUTPUTS = {"qa": ["start_logits", "end_logits"]}  # other heads: one output, "logits"
+
+
+def check_extra() -> None:
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise BertcliError(f"bertcli export needs {', '.join(missing)}: {EXTRA}")
+
+
+def written_by_bertcli(path: Path) -> bool:
+    """Whether the file at `path` is a graph that bertcli export wrote (its producer and record say so)."""
+    import onnx
+
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX file at all (onnx raises protobuf's DecodeError, ValueError, ...)
+        return False
+    return model.producer_name == PRODUCER and any(p.key == SOURCES_KEY for p in model.metadata_props)
+
+
+def _stamp(model, record: dict, task: str, kind: str) -> None:
+    """Write the graph's provenance into an onnx ModelProto."""
+    model.producer_name, model.producer_version = PRODUCER, __version__
+    del model.metadata_props[:]
+    for key, value in ((SOURCES_KEY, json.dumps(record, sort_keys=True)), ("bertcli_task", task),
+                       ("bertcli_graph", kind)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def export(model_dir: Path, int8: bool = False, say=print) -> list[Path]:
+    """Write model.onnx (and model.int8.onnx) into `model_dir`; returns the paths written."""
+    check_extra()
+    from bertcli.checkpoint import load_checkpoint
+    from bertcli.onnx_graph import fuse_attention
+    from bertcli.rundir import hold
+    from bertcli.tasks import load_task
+
+    _, task = load_task(model_dir)
+    if task.name == "pretrain":
+        raise CheckpointError(f"{model_dir}: a pretrained model (fill-mask) has no task head to export; fine-tune it "
+                              "first, then export the result")
+    targets = [model_dir / GRAPH] + ([model_dir / GRAPH_INT8] if int8 else [])
+    for path in targets:
+        if (path.exists() or path.is_symlink()) and not written_by_bertcli(path):
+            raise BertcliError(f"{path}: exists and is not a graph bertcli wrote; it is kept: move it away to export "
+                               "here")
+    if not os.access(model_dir, os.W_OK):
+        raise BertcliError(f"{model_dir}: cannot write into it (permission denied); copy the checkpoint somewhere "
+                           "you can write, and export the copy")
+    with hold(model_dir):
+        record = fingerprint(model_dir)
+        start = time.perf_counter()
+        ck = load_checkpoint(model_dir)
+        graph = _trace(ck.model.eval(), ck.tokenizer.cls_id, task.name)
+        fused = fuse_attention(graph, ck.config.num_attention_heads)
+        difference = _check(graph, ck.model, task, ck.config)
+        if fingerprint(model_dir) != record:
+            raise BertcliError(f"{model_dir}: the checkpoint changed while it was exported; nothing was written")
+        _stamp(graph, record, task.name, "fp32")
+        _save(graph, targets[0])
+        say(f"export: {targets[0]} ({targets[0].stat().st_size / 2**20:.1f} MiB; attention fused in {fused} of "
+            f"{ck.config.num_hidden_layers} layers; outputs within {difference:.1e} of the model's) in "
+            f"{time.perf_counter() - start:.1f}s")
+        if int8:
+            start = time.perf_counter()
+            _save(_quantize(targets[0], record, task.name), targets[1])
+            say(f"export: {targets[1]} ({targets[1].stat().st_size / 2**20:.1f} MiB, int8 weights) in "
+                f"{time.perf_counter() - start:.1f}s")
+    return targets
+
+
+def _trace(model, cls_id: int, task: str):
+    """The model as an onnx ModelProto, batch and sequence axes dynamic, fp32, its padding kept."""
+    import logging
+    import warnings
+
+    import torch
+
+    trunk = model.bert if hasattr(model, "bert") else model
+    trunk.packed = False  # padding kept: no branch on the data, shapes that follow the inputs
+    ids = torch.full((2, 16), cls_id, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. that torchvision's operators are not registered
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False):
+            warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations, for its developers
+            program = torch.onnx.export(model, (ids, mask, torch.zeros_like(ids)), dynamo=True, opset_version=OPSET,
+                                        input_names=list(INPUTS), output_names=OUTPUTS.get(task, ["logits"]),
+                                        dynamic_shapes=({0: batch, 1: sequence},) * 3, external_data=False,
+                                        optimize=True, verbose=False)
+    finally:
+        trunk.packed = True
+    return program.model_proto
+
+
+def _check(graph, model, task: Task, cfg) -> float:
+    """The largest difference between the graph's outputs (ONNX Runtime) and the model's (torch, as predict runs
+    it) on a batch of random rows of different lengths and token types; refuses a graph that does not give the
+    model's outputs. Per-token outputs are compared at the real tokens (predict reads no others)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    rng = np.random.default_rng(0)
+    lengths = [3, 17, 9, 24]
+    width = max(lengths)
+    ids = np.zeros((len(lengths), width), dtype=np.int64)
+    mask, types = np.zeros_like(ids), np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(0, cfg.vocab_size, n)
+        mask[row, :n] = 1
+        types[row, n // 2:n] = 1 if cfg.type_vocab_size > 1 else 0
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+    with torch.inference_mode():
+        want = task.call(model, {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                                 "token_type_ids": torch.from_numpy(types)})
+    want = [t.float().numpy() for t in (want if isinstance(want, tuple) else (want,))]
+    difference = 0.0
+    for g, w in zip(got, want):
+        if g.shape != w.shape:
+            raise BertcliError(f"export: the graph gives outputs of shape {g.shape}, the model {w.shape}; nothing was written")
+        for row, n in enumerate(lengths):
+            real = slice(0, n) if task.name in ("ner", "qa") else slice(None)
+            difference = max(difference, float(np.abs(g[row][real] - w[row][real]).max()))
+    if not difference <= 1e-3:  # (NaN fails too)
+        raise BertcliError(f"export: the graph's outputs differ from the model's by {difference:.3g}; nothing was written")
+    return difference
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
+
+
+def _quantize(graph: Path, record: dict, task: str):
+    """The fp32 graph with int8 weights (ONNX Runtime's dynamic quantization), stamped as bertcli's."""
+    import logging
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process, printed through the root logger
+    with tempfile.TemporaryDirectory(prefix="bertcli-export.") as work:
+        out = Path(work) / GRAPH_INT8
+        quantize_dynamic(str(graph), str(out), weight_type=QuantType.QInt8, per_channel=True)
+        model = onnx.load(str(out))
+    _stamp(model, record, task, "int8")
+    return model

@@ -1,0 +1,277 @@
+"""bertcli export and predict's ONNX Runtime engine: the same answers as the torch engine for every task
+head, which engine runs when, a graph that no longer matches its weights, and files that are not bertcli's."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+for _module in ("onnx", "onnxscript", "onnxruntime"):
+    pytest.importorskip(_module, reason=f"{_module} is not installed (pip install 'bertcli[onnx]')")
+
+from bertcli.errors import BertcliError, CheckpointError  # noqa: E402
+from bertcli.export import export  # noqa: E402
+from bertcli.jobs import finetune  # noqa: E402
+from bertcli.predict import run  # noqa: E402
+from bertcli.recipes import load_recipe  # noqa: E402
+
+from conftest import ROOT, run_cli, write_recipe  # noqa: E402
+from test_ner import CONLL  # noqa: E402
+from test_qa import CONTEXTS, squad  # noqa: E402
+from test_tasks import PAIRS, TAGGED  # noqa: E402
+
+LONG = "Mary Smith works for Acme Corp in London and John lives in Paris with the quick brown fox near the river ."
+INPUTS = {  # predict's input lines per task: windows (NER, QA), pairs, a blank line and an unreadable one
+    "classify": ["the film is wonderful", "a dull and boring plot", json.dumps({"text": "i loved it", "text_pair": "x"}),
+                 "", "{\"text\": 3}", LONG],
+    "ner": ["John lives in Paris .", LONG, "", "Acme Corp"],
+    "qa": [json.dumps({"question": q, "context": c}) for c, qas in CONTEXTS for q, _ in qas] + [""],
+    "regression": [json.dumps({"text": a, "text_pair": b}) for a, b, _ in PAIRS] + [""],
+    "multilabel": [t for t, _ in TAGGED] + [""],
+}
+
+
+def _data(d: Path, task: str) -> tuple[dict, dict]:
+    """The task's training file in `d`, and the task and data sections of its recipe."""
+    if task == "ner":
+        (d / "train.conll").write_text(CONLL, encoding="utf-8")
+        return {"name": "ner"}, {"train": str(d / "train.conll"), "max_seq_len": 8}  # many windows per sentence
+    if task == "qa":
+        (d / "train.json").write_text(json.dumps(squad(CONTEXTS)), encoding="utf-8")
+        return {"name": "qa", "max_query_len": 10, "doc_stride": 4}, {"train": str(d / "train.json"), "max_seq_len": 24}
+    if task == "regression":
+        rows = "".join(f"{a}\t{b}\t{s}\n" for a, b, s in PAIRS)
+        (d / "train.tsv").write_text("sentence1\tsentence2\tscore\n" + rows, encoding="utf-8")
+    elif task == "multilabel":
+        (d / "train.tsv").write_text("text\tlabels\n" + "".join(f"{t}\t{tags}\n" for t, tags in TAGGED), encoding="utf-8")
+    else:
+        rows = "".join(f"{a}\t{b}\t{'pos' if s > 2.5 else 'neg'}\n" for a, b, s in PAIRS)
+        (d / "train.tsv").write_text("sentence1\tsentence2\tlabel\n" + rows, encoding="utf-8")
+    return {"name": task}, {"train": str(d / "train.tsv"), "max_seq_len": 16}
+
+
+def _train(d: Path, task: str, tokenizer: Path) -> Path:
+    section, data = _data(d, task)
+    recipe = write_recipe(d / "recipe.yaml", section, data, {"max_steps": 30, "lr": 3e-3}, tokenizer=tokenizer)
+    finetune(load_recipe(recipe), d / "run", resume=False, overwrite=False)
+    return d / "run"
+
+
+@pytest.fixture(scope="module", params=list(INPUTS))
+def exported(request, tmp_path_factory, tiny_tokenizer_dir):
+    model = _train(tmp_path_factory.mktemp(f"onnx-{request.param}"), request.param, tiny_tokenizer_dir)
+    export(model, int8=request.param == "classify", say=lambda _: None)
+    return request.param, model
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny classifier with no export yet: the tests that spoil one work on copies of it."""
+    return _train(tmp_path_factory.mktemp("onnx-spoil"), "classify", tiny_tokenizer_dir)
+
+
+def _predict(model: Path, lines: list[str], capsys, **options) -> tuple[list[dict], str, int]:
+    """predict in this process: (answers, what it said on stderr, exit status as the CLI would give it)."""
+    out = io.StringIO()
+    status = 0
+    capsys.readouterr()
+    try:
+        run(model, io.BytesIO(("\n".join(lines) + "\n").encode()), "stdin", out, batch_size=2,
+            **{"precision": "fp32", **options})
+    except BertcliError:
+        status = 2
+    return [json.loads(x) for x in out.getvalue().splitlines()], capsys.readouterr().err, status
+
+
+def _same(a, b, where: str = "") -> None:
+    """The same JSON answer: equal strings and structure, numbers within 1e-3 (both in fp32)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, a, b)
+        for key in a:
+            _same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), (where, a, b)
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-3), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.slow
+def test_the_onnx_engine_answers_as_torch_does_for_every_task(exported, capsys):
+    task, model = exported
+    lines = INPUTS[task]
+    torch_answers, said, status = _predict(model, lines, capsys, engine="torch")
+    assert "engine torch" in said
+    onnx_answers, said, status_onnx = _predict(model, lines, capsys, engine="onnx")
+    assert "predict: engine onnx (model.onnx, ONNX Runtime" in said, said
+    assert status == status_onnx == (2 if task == "classify" else 0)  # classify's input has an unreadable line
+    assert len(onnx_answers) == len(lines)
+    _same(torch_answers, onnx_answers)
+    auto, said, _ = _predict(model, lines, capsys)  # auto: the graph is there, and current
+    assert "engine onnx" in said and auto == onnx_answers
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(model / "model.onnx")).graph.node]
+    assert ops.count("Attention") == 2 and "Softmax" not in ops  # both layers' attention fused (onnx_graph.py)
+
+
+@pytest.mark.slow
+def test_the_graph_gives_the_models_outputs_on_padded_batches_of_pairs(exported):
+    """The head's raw outputs, both engines, on rows of random tokens, lengths and token types, batched with padding."""
+    import random
+
+    import numpy as np
+
+    from bertcli.predict import open_model
+
+    _, model = exported
+    task, torch_model, scope, _ = open_model(model, "fp32", False, "torch")
+    _, onnx_model, _, _ = open_model(model, "fp32", False, "onnx")
+    rng = random.Random(0)
+    features = []
+    for _ in range(12):
+        first, second = rng.randint(1, 6), rng.randint(0, 6)
+        ids = [rng.randrange(5, task.tokenizer.vocab_size) for _ in range(first + second)]
+        features.append({"input_ids": [task.tokenizer.cls_id, *ids, task.tokenizer.sep_id],
+                         "token_type_ids": [0] * (first + 1) + [1] * (second + 1)})
+    with scope():
+        expected = task.run(torch_model, features, batch_size=5)
+    got = task.run(onnx_model, features, batch_size=5)
+    per_token = task.name in ("ner", "qa")  # outputs at each position: those at the padding are never read
+    for feature, want, have in zip(features, expected, got):
+        for w, h in zip(want if isinstance(want, tuple) else (want,), have if isinstance(have, tuple) else (have,)):
+            assert isinstance(h, np.ndarray) and h.shape == tuple(w.shape)
+            real = len(feature["input_ids"]) if per_token else None
+            assert np.abs(h[:real] - w.numpy()[:real]).max() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exported", ["classify"], indirect=True)  # the export that has an int8 graph
+def test_the_int8_graph_holds_int8_weights_and_stays_close(exported, capsys):
+    import onnx
+
+    task, model = exported
+    graph = onnx.load(str(model / "model.int8.onnx"))
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.graph.node)
+    assert {p.key: p.value for p in graph.metadata_props}["bertcli_graph"] == "int8"
+    lines = INPUTS[task][:2] + [LONG]
+    fp32, _, _ = _predict(model, lines, capsys, engine="onnx")
+    int8, said, status = _predict(model, lines, capsys, engine="onnx", int8=True)
+    assert status == 0 and "model.int8.onnx" in said
+    assert [a["label"] for a in int8] == [a["label"] for a in fp32]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(fp32, int8)) < 0.05
+
+
+def test_auto_runs_torch_without_an_export_and_onnx_insists(classifier, capsys):
+    answers, said, status = _predict(classifier, ["the film is wonderful"], capsys)
+    assert status == 0 and "engine torch" in said and answers[0]["label"] in ("pos", "neg")
+    with pytest.raises(BertcliError, match=r"--engine onnx: .*model.onnx not found: make it with `bertcli export"):
+        run(classifier, io.BytesIO(b"x\n"), "stdin", io.StringIO(), engine="onnx")
+    with pytest.raises(BertcliError, match=r"--engine: 'tensorrt' is not one of auto, torch, onnx"):
+        run(classifier, io.BytesIO(b"x\n"), "stdin", io.StringIO(), engine="tensorrt")
+
+
+@pytest.mark.slow
+def test_a_graph_that_no_longer_matches_its_weights_is_never_run(classifier, tmp_path, capsys):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "copy"
+    shutil.copytree(classifier, model)
+    export(model, say=lambda _: None)
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(1, 1))  # touched, same bytes: still current (checked by its hash)
+    _, said, status = _predict(model, ["a fine film"], capsys)
+    assert status == 0 and "engine onnx" in said
+    state = load_file(weights)
+    state["classifier.bias"] = state["classifier.bias"] + 1  # trained further: the graph is out of date
+    save_file(state, str(weights), metadata={"format": "pt"})
+    answers, said, status = _predict(model, ["a fine film"], capsys)
+    assert status == 0 and "engine torch" in said and "model.onnx not run: model.safetensors has changed" in said
+    with pytest.raises(CheckpointError, match=r"model.onnx: not run: model.safetensors has changed since the export; "
+                                              r"export it again: bertcli export"):
+        run(model, io.BytesIO(b"x\n"), "stdin", io.StringIO(), engine="onnx")
+    export(model, say=lambda _: None)  # its own graph: replaced
+    onnx_answers, said, _ = _predict(model, ["a fine film"], capsys)
+    assert "engine onnx" in said
+    _same(answers, onnx_answers)
+
+
+def test_files_bertcli_did_not_write_are_kept(classifier, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "copy"
+    shutil.copytree(classifier, model)
+    (model / "model.onnx").write_bytes(b"my own notes, not a graph")
+    with pytest.raises(BertcliError, match=r"model.onnx: exists and is not a graph bertcli wrote; it is kept"):
+        export(model, say=lambda _: None)
+    assert (model / "model.onnx").read_bytes() == b"my own notes, not a graph"
+    # auto says why it cannot run it, and answers with torch; onnx refuses
+    answers, said, status = _predict(model, ["a fine film"], capsys)
+    assert status == 0 and "engine torch" in said and "ONNX Runtime cannot load it" in said
+    with pytest.raises(CheckpointError, match=r"model.onnx: ONNX Runtime cannot load it"):
+        run(model, io.BytesIO(b"x\n"), "stdin", io.StringIO(), engine="onnx")
+    (model / "model.onnx").unlink()
+    (model / "model.onnx").symlink_to(classifier / "config.json")
+    with pytest.raises(BertcliError, match=r"exists and is not a graph bertcli wrote"):
+        export(model, say=lambda _: None)
+    assert (model / "model.onnx").is_symlink()
+
+
+def test_export_waits_for_no_one_and_refuses_a_run_being_written(classifier, tmp_path):
+    import shutil
+
+    from bertcli.rundir import claim
+
+    model = tmp_path / "copy"
+    shutil.copytree(classifier, model)
+    with claim(model, "run", resume=True):  # as a resumed training run holds it
+        with pytest.raises(BertcliError, match=r"another bertcli process \(pid \d+\) is writing this directory"):
+            export(model, say=lambda _: None)
+    assert not (model / "model.onnx").exists()
+
+
+def test_export_refuses_what_has_no_task_head(tmp_path, tiny_tokenizer_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog .\n\nhello world , a tiny corpus .\n" * 20)
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "pretrain", "objective": "none"}, {"train": str(corpus),
+                          "max_seq_len": 16}, {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
+    from bertcli.jobs import pretrain
+
+    pretrain(load_recipe(recipe), tmp_path / "pre", resume=False, overwrite=False)
+    with pytest.raises(CheckpointError, match=r"a pretrained model \(fill-mask\) has no task head to export"):
+        export(tmp_path / "pre", say=lambda _: None)
+
+
+@pytest.mark.slow
+def test_the_cli_exports_and_its_onnx_predict_never_imports_torch(classifier, tmp_path):
+    import shutil
+
+    model = tmp_path / "copy"
+    shutil.copytree(classifier, model)
+    done = run_cli("export", str(model), "--int8")
+    assert done.returncode == 0 and b"model.int8.onnx" in done.stderr and b"Traceback" not in done.stderr, done.stderr
+    script = ("import sys\nfrom bertcli.cli import main\n"
+              f"sys.argv = ['bertcli', 'predict', {str(model)!r}, '--int8']\n"
+              "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+              "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", script], input=b"a fine film\n\n", capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert b"engine onnx (model.int8.onnx" in done.stderr
+    answers = [json.loads(x) for x in done.stdout.splitlines()]
+    assert answers[0]["label"] in ("pos", "neg") and answers[1] == {"label": None, "score": None, "scores": {}}
+    # the run's --overwrite removes the graphs with the rest of the run: they are bertcli's
+    recipe = load_recipe(classifier.parent / "recipe.yaml")
+    finetune(recipe, model, resume=False, overwrite=True)
+    assert not (model / "model.onnx").exists() and not (model / "model.int8.onnx").exists()

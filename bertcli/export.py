@@ -18,19 +18,19 @@ under either name is replaced only when it is a graph that bertcli wrote; anythi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
 
 from bertcli import __version__
-from bertcli.errors import BertcliError, CheckpointError
+from bertcli.errors import BertcliError, CheckpointError, Interrupted
 from bertcli.fileio import atomic_write
-from bertcli.onnx_engine import EXTRA, GRAPH, GRAPH_INT8, INPUTS, PRODUCER, SOURCES_KEY, fingerprint
+from bertcli.onnx_engine import EXTRA, GRAPH, GRAPH_INT8, INPUTS, PRODUCER, SOURCES_KEY, bertcli_graph, fingerprint
 from bertcli.tasks.base import Task
 
-OPSET = 20
-OUTPUTS = {"qa": ["start_logits", "end_logits"]}  # other heads: one output, "logits"
+OPSET = 20  # the first with a Gelu node: the exporter writes GELU as one node instead of five
 
 
 def check_extra() -> None:
@@ -39,19 +39,6 @@ def check_extra() -> None:
     missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
     if missing:
         raise BertcliError(f"bertcli export needs {', '.join(missing)}: {EXTRA}")
-
-
-def written_by_bertcli(path: Path) -> bool:
-    """Whether the file at `path` is a graph that bertcli export wrote (its producer and record say so)."""
-    import onnx
-
-    if path.is_symlink() or not path.is_file():
-        return False
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not an ONNX file at all (onnx raises protobuf's DecodeError, ValueError, ...)
-        return False
-    return model.producer_name == PRODUCER and any(p.key == SOURCES_KEY for p in model.metadata_props)
 
 
 def _stamp(model, record: dict, task: str, kind: str) -> None:
@@ -78,19 +65,20 @@ def export(model_dir: Path, int8: bool = False, say=print) -> list[Path]:
                               "first, then export the result")
     targets = [model_dir / GRAPH] + ([model_dir / GRAPH_INT8] if int8 else [])
     for path in targets:
-        if (path.exists() or path.is_symlink()) and not written_by_bertcli(path):
-            raise BertcliError(f"{path}: exists and is not a graph bertcli wrote; it is kept: move it away to export "
-                               "here")
+        _check_replaceable(path)
     if not os.access(model_dir, os.W_OK):
         raise BertcliError(f"{model_dir}: cannot write into it (permission denied); copy the checkpoint somewhere "
                            "you can write, and export the copy")
-    with hold(model_dir):
+    with hold(model_dir), _sigterm_stops():
         record = fingerprint(model_dir)
         start = time.perf_counter()
         ck = load_checkpoint(model_dir)
-        graph = _trace(ck.model.eval(), ck.tokenizer.cls_id, task.name)
+        graph = _trace(ck.model.eval(), ck.tokenizer.cls_id, task, ck.config)
         fused = fuse_attention(graph, ck.config.num_attention_heads)
         difference = _check(graph, ck.model, task, ck.config)
+        if not difference <= 1e-3:  # (NaN fails too)
+            raise BertcliError(f"export: the graph's outputs differ from the model's by {difference:.3g}; nothing "
+                               "was written (please report it)")
         if fingerprint(model_dir) != record:
             raise BertcliError(f"{model_dir}: the checkpoint changed while it was exported; nothing was written")
         _stamp(graph, record, task.name, "fp32")
@@ -100,13 +88,45 @@ def export(model_dir: Path, int8: bool = False, say=print) -> list[Path]:
             f"{time.perf_counter() - start:.1f}s")
         if int8:
             start = time.perf_counter()
-            _save(_quantize(targets[0], record, task.name), targets[1])
-            say(f"export: {targets[1]} ({targets[1].stat().st_size / 2**20:.1f} MiB, int8 weights) in "
-                f"{time.perf_counter() - start:.1f}s")
+            quantized = _quantize(targets[0])
+            difference = _check(quantized, ck.model, task, ck.config)
+            if not difference < float("inf"):
+                raise BertcliError("export: the int8 graph gives scores that are not finite numbers; "
+                                   f"{targets[1].name} was not written")
+            _stamp(quantized, record, task.name, "int8")
+            _save(quantized, targets[1])
+            say(f"export: {targets[1]} ({targets[1].stat().st_size / 2**20:.1f} MiB, int8 weights; outputs within "
+                f"{difference:.2g} of the model's) in {time.perf_counter() - start:.1f}s")
     return targets
 
 
-def _trace(model, cls_id: int, task: str):
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace anything at `path` but a graph bertcli wrote (checked again just before the rename)."""
+    if (path.exists() or path.is_symlink()) and not bertcli_graph(path):
+        raise BertcliError(f"{path}: exists and is not a graph bertcli wrote; it is kept: move it away to export here")
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    """SIGTERM stops an export as Ctrl-C does (exit 143): a graph half written is removed, nothing is replaced."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Interrupted("export: stopped by SIGTERM; nothing more was written", exit_code=143)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _trace(model, cls_id: int, task: Task, cfg):
     """The model as an onnx ModelProto, batch and sequence axes dynamic, fp32, its padding kept."""
     import logging
     import warnings
@@ -115,33 +135,44 @@ def _trace(model, cls_id: int, task: str):
 
     trunk = model.bert if hasattr(model, "bert") else model
     trunk.packed = False  # padding kept: no branch on the data, shapes that follow the inputs
-    ids = torch.full((2, 16), cls_id, dtype=torch.long)
+    length = min(16, cfg.max_position_embeddings)
+    ids = torch.full((2, length), cls_id, dtype=torch.long)
     mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
+    mask[1, length // 2 + 1:] = 0
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. that torchvision's operators are not registered
+    exporter = logging.getLogger("torch.onnx")
+    level = exporter.level
+    exporter.setLevel(logging.ERROR)  # e.g. that torchvision's operators are not registered
     try:
         with warnings.catch_warnings(), torch.inference_mode(False):
             warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations, for its developers
             program = torch.onnx.export(model, (ids, mask, torch.zeros_like(ids)), dynamo=True, opset_version=OPSET,
-                                        input_names=list(INPUTS), output_names=OUTPUTS.get(task, ["logits"]),
+                                        input_names=list(INPUTS), output_names=list(task.output_names),
                                         dynamic_shapes=({0: batch, 1: sequence},) * 3, external_data=False,
                                         optimize=True, verbose=False)
+    except Exception as err:  # the exporter reports what stopped it inside its own error: a SIGTERM is said as such
+        cause = err
+        while cause is not None and not isinstance(cause, Interrupted):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
     finally:
         trunk.packed = True
+        exporter.setLevel(level)
     return program.model_proto
 
 
 def _check(graph, model, task: Task, cfg) -> float:
     """The largest difference between the graph's outputs (ONNX Runtime) and the model's (torch, as predict runs
-    it) on a batch of random rows of different lengths and token types; refuses a graph that does not give the
-    model's outputs. Per-token outputs are compared at the real tokens (predict reads no others)."""
+    it) on a batch of random rows of different lengths and token types (NaN or inf where the graph's are not
+    finite). Per-token outputs are compared at the real tokens (predict reads no others)."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
     rng = np.random.default_rng(0)
-    lengths = [3, 17, 9, 24]
+    lengths = [min(n, cfg.max_position_embeddings) for n in (3, 17, 9, 24)]
     width = max(lengths)
     ids = np.zeros((len(lengths), width), dtype=np.int64)
     mask, types = np.zeros_like(ids), np.zeros_like(ids)
@@ -155,36 +186,46 @@ def _check(graph, model, task: Task, cfg) -> float:
         want = task.call(model, {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
                                  "token_type_ids": torch.from_numpy(types)})
     want = [t.float().numpy() for t in (want if isinstance(want, tuple) else (want,))]
+    if [g.shape for g in got] != [w.shape for w in want]:
+        raise BertcliError(f"export: the graph gives outputs of shapes {[g.shape for g in got]}, the model "
+                           f"{[w.shape for w in want]}; nothing was written (please report it)")
     difference = 0.0
     for g, w in zip(got, want):
-        if g.shape != w.shape:
-            raise BertcliError(f"export: the graph gives outputs of shape {g.shape}, the model {w.shape}; nothing was written")
         for row, n in enumerate(lengths):
-            real = slice(0, n) if task.name in ("ner", "qa") else slice(None)
-            difference = max(difference, float(np.abs(g[row][real] - w[row][real]).max()))
-    if not difference <= 1e-3:  # (NaN fails too)
-        raise BertcliError(f"export: the graph's outputs differ from the model's by {difference:.3g}; nothing was written")
+            real = slice(0, n) if task.per_token else slice(None)
+            gap = float(np.abs(g[row][real] - w[row][real]).max())
+            difference = gap if np.isnan(gap) else max(difference, gap)
     return difference
 
 
 def _save(model, path: Path) -> None:
     import onnx
 
-    atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
+    def write(tmp: str) -> None:
+        onnx.save_model(model, tmp)
+        _check_replaceable(path)  # again, just before the rename: nothing of the user's arrived meanwhile
+
+    atomic_write(path, write)
 
 
-def _quantize(graph: Path, record: dict, task: str):
-    """The fp32 graph with int8 weights (ONNX Runtime's dynamic quantization), stamped as bertcli's."""
+def _quantize(graph: Path):
+    """The fp32 graph with int8 weights (ONNX Runtime's dynamic quantization, a scale per output column), as an
+    onnx ModelProto. It is written first under a temporary name of the checkpoint directory's, which a killed
+    export leaves for the next bertcli command in the directory to remove."""
     import logging
     import tempfile
 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process, printed through the root logger
-    with tempfile.TemporaryDirectory(prefix="bertcli-export.") as work:
-        out = Path(work) / GRAPH_INT8
-        quantize_dynamic(str(graph), str(out), weight_type=QuantType.QInt8, per_channel=True)
-        model = onnx.load(str(out))
-    _stamp(model, record, task, "int8")
-    return model
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process the graph, printed through the root logger
+    fd, tmp = tempfile.mkstemp(prefix=f".{GRAPH_INT8}.", suffix=".tmp", dir=graph.parent)
+    os.close(fd)
+    try:
+        quantize_dynamic(str(graph), tmp, weight_type=QuantType.QInt8, per_channel=True)
+        return onnx.load(tmp)
+    finally:
+        root.setLevel(level)
+        os.unlink(tmp)

@@ -56,21 +56,34 @@ def source_files(model_dir: Path) -> list[Path]:
 
 
 def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read: {err.strerror}") from None
+    return digest.hexdigest()
+
+
+def _stat(path: Path) -> dict:
+    """What identifies this version of the file without reading it: its size, inode and times (the change time
+    is the kernel's: no tool sets it back, so a file rewritten and given its old mtime still differs)."""
+    try:
+        info = path.stat()
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read: {err.strerror}") from None
+    return {"bytes": info.st_size, "inode": info.st_ino, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns}
 
 
 def fingerprint(model_dir: Path) -> dict[str, dict]:
     """The record of the source files a graph is exported from (SOURCES_KEY in its metadata)."""
-    record = {}
-    for path in source_files(model_dir):
-        info = path.stat()
-        record[path.name] = {"bytes": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": _sha256(path)}
-    return record
+    return {path.name: {**_stat(path), "sha256": _sha256(path)} for path in source_files(model_dir)}
 
 
 def stale(recorded: dict, model_dir: Path) -> str | None:
-    """Why the checkpoint's files are no longer those a graph was exported from, or None when they are."""
+    """Why the checkpoint's files are no longer those a graph was exported from, or None when they are. Files
+    whose size, inode and times are those recorded are not read; others (a copied checkpoint) are hashed."""
     now = source_files(model_dir)
     if sorted(p.name for p in now) != sorted(recorded):
         return f"it was exported from {', '.join(sorted(recorded))}, the checkpoint now has {', '.join(p.name for p in now)}"
@@ -78,12 +91,29 @@ def stale(recorded: dict, model_dir: Path) -> str | None:
         was = recorded[path.name]
         if not isinstance(was, dict):
             return "its record of the checkpoint is not bertcli's"
-        info = path.stat()
-        if info.st_size == was.get("bytes") and info.st_mtime_ns == was.get("mtime_ns"):
+        info = _stat(path)
+        if all(was.get(key) == value for key, value in info.items()):
             continue
-        if info.st_size != was.get("bytes") or _sha256(path) != was.get("sha256"):
+        if info["bytes"] != was.get("bytes") or _sha256(path) != was.get("sha256"):
             return f"{path.name} has changed since the export"
     return None
+
+
+def bertcli_graph(path: Path) -> bool:
+    """Whether the file at `path` is a graph that bertcli export wrote, told from its first bytes without
+    onnx: a plain file (never a link) whose ModelProto names bertcli as its producer (field 2, written right
+    after the IR version). Graphs of other tools in a run directory are the user's."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return False
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return PRODUCER_TAG in head
+
+
+PRODUCER_TAG = b"\x12" + bytes([len(PRODUCER)]) + PRODUCER.encode()  # ModelProto.producer_name = "bertcli"
 
 
 class OnnxModel:
@@ -112,12 +142,12 @@ class OnnxModel:
             raise CheckpointError(f"{path}: the graph's inputs are {', '.join(self.inputs)}; a BERT graph reads "
                                   f"input_ids (and attention_mask, token_type_ids)")
         outputs = self.session.get_outputs()
-        wanted = 2 if task.name == "qa" else 1
+        wanted = len(task.output_names)
         if len(outputs) != wanted:
             raise CheckpointError(f"{path}: the graph has {len(outputs)} output(s); a {task.name} head has {wanted}")
         width = outputs[0].shape[-1] if outputs[0].shape else None
-        if task.name in ("classify", "ner", "regression", "multilabel") and isinstance(width, int) and width != task.outputs:
-            raise CheckpointError(f"{path}: the graph gives {width} scores per {'token' if task.name == 'ner' else 'text'}, "
+        if wanted == 1 and isinstance(width, int) and width != task.outputs:  # (QA's outputs are one score per token)
+            raise CheckpointError(f"{path}: the graph gives {width} scores per {'token' if task.per_token else 'text'}, "
                                   f"but config.json names {task.outputs} label(s)")
 
     def stale(self, model_dir: Path) -> str | None:

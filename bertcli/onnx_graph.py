@@ -80,9 +80,17 @@ def fuse_attention(model, num_heads: int) -> int:
             xk, wk, bk, k_nodes = projection(parent(scores, 1, "Transpose"), [0, 2, 3, 1])
             xv, wv, bv, v_nodes = projection(parent(mixed, 1, "Transpose"), [0, 2, 1, 3])
             scale = constant(scaled.input[1])
+            hidden = wq.shape[-1]
             if x != xk or x != xv or perm(merged) != [0, 2, 1, 3] or scale.size != 1 or wq.ndim != 2 or \
-                    wq.shape[0] % num_heads or not all(w.shape == wq.shape for w in (wk, wv)):
-                raise NoMatch
+                    hidden % num_heads or any(w.shape != wq.shape for w in (wk, wv)) or \
+                    any(b.shape != (hidden,) for b in (bq, bk, bv)) or \
+                    _inputs_above(masked.input[1], producer) != {"attention_mask"}:
+                raise NoMatch  # (the Add must add the attention mask's bias alone: the node reads the mask itself)
+            layer = [output, merged, mixed, softmax, masked, scaled, scores, *q_nodes, *k_nodes, *v_nodes]
+            inside = {id(n) for n in layer}
+            if any(id(reader) not in inside for n in layer if n is not output for out in n.output
+                   for reader in readers.get(out, [])):
+                raise NoMatch  # a tensor of the layer's attention is read elsewhere too: it must stay
         except NoMatch:
             continue
         prefix = f"bertcli_attention_{fused}"
@@ -94,8 +102,7 @@ def fuse_attention(model, num_heads: int) -> int:
         added.append(helper.make_node("Attention", [x, prefix + "_weight", prefix + "_bias", MASK_INT32],
                                       [output.output[0]], name=prefix, domain="com.microsoft", num_heads=num_heads,
                                       scale=float(scale.reshape(-1)[0])))
-        removed.update(id(n) for n in [output, merged, mixed, softmax, masked, scaled, scores, *q_nodes, *k_nodes,
-                                        *v_nodes])
+        removed.update(inside)
         fused += 1
     if fused:
         nodes = [n for n in graph.node if id(n) not in removed] + added
@@ -108,6 +115,22 @@ def fuse_attention(model, num_heads: int) -> int:
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return fused
+
+
+def _inputs_above(name: str, producer: dict) -> set[str]:
+    """The graph inputs that the tensor `name` is computed from (initializers and constants count for none)."""
+    found, stack, seen = set(), [name], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        node = producer.get(current)
+        if node is None:
+            found.add(current)
+        else:
+            stack.extend(node.input)
+    return found & {"input_ids", "attention_mask", "token_type_ids"}
 
 
 def _alive(nodes: list, outputs: set[str]) -> list:

@@ -33,13 +33,15 @@ from bertcli.fileio import atomic_write_text
 MARKER = ".bertcli-run"
 LOCK = ".bertcli.lock"
 LOCK_TRIES = 25  # x 20 ms
+ELSEWHERE = "wait for it to end, or choose another --out"  # what to do when another process writes the directory
 STAGE_DIR = ".saving"  # files being written; moved into place once complete
 _TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")  # an atomic write's temporary file of NAME (fileio.atomic_write)
 _TOKENIZER = {"tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"}
+GRAPHS = ("model.onnx", "model.int8.onnx")  # what bertcli export adds to a run (only files it wrote count as its own)
 # what each kind of directory holds: bertcli writes these names and no others
 OWN = {
     "run": _TOKENIZER | {"config.json", "model.safetensors", "recipe.yaml", "log.jsonl", "metrics.json", "resume.pt",
-            "model.onnx", "model.int8.onnx"},  # the last two by bertcli export
+            *GRAPHS},
     "tokenizer": _TOKENIZER,
     "shards": {"index.json"},
     "report": {"confusion.png", "loss.png", "eval.png"},
@@ -65,6 +67,10 @@ def _own_file(kind: str, entry: Path) -> bool:
     link, whatever its name, is the user's."""
     if entry.is_symlink() or not entry.is_file():
         return False
+    if entry.name in GRAPHS:  # names other tools give their graphs too: bertcli's say so inside
+        from bertcli.onnx_engine import bertcli_graph
+
+        return bertcli_graph(entry)
     return entry.name == LOCK or _named(kind, entry.name) or _temporary(kind, entry.name)
 
 
@@ -204,7 +210,7 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
     return Claim(out, fd)
 
 
-def _take_lock(directory: Path, wait: bool) -> int:
+def _take_lock(directory: Path, wait: bool, instead: str = ELSEWHERE) -> int:
     """Open the directory's lock file, check it is bertcli's, lock it (see _lock) and write this process's pid
     into it; returns the descriptor that holds the lock."""
     try:
@@ -216,7 +222,7 @@ def _take_lock(directory: Path, wait: bool) -> int:
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
             raise BertcliError(f"{directory / LOCK}: is not bertcli's lock file (a plain file of its own): a "
                                f"{'hard link' if stat.S_ISREG(info.st_mode) else 'special file'}; remove it")
-        _lock(fd, directory, wait)
+        _lock(fd, directory, wait, instead)
     except BaseException:
         os.close(fd)
         raise
@@ -232,10 +238,19 @@ def hold(directory: Path) -> Claim | contextlib.nullcontext:
     """The lock of a directory of bertcli's, to add files to it (bertcli export adds its graphs to a run):
     refused while another process writes it, as claim refuses. A directory without the marker (a
     checkpoint from elsewhere) gets no lock file: nothing is added there but the command's own output."""
-    if marked_kind(directory) is None:
+    kind = marked_kind(directory)
+    if kind is None:
         return contextlib.nullcontext()
     _refuse_inside_running_suite(directory)
-    return Claim(directory, _take_lock(directory, wait=False))
+    held = Claim(directory, _take_lock(directory, wait=False, instead="wait for it to end"))
+    try:
+        for entry in sorted(directory.iterdir()):
+            if is_leftover(kind, entry):  # of a killed writer (a killed export's graph half written)
+                _remove(kind, entry)
+    except BaseException:
+        held.release()
+        raise
+    return held
 
 
 def precheck(out: Path, kind: str, resume: bool = False, overwrite: bool = False, replacing: str = "--overwrite") -> None:
@@ -334,7 +349,7 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
         raise BertcliError(f"{out}: nothing to resume (no resume.pt); start afresh with --overwrite")
 
 
-def _lock(fd: int, out: Path, wait: bool) -> None:
+def _lock(fd: int, out: Path, wait: bool, instead: str = ELSEWHERE) -> None:
     """Take the lock; without `wait`, refuse when another process keeps it for more than a moment
     (another command's trial of the lock holds it for microseconds)."""
     for attempt in range(1 if wait else LOCK_TRIES):
@@ -348,8 +363,7 @@ def _lock(fd: int, out: Path, wait: bool) -> None:
                                "locks, so bertcli cannot make sure it is the only writer; write the run on a "
                                "local disk") from None
     holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-    raise BertcliError(f"{out}: another bertcli process (pid {holder}) is writing this directory; wait for it "
-                       "to end, or choose another --out")
+    raise BertcliError(f"{out}: another bertcli process (pid {holder}) is writing this directory; {instead}")
 
 
 def _remove(kind: str, entry: Path) -> None:

@@ -161,7 +161,8 @@ def test_the_int8_graph_holds_int8_weights_and_stays_close(exported, capsys):
 
     task, model = exported
     graph = onnx.load(str(model / "model.int8.onnx"))
-    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.graph.node)
+    ops = [n.op_type for n in graph.graph.node]
+    assert "MatMulInteger" in ops and ops.count("QAttention") == 2  # the feed-forward and the attention's weights
     assert {p.key: p.value for p in graph.metadata_props}["bertcli_graph"] == "int8"
     lines = INPUTS[task][:2] + [LONG]
     fp32, _, _ = _predict(model, lines, capsys, engine="onnx")
@@ -275,3 +276,70 @@ def test_the_cli_exports_and_its_onnx_predict_never_imports_torch(classifier, tm
     recipe = load_recipe(classifier.parent / "recipe.yaml")
     finetune(recipe, model, resume=False, overwrite=True)
     assert not (model / "model.onnx").exists() and not (model / "model.int8.onnx").exists()
+
+
+@pytest.mark.slow
+def test_overwrite_and_leftovers_touch_only_bertcli_graphs(classifier, tmp_path):
+    """A run's --overwrite removes the graphs bertcli export wrote, never another tool's under the same name;
+    a killed export's half-written graph goes with the next bertcli command in the run."""
+    import shutil
+
+    model = tmp_path / "copy"
+    shutil.copytree(classifier, model)
+    (model / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch: a graph another exporter wrote")
+    leftover = model / ".model.int8.onnx.abcd1234.tmp"
+    leftover.write_bytes(b"half a graph")
+    recipe = load_recipe(classifier.parent / "recipe.yaml")
+    with pytest.raises(BertcliError, match=r"--overwrite refused: it holds files bertcli did not write \(model.onnx\)"):
+        finetune(recipe, model, resume=False, overwrite=True)
+    assert (model / "model.onnx").read_bytes().startswith(b"\x08\x07\x12\x07pytorch")
+    (model / "model.onnx").unlink()
+    export(model, say=lambda _: None)
+    assert not leftover.exists()  # removed under the run's lock
+    finetune(recipe, model, resume=False, overwrite=True)
+    assert not (model / "model.onnx").exists()
+
+
+def test_a_graph_that_does_not_give_the_models_outputs_is_not_written(classifier, tmp_path, monkeypatch):
+    import shutil
+
+    import bertcli.onnx_graph as onnx_graph
+    from onnx import numpy_helper
+
+    model = tmp_path / "copy"
+    shutil.copytree(classifier, model)
+    fuse = onnx_graph.fuse_attention
+
+    def broken(graph, num_heads):  # a rewrite gone wrong: one layer's attention weights doubled
+        fused = fuse(graph, num_heads)
+        weight = next(t for t in graph.graph.initializer if t.name == "bertcli_attention_0_weight")
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 2, weight.name))
+        return fused
+
+    monkeypatch.setattr(onnx_graph, "fuse_attention", broken)
+    with pytest.raises(BertcliError, match=r"export: the graph's outputs differ from the model's by .*; nothing was "
+                                           r"written"):
+        export(model, say=lambda _: None)
+    assert not (model / "model.onnx").exists()
+    assert not [p.name for p in model.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_an_export_and_leaves_nothing_half_written(classifier, tmp_path):
+    import shutil
+    import signal
+    import time
+
+    model = tmp_path / "copy"
+    shutil.copytree(classifier, model)
+    before = sorted(p.name for p in model.iterdir())
+    proc = subprocess.Popen([sys.executable, "-m", "bertcli", "export", str(model), "--int8"], stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    time.sleep(4)  # importing torch and onnx, tracing
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1].decode()
+    if proc.returncode == 0:
+        pytest.skip("the export ended before the signal came")
+    assert proc.returncode == 143 and "stopped by SIGTERM" in err and "Traceback" not in err, err
+    left = sorted(p.name for p in model.iterdir())
+    assert [n for n in left if n not in before] in ([], ["model.onnx"])  # at most a whole fp32 graph, nothing half

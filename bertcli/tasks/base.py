@@ -100,6 +100,8 @@ class Task(ABC):
     min_labels: ClassVar[int] = 0  # the fewest labels its head can have
     outputs_needed: ClassVar[int | None] = None  # a head of exactly this many outputs, whatever their names
     two_segments: ClassVar[bool] = False  # every input is a pair (QA's question and context): needs 2 token types
+    per_token: ClassVar[bool] = False  # the head scores every token (NER, QA), not the whole text
+    output_names: ClassVar[tuple[str, ...]] = ("logits",)  # the head's outputs, as an exported graph names them
     segments: int = 2  # token types the model has (config.json type_vocab_size): text pairs need 2
 
     def __init__(self, tokenizer: WordPieceTokenizer, options: TaskOptions, max_seq_len: int,

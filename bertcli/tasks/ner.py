@@ -55,6 +55,7 @@ class NerTask(Task):
     architecture = "BertForTokenClassification"
     Options = NerOptions
     needs_labels = True
+    per_token = True
     options: NerOptions
 
     def __init__(self, tokenizer: WordPieceTokenizer, options: NerOptions, max_seq_len: int, labels: Sequence[str] = ()):

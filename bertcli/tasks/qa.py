@@ -65,6 +65,8 @@ class QaTask(Task):
     architecture = "BertForQuestionAnswering"
     Options = QaOptions
     two_segments = True
+    per_token = True
+    output_names = ("start_logits", "end_logits")
     options: QaOptions
 
     def __init__(self, tokenizer: WordPieceTokenizer, options: QaOptions, max_seq_len: int, labels: Sequence[str] = ()):

@@ -1,6 +1,6 @@
-"""A checkpoint's config.json, read without torch: the architecture's sizes (BertConfig), its head,
-labels and task, checked as bertcli reads them. predict's ONNX engine reads a checkpoint with these
-alone; model.py builds the network from a BertConfig."""
+"""A checkpoint's config.json, read without torch: the architecture's sizes (BertConfig), its head
+and labels, checked as bertcli reads them. predict's ONNX engine reads a checkpoint with these alone;
+model.py builds the network from a BertConfig. Nothing heavy is imported here (no torch, no tokenizers)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bertcli.errors import CheckpointError
-from bertcli.tokenizer import WordPieceTokenizer
+
+if TYPE_CHECKING:
+    from bertcli.tokenizer import WordPieceTokenizer
 
 ACTIVATION_NAMES = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")  # hidden_act values model.ACTIVATIONS has
 

@@ -69,7 +69,7 @@ def export(model_dir: Path, int8: bool = False, say=print) -> list[Path]:
     if not os.access(model_dir, os.W_OK):
         raise BertcliError(f"{model_dir}: cannot write into it (permission denied); copy the checkpoint somewhere "
                            "you can write, and export the copy")
-    with hold(model_dir), _sigterm_stops():
+    with hold(model_dir), _stops_cleanly():
         record = fingerprint(model_dir)
         start = time.perf_counter()
         ck = load_checkpoint(model_dir)
@@ -107,23 +107,24 @@ def _check_replaceable(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_stops():
-    """SIGTERM stops an export as Ctrl-C does (exit 143): a graph half written is removed, nothing is replaced."""
+def _stops_cleanly():
+    """Ctrl-C (exit 130) and SIGTERM (exit 143) stop an export with a message: a graph half written is removed
+    (fileio.atomic_write), nothing is replaced."""
     import signal
     import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def stop(signum, frame):
         raise Interrupted("export: stopped by SIGTERM; nothing more was written", exit_code=143)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main else None
     try:
         yield
+    except KeyboardInterrupt:
+        raise Interrupted("export: stopped by Ctrl-C; nothing more was written", exit_code=130) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _trace(model, cls_id: int, task: Task, cfg):
@@ -210,22 +211,35 @@ def _save(model, path: Path) -> None:
 
 def _quantize(graph: Path):
     """The fp32 graph with int8 weights (ONNX Runtime's dynamic quantization, a scale per output column), as an
-    onnx ModelProto. It is written first under a temporary name of the checkpoint directory's, which a killed
-    export leaves for the next bertcli command in the directory to remove."""
+    onnx ModelProto. ONNX Runtime works on files and writes a side file (model-inferred.onnx) next to its
+    input, so it works on a copy in a private temporary directory, never in the checkpoint's."""
     import logging
+    import shutil
     import tempfile
 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from bertcli.fileio import STORAGE_ERRORS
+
+    work = Path(tempfile.gettempdir())
+    need, free = 3 * graph.stat().st_size, shutil.disk_usage(work).free  # the copy, its side file, the result
+    if free < need:
+        raise BertcliError(f"export: the int8 graph needs {need / 2**20:,.0f} MiB of temporary space in {work}, which "
+                           f"has {free / 2**20:,.0f} MiB free (set TMPDIR to a larger disk); {GRAPH_INT8} was not written")
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to pre-process the graph, printed through the root logger
-    fd, tmp = tempfile.mkstemp(prefix=f".{GRAPH_INT8}.", suffix=".tmp", dir=graph.parent)
-    os.close(fd)
     try:
-        quantize_dynamic(str(graph), tmp, weight_type=QuantType.QInt8, per_channel=True)
-        return onnx.load(tmp)
+        with tempfile.TemporaryDirectory(prefix="bertcli-export.") as private:
+            shutil.copyfile(graph, Path(private) / GRAPH)
+            quantize_dynamic(str(Path(private) / GRAPH), str(Path(private) / GRAPH_INT8), weight_type=QuantType.QInt8,
+                             per_channel=True)
+            return onnx.load(str(Path(private) / GRAPH_INT8))
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        raise BertcliError(f"export: cannot write the int8 graph's temporary files in {work}: {err.strerror}; "
+                           f"{GRAPH_INT8} was not written") from None
     finally:
         root.setLevel(level)
-        os.unlink(tmp)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from bertcli.tasks.base import Task
 
 GRAPH, GRAPH_INT8 = "model.onnx", "model.int8.onnx"
+GRAPHS = (GRAPH, GRAPH_INT8)
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # as checkpoint.read_weights looks for them
 PRODUCER = "bertcli"

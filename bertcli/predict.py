@@ -74,8 +74,12 @@ def open_model(model_dir: Path, precision: str = "auto", int8: bool = False, eng
     note = ""
     if engine == "onnx" and refusal:
         raise BertcliError(f"--engine onnx: {refusal}")
+    if engine == "auto" and refusal and any((model_dir / name).exists() for name in onnx_engine.GRAPHS):
+        note = f"; the exported graph not run: {refusal}"  # there is one, but not for these settings
     if engine != "torch" and refusal is None:
         again = f"bertcli export {model_dir}" + (" --int8" if int8 else "")
+        if not onnx_engine.bertcli_graph(graph):  # another tool's file: export will not replace it
+            again = f"move {graph.name} away, then {again}"
         try:
             model = onnx_engine.OnnxModel(graph, task)
             why = model.stale(model_dir)
@@ -86,8 +90,8 @@ def open_model(model_dir: Path, precision: str = "auto", int8: bool = False, eng
         if why is None:
             return task, model, contextlib.nullcontext, f"predict: engine onnx ({graph.name}, ONNX Runtime {model.version})"
         if engine == "onnx":
-            raise CheckpointError(f"{graph}: not run: {why}; export it again: {again}")
-        note = f"; {graph.name} not run: {why} ({again} makes a current one)"
+            raise CheckpointError(f"{graph}: not run: {why}; {again}")
+        note = f"; {graph.name} not run: {why} ({again})"
     return _torch_model(model_dir, task, precision, int8, note)
 
 
@@ -97,6 +101,8 @@ def _onnx_refusal(task: Task, graph: Path, precision: str, int8: bool) -> str | 
         return "a pretrained model fills in [MASK] with the torch engine only (export serves task heads)"
     if precision not in ("auto", "fp32"):
         return f"the exported graphs run in fp32 ({onnx_engine.GRAPH}) or int8 ({onnx_engine.GRAPH_INT8}), not {precision}"
+    if graph.exists() and not graph.is_file():
+        return f"{graph} is not a file"
     if not graph.is_file():
         return f"{graph} not found: make it with `bertcli export {graph.parent}{' --int8' if int8 else ''}`"
     if not onnx_engine.available():

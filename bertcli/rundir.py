@@ -16,7 +16,6 @@ is touched (`check_apart`).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Iterable
 from bertcli import __version__
 from bertcli.errors import BertcliError
 from bertcli.fileio import atomic_write_text
+from bertcli.onnx_engine import GRAPHS, bertcli_graph  # what bertcli export adds to a run: its own graphs only
 
 MARKER = ".bertcli-run"
 LOCK = ".bertcli.lock"
@@ -37,7 +37,6 @@ ELSEWHERE = "wait for it to end, or choose another --out"  # what to do when ano
 STAGE_DIR = ".saving"  # files being written; moved into place once complete
 _TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")  # an atomic write's temporary file of NAME (fileio.atomic_write)
 _TOKENIZER = {"tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"}
-GRAPHS = ("model.onnx", "model.int8.onnx")  # what bertcli export adds to a run (only files it wrote count as its own)
 # what each kind of directory holds: bertcli writes these names and no others
 OWN = {
     "run": _TOKENIZER | {"config.json", "model.safetensors", "recipe.yaml", "log.jsonl", "metrics.json", "resume.pt",
@@ -68,8 +67,6 @@ def _own_file(kind: str, entry: Path) -> bool:
     if entry.is_symlink() or not entry.is_file():
         return False
     if entry.name in GRAPHS:  # names other tools give their graphs too: bertcli's say so inside
-        from bertcli.onnx_engine import bertcli_graph
-
         return bertcli_graph(entry)
     return entry.name == LOCK or _named(kind, entry.name) or _temporary(kind, entry.name)
 
@@ -234,13 +231,23 @@ def _take_lock(directory: Path, wait: bool, instead: str = ELSEWHERE) -> int:
     return fd
 
 
-def hold(directory: Path) -> Claim | contextlib.nullcontext:
+def hold(directory: Path) -> Claim:
     """The lock of a directory of bertcli's, to add files to it (bertcli export adds its graphs to a run):
-    refused while another process writes it, as claim refuses. A directory without the marker (a
-    checkpoint from elsewhere) gets no lock file: nothing is added there but the command's own output."""
+    refused while another process writes it, as claim refuses, and a killed writer's leftovers removed. A
+    directory without the marker (a checkpoint from elsewhere) gets no lock file and no clean-up: the lock is
+    taken on the directory itself, so that two exports into it do not cross."""
     kind = marked_kind(directory)
     if kind is None:
-        return contextlib.nullcontext()
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise BertcliError(f"{directory}: cannot open the directory: {err.strerror}") from None
+        try:
+            _lock(fd, directory, wait=False, instead="wait for it to end")
+        except BaseException:
+            os.close(fd)
+            raise
+        return Claim(directory, fd)
     _refuse_inside_running_suite(directory)
     held = Claim(directory, _take_lock(directory, wait=False, instead="wait for it to end"))
     try:
@@ -362,7 +369,10 @@ def _lock(fd: int, out: Path, wait: bool, instead: str = ELSEWHERE) -> None:
             raise BertcliError(f"{out / LOCK}: cannot lock it ({err.strerror}): this file system has no file "
                                "locks, so bertcli cannot make sure it is the only writer; write the run on a "
                                "local disk") from None
-    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+    try:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+    except OSError:  # a directory's own descriptor (hold): no pid written in it
+        holder = "unknown"
     raise BertcliError(f"{out}: another bertcli process (pid {holder}) is writing this directory; {instead}")
 
 

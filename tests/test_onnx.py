@@ -200,7 +200,7 @@ def test_a_graph_that_no_longer_matches_its_weights_is_never_run(classifier, tmp
     answers, said, status = _predict(model, ["a fine film"], capsys)
     assert status == 0 and "engine torch" in said and "model.onnx not run: model.safetensors has changed" in said
     with pytest.raises(CheckpointError, match=r"model.onnx: not run: model.safetensors has changed since the export; "
-                                              r"export it again: bertcli export"):
+                                              r"bertcli export .*copy$"):
         run(model, io.BytesIO(b"x\n"), "stdin", io.StringIO(), engine="onnx")
     export(model, say=lambda _: None)  # its own graph: replaced
     onnx_answers, said, _ = _predict(model, ["a fine film"], capsys)
@@ -232,14 +232,39 @@ def test_files_bertcli_did_not_write_are_kept(classifier, tmp_path, capsys):
 def test_export_waits_for_no_one_and_refuses_a_run_being_written(classifier, tmp_path):
     import shutil
 
-    from bertcli.rundir import claim
+    from bertcli.rundir import MARKER, claim, hold
 
     model = tmp_path / "copy"
     shutil.copytree(classifier, model)
     with claim(model, "run", resume=True):  # as a resumed training run holds it
-        with pytest.raises(BertcliError, match=r"another bertcli process \(pid \d+\) is writing this directory"):
+        with pytest.raises(BertcliError, match=r"another bertcli process \(pid \d+\) is writing this directory; "
+                                               r"wait for it to end$"):
             export(model, say=lambda _: None)
     assert not (model / "model.onnx").exists()
+    (model / MARKER).unlink()  # a checkpoint from elsewhere: no lock file is made there, the directory itself is locked
+    (model / ".bertcli.lock").unlink()
+    before = sorted(os.listdir(model))
+    with hold(model):
+        with pytest.raises(BertcliError, match=r"another bertcli process \(pid unknown\) is writing this directory"):
+            export(model, say=lambda _: None)
+    assert sorted(os.listdir(model)) == before
+
+
+@pytest.mark.slow
+def test_export_int8_keeps_the_files_next_to_the_graph(classifier, tmp_path, capsys):
+    """ONNX Runtime's quantization writes model-inferred.onnx beside the graph it reads: never beside the user's."""
+    import shutil
+
+    model = tmp_path / "copy"
+    shutil.copytree(classifier, model)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    (model / "model-inferred.onnx").symlink_to(victim)
+    export(model, int8=True, say=lambda _: None)
+    assert victim.read_text() == "mine" and (model / "model-inferred.onnx").is_symlink()
+    # auto says why a graph that is there was not run for these settings
+    _, said, status = _predict(model, ["a fine film"], capsys, precision="bf16")
+    assert status == 0 and "engine torch" in said and "the exported graph not run: the exported graphs run in fp32" in said
 
 
 def test_export_refuses_what_has_no_task_head(tmp_path, tiny_tokenizer_dir):

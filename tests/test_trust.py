@@ -601,9 +601,11 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, tiny_tokenizer_dir):
 
 
 def _predict(model: Path, **options) -> subprocess.Popen:
+    """predict in a pipe, with Ctrl-C's default action: a shell starts a background job (`pytest &`) with SIGINT
+    ignored, which its children inherit, and a process that starts with SIGINT ignored keeps ignoring it."""
     return subprocess.Popen([sys.executable, "-m", "bertcli", "predict", str(model)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            **options)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **options)
 
 
 @pytest.mark.slow

@@ -141,9 +141,11 @@ def _trace(model, cls_id: int, task: Task, cfg):
     mask = torch.ones_like(ids)
     mask[1, length // 2 + 1:] = 0
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    exporter = logging.getLogger("torch.onnx")
+    exporter = logging.getLogger("torch")
     level = exporter.level
-    exporter.setLevel(logging.ERROR)  # e.g. that torchvision's operators are not registered
+    # torch logs as it traces: that torchvision's operators are not registered, and (as errors, with tracebacks)
+    # the exceptions it goes on to raise, such as a SIGTERM's; what stops an export is said once, by bertcli
+    exporter.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings(), torch.inference_mode(False):
             warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations, for its developers

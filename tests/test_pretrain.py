@@ -216,14 +216,21 @@ def test_sigkill_then_resume_logs_the_same_losses(corpus, tiny_tokenizer_dir, tm
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "whole")
 
 
-@pytest.mark.slow
-def test_two_processes_under_torchrun_match_one(corpus, tiny_tokenizer_dir, tmp_path):
+def _one_process(corpus, tokenizer, tmp_path, steps: int) -> tuple[dict, list[str]]:
+    """A tiny pretraining run of `steps` in one process with a batch of 8, into tmp_path/one: the environment and
+    the command's arguments for the same run split over processes (they add --out and a per-process batch)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BERTCLI_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=8, log_every=1)
+    recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tokenizer, max_steps=steps, log_every=1)
     common = ["pretrain", str(recipe), "--set", "model.dropout=0.0"]
     one = subprocess.run([sys.executable, "-m", "bertcli", *common, "--out", str(tmp_path / "one"),
                           "--set", "train.batch_size=8"], env=env, capture_output=True, timeout=300)
     assert one.returncode == 0, one.stderr.decode()
+    return env, common
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_match_one(corpus, tiny_tokenizer_dir, tmp_path):
+    env, common = _one_process(corpus, tiny_tokenizer_dir, tmp_path, steps=8)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                           "-m", "bertcli", *common, "--out", str(tmp_path / "two"), "--set", "train.batch_size=4"],
                          env=env, capture_output=True, timeout=300)
@@ -243,6 +250,34 @@ def test_two_processes_under_torchrun_match_one(corpus, tiny_tokenizer_dir, tmp_
     for name in one:
         apart = ~np.isclose(one[name], two[name], atol=2e-5)
         assert apart.mean() <= 0.01 and np.abs(one[name] - two[name]).max() < 2e-2, (name, apart.mean())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_under_torchrun_match_one_process(corpus, tiny_tokenizer_dir, tmp_path):
+    """Two torchrun agents, as on two machines (--nnodes 2, c10d rendezvous on 127.0.0.1), each with its own
+    output directory as each machine would have: the losses of one process with the same global batch."""
+    env, common = _one_process(corpus, tiny_tokenizer_dir, tmp_path, steps=6)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                                "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "two-nodes",
+                                "-m", "bertcli", *common, "--out", str(tmp_path / f"node{n}"), "--set",
+                                "train.batch_size=4"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+              for n in range(2)]
+    errors = [agent.communicate(timeout=300)[1].decode() for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], errors
+    written = [n for n in range(2) if (tmp_path / f"node{n}" / "log.jsonl").exists()]
+    assert len(written) == 1  # rank 0 writes, on whichever machine it landed
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / f"node{written[0]}")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    assert np.allclose([x for _, x in a], [x for _, x in b], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

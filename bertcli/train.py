@@ -209,6 +209,16 @@ class StopRequest:
         self._previous = {}
 
 
+LOST_PEER_EXIT = 75  # EX_TEMPFAIL: the run could not go on, and may be continued
+
+
+def _lost_peer(err: BaseException) -> bool:
+    """Whether a collective failed because another process of the run went away: gloo reports a closed
+    connection as a plain RuntimeError from its transport, NCCL and the store as torch's DistError."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or "gloo/transport" in text or "Connection closed by peer" in text
+
+
 def _global_sum(values: list[float], world: int, device: torch.device) -> list[float]:
     if world == 1:
         return values
@@ -386,10 +396,11 @@ def _evaluate(run: _Run) -> None:
     run.window.paused += time.perf_counter() - began
 
 
-def _checkpoint(run: _Run) -> None:
+def _checkpoint(run: _Run, alone: bool = False) -> None:
     """The model, its config and tokenizer, and the resume state, written whole into a side directory
     and moved in by renames, so a checkpoint is never half replaced. Weights that are not finite are
-    never saved: a checkpoint of NaN would only spread the damage."""
+    never saved: a checkpoint of NaN would only spread the damage. `alone`: the other processes of a
+    distributed run are gone, so none is waited for."""
     began = time.perf_counter()
     pos, out = run.pos, run.out
     pos.elapsed = began - run.start
@@ -411,7 +422,7 @@ def _checkpoint(run: _Run) -> None:
             raise BertcliError(f"{out}: cannot save the checkpoint of step {pos.step}: {reason}. The previous "
                                f"checkpoint in {out} is intact") from None
         publish(stage, out, last=RESUME_FILE)
-    if run.world > 1:
+    if run.world > 1 and not alone:
         dist.barrier()
     run.window.paused += time.perf_counter() - began
 
@@ -479,6 +490,19 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
         again = "evaluate it" if saved else "continue"
         raise Interrupted(f"{signal.Signals(signum).name} at step {run.pos.step}: saved to {out}; {again} with --resume",
                           128 + signum) from None
+    except RuntimeError as err:
+        if run.world == 1 or not _lost_peer(err):
+            raise
+        # Each step's collectives come before its update, and the others after the step is counted, so the
+        # weights, the optimizer and the position agree: those of the last step that every process finished.
+        ctrl_c.saving = True
+        if run.writer and not saved:
+            _checkpoint(run, alone=True)
+        what = f"saved to {out}" if run.writer else f"rank 0 writes the checkpoint; the last one it saved is in {out} there"
+        again = "evaluate it" if saved else "continue"
+        raise Interrupted(f"another process of this distributed run went away after step {run.pos.step} "
+                          f"({str(err).strip().splitlines()[0][:200]}); {what}; {again} with --resume, the same "
+                          f"processes", LOST_PEER_EXIT) from None
     finally:
         ctrl_c.release()
     return run.metrics

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,12 +217,17 @@ def test_sigkill_then_resume_logs_the_same_losses(corpus, tiny_tokenizer_dir, tm
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "whole")
 
 
-def _one_process(corpus, tokenizer, tmp_path, steps: int) -> tuple[dict, list[str]]:
-    """A tiny pretraining run of `steps` in one process with a batch of 8, into tmp_path/one: the environment and
-    the command's arguments for the same run split over processes (they add --out and a per-process batch)."""
+def _distributed(corpus, tokenizer, tmp_path, steps: int) -> tuple[dict, list[str]]:
+    """The environment and the command's arguments of a tiny pretraining run of `steps` (they add --out and a
+    batch size)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BERTCLI_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tokenizer, max_steps=steps, log_every=1)
-    common = ["pretrain", str(recipe), "--set", "model.dropout=0.0"]
+    return env, ["pretrain", str(recipe), "--set", "model.dropout=0.0"]
+
+
+def _one_process(corpus, tokenizer, tmp_path, steps: int) -> tuple[dict, list[str]]:
+    """That run in one process with a batch of 8, into tmp_path/one (the same run split over processes)."""
+    env, common = _distributed(corpus, tokenizer, tmp_path, steps)
     one = subprocess.run([sys.executable, "-m", "bertcli", *common, "--out", str(tmp_path / "one"),
                           "--set", "train.batch_size=8"], env=env, capture_output=True, timeout=300)
     assert one.returncode == 0, one.stderr.decode()
@@ -278,6 +284,51 @@ def test_two_nodes_under_torchrun_match_one_process(corpus, tiny_tokenizer_dir, 
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / f"node{written[0]}")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
     assert np.allclose([x for _, x in a], [x for _, x in b], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_killed_node_ends_the_run_with_a_checkpoint_that_resumes(corpus, tiny_tokenizer_dir, tmp_path):
+    """Two agents (static rendezvous: node 0 holds rank 0 and the store) writing to one output directory, as
+    machines that share a file system do; node 1 is killed mid-run. Node 0's process says so and saves the last
+    step both finished (exit 75); the two nodes resume from it, and the run's losses are those of the same two
+    nodes never stopped."""
+    env, common = _distributed(corpus, tiny_tokenizer_dir, tmp_path, steps=300)
+
+    def agents(out: str, *extra: str) -> list[subprocess.Popen]:
+        port = str(_free_port())
+        return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+                                  "1", "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", port,
+                                  "-m", "bertcli", *common, "--out", str(tmp_path / out),
+                                  "--set", "train.batch_size=4", *extra],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                for n in range(2)]
+
+    whole = agents("whole")
+    for agent in whole:
+        agent.communicate(timeout=240)
+    assert [agent.returncode for agent in whole] == [0, 0]
+    first = agents("shared")
+    log = tmp_path / "shared" / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
+        time.sleep(0.02)
+    agent = first[1].pid  # the whole of node 1: its training process (torchrun starts it in a session of its own)
+    for child in Path(f"/proc/{agent}/task/{agent}/children").read_text().split():  # and then its agent
+        os.kill(int(child), signal.SIGKILL)
+    os.kill(agent, signal.SIGKILL)
+    err = first[0].communicate(timeout=240)[1].decode()
+    first[1].wait()
+    stopped = _losses(tmp_path / "shared")[-1][0]
+    if stopped == 300:
+        pytest.skip("the run ended before node 1 was killed")
+    assert first[0].returncode != 0 and "another process of this distributed run went away after step" in err, err[-3000:]
+    assert "saved to" in err and (tmp_path / "shared" / "resume.pt").is_file()
+    again = agents("shared", "--resume")
+    errors = [agent.communicate(timeout=240)[1].decode()[-3000:] for agent in again]
+    assert [agent.returncode for agent in again] == [0, 0], errors
+    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "shared")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 301))
+    assert np.allclose([x for _, x in a], [x for _, x in b], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

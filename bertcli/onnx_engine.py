@@ -1,7 +1,7 @@
 """predict's ONNX Runtime engine: a checkpoint's exported graph (bertcli export) run without torch.
 
-A graph says where it came from in its own metadata: the bertcli that wrote it, and the size,
-modification time and SHA-256 of the config.json and weights it was exported from. predict runs a
+A graph says where it came from in its own metadata: the bertcli that wrote it, and the size, inode,
+times and SHA-256 of the config.json and weights it was exported from. predict runs a
 graph only while those files are what they were (the sizes and times are compared first, so a
 current graph costs no hashing; a copied checkpoint is hashed once per start), so a model trained
 further (`--resume`) after its export is never answered by the old graph.
@@ -29,7 +29,7 @@ GRAPHS = (GRAPH, GRAPH_INT8)
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # as checkpoint.read_weights looks for them
 PRODUCER = "bertcli"
-SOURCES_KEY = "bertcli_sources"  # metadata: JSON {file name: {bytes, mtime_ns, sha256}}
+SOURCES_KEY = "bertcli_sources"  # metadata: JSON {file name: {bytes, inode, mtime_ns, ctime_ns, sha256}}
 EXTRA = "pip install 'bertcli[onnx]'"
 # ONNX Runtime fusions that make these graphs slower on CPU, left out (unknown names are ignored). Measured on
 # MiniLM (SST-2, 3,488 sentences sorted by length, batches of 32, model time, medians of 3 interleaved runs):

@@ -67,7 +67,7 @@ def fuse_attention(model, num_heads: int) -> int:
         matmul = parent(add, 0, "MatMul")
         return matmul.input[0], constant(matmul.input[1]), constant(add.input[1]), [transpose, reshape, add, matmul]
 
-    fused, removed, added = 0, set(), []
+    fused, removed, in_place = 0, set(), {}  # in_place: id of a layer's last node -> the nodes that take its place
     for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
         try:
             masked = parent(softmax, 0, "Add")
@@ -96,18 +96,17 @@ def fuse_attention(model, num_heads: int) -> int:
         prefix = f"bertcli_attention_{fused}"
         graph.initializer.extend([numpy_helper.from_array(np.concatenate([wq, wk, wv], 1), prefix + "_weight"),
                                   numpy_helper.from_array(np.concatenate([bq, bk, bv]), prefix + "_bias")])
-        if not fused:
-            added.append(helper.make_node("Cast", ["attention_mask"], [MASK_INT32], to=TensorProto.INT32,
-                                          name="bertcli_attention_mask_cast"))
-        added.append(helper.make_node("Attention", [x, prefix + "_weight", prefix + "_bias", MASK_INT32],
-                                      [output.output[0]], name=prefix, domain="com.microsoft", num_heads=num_heads,
-                                      scale=float(scale.reshape(-1)[0])))
+        cast = [helper.make_node("Cast", ["attention_mask"], [MASK_INT32], to=TensorProto.INT32,
+                                 name="bertcli_attention_mask_cast")] if not fused else []
+        in_place[id(output)] = cast + [helper.make_node(
+            "Attention", [x, prefix + "_weight", prefix + "_bias", MASK_INT32], [output.output[0]], name=prefix,
+            domain="com.microsoft", num_heads=num_heads, scale=float(scale.reshape(-1)[0]))]
         removed.update(inside)
         fused += 1
-    if fused:
-        nodes = [n for n in graph.node if id(n) not in removed] + added
+    if fused:  # each Attention node where its layer's output was made: after what it reads, before its readers
+        nodes = [new for n in graph.node for new in in_place.get(id(n), [] if id(n) in removed else [n])]
         del graph.node[:]
-        graph.node.extend(_in_order(_alive(nodes, {o.name for o in graph.output}), graph))
+        graph.node.extend(_alive(nodes, {o.name for o in graph.output}))
         used = {name for n in graph.node for name in n.input}
         kept = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
@@ -136,38 +135,11 @@ def _inputs_above(name: str, producer: dict) -> set[str]:
 def _alive(nodes: list, outputs: set[str]) -> list:
     """The nodes that the graph's outputs depend on (what the rewrite left unread goes)."""
     producer = {out: node for node in nodes for out in node.output}
-    needed, stack, seen = set(), list(outputs), set()
+    needed, stack = set(), list(outputs)
     while stack:
-        name = stack.pop()
-        node = producer.get(name)
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        needed.add(id(node))
-        stack.extend(node.input)
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(node.input)
     return [n for n in nodes if id(n) in needed]
 
-
-def _in_order(nodes: list, graph) -> list:
-    """The nodes sorted so that each comes after the nodes it reads from (ONNX requires it)."""
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    producer = {out: node for node in nodes for out in node.output}
-    waiting = {id(n): sum(1 for name in set(n.input) if name not in ready and name in producer) for n in nodes}
-    readers: dict[str, list] = defaultdict(list)
-    for n in nodes:
-        for name in set(n.input):
-            if name not in ready and name in producer:
-                readers[name].append(n)
-    queue = [n for n in nodes if waiting[id(n)] == 0]
-    ordered = []
-    while queue:
-        node = queue.pop(0)
-        ordered.append(node)
-        for out in node.output:
-            for reader in readers.get(out, []):
-                waiting[id(reader)] -= 1
-                if waiting[id(reader)] == 0:
-                    queue.append(reader)
-    if len(ordered) != len(nodes):
-        raise ValueError("the rewritten graph has a cycle")
-    return ordered

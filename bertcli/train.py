@@ -97,6 +97,12 @@ def plan_steps(cfg: TrainConfig, batches_per_epoch: int) -> int | None:
     return min(limits) if limits else None
 
 
+def epoch_batches(examples: int, global_batch: int, world: int) -> int:
+    """Batches in an epoch: the last, smaller one too, as one process has it, unless it is too
+    small to give every process at least one example (then it is left out of the epoch)."""
+    return examples // global_batch + (1 if examples % global_batch >= world else 0)
+
+
 def save_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, pos: Position) -> None:
     """One file holding weights, optimizer and position, written atomically, so the weights and
     the optimizer always belong to the same step. Loaded with weights_only=True. (No RNG state
@@ -290,7 +296,7 @@ def _start(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> _Run:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           find_unused_parameters=True)
     global_batch = cfg.batch_size * world
-    batches_per_epoch = len(job.features) // global_batch if world > 1 else math.ceil(len(job.features) / global_batch)
+    batches_per_epoch = epoch_batches(len(job.features), global_batch, world)
     if batches_per_epoch == 0:
         raise BertcliError(f"data.train: {len(job.features)} training sequences, fewer than one batch of {global_batch}")
     if rank == 0 and job.recipe:  # the run's files change only now, when nothing it reads can fail any more
@@ -434,8 +440,8 @@ def _train(run: _Run, ctrl_c: StopRequest) -> None:
     done = run.total is not None and pos.step >= run.total
     bar = run.progress.add_task("train", total=run.total, completed=pos.step, info="")
     while not done:
-        order = batch_order(run.job.lengths, run.global_batch, seed=cfg.seed + pos.epoch,
-                            group=50 if cfg.group_by_length else 0)[:run.batches_per_epoch]
+        order = [b for b in batch_order(run.job.lengths, run.global_batch, seed=cfg.seed + pos.epoch,
+                                        group=50 if cfg.group_by_length else 0) if len(b) >= run.world]
         while pos.batch < len(order) and not done:
             group = order[pos.batch:pos.batch + cfg.grad_accum]
             loss, tokens, skipped = _step(run, group)

@@ -236,13 +236,18 @@ def _one_process(corpus, tokenizer, tmp_path, steps: int) -> tuple[dict, list[st
 
 @pytest.mark.slow
 def test_two_processes_under_torchrun_match_one(corpus, tiny_tokenizer_dir, tmp_path):
-    env, common = _one_process(corpus, tiny_tokenizer_dir, tmp_path, steps=8)
+    """Over an epoch's end too: the corpus makes 17 batches of 8, the last one smaller, and the two processes
+    share that one as well (they used to leave it out, and parted from one process at step 17)."""
+    env, common = _one_process(corpus, tiny_tokenizer_dir, tmp_path, steps=20)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                           "-m", "bertcli", *common, "--out", str(tmp_path / "two"), "--set", "train.batch_size=4"],
                          env=env, capture_output=True, timeout=300)
     assert two.returncode == 0, two.stderr.decode()[-3000:]
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 21))
+    epochs = [[r["epoch"] for r in map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines())
+               if "loss" in r] for run in ("one", "two")]
+    assert epochs[0] == epochs[1] and epochs[0][16] == 1.0  # step 17 ends the epoch in both
     assert np.allclose([x for _, x in a], [x for _, x in b], rtol=1e-4, atol=1e-5)
     from safetensors.numpy import load_file
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from bertcli.jobs import finetune
 from bertcli.recipes import TrainConfig, load_recipe
-from bertcli.train import lr_at, plan_steps
+from bertcli.data.batching import batch_order
+from bertcli.train import epoch_batches, lr_at, plan_steps
 from conftest import run_cli, write_recipe
 
 EIGHT = "sentence\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in [
@@ -33,6 +34,16 @@ def test_planned_steps_take_the_earlier_of_max_steps_and_epochs():
     assert plan_steps(TrainConfig(epochs=2.0, max_steps=5), 10) == 5
     assert plan_steps(TrainConfig(epochs=0.5), 10) == 5
     assert plan_steps(TrainConfig(time_budget="1m"), 10) is None
+
+
+def test_an_epoch_keeps_its_smaller_last_batch_when_every_process_gets_a_share():
+    assert epoch_batches(17, 8, 1) == 3 and epoch_batches(16, 8, 1) == 2  # one process: every example
+    assert epoch_batches(21, 8, 2) == 3  # a last batch of 5: 3 and 2 examples, as one process would see it
+    assert epoch_batches(17, 8, 2) == 2  # a last batch of 1 cannot be shared: left out
+    for world, n in ((2, 17), (3, 26), (4, 100)):
+        kept = [b for b in batch_order([1 + i % 7 for i in range(n)], 8, seed=3) if len(b) >= world]
+        assert len(kept) == epoch_batches(n, 8, world)
+        assert all(b[rank::world] for b in kept for rank in range(world))  # no process gets an empty share
 
 
 def _train(tmp_path, tiny_tokenizer_dir, name, **train):

@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED_DATA, emit, machine, measured_peak, note  # noqa: E402
 
 from bertcli.allocator import keep_freed_memory  # noqa: E402
-from bertcli.data.corpus import encode_corpus, load_shards  # noqa: E402
+from bertcli.data.corpus import load_shards  # noqa: E402
+from bertcli.data.encode import encode_corpus  # noqa: E402
 from bertcli.fastpath import ROWS  # noqa: E402
 from bertcli.model import BertConfig, BertForPreTraining  # noqa: E402
 from bertcli.recipes import TrainConfig  # noqa: E402

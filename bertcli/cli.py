@@ -110,13 +110,16 @@ def tokenize_encode(
     out: Path = typer.Option(..., "--out", help="Directory for the token shards."),
     segmenter: str = typer.Option("none", "--segmenter", help="Word segmenter for Chinese whole-word masking: "
                                   "none or jieba (pip install 'bertcli[zh]')."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an encode that was stopped (Ctrl-C, SIGTERM, a "
+                                "kill): the shards it finished are checked against the text and kept."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Encode raw text into memory-mapped token shards for pretraining (documents and
-    sentences kept; blank lines separate documents)."""
+    sentences kept; blank lines separate documents). Memory stays flat however large the text:
+    it is read as a stream and cut into shards of about 64 MB of text at document boundaries."""
     import time
 
-    from bertcli.data.corpus import encode_corpus
+    from bertcli.data.encode import encode_corpus
     from bertcli.textio import read_once
     from bertcli.tokenizer import load_tokenizer
 
@@ -124,11 +127,11 @@ def tokenize_encode(
 
     check_apart(out, [("--tokenizer", tokenizer)] + [("--corpus", c) for c in corpus])
     read_once(corpus)
-    precheck(out, "shards", overwrite=overwrite)
+    precheck(out, "shards", resume=resume, overwrite=overwrite)
     start = time.perf_counter()
     loaded = load_tokenizer(tokenizer)
-    with claim(out, "shards", overwrite=overwrite):
-        index = encode_corpus(loaded, corpus, out, segmenter=segmenter)
+    with claim(out, "shards", resume=resume, overwrite=overwrite):
+        index = encode_corpus(loaded, corpus, out, segmenter=segmenter, resume=resume)
     _err(f"shards: {index['documents']} documents, {index['sentences']} sentences, {index['tokens']} tokens "
          f"({index['dtype']}) from {len(corpus)} file(s) in {time.perf_counter() - start:.1f}s -> {out}")
 

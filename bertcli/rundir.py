@@ -42,7 +42,7 @@ OWN = {
     "run": _TOKENIZER | {"config.json", "model.safetensors", "recipe.yaml", "log.jsonl", "metrics.json", "resume.pt",
             *GRAPHS},
     "tokenizer": _TOKENIZER,
-    "shards": {"index.json"},
+    "shards": {"index.json", "progress.json"},  # progress.json: in the side directory of an encode stopped midway
     "report": {"confusion.png", "loss.png", "eval.png"},
     "suite": {"suite.json"},  # and its runs, each a directory of its own (suite.py)
 }
@@ -198,6 +198,8 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
         if marked_kind(out) is None:
             atomic_write_text(out / MARKER, json.dumps({"kind": kind, "bertcli_version": __version__}) + "\n")
         for entry in sorted(out.iterdir()):
+            if kind == "shards" and resume and entry.name == STAGE_DIR:
+                continue  # the finished shards of an encode stopped midway, which the encoder checks and continues
             if is_leftover(kind, entry) or (overwrite and entry.name not in (MARKER, LOCK) and is_own(kind, entry)
                                             and not _own_nested(kind, entry)):
                 _remove(kind, entry)
@@ -342,7 +344,8 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
     if found != kind:
         raise BertcliError(f"{out}: holds {WHAT[found]}, not {WHAT[kind]}; choose another --out")
     if not resume and not overwrite:
-        again = " pass --resume to continue it or" if kind in ("run", "suite") else ""
+        stopped = kind == "shards" and "index.json" not in names  # an encode that did not finish
+        again = " pass --resume to continue it or" if kind in ("run", "suite") or stopped else ""
         raise BertcliError(f"{out}: already exists;{again} pass --overwrite to replace it")
     # --resume rewrites bertcli's files (and its side directory); --overwrite removes them all
     foreign = [p.name for p in sorted(out.iterdir())
@@ -354,6 +357,9 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
                            "kept, and so is everything else: move them away, or choose another --out")
     if resume and kind == "run" and "resume.pt" not in names:
         raise BertcliError(f"{out}: nothing to resume (no resume.pt); start afresh with --overwrite")
+    if resume and kind == "shards" and "index.json" in names:
+        raise BertcliError(f"{out}: nothing to resume: its encode finished (index.json); pass --overwrite to encode "
+                           "again")
 
 
 def _lock(fd: int, out: Path, wait: bool, instead: str = ELSEWHERE) -> None:

@@ -115,11 +115,11 @@ def raw_lines(stream: BinaryIO, source: str = "input") -> Iterator[bytes | TooLo
         yield bytes(pending)
 
 
-def decode_text(data: bytes, source: str, offset: int = 0, line: int | None = None) -> str:
+def decode_text(data: bytes, source: str, offset: int = 0, line: int | None = None, first_line: int = 1) -> str:
     """Bytes as text: the one UTF-8 and NUL check of every reader. The first bad byte (invalid UTF-8,
     or a NUL) is a DataError naming its line and its byte offset in the file or stream, the one
     meaning a byte offset has. `offset`: where `data` starts in it; `line`: the line `data` is, when it
-    is one line (else the line is counted up to the bad byte)."""
+    is one line (else the line is counted up to the bad byte, from `first_line`, the line `data` starts)."""
     nul = data.find(b"\x00")
     try:
         text = data.decode("utf-8")
@@ -129,7 +129,7 @@ def decode_text(data: bytes, source: str, offset: int = 0, line: int | None = No
     if nul < 0 and bad < 0:
         return text
     at = nul if bad < 0 or 0 <= nul < bad else bad
-    number = line if line is not None else data.count(b"\n", 0, at) + 1
+    number = line if line is not None else data.count(b"\n", 0, at) + first_line
     where = f"{source}: line {number}"
     if at == nul:
         raise DataError(f"{where}: NUL byte (byte offset {offset + at}); is this binary input?")

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bertcli.data.corpus import encode_corpus, load_shards, split_sentences
+from bertcli.data.corpus import load_shards, split_sentences
+from bertcli.data.encode import encode_corpus
 from bertcli.jobs import pretrain
 from bertcli.recipes import load_recipe
 from bertcli.tasks.pretrain import A_END, A_START, B_END, B_START, LABEL, PretrainOptions, PretrainTask, make_instances

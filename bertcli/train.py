@@ -317,7 +317,7 @@ def _micro_batches(run: _Run, group: Sequence[Sequence[int]]) -> tuple[list[dict
     batches before they move to the device, so they cost the accelerator no synchronisation."""
     micro, per_batch, tokens = [], [], 0
     for global_indices in group:
-        mine = global_indices[run.rank::run.world]
+        mine = [int(i) for i in global_indices[run.rank::run.world]]
         seeds = [example_seed(run.cfg.seed, run.pos.epoch, i) for i in mine]
         batch = run.job.collate([run.job.features[i] for i in mine], seeds)
         per_batch.append(run.job.counts(batch))

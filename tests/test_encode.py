@@ -156,3 +156,52 @@ def test_resume_refuses_text_that_changed_and_keeps_what_it_had(text, tiny_token
     other = run_cli("tokenize", "encode", "--tokenizer", str(tiny_tokenizer_dir), "--corpus", str(text), "--out",
                     str(out), "--resume", "--segmenter", "none")
     assert other.returncode == 0, other.stderr.decode()  # the original text continues where it stopped
+
+
+def test_the_shard_cache_of_a_recipes_text_continues_where_it_stopped(text, tiny_tokenizer_dir, tmp_path, monkeypatch,
+                                                                      capfd):
+    from bertcli.data.corpus import shards_for
+    from bertcli.errors import Interrupted
+
+    monkeypatch.setenv("BERTCLI_CACHE", str(tmp_path / "cache"))
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    for name, value in SMALL.items():
+        monkeypatch.setattr(encode, name, value)
+    finish, calls = encode._ShardWriter.finish, []
+
+    def finish_then_stop(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return finish(self, *args)
+
+    monkeypatch.setattr(encode._ShardWriter, "finish", finish_then_stop)
+    with pytest.raises(Interrupted, match="2 shard"):
+        shards_for([str(text)], tok)
+    monkeypatch.setattr(encode._ShardWriter, "finish", finish)
+    capfd.readouterr()
+    continued = shards_for([str(text)], tok)
+    assert "continuing where it stopped" in capfd.readouterr().err
+    encode_corpus(tok, [text], tmp_path / "whole", show_progress=False)
+    assert np.concatenate([np.asarray(s.tokens) for s in continued]).tolist() == _flat(tmp_path / "whole")[0]
+
+
+def test_a_large_corpus_packs_its_sequences_once_into_the_cache(text, tiny_tokenizer_dir, tmp_path, monkeypatch):
+    from bertcli.data import sequences
+
+    monkeypatch.setenv("BERTCLI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sequences, "CACHE_TOKENS", 0)
+    encode_corpus(load_tokenizer(tiny_tokenizer_dir), [text], tmp_path / "s", show_progress=False)
+    shards = load_shards(tmp_path / "s")
+    made = sequences.sequences(shards, 48, "nsp", 0.1, seed=3)
+    (cached,) = (tmp_path / "cache" / "sequences").iterdir()
+    assert isinstance(made, np.memmap) and (made == sequences.make_instances(shards, 48, "nsp", 0.1, seed=3)).all()
+    monkeypatch.setattr(sequences, "make_instances", lambda *a, **k: pytest.fail("packed again"))
+    again = sequences.sequences(load_shards(tmp_path / "s"), 48, "nsp", 0.1, seed=3)
+    assert (again == made).all() and len(list(cached.parent.iterdir())) == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("BERTCLI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sequences, "CACHE_TOKENS", 0)
+    sequences.sequences(shards, 48, "nsp", 0.1, seed=4)  # another seed, another window: their own files
+    sequences.sequences(shards, 64, "nsp", 0.1, seed=3)
+    assert len(list(cached.parent.iterdir())) == 3

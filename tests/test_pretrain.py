@@ -17,7 +17,8 @@ from bertcli.data.corpus import load_shards, split_sentences
 from bertcli.data.encode import encode_corpus
 from bertcli.jobs import pretrain
 from bertcli.recipes import load_recipe
-from bertcli.tasks.pretrain import A_END, A_START, B_END, B_START, LABEL, PretrainOptions, PretrainTask, make_instances
+from bertcli.data.sequences import make_instances
+from bertcli.tasks.pretrain import A_END, A_START, B_END, B_START, LABEL, PretrainOptions, PretrainTask
 from bertcli.tokenizer import load_tokenizer
 from conftest import CORPUS, ROOT, run_cli, write_recipe
 

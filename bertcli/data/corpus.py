@@ -59,6 +59,17 @@ class Shard:
     sentences: np.ndarray  # token offset of each sentence start, plus the end
     documents: np.ndarray  # sentence offset of each document start, plus the end
     continues: np.ndarray | None = None  # 1 where a token continues a word (from a word segmenter)
+    identity: str = ""  # what this shard is (its index, number, files' sizes and times): keys caches made from it
+
+
+def _identity(index: Path, stem: Path) -> str:
+    digest = hashlib.sha256(index.read_bytes())
+    for suffix in ("tokens.bin", "sentences.npy", "documents.npy", "words.bin"):
+        path = Path(f"{stem}.{suffix}")
+        if path.is_file():
+            info = path.stat()
+            digest.update(f"{suffix}:{info.st_size}:{info.st_mtime_ns}:{info.st_ino}".encode())
+    return f"{stem.name}:{digest.hexdigest()}"
 
 
 def load_shards(directory: Path, tokenizer: WordPieceTokenizer | None = None) -> list[Shard]:
@@ -81,9 +92,10 @@ def load_shards(directory: Path, tokenizer: WordPieceTokenizer | None = None) ->
         try:
             words = Path(f"{stem}.words.bin")
             shards.append(Shard(np.memmap(f"{stem}.tokens.bin", dtype=dtype, mode="r"),
-                                np.load(f"{stem}.sentences.npy", allow_pickle=False),
-                                np.load(f"{stem}.documents.npy", allow_pickle=False),
-                                np.memmap(words, dtype=np.uint8, mode="r") if words.is_file() else None))
+                                np.load(f"{stem}.sentences.npy", allow_pickle=False, mmap_mode="r"),
+                                np.load(f"{stem}.documents.npy", allow_pickle=False, mmap_mode="r"),
+                                np.memmap(words, dtype=np.uint8, mode="r") if words.is_file() else None,
+                                identity=_identity(index_path, stem)))
         except (OSError, ValueError) as err:
             raise DataError(f"{stem}: damaged shard ({err}); encode the text again") from None
         problem = _shard_problem(shards[-1])
@@ -99,11 +111,17 @@ def _shard_problem(shard: Shard) -> str | None:
                                ("documents", shard.documents, len(shard.sentences) - 1)):
         if offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) < 1:
             return f"{name} offsets are not a list of integers"
-        if offsets[0] != 0 or offsets[-1] != end or (len(offsets) > 1 and bool((np.diff(offsets) < 0).any())):
+        if offsets[0] != 0 or offsets[-1] != end or not _ascending(offsets):
             return f"{name} offsets do not run in order from 0 to {end}"
     if shard.continues is not None and len(shard.continues) != len(shard.tokens):
         return "word marks and tokens differ in number"
     return None
+
+
+def _ascending(offsets: np.ndarray, step: int = 1 << 20) -> bool:
+    """Whether the offsets never decrease, checked a piece at a time (they are memory-mapped: a
+    corpus of gigabytes has a hundred MB of them)."""
+    return all(not (np.diff(offsets[i:i + step + 1]) < 0).any() for i in range(0, max(len(offsets) - 1, 1), step))
 
 
 def cache_dir() -> Path:

@@ -10,7 +10,6 @@ distributed run masks exactly as a single uninterrupted one.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Sequence
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Sequence
 import numpy as np
 
 from bertcli.data.corpus import Shard
+from bertcli.data.sequences import A_END, A_SHARD, A_START, B_END, B_SHARD, B_START, LABEL, sequences
 from bertcli.errors import DataError
 from bertcli.tasks.base import Task, TaskOptions
 from bertcli.tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
@@ -52,94 +52,6 @@ class PretrainOptions(TaskOptions):
 EVAL_SEED = 0  # evaluation's sequences and masks: the same for every run and every evaluation
 TOP_K = 5  # candidate tokens predict gives for each [MASK]
 MASK = "[MASK]"
-
-# an instance: shard and [start, end) of segment A, shard and [start, end) of B (empty when none), label
-A_SHARD, A_START, A_END, B_SHARD, B_START, B_END, LABEL = range(7)
-
-
-def make_instances(shards: Sequence[Shard], max_seq_len: int, objective: str, short_seq_prob: float,
-                   seed: int) -> np.ndarray:
-    """(N, 7) int64 array of instances; Google's algorithm over each document."""
-    rng = random.Random(seed)
-    docs = [(s, d) for s, shard in enumerate(shards) for d in range(len(shard.documents) - 1)]
-    if not docs:
-        raise DataError("the pretraining corpus has no documents")
-    pair = objective != "none"
-    max_tokens = max_seq_len - (3 if pair else 2)
-    out: list[tuple[int, ...]] = []
-    for doc_number, (s, d) in enumerate(docs):
-        shard = shards[s]
-        first, last = int(shard.documents[d]), int(shard.documents[d + 1])  # sentence range
-        starts = shard.sentences
-        target = max_tokens
-        if rng.random() < short_seq_prob:
-            target = rng.randint(2, max_tokens)
-        chunk_begin, length, i = first, 0, first
-        while i < last:
-            length += int(starts[i + 1] - starts[i])
-            if i == last - 1 or length >= target:
-                chunk_end = i + 1  # sentences [chunk_begin, chunk_end)
-                if not pair:
-                    a = (int(starts[chunk_begin]), int(starts[chunk_end]))
-                    if a[1] > a[0]:
-                        out.append((s, a[0], min(a[1], a[0] + max_tokens), s, 0, 0, 0))
-                else:
-                    i = _pair(out, rng, shards, docs, doc_number, s, chunk_begin, chunk_end, target, max_tokens,
-                              objective, i)
-                chunk_begin, length = i + 1, 0
-                target = max_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_tokens)
-            i += 1
-    if not out:
-        raise DataError("the pretraining corpus yields no sequences (is it empty?)")
-    return np.asarray(out, dtype=np.int64)
-
-
-def _pair(out, rng, shards, docs, doc_number, s, begin, end, target, max_tokens, objective, i) -> int:
-    """Split sentences [begin, end) into A and B (or A and a random B for NSP); returns the
-    sentence index to continue from (unused sentences go back to the document)."""
-    starts = shards[s].sentences
-    count = end - begin
-    a_split = begin + (rng.randint(1, count - 1) if count >= 2 else 1)
-    a = [int(starts[begin]), int(starts[a_split])]
-    label = 0
-    if objective == "nsp" and (count == 1 or rng.random() < 0.5):
-        label = 1  # B is a random segment from another document
-        b_target = max(1, target - (a[1] - a[0]))
-        for _ in range(10):
-            other = rng.randrange(len(docs))
-            if other != doc_number or len(docs) == 1:
-                break
-        bs, bd = docs[other]
-        other_starts, other_docs = shards[bs].sentences, shards[bs].documents
-        o_first, o_last = int(other_docs[bd]), int(other_docs[bd + 1])
-        j = rng.randint(o_first, o_last - 1)
-        b = [int(other_starts[j]), int(other_starts[j])]
-        while j < o_last and b[1] - b[0] < b_target:
-            b[1] = int(other_starts[j + 1])
-            j += 1
-        i -= end - a_split  # the sentences not used as A go back into the document
-    else:
-        bs = s
-        if count >= 2:
-            b = [a[1], int(starts[end])]
-        else:  # one long sentence: split its tokens
-            whole = [int(starts[begin]), int(starts[end])]
-            if whole[1] - whole[0] < 2:
-                return i
-            cut = rng.randint(whole[0] + 1, whole[1] - 1)
-            a, b = [whole[0], cut], [cut, whole[1]]
-        if objective == "sop" and rng.random() < 0.5:
-            a, b, s, bs, label = b, a, bs, s, 1  # swapped order
-    while (a[1] - a[0]) + (b[1] - b[0]) > max_tokens:  # truncate the longer side, front or back at random
-        side = a if a[1] - a[0] > b[1] - b[0] else b
-        if rng.random() < 0.5:
-            side[0] += 1
-        else:
-            side[1] -= 1
-    if a[1] > a[0] and b[1] > b[0]:
-        out.append((s, a[0], a[1], bs, b[0], b[1], label))
-    return i
-
 
 class Instance(NamedTuple):
     """One pretraining sequence: a row of `make_instances` and the shards it points into."""
@@ -200,13 +112,13 @@ class PretrainTask(Task):
     def encode(self, examples: Sequence[Shard], seed: int = EVAL_SEED) -> Instances:
         """The sequences Google's algorithm packs from the shards' documents (`seed` draws the short
         sequences and the NSP/SOP pairs)."""
-        return Instances(examples, make_instances(examples, self.max_seq_len, self.objective,
-                                                  self.options.short_seq_prob, seed))
+        return Instances(examples, sequences(examples, self.max_seq_len, self.objective, self.options.short_seq_prob,
+                                             seed))
 
-    def lengths(self, instances: Instances) -> list[int]:
+    def lengths(self, instances: Instances) -> np.ndarray:
         rows = instances.rows
         pair = self.objective != "none"
-        return ((rows[:, A_END] - rows[:, A_START]) + (rows[:, B_END] - rows[:, B_START]) + (3 if pair else 2)).tolist()
+        return (rows[:, A_END] - rows[:, A_START]) + (rows[:, B_END] - rows[:, B_START]) + (3 if pair else 2)
 
     def _segment(self, shards: Sequence[Shard], shard: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Token ids of a segment, and 1 where a token continues the previous token's word:
@@ -373,10 +285,13 @@ class PretrainTask(Task):
 def most_frequent_token(shards: Sequence[Shard], vocab_size: int, special: np.ndarray, limit: int = 50_000_000) -> int:
     """The most frequent non-special token of the training shards (its first `limit` tokens)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
-    seen = 0
+    seen, step = 0, 1 << 20  # a million tokens at a time: memory stays flat
     for shard in shards:
-        take = shard.tokens[:max(0, limit - seen)]
-        counts += np.bincount(np.asarray(take, dtype=np.int64), minlength=vocab_size)[:vocab_size]
-        seen += len(take)
+        for start in range(0, min(len(shard.tokens), limit - seen), step):
+            take = shard.tokens[start:min(start + step, limit - seen)]
+            counts += np.bincount(take, minlength=vocab_size)[:vocab_size]
+            seen += len(take)
+        if seen >= limit:
+            break
     counts[special] = -1
     return int(counts.argmax())

@@ -1,0 +1,190 @@
+"""Pretraining sequences packed from a corpus's shards, Google's create_pretraining_data.py algorithm,
+as an (N, 7) int64 array of token ranges (no token is copied).
+
+A large corpus's array is written once into the cache, a piece at a time, and memory-mapped from then
+on: the same shards, window, objective and seed start a run without a pass over the corpus, and
+building it holds one piece of the array at a time, not the whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from array import array
+from pathlib import Path
+from typing import BinaryIO, Sequence
+
+import numpy as np
+
+from bertcli.data.corpus import Shard, cache_dir
+from bertcli.errors import DataError
+
+# an instance: shard and [start, end) of segment A, shard and [start, end) of B (empty when none), label
+A_SHARD, A_START, A_END, B_SHARD, B_START, B_END, LABEL = range(7)
+CACHE_TOKENS = 1_000_000  # corpora with more tokens keep their sequences in the cache
+PIECE_ROWS = 1 << 16  # rows held before they go to the cache file
+VERSION = 1  # of the algorithm: a change of what it makes changes the cache key
+
+
+def sequences(shards: Sequence[Shard], max_seq_len: int, objective: str, short_seq_prob: float,
+              seed: int) -> np.ndarray:
+    """make_instances' array: for a corpus of more than CACHE_TOKENS tokens, memory-mapped from the cache
+    (made there on first use); for a smaller one, made in memory (it takes well under a second)."""
+    if sum(len(s.tokens) for s in shards) <= CACHE_TOKENS or not all(s.identity for s in shards):
+        return make_instances(shards, max_seq_len, objective, short_seq_prob, seed)
+    key = hashlib.sha256(json.dumps([VERSION, [s.identity for s in shards], max_seq_len, objective, short_seq_prob,
+                                     seed]).encode()).hexdigest()[:32]
+    path = cache_dir() / "sequences" / f"{key}.bin"
+    if path.is_file() and not path.is_symlink() and path.stat().st_size % (7 * 8) == 0 and path.stat().st_size:
+        return np.memmap(path, dtype=np.int64, mode="r").reshape(-1, 7)
+    import sys
+
+    sys.stderr.write(f"packing {sum(len(s.tokens) for s in shards):,} tokens into sequences of up to {max_seq_len} "
+                     f"(once: kept in {path.parent})\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
+    except OSError:
+        return make_instances(shards, max_seq_len, objective, short_seq_prob, seed)  # no cache: in memory
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            make_instances(shards, max_seq_len, objective, short_seq_prob, seed, sink=sink)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(name, path)  # another process making the same file meanwhile wrote the same bytes
+    except OSError:
+        Path(name).unlink(missing_ok=True)
+        return make_instances(shards, max_seq_len, objective, short_seq_prob, seed)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return np.memmap(path, dtype=np.int64, mode="r").reshape(-1, 7)
+
+
+def make_instances(shards: Sequence[Shard], max_seq_len: int, objective: str, short_seq_prob: float,
+                   seed: int, sink: BinaryIO | None = None) -> np.ndarray | None:
+    """(N, 7) int64 array of instances; Google's algorithm over each document. With `sink`, the rows are
+    written there a piece at a time instead (and None returned)."""
+    rng = random.Random(seed)
+    per_shard = [len(shard.documents) - 1 for shard in shards]
+    docs = _Documents(per_shard)
+    if not docs.count:
+        raise DataError("the pretraining corpus has no documents")
+    pair = objective != "none"
+    max_tokens = max_seq_len - (3 if pair else 2)
+    out, written = array("q"), 0
+    doc_number = 0
+    for s, shard in enumerate(shards):
+        starts, bounds = _Window(shard.sentences), _Window(shard.documents)
+        for d in range(per_shard[s]):
+            first, last = bounds[d], bounds[d + 1]  # sentence range
+            target = max_tokens
+            if rng.random() < short_seq_prob:
+                target = rng.randint(2, max_tokens)
+            chunk_begin, length, i = first, 0, first
+            while i < last:
+                length += starts[i + 1] - starts[i]
+                if i == last - 1 or length >= target:
+                    chunk_end = i + 1  # sentences [chunk_begin, chunk_end)
+                    if not pair:
+                        a = (starts[chunk_begin], starts[chunk_end])
+                        if a[1] > a[0]:
+                            out.extend((s, a[0], min(a[1], a[0] + max_tokens), s, 0, 0, 0))
+                    else:
+                        i = _pair(out, rng, shards, docs, doc_number, s, chunk_begin, chunk_end, target, max_tokens,
+                                  objective, i)
+                    chunk_begin, length = i + 1, 0
+                    target = max_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_tokens)
+                i += 1
+            doc_number += 1
+            if sink is not None and len(out) >= PIECE_ROWS * 7:
+                written += len(out)
+                out.tofile(sink)
+                out = array("q")
+    if not written + len(out):
+        raise DataError("the pretraining corpus yields no sequences (is it empty?)")
+    if sink is not None:
+        out.tofile(sink)
+        return None
+    return np.frombuffer(out, dtype=np.int64).reshape(-1, 7).copy()
+
+
+class _Window:
+    """Offsets read a million at a time as Python ints (a shard's may be memory-mapped and of any length;
+    one numpy scalar per sentence would cost more than the algorithm itself)."""
+
+    SIZE = 1 << 20
+
+    def __init__(self, offsets: np.ndarray):
+        self.offsets, self.lo, self.values = offsets, 0, []
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i - self.lo < len(self.values):
+            self.lo = i
+            self.values = self.offsets[i:i + self.SIZE].tolist()
+        return self.values[i - self.lo]
+
+
+class _Documents:
+    """Document numbers across shards -> (shard, document), without a Python object per document."""
+
+    def __init__(self, per_shard: list[int]):
+        self.base = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
+        self.count = int(self.base[-1])
+
+    def __getitem__(self, number: int) -> tuple[int, int]:
+        s = int(np.searchsorted(self.base, number, side="right")) - 1
+        return s, number - int(self.base[s])
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def _pair(out, rng, shards, docs, doc_number, s, begin, end, target, max_tokens, objective, i) -> int:
+    """Split sentences [begin, end) into A and B (or A and a random B for NSP); returns the
+    sentence index to continue from (unused sentences go back to the document)."""
+    starts = shards[s].sentences
+    count = end - begin
+    a_split = begin + (rng.randint(1, count - 1) if count >= 2 else 1)
+    a = [int(starts[begin]), int(starts[a_split])]
+    label = 0
+    if objective == "nsp" and (count == 1 or rng.random() < 0.5):
+        label = 1  # B is a random segment from another document
+        b_target = max(1, target - (a[1] - a[0]))
+        for _ in range(10):
+            other = rng.randrange(len(docs))
+            if other != doc_number or len(docs) == 1:
+                break
+        bs, bd = docs[other]
+        other_starts, other_docs = shards[bs].sentences, shards[bs].documents
+        o_first, o_last = int(other_docs[bd]), int(other_docs[bd + 1])
+        j = rng.randint(o_first, o_last - 1)
+        b = [int(other_starts[j]), int(other_starts[j])]
+        while j < o_last and b[1] - b[0] < b_target:
+            b[1] = int(other_starts[j + 1])
+            j += 1
+        i -= end - a_split  # the sentences not used as A go back into the document
+    else:
+        bs = s
+        if count >= 2:
+            b = [a[1], int(starts[end])]
+        else:  # one long sentence: split its tokens
+            whole = [int(starts[begin]), int(starts[end])]
+            if whole[1] - whole[0] < 2:
+                return i
+            cut = rng.randint(whole[0] + 1, whole[1] - 1)
+            a, b = [whole[0], cut], [cut, whole[1]]
+        if objective == "sop" and rng.random() < 0.5:
+            a, b, s, bs, label = b, a, bs, s, 1  # swapped order
+    while (a[1] - a[0]) + (b[1] - b[0]) > max_tokens:  # truncate the longer side, front or back at random
+        side = a if a[1] - a[0] > b[1] - b[0] else b
+        if rng.random() < 0.5:
+            side[0] += 1
+        else:
+            side[1] -= 1
+    if a[1] > a[0] and b[1] > b[0]:
+        out.extend((s, a[0], a[1], bs, b[0], b[1], label))
+    return i

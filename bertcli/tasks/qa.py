@@ -31,6 +31,7 @@ class Span(NamedTuple):
     margin: float  # the no-answer score minus the best span's; above task.no_answer_threshold, no answer
 
 
+ENCODE_EXAMPLES = 2_000  # questions encoded together when making training features
 NO_SPAN = Span({"answer": "", "start": None, "end": None, "score": None}, "", math.inf)
 
 
@@ -122,7 +123,16 @@ class QaTask(Task):
                              f"context (first: {unusable[0].where})\n")
             examples = [e for e in examples if not (e.gold and not e.answers)]
         features = []
-        for ex, enc in zip(examples, self._encode(examples)):
+        for begin in range(0, len(examples), ENCODE_EXAMPLES):  # a piece at a time: encodings are large
+            part = examples[begin:begin + ENCODE_EXAMPLES]
+            features.extend(self._features(part, self._encode(part)))
+        return features
+
+    def _features(self, examples: Sequence[QaExample], encoded: Sequence[Encoded]) -> list[dict]:
+        from bertcli.data.batching import compact  # (training only: predict never imports torch)
+
+        features = []
+        for ex, enc in zip(examples, encoded):
             for start, end in enc.windows:
                 feature = self._feature(enc, start, end)
                 first = len(enc.question) + 2
@@ -135,7 +145,7 @@ class QaTask(Task):
                     if tokens and tokens[0] == inside[0] and tokens[-1] == inside[-1]:
                         s_pos, e_pos = tokens[0] - start + first, tokens[-1] - start + first
                 feature["start_positions"], feature["end_positions"] = s_pos, e_pos
-                features.append(feature)
+                features.append(compact(feature))
         return features
 
     def counts(self, batch: dict[str, Tensor]) -> dict[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from bertcli.data.squad import read_squad
@@ -63,6 +64,24 @@ def test_tiny_model_overfits_answers(trained):
     d, metrics = trained
     assert metrics["eval_exact_match"] == 100.0
     assert evaluate(d / "run", d / "train.json")["f1"] == 100.0
+
+
+def test_answers_do_not_depend_on_how_many_questions_go_through_together(trained, monkeypatch):
+    """Training features and evaluation are made a piece of the questions at a time (memory stays flat);
+    pieces of 2 give what one piece gives."""
+    from bertcli.jobs import load_for_task
+    from bertcli.tasks import qa
+
+    d, _ = trained
+    model, task = load_for_task(d / "run")
+    model = model.model.eval()
+    examples = task.read(d / "train.json")
+    whole = [s.answer for s in task._spans(model, examples, 8)], task.encode(examples)
+    monkeypatch.setattr(qa, "ENCODE_EXAMPLES", 2)
+    pieces = [s.answer for s in task._spans(model, examples, 8)], task.encode(examples)
+    assert whole[0] == pieces[0] and len(examples) > 2
+    assert [{k: np.asarray(v).tolist() for k, v in f.items()} for f in whole[1]] == \
+        [{k: np.asarray(v).tolist() for k, v in f.items()} for f in pieces[1]]
 
 
 @pytest.mark.slow

@@ -193,7 +193,7 @@ class Task(ABC):
         from bertcli.onnx_engine import OnnxModel
 
         results: list = [None] * len(features)
-        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+        order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             rows = [features[i] for i in chunk]

@@ -31,7 +31,7 @@ class Span(NamedTuple):
     margin: float  # the no-answer score minus the best span's; above task.no_answer_threshold, no answer
 
 
-ENCODE_EXAMPLES = 2_000  # questions encoded together when making training features
+ENCODE_EXAMPLES = 2_000  # questions encoded (and, in evaluation, answered) together
 NO_SPAN = Span({"answer": "", "start": None, "end": None, "score": None}, "", math.inf)
 
 
@@ -194,14 +194,19 @@ class QaTask(Task):
         return metrics
 
     def _spans(self, model: nn.Module, examples: Sequence[QaExample], batch_size: int) -> list[Span]:
+        """The best span of each example. Examples go through ENCODE_EXAMPLES at a time, each piece's
+        logits reduced to its spans before the next: memory does not grow with the evaluation set."""
         results: list[Span] = [NO_SPAN for _ in examples]
         real = [i for i, e in enumerate(examples) if e.context.strip() and e.question.strip()]
-        encoded = self._encode([examples[i] for i in real])
-        jobs = [(k, w) for k, enc in enumerate(encoded) for w in range(len(enc.windows))]
-        outputs = self.run(model, [self._feature(encoded[k], *encoded[k].windows[w]) for k, w in jobs], batch_size)
-        logits = {job: (start.tolist(), end.tolist()) for job, (start, end) in zip(jobs, outputs)}
-        for k, enc in enumerate(encoded):
-            results[real[k]] = self._best_span(examples[real[k]], enc, [logits[(k, w)] for w in range(len(enc.windows))])
+        for begin in range(0, len(real), ENCODE_EXAMPLES):
+            part = real[begin:begin + ENCODE_EXAMPLES]
+            encoded = self._encode([examples[i] for i in part])
+            jobs = [(k, w) for k, enc in enumerate(encoded) for w in range(len(enc.windows))]
+            outputs = self.run(model, [self._feature(encoded[k], *encoded[k].windows[w]) for k, w in jobs], batch_size)
+            logits = {job: (start.tolist(), end.tolist()) for job, (start, end) in zip(jobs, outputs)}
+            for k, enc in enumerate(encoded):
+                windows = [logits[(k, w)] for w in range(len(enc.windows))]
+                results[part[k]] = self._best_span(examples[part[k]], enc, windows)
         return results
 
     def _best_span(self, example: QaExample, enc: Encoded, window_logits: list[tuple[list[float], list[float]]]) -> Span:

@@ -203,7 +203,7 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
              keep_memory: bool = False) -> dict:
     import torch.distributed as dist
 
-    from bertcli.tasks.pretrain import Instances, PretrainTask, most_frequent_token
+    from bertcli.tasks.pretrain import PretrainTask, most_frequent_token
 
     out = output_dir(recipe, out)
     check_output_apart(recipe, out, source, resume)
@@ -219,16 +219,18 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     t, d = recipe.task, recipe.data
     task = PretrainTask(tokenizer, t, d.max_seq_len)
 
-    def read_all() -> tuple[list, list, Instances]:
-        train = [s for p in d.train for s in task.read(p)]
-        return train, [s for p in d.eval for s in task.read(p)], task.encode(train, seed=recipe.train.seed)
+    def read_all() -> tuple[list, list]:
+        return [s for p in d.train for s in task.read(p)], [s for p in d.eval for s in task.read(p)]
 
-    if rank == 0:  # rank 0 encodes raw text and packs the sequences once; the other ranks find both in the cache
-        train_shards, eval_shards, instances = read_all()
+    if rank == 0:  # rank 0 encodes raw text once; the other ranks then find it in the cache
+        train_shards, eval_shards = read_all()
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
-        train_shards, eval_shards, instances = read_all()
+        train_shards, eval_shards = read_all()
+    # every rank packs (or maps) the sequences itself: a first packing of a large corpus takes minutes, longer
+    # than a collective may wait; writers of the same cache file write the same bytes
+    instances = task.encode(train_shards, seed=recipe.train.seed)
 
     torch.manual_seed(recipe.train.seed)
     if recipe.model.init:

@@ -42,10 +42,11 @@ OWN = {
     "run": _TOKENIZER | {"config.json", "model.safetensors", "recipe.yaml", "log.jsonl", "metrics.json", "resume.pt",
             *GRAPHS},
     "tokenizer": _TOKENIZER,
-    "shards": {"index.json", "progress.json"},  # progress.json: in the side directory of an encode stopped midway
+    "shards": {"index.json"},
     "report": {"confusion.png", "loss.png", "eval.png"},
     "suite": {"suite.json"},  # and its runs, each a directory of its own (suite.py)
 }
+STAGED = {"shards": {"progress.json"}}  # written in the side directory only (an encode's finished shards)
 _SHARD_FILE = re.compile(r"\d{5}\.(tokens\.bin|sentences\.npy|documents\.npy|words\.bin)")
 WHAT = {"run": "a bertcli run", "tokenizer": "a bertcli tokenizer", "shards": "bertcli token shards",
         "report": "a bertcli report", "suite": "a bertcli suite or sweep"}
@@ -71,13 +72,25 @@ def _own_file(kind: str, entry: Path) -> bool:
     return entry.name == LOCK or _named(kind, entry.name) or _temporary(kind, entry.name)
 
 
+def _own_staged(kind: str, entry: Path) -> bool:
+    """A file of the side directory: one of bertcli's own, or one it writes only there."""
+    if entry.name == LOCK:
+        return False
+    if _own_file(kind, entry):
+        return True
+    staged = STAGED.get(kind, set())
+    match = _TEMP.fullmatch(entry.name)
+    return (not entry.is_symlink() and entry.is_file()
+            and (entry.name in staged or (match is not None and match.group(1) in staged)))
+
+
 def _own_stage(kind: str, entry: Path) -> bool:
     """The side directory of a write killed midway, holding only files bertcli writes (one that
     vanishes while it is looked at was being published by bertcli)."""
     if entry.name != STAGE_DIR or entry.is_symlink() or not (entry.is_dir() or not entry.exists()):
         return False
     try:
-        return all(_own_file(kind, child) and child.name != LOCK for child in entry.iterdir())
+        return all(_own_staged(kind, child) for child in entry.iterdir())
     except FileNotFoundError:
         return True
     except OSError:
@@ -389,7 +402,7 @@ def _remove(kind: str, entry: Path) -> None:
     try:
         if entry.name == STAGE_DIR and entry.is_dir() and not entry.is_symlink():
             for child in entry.iterdir():
-                if _own_file(kind, child) and child.name != LOCK:
+                if _own_staged(kind, child):
                     child.unlink()
             entry.rmdir()
         else:

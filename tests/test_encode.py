@@ -99,7 +99,7 @@ if stop:
     finish, done = encode._ShardWriter.finish, []
     def finish_then_stop(self, *args):
         done.append(1)
-        if len(done) == 3:  # two shards recorded, a third half written
+        if len(done) == int(os.environ.get("STOP_AT", "3")):  # by default: two shards recorded, a third half written
             os.kill(os.getpid(), getattr(signal, stop))
         return finish(self, *args)
     encode._ShardWriter.finish = finish_then_stop
@@ -109,10 +109,12 @@ main()
 """
 
 
-def _encode(tokenizer, text, out, *extra, stop=None):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"STOP_WITH": stop} if stop else {})}
+def _encode(tokenizer, text, out, *extra, stop=None, stop_at=3):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STOP_AT": str(stop_at), **({"STOP_WITH": stop} if stop else {})}
+    texts = [text] if not isinstance(text, list) else text
     return subprocess.run([sys.executable, "-c", STOPPING, "tokenize", "encode", "--tokenizer", str(tokenizer),
-                           "--corpus", str(text), "--out", str(out), *extra], capture_output=True, env=env, timeout=120)
+                           *(a for t in texts for a in ("--corpus", str(t))), "--out", str(out), *extra],
+                          capture_output=True, env=env, timeout=120)
 
 
 @pytest.mark.parametrize("stop, code", [("SIGKILL", -9), ("SIGTERM", 143), ("SIGINT", 130)])
@@ -158,8 +160,11 @@ def test_resume_refuses_text_that_changed_and_keeps_what_it_had(text, tiny_token
     assert other.returncode == 0, other.stderr.decode()  # the original text continues where it stopped
 
 
-def test_the_shard_cache_of_a_recipes_text_continues_where_it_stopped(text, tiny_tokenizer_dir, tmp_path, monkeypatch,
-                                                                      capfd):
+@pytest.mark.parametrize("damaged", [False, True], ids=["continued", "record-damaged"])
+def test_the_shard_cache_of_a_recipes_text_continues_where_it_stopped(damaged, text, tiny_tokenizer_dir, tmp_path,
+                                                                      monkeypatch, capfd):
+    """bertcli's own cache continues a stopped encode; one whose record it cannot use (damaged, or of another
+    version) it encodes afresh rather than refusing every run."""
     from bertcli.data.corpus import shards_for
     from bertcli.errors import Interrupted
 
@@ -179,6 +184,9 @@ def test_the_shard_cache_of_a_recipes_text_continues_where_it_stopped(text, tiny
     with pytest.raises(Interrupted, match="2 shard"):
         shards_for([str(text)], tok)
     monkeypatch.setattr(encode._ShardWriter, "finish", finish)
+    if damaged:
+        (progress,) = (tmp_path / "cache").glob("shards/*/.saving/progress.json")
+        progress.write_text("{")
     capfd.readouterr()
     continued = shards_for([str(text)], tok)
     assert "continuing where it stopped" in capfd.readouterr().err
@@ -205,3 +213,46 @@ def test_a_large_corpus_packs_its_sequences_once_into_the_cache(text, tiny_token
     sequences.sequences(shards, 48, "nsp", 0.1, seed=4)  # another seed, another window: their own files
     sequences.sequences(shards, 64, "nsp", 0.1, seed=3)
     assert len(list(cached.parent.iterdir())) == 3
+
+
+@pytest.mark.parametrize("grown", [0, 1], ids=["finished-file", "file-being-read"])
+def test_resume_refuses_a_file_that_grew_after_it_was_read_to_its_end(grown, text, tiny_tokenizer_dir, tmp_path):
+    """A file read to its end and then appended to would have its new text run into its last document (or
+    be encoded after the next file): refused, like any other change."""
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for f in files:
+        f.write_bytes(text.read_bytes())
+    out = tmp_path / "out"
+    first = len(json.loads(_encode(tiny_tokenizer_dir, files[0], tmp_path / "count").returncode == 0 and
+                           (tmp_path / "count" / "index.json").read_text())["shards"])
+    assert _encode(tiny_tokenizer_dir, files, out, stop="SIGKILL", stop_at=first + 2).returncode == -9
+    progress = json.loads((out / ".saving" / "progress.json").read_text())
+    assert len(progress["files"]) == 1 and progress["shards"][first - 1]["eof"]
+    if grown:  # killed after a.txt's last shard was recorded, before a.txt was: its last shard says it ended there
+        progress["files"], progress["shards"] = [], progress["shards"][:first]
+        (out / ".saving" / "progress.json").write_text(json.dumps(progress))
+    with open(files[0], "ab") as f:
+        f.write(b"more words at the end.\n")
+    refused = _encode(tiny_tokenizer_dir, files, out, "--resume")
+    assert refused.returncode == 2 and b"a.txt" in refused.stderr and b"the file changed" in refused.stderr
+
+
+def test_text_without_blank_lines_is_split_into_documents_and_shards(tiny_tokenizer_dir, tmp_path, monkeypatch, capfd):
+    for name, value in {**SMALL, "DOCUMENT_CHARS": 2000}.items():
+        monkeypatch.setattr(encode, name, value)
+    lines = CORPUS.strip().split("\n")
+    (tmp_path / "flat.txt").write_text("\n".join(lines[i % len(lines)] for i in range(400)) + "\n", encoding="utf-8")
+    index = encode_corpus(load_tokenizer(tiny_tokenizer_dir), [tmp_path / "flat.txt"], tmp_path / "out",
+                          show_progress=False)
+    assert index["documents"] > 5 and len(index["shards"]) > 2
+    assert "document(s) ran over 2,000 characters without a blank line and were split" in capfd.readouterr().err
+
+
+def test_overwrite_keeps_a_users_file_named_as_bertcli_names_its_progress_record(text, tiny_tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("tokenize", "encode", "--tokenizer", str(tiny_tokenizer_dir), "--corpus", str(text), "--out",
+                   str(out)).returncode == 0
+    (out / "progress.json").write_text("mine")
+    again = run_cli("tokenize", "encode", "--tokenizer", str(tiny_tokenizer_dir), "--corpus", str(text), "--out",
+                    str(out), "--overwrite")
+    assert again.returncode == 2 and b"progress.json" in again.stderr and (out / "progress.json").read_text() == "mine"

@@ -152,7 +152,7 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
                 with claim(target, "shards", resume=partial, overwrite=not partial, wait=True,
                            complete_with="index.json", replacing="the shard cache") as mine:
                     if not mine.complete:  # else another process encoded the same text meanwhile
-                        encode_corpus(tokenizer, texts, target, segmenter=segmenter, resume=partial,
+                        encode_corpus(tokenizer, texts, target, segmenter=segmenter, resume=partial, strict=False,
                                       again="run it again")
             shards.extend(load_shards(target, tokenizer))
     return shards

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 from itertools import chain
 from pathlib import Path
@@ -31,6 +32,7 @@ from bertcli.textio import decode_text, read_once
 from bertcli.tokenizer import WordPieceTokenizer
 
 SHARD_TEXT_BYTES = 64 << 20  # text per shard (cut at the next document boundary)
+DOCUMENT_CHARS = 1 << 20  # a document runs no longer: text without blank lines is cut at the next block's end
 READ_BYTES = 1 << 20
 BATCH_SENTENCES = 20_000  # sentences per call of the tokenizer (which spreads them over all cores)
 PROGRESS = "progress.json"
@@ -71,11 +73,13 @@ class _Reader:
 
     def __init__(self, f: BinaryIO, name: str, offset: int, line: int, on_bytes: Callable[[bytes], None]):
         self.f, self.name, self.offset, self.line, self.on_bytes = f, name, offset, line, on_bytes
-        self.carry, self.lines, self.cut, self.done = b"", [], False, False
+        self.carry, self.lines, self.chars, self.cut, self.done = b"", [], 0, False, False
+        self.long_documents = 0  # cut at DOCUMENT_CHARS
 
     def read(self, cut: bool) -> list[list[str]]:
         """The documents that the next block of text ends. With `cut`, reading stops after the first blank
-        line in the block (a document boundary: nothing of a document is left over), and `self.cut` says so."""
+        line in the block, and `self.cut` says whether what was read ends at a document boundary (nothing of
+        a document left over), where a shard may end."""
         self.cut = False
         data = self.f.read(READ_BYTES)
         if not data:
@@ -85,13 +89,14 @@ class _Reader:
         data = self.carry + data
         blank = _BLANK_LINE.search(data) if cut else None
         end = blank.end() if blank else data.rfind(b"\n") + 1
-        self.cut = blank is not None
         self.carry = data[end:]
         if len(self.carry) > MAX_CORPUS_LINE_BYTES and b"\n" not in self.carry:
             number = self.line + data.count(b"\n", 0, end) + 1
             raise DataError(f"{self.name}: line {number}: over "
                             f"{MAX_CORPUS_LINE_BYTES:,} bytes without a line break; is this a text file?")
-        return self._documents(data[:end], final=False) if end else []
+        documents = self._documents(data[:end], final=False) if end else []
+        self.cut = cut and end > 0 and not self.lines
+        return documents
 
     def _documents(self, raw: bytes, final: bool) -> list[list[str]]:
         text = decode_text(raw, self.name, self.offset, first_line=self.line + 1)
@@ -108,13 +113,20 @@ class _Reader:
             line = line.strip()
             if line:
                 self.lines.append(line)
+                self.chars += len(line)
             elif self.lines:
-                documents.append(split_sentences(" ".join(self.lines)))
-                self.lines = []
+                documents.append(self._end_document())
+        if self.chars >= DOCUMENT_CHARS and not final:  # a document this long is split where the block ends
+            self.long_documents += 1
+            documents.append(self._end_document())
         if final and self.lines:
-            documents.append(split_sentences(" ".join(self.lines)))
-            self.lines = []
+            documents.append(self._end_document())
         return [d for d in documents if d]
+
+    def _end_document(self) -> list[str]:
+        sentences = split_sentences(" ".join(self.lines))
+        self.lines, self.chars = [], 0
+        return sentences
 
 
 class _ShardWriter:
@@ -196,14 +208,18 @@ def _settings(tokenizer: WordPieceTokenizer, dtype, segmenter: str | None) -> di
             "segmenter": segmenter, "tokenizer_sha256": tokenizer_sha256(tokenizer)}
 
 
-def _kept(stage: Path, settings: dict, files: list[Path]) -> list[dict]:
+def _kept(stage: Path, settings: dict, files: list[Path]) -> tuple[list[dict], list[dict]]:
     """The shards an interrupted encode of the same settings finished, whose files are whole: its
     progress.json's records, up to the first shard whose files do not match (that one and the rest
-    are removed). Anything else in the stage is a shard killed midway, removed too."""
+    are removed), and the records of the input files it finished. Anything else in the stage is a
+    shard killed midway, removed too."""
     try:
         progress = json.loads((stage / PROGRESS).read_text(encoding="utf-8"))
-        records = progress["shards"]
+        records, finished = progress["shards"], progress["files"]
         same = {k: progress.get(k) for k in settings} == settings
+        if not (isinstance(records, list) and isinstance(finished, list) and all(
+                isinstance(f, dict) and isinstance(f["sha256"], str) and isinstance(f["bytes"], int) for f in finished)):
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         raise DataError(f"{stage / PROGRESS}: unreadable record of the interrupted encode; start afresh with "
                         "--overwrite") from None
@@ -220,18 +236,22 @@ def _kept(stage: Path, settings: dict, files: list[Path]) -> list[dict]:
                 follows = start == kept[-1]["bytes"][1]
             else:  # a file's first shard
                 follows = start == 0 and file == (kept[-1]["file"] + 1 if kept else 0)
-            whole = (follows and end > start and file < len(files) and record["name"] == stem.name
-                     and _sizes(stem) == record["sizes"] and _whole(stem, settings["dtype"]))
+            whole = (follows and end > start and file <= len(finished) and file < len(files)
+                     and record["name"] == stem.name and _sizes(stem) == record["sizes"]
+                     and _whole(stem, settings["dtype"]))
         except (KeyError, TypeError, ValueError):
             whole = False
         if not whole:
             break
         kept.append(record)
+    if len(kept) < len(records):  # a file whose shards are not all kept is not finished
+        finished = finished[:min(len(finished), records[len(kept)].get("file", 0) if isinstance(
+            records[len(kept)], dict) else 0)]
     names = {f"{r['name']}.{s}" for r in kept for s in _SUFFIXES}
     for entry in stage.iterdir():
         if entry.name != PROGRESS and entry.name not in names:
             entry.unlink()
-    return kept
+    return kept, finished
 
 
 def _whole(stem: Path, dtype: str) -> bool:
@@ -288,15 +308,16 @@ class _Stopped:
 
 
 def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, show_progress: bool = True,
-                  segmenter: str | None = None, resume: bool = False, again: str = "run the same command with "
-                  "--resume") -> dict:
+                  segmenter: str | None = None, resume: bool = False, strict: bool = True,
+                  again: str = "run the same command with --resume") -> dict:
     """Encode text files into the shard directory `out`, which the caller has claimed
     (bertcli.rundir.claim): shards are written into the side directory, recorded there as each one is
     finished, and moved in by renames once all are, index.json last. A pipe or `<(...)` works too (each
     file is read once, in order). `resume` keeps what an interrupted encode of the same text and
     tokenizer finished. With a word `segmenter` (jieba, for Chinese whole-word masking),
     `NNNNN.words.bin` marks the tokens that continue a word. Stopped, it keeps its finished shards and
-    raises Interrupted (130 for Ctrl-C, 143 for SIGTERM), saying `again` continues it."""
+    raises Interrupted (130 for Ctrl-C, 143 for SIGTERM), saying `again` continues it. Not `strict` (bertcli's
+    own cache), a record that cannot be resumed is dropped and the encode starts afresh instead of refusing."""
     segment = segmenter_for(segmenter)
     for f in files:
         if not f.exists() or f.is_dir():
@@ -305,19 +326,30 @@ def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, s
     dtype = np.uint16 if tokenizer.id_limit <= 65536 else np.uint32
     settings = _settings(tokenizer, dtype, segmenter if segment else None)
     stage = out / STAGE_DIR  # (claim removed a killed writer's, unless resuming)
-    records = _kept(stage, settings, files) if resume and (stage / PROGRESS).is_file() else []
+    records: list[dict] = []
+    sources: list[dict] = []  # the input files finished
+    if resume and (stage / PROGRESS).is_file():
+        try:
+            records, sources = _kept(stage, settings, files)
+        except DataError:
+            if strict:
+                raise
     if not records:
+        sources = []
         discard(stage)
         stage.mkdir(parents=True)
     kept = len(records)
     bar = _Bar(show_progress, files)
     with _Stopped() as stopped:
         try:
-            sources = []
             with bar:
                 for number, path in enumerate(files):
+                    if number < len(sources):  # finished before: checked whole, not encoded again
+                        _verify_file(path, sources[number], bar.advance)
+                        continue
                     sources.append(_encode_file(tokenizer, number, path, stage, dtype, segment, settings, records,
-                                                bar))
+                                                sources, bar))
+                    _record(stage, settings, records, sources)
         except BaseException as err:
             if len(records) == 0:
                 discard(stage)
@@ -337,10 +369,26 @@ def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, s
     return index
 
 
+def _record(stage: Path, settings: dict, records: list[dict], sources: list[dict]) -> None:
+    atomic_write_text(stage / PROGRESS, json.dumps({**settings, "shards": records, "files": sources}) + "\n")
+
+
+def _verify_file(path: Path, record: dict, on_bytes) -> None:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(READ_BYTES), b""):
+            digest.update(chunk)
+            size += len(chunk)
+            on_bytes(len(chunk))
+    if size != record["bytes"] or digest.hexdigest() != record["sha256"]:
+        raise DataError(f"{path}: not the text the interrupted encode read (the file changed); encode it afresh "
+                        "with --overwrite")
+
+
 def _encode_file(tokenizer, number: int, path: Path, stage: Path, dtype, segment, settings: dict,
-                 records: list[dict], bar: "_Bar") -> dict:
+                 records: list[dict], sources: list[dict], bar: "_Bar") -> dict:
     """Encode one file into shards appended to `records` (resuming after those of this file already
-    there); returns the file's record."""
+    there, `sources` being the files finished before it); returns the file's record."""
     file_digest, shard_digest = hashlib.sha256(), hashlib.sha256()
     mine = [r for r in records if r.get("file") == number]
     offset = lines = 0
@@ -354,6 +402,9 @@ def _encode_file(tokenizer, number: int, path: Path, stage: Path, dtype, segment
         for record in mine:  # (in order, from byte 0: _kept checked)
             lines += _verify(f, path, record, file_digest, bar.advance)
             offset = record["bytes"][1]
+        if mine and mine[-1].get("eof") and f.read(1):
+            raise DataError(f"{path}: longer than when the interrupted encode read it to its end (the file changed); "
+                            "encode it afresh with --overwrite")
         reader = _Reader(f, str(path), offset, lines, seen)
         writer = None
         try:
@@ -363,9 +414,9 @@ def _encode_file(tokenizer, number: int, path: Path, stage: Path, dtype, segment
                     shard_digest = hashlib.sha256()
                 writer.add(reader.read(cut=reader.offset - writer.start >= SHARD_TEXT_BYTES))
                 if (reader.cut or reader.done) and writer.documents:
-                    records.append({"file": number, "path": str(path),
+                    records.append({"file": number, "path": str(path), "eof": reader.done,
                                     **writer.finish(reader.offset, shard_digest.hexdigest())})
-                    atomic_write_text(stage / PROGRESS, json.dumps({**settings, "shards": records}) + "\n")
+                    _record(stage, settings, records, sources)
                     writer = None
         except BaseException:
             if writer is not None:
@@ -373,6 +424,9 @@ def _encode_file(tokenizer, number: int, path: Path, stage: Path, dtype, segment
             raise
         if writer is not None:  # only blank lines after the last document: nothing to keep
             writer.abandon()
+    if reader.long_documents:
+        sys.stderr.write(f"{path}: {reader.long_documents} document(s) ran over {DOCUMENT_CHARS:,} characters without "
+                         "a blank line and were split (blank lines separate documents)\n")
     mine = [r for r in records if r["file"] == number]
     counts = {k: sum(r[k] for r in mine) for k in ("documents", "sentences", "tokens")}
     if counts["sentences"] == 0:

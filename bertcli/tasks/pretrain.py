@@ -287,10 +287,10 @@ def most_frequent_token(shards: Sequence[Shard], vocab_size: int, special: np.nd
     counts = np.zeros(vocab_size, dtype=np.int64)
     seen, step = 0, 1 << 20  # a million tokens at a time: memory stays flat
     for shard in shards:
-        for start in range(0, min(len(shard.tokens), limit - seen), step):
-            take = shard.tokens[start:min(start + step, limit - seen)]
-            counts += np.bincount(take, minlength=vocab_size)[:vocab_size]
-            seen += len(take)
+        end = min(len(shard.tokens), limit - seen)
+        for start in range(0, end, step):
+            counts += np.bincount(shard.tokens[start:min(start + step, end)], minlength=vocab_size)[:vocab_size]
+        seen += max(end, 0)
         if seen >= limit:
             break
     counts[special] = -1

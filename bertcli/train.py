@@ -112,12 +112,18 @@ def save_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimi
     atomic_write(out / RESUME_FILE, lambda tmp: torch.save(state, tmp))
 
 
-def load_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler) -> Position:
+def read_resume_state(out: Path) -> dict:
     path = out / RESUME_FILE
     if not path.is_file():
         raise BertcliError(f"{out}: nothing to resume (no {RESUME_FILE}); start afresh with --overwrite")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a resume file from elsewhere, or damaged
+        raise BertcliError(f"{path}: cannot resume from it ({str(err).splitlines()[0][:200]})") from None
+
+
+def apply_resume_state(state: dict, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler) -> Position:
+    try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -127,9 +133,28 @@ def load_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimi
             raise ValueError(f"the position {counts} is not four counts of 0 or more")
         if not finite_number(elapsed) or elapsed < 0:
             raise ValueError(f"the elapsed time {elapsed!r} is not a number of seconds")
-    except Exception as err:  # a resume file from elsewhere or from a different recipe
+    except Exception as err:  # a resume file from a different recipe
         raise BertcliError(f"{path}: cannot resume from it ({str(err).splitlines()[0][:200]})") from None
     return Position(step, epoch, batch, tokens, float(elapsed))
+
+
+def load_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, rank: int = 0,
+                      world: int = 1, device: torch.device | None = None) -> Position:
+    """The run's resume state, loaded into the model, the optimizer and the scaler. In a distributed run
+    rank 0 alone reads it and sends it to the others, so machines that do not share the output directory
+    resume too (rank 0 must be on the machine that has it)."""
+    if world == 1:
+        return apply_resume_state(read_resume_state(out), out / RESUME_FILE, model, optimizer, scaler)
+    box: list = [None]
+    if rank == 0:
+        try:
+            box[0] = read_resume_state(out)
+        except BertcliError as err:
+            box[0] = str(err)  # every process stops with it
+    dist.broadcast_object_list(box, src=0, device=device if device is not None and device.type == "cuda" else None)
+    if isinstance(box[0], str):
+        raise BertcliError(box[0])
+    return apply_resume_state(box[0], out / RESUME_FILE, model, optimizer, scaler)
 
 
 class Log:
@@ -288,7 +313,7 @@ def _start(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> _Run:
     model = job.model.to(device)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    pos = load_resume_state(out, model, optimizer, scaler) if resume else Position()
+    pos = load_resume_state(out, model, optimizer, scaler, rank, world, device) if resume else Position()
     wrapped = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel

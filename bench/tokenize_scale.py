@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bertcli.rundir import marked_kind  # noqa: E402
+
 TEXTS = ROOT.parent / "shared" / "data" / "corpus"
 
 LIMIT = r"""
@@ -46,12 +49,16 @@ print(tokens)
 
 
 def build(path: Path, megabytes: int) -> None:
+    """The corpus file of that size, made unless it is there already (a smaller file of that name is not
+    this script's to replace)."""
     if path.is_file() and path.stat().st_size >= megabytes * 1e6:
         return
+    if path.exists() or path.is_symlink():
+        sys.exit(f"{path}: exists and is not a corpus of {megabytes} MB; move it away or choose another --work")
     sources = sorted(p for p in TEXTS.glob("*/*") if p.parent.name in ("gutenberg-en", "wikitext2")
                      and p.name != "LICENSE.txt")
     blob = b"".join(p.read_bytes().rstrip(b"\n") + b"\n\n" for p in sources)
-    with open(path, "wb") as f:
+    with open(path, "xb") as f:
         while f.tell() < megabytes * 1e6:
             f.write(blob)
 
@@ -84,12 +91,11 @@ def main() -> None:
         text = args.work / f"corpus-{megabytes}mb.txt"
         build(text, megabytes)
         size = text.stat().st_size / 1e6
-        shards = args.work / f"shards-{megabytes}mb"
-        shutil.rmtree(shards, ignore_errors=True)
+        shards = args.work / f"shards-{megabytes}mb"  # bertcli's --overwrite replaces only what bertcli wrote there
         wall, peak, _ = run([sys.executable, "-m", "bertcli", "tokenize", "encode", "--tokenizer", str(args.tokenizer),
-                             "--corpus", str(text), "--out", str(shards)])
+                             "--corpus", str(text), "--out", str(shards), *(["--overwrite"] if shards.exists() else [])])
         index = json.loads((shards / "index.json").read_text())
-        if not args.keep:
+        if not args.keep and marked_kind(shards) == "shards":  # marked by the encode just run
             shutil.rmtree(shards)
         limit_wall, limit_peak, out = run([sys.executable, "-c", LIMIT, str(args.tokenizer / "tokenizer.json"), str(text)])
         limit_tokens = int(out.split()[-1])

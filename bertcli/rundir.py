@@ -53,35 +53,25 @@ WHAT = {"run": "a bertcli run", "tokenizer": "a bertcli tokenizer", "shards": "b
 NESTED = {"suite": ("run", "suite")}  # a suite holds runs (and, for a suite of sweeps, a sweep per recipe)
 
 
-def _named(kind: str, name: str) -> bool:
-    return name in OWN[kind] or name == MARKER or (kind == "shards" and _SHARD_FILE.fullmatch(name) is not None)
+def _named(kind: str, name: str, staged: bool = False) -> bool:
+    return (name in OWN[kind] or name == MARKER or (staged and name in STAGED.get(kind, ()))
+            or (kind == "shards" and _SHARD_FILE.fullmatch(name) is not None))
 
 
-def _temporary(kind: str, name: str) -> bool:
+def _temporary(kind: str, name: str, staged: bool = False) -> bool:
     match = _TEMP.fullmatch(name)
-    return match is not None and _named(kind, match.group(1))
+    return match is not None and _named(kind, match.group(1), staged)
 
 
-def _own_file(kind: str, entry: Path) -> bool:
-    """A regular file under a name bertcli writes there. bertcli never makes a symbolic link, so a
-    link, whatever its name, is the user's."""
+def _own_file(kind: str, entry: Path, staged: bool = False) -> bool:
+    """A regular file under a name bertcli writes there (`staged`: in the side directory, where some names are
+    bertcli's that are not elsewhere). bertcli never makes a symbolic link, so a link, whatever its name, is the
+    user's."""
     if entry.is_symlink() or not entry.is_file():
         return False
     if entry.name in GRAPHS:  # names other tools give their graphs too: bertcli's say so inside
         return bertcli_graph(entry)
-    return entry.name == LOCK or _named(kind, entry.name) or _temporary(kind, entry.name)
-
-
-def _own_staged(kind: str, entry: Path) -> bool:
-    """A file of the side directory: one of bertcli's own, or one it writes only there."""
-    if entry.name == LOCK:
-        return False
-    if _own_file(kind, entry):
-        return True
-    staged = STAGED.get(kind, set())
-    match = _TEMP.fullmatch(entry.name)
-    return (not entry.is_symlink() and entry.is_file()
-            and (entry.name in staged or (match is not None and match.group(1) in staged)))
+    return entry.name == LOCK or _named(kind, entry.name, staged) or _temporary(kind, entry.name, staged)
 
 
 def _own_stage(kind: str, entry: Path) -> bool:
@@ -90,7 +80,7 @@ def _own_stage(kind: str, entry: Path) -> bool:
     if entry.name != STAGE_DIR or entry.is_symlink() or not (entry.is_dir() or not entry.exists()):
         return False
     try:
-        return all(_own_staged(kind, child) for child in entry.iterdir())
+        return all(_own_file(kind, child, staged=True) and child.name != LOCK for child in entry.iterdir())
     except FileNotFoundError:
         return True
     except OSError:
@@ -402,7 +392,7 @@ def _remove(kind: str, entry: Path) -> None:
     try:
         if entry.name == STAGE_DIR and entry.is_dir() and not entry.is_symlink():
             for child in entry.iterdir():
-                if _own_staged(kind, child):
+                if _own_file(kind, child, staged=True) and child.name != LOCK:
                     child.unlink()
             entry.rmdir()
         else:

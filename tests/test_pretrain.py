@@ -227,29 +227,35 @@ def _distributed(corpus, tokenizer, tmp_path, steps: int) -> tuple[dict, list[st
     return env, ["pretrain", str(recipe), "--set", "model.dropout=0.0"]
 
 
-def _one_process(corpus, tokenizer, tmp_path, steps: int) -> tuple[dict, list[str]]:
-    """That run in one process with a batch of 8, into tmp_path/one (the same run split over processes)."""
+def _one_process(corpus, tokenizer, tmp_path, steps: int, batch: int = 8) -> tuple[dict, list[str]]:
+    """That run in one process with a batch of `batch`, into tmp_path/one (the same run split over processes)."""
     env, common = _distributed(corpus, tokenizer, tmp_path, steps)
     one = subprocess.run([sys.executable, "-m", "bertcli", *common, "--out", str(tmp_path / "one"),
-                          "--set", "train.batch_size=8"], env=env, capture_output=True, timeout=300)
+                          "--set", f"train.batch_size={batch}"], env=env, capture_output=True, timeout=300)
     assert one.returncode == 0, one.stderr.decode()
     return env, common
 
 
 @pytest.mark.slow
 def test_two_processes_under_torchrun_match_one(corpus, tiny_tokenizer_dir, tmp_path):
-    """Over an epoch's end too: the corpus makes 17 batches of 8, the last one smaller, and the two processes
-    share that one as well (they used to leave it out, and parted from one process at step 17)."""
-    env, common = _one_process(corpus, tiny_tokenizer_dir, tmp_path, steps=20)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                          "-m", "bertcli", *common, "--out", str(tmp_path / "two"), "--set", "train.batch_size=4"],
-                         env=env, capture_output=True, timeout=300)
+    """Over an epoch's end too, where the last batch is smaller: the two processes share that one as well (they
+    used to leave it out, and parted from one process at the epoch's end). The batch is chosen from the corpus's
+    number of sequences (it depends on the tokenizer trained for the tests) so that there is such a batch."""
+    recipe = load_recipe(tiny_pretrain_recipe(tmp_path / "count.yaml", corpus, tiny_tokenizer_dir, max_steps=1))
+    task = PretrainTask(load_tokenizer(tiny_tokenizer_dir), recipe.task, recipe.data.max_seq_len)
+    sequences = len(task.encode(task.read(recipe.data.train[0]), seed=recipe.train.seed))
+    each = next(b for b in (4, 3, 5, 6, 7) if sequences % (2 * b) >= 2)  # a last batch with a share for each
+    full = sequences // (2 * each)
+    env, common = _one_process(corpus, tiny_tokenizer_dir, tmp_path, steps=full + 4, batch=2 * each)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_free_port()), "-m", "bertcli", *common, "--out", str(tmp_path / "two"),
+                          "--set", f"train.batch_size={each}"], env=env, capture_output=True, timeout=300)
     assert two.returncode == 0, two.stderr.decode()[-3000:]
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 21))
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, full + 5))
     epochs = [[r["epoch"] for r in map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines())
                if "loss" in r] for run in ("one", "two")]
-    assert epochs[0] == epochs[1] and epochs[0][16] == 1.0  # step 17 ends the epoch in both
+    assert epochs[0] == epochs[1] and epochs[0][full] == 1.0  # the smaller batch, step full + 1, ends the epoch
     assert np.allclose([x for _, x in a], [x for _, x in b], rtol=1e-4, atol=1e-5)
     from safetensors.numpy import load_file
 

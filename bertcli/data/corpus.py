@@ -22,7 +22,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -41,11 +41,13 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, on_bytes: Callable[[int], None] = lambda size: None) -> str:
+    """The file's SHA-256, read a megabyte at a time (`on_bytes` is told each piece's size)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+            on_bytes(len(chunk))
     return digest.hexdigest()
 
 
@@ -62,8 +64,8 @@ class Shard:
     identity: str = ""  # what this shard is (its index, number, files' sizes and times): keys caches made from it
 
 
-def _identity(index: Path, stem: Path) -> str:
-    digest = hashlib.sha256(index.read_bytes())
+def _identity(index_sha256: str, stem: Path) -> str:
+    digest = hashlib.sha256(index_sha256.encode())
     for suffix in ("tokens.bin", "sentences.npy", "documents.npy", "words.bin"):
         path = Path(f"{stem}.{suffix}")
         if path.is_file():
@@ -77,7 +79,8 @@ def load_shards(directory: Path, tokenizer: WordPieceTokenizer | None = None) ->
     if not index_path.is_file():
         raise DataError(f"{directory}: not a shard directory (no index.json; make one with `bertcli tokenize encode`)")
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        text = index_path.read_text(encoding="utf-8")
+        index = json.loads(text)
         if index.get("format") != FORMAT:
             raise ValueError(f"format {index.get('format')!r}, expected {FORMAT!r}")
         dtype = np.dtype(index["dtype"])
@@ -86,22 +89,25 @@ def load_shards(directory: Path, tokenizer: WordPieceTokenizer | None = None) ->
         raise DataError(f"{index_path}: not a valid shard index ({err})") from None
     if tokenizer is not None and index.get("tokenizer_sha256") != tokenizer_sha256(tokenizer):
         raise DataError(f"{directory}: encoded with a different tokenizer than this model's; encode the text again")
-    shards = []
-    for number in range(count):
-        stem = directory / f"{number:05d}"
-        try:
-            words = Path(f"{stem}.words.bin")
-            shards.append(Shard(np.memmap(f"{stem}.tokens.bin", dtype=dtype, mode="r"),
-                                np.load(f"{stem}.sentences.npy", allow_pickle=False, mmap_mode="r"),
-                                np.load(f"{stem}.documents.npy", allow_pickle=False, mmap_mode="r"),
-                                np.memmap(words, dtype=np.uint8, mode="r") if words.is_file() else None,
-                                identity=_identity(index_path, stem)))
-        except (OSError, ValueError) as err:
-            raise DataError(f"{stem}: damaged shard ({err}); encode the text again") from None
-        problem = _shard_problem(shards[-1])
-        if problem:
-            raise DataError(f"{stem}: damaged shard ({problem}); encode the text again")
-    return shards
+    index_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return [open_shard(directory / f"{n:05d}", dtype, _identity(index_sha256, directory / f"{n:05d}"))
+            for n in range(count)]
+
+
+def open_shard(stem: Path, dtype, identity: str = "") -> Shard:
+    """A shard's files, memory-mapped, with its offsets checked (DataError names what is wrong)."""
+    try:
+        words = Path(f"{stem}.words.bin")
+        shard = Shard(np.memmap(f"{stem}.tokens.bin", dtype=dtype, mode="r"),
+                      np.load(f"{stem}.sentences.npy", allow_pickle=False, mmap_mode="r"),
+                      np.load(f"{stem}.documents.npy", allow_pickle=False, mmap_mode="r"),
+                      np.memmap(words, dtype=np.uint8, mode="r") if words.is_file() else None, identity)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{stem}: damaged shard ({err}); encode the text again") from None
+    problem = _shard_problem(shard)
+    if problem:
+        raise DataError(f"{stem}: damaged shard ({problem}); encode the text again")
+    return shard
 
 
 def _shard_problem(shard: Shard) -> str | None:

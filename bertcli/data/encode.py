@@ -23,7 +23,7 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 
-from bertcli.data.corpus import (FORMAT, MAX_CORPUS_LINE_BYTES, Shard, _shard_problem, split_sentences,
+from bertcli.data.corpus import (FORMAT, MAX_CORPUS_LINE_BYTES, file_sha256, open_shard, split_sentences,
                                  tokenizer_sha256)
 from bertcli.errors import DataError, Interrupted
 from bertcli.fileio import atomic_write_text, discard, publish
@@ -244,9 +244,9 @@ def _kept(stage: Path, settings: dict, files: list[Path]) -> tuple[list[dict], l
         if not whole:
             break
         kept.append(record)
-    if len(kept) < len(records):  # a file whose shards are not all kept is not finished
-        finished = finished[:min(len(finished), records[len(kept)].get("file", 0) if isinstance(
-            records[len(kept)], dict) else 0)]
+    if len(kept) < len(records):  # files from the first dropped shard's on are not finished
+        dropped = records[len(kept)]
+        finished = finished[:dropped["file"] if isinstance(dropped, dict) and isinstance(dropped.get("file"), int) else 0]
     names = {f"{r['name']}.{s}" for r in kept for s in _SUFFIXES}
     for entry in stage.iterdir():
         if entry.name != PROGRESS and entry.name not in names:
@@ -256,14 +256,10 @@ def _kept(stage: Path, settings: dict, files: list[Path]) -> tuple[list[dict], l
 
 def _whole(stem: Path, dtype: str) -> bool:
     try:
-        continues = Path(f"{stem}.words.bin")
-        shard = Shard(np.memmap(f"{stem}.tokens.bin", dtype=np.dtype(dtype), mode="r"),
-                      np.load(f"{stem}.sentences.npy", allow_pickle=False),
-                      np.load(f"{stem}.documents.npy", allow_pickle=False),
-                      np.memmap(continues, dtype=np.uint8, mode="r") if continues.is_file() else None)
-    except (OSError, ValueError):
+        open_shard(stem, np.dtype(dtype))
+    except DataError:
         return False
-    return _shard_problem(shard) is None
+    return True
 
 
 def _verify(f: BinaryIO, path: Path, record: dict, file_digest, on_bytes) -> int:
@@ -374,13 +370,14 @@ def _record(stage: Path, settings: dict, records: list[dict], sources: list[dict
 
 
 def _verify_file(path: Path, record: dict, on_bytes) -> None:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(READ_BYTES), b""):
-            digest.update(chunk)
-            size += len(chunk)
-            on_bytes(len(chunk))
-    if size != record["bytes"] or digest.hexdigest() != record["sha256"]:
+    size = 0
+
+    def seen(n: int) -> None:
+        nonlocal size
+        size += n
+        on_bytes(n)
+
+    if file_sha256(path, seen) != record["sha256"] or size != record["bytes"]:
         raise DataError(f"{path}: not the text the interrupted encode read (the file changed); encode it afresh "
                         "with --overwrite")
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import tempfile
 from array import array
 from pathlib import Path
@@ -39,10 +40,10 @@ def sequences(shards: Sequence[Shard], max_seq_len: int, objective: str, short_s
     key = hashlib.sha256(json.dumps([VERSION, [s.identity for s in shards], max_seq_len, objective, short_seq_prob,
                                      seed]).encode()).hexdigest()[:32]
     path = cache_dir() / "sequences" / f"{key}.bin"
-    if path.is_file() and not path.is_symlink() and path.stat().st_size % (7 * 8) == 0 and path.stat().st_size:
+    if path.is_symlink() or (path.exists() and not path.is_file()):  # not bertcli's: left alone, nothing cached
+        return make_instances(shards, max_seq_len, objective, short_seq_prob, seed)
+    if path.is_file() and path.stat().st_size % (7 * 8) == 0 and path.stat().st_size:
         return np.memmap(path, dtype=np.int64, mode="r").reshape(-1, 7)
-    import sys
-
     sys.stderr.write(f"packing {sum(len(s.tokens) for s in shards):,} tokens into sequences of up to {max_seq_len} "
                      f"(once: kept in {path.parent})\n")
     try:

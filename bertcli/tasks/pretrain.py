@@ -290,7 +290,7 @@ def most_frequent_token(shards: Sequence[Shard], vocab_size: int, special: np.nd
         end = min(len(shard.tokens), limit - seen)
         for start in range(0, end, step):
             counts += np.bincount(shard.tokens[start:min(start + step, end)], minlength=vocab_size)[:vocab_size]
-        seen += max(end, 0)
+        seen += end
         if seen >= limit:
             break
     counts[special] = -1

@@ -59,15 +59,33 @@ def rounded(index: Tensor) -> Tensor:
     return torch.cat([index, index[:1].expand(extra)]) if extra and index.numel() else index
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device`. A CUDA copy is made from pinned memory without waiting: a copy from
+    pageable memory waits for everything queued before it."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Padding:
     """Where a padded batch's real tokens are: `kept` indexes the flattened (B * T) positions.
-    `gather` makes the packed rows: the R real tokens, then copies of the first (`rounded`)."""
+    `gather` makes the packed rows: the R real tokens, then copies of the first (`rounded`).
+    A row's tokens are consecutive packed rows: row b's are `cu[b]` to `cu[b + 1]` (int32, (B + 1,)),
+    as varlen attention reads them, and `longest` is the longest row.
 
-    def __init__(self, attention_mask: Tensor):
-        self.shape = attention_mask.shape  # (B, T)
-        self.kept = attention_mask.reshape(-1).nonzero().squeeze(1)  # (R,)
+    `host` is the mask on the CPU (on a CPU, the mask itself): the indices are computed there and
+    copied to `device`, so that building them makes the accelerator wait only for the mask's copy."""
+
+    def __init__(self, host: Tensor, device: torch.device | None = None):
+        device = device or host.device
+        self.shape = host.shape  # (B, T)
+        lengths = host.sum(1)  # (B,)
+        self.count = int(lengths.sum())  # R
+        self.longest = int(lengths.max()) if host.shape[0] else 0
+        self.kept = to_device(host.reshape(-1).nonzero().squeeze(1), device)  # (R,)
         self.gather = rounded(self.kept)  # (rows,)
-        self.mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T): True = attend to this key
+        self.cu = to_device(F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), device)  # (B + 1,)
+        self.mask = to_device(host[:, None, None, :].bool(), device)  # (B, 1, 1, T): True = attend to this key
 
     def pack(self, x: Tensor) -> Tensor:
         """(B, T, ...) -> (rows, ...)"""
@@ -160,12 +178,14 @@ class Selection:
     batch row, (S,) <-> (B, Q), for attention, and `out` places them back at their (B, T)
     positions."""
 
-    def __init__(self, needed: Tensor, attention_mask: Tensor):
+    def __init__(self, needed: Tensor, attention_mask: Tensor, device: torch.device | None = None):
+        """`needed` and `attention_mask` on the host, as Padding's `host`."""
+        device = device or needed.device
         needed = needed.bool() & attention_mask.bool()  # (B, T)
-        self.rows = rounded((attention_mask.reshape(-1).cumsum(0) - 1)[needed.reshape(-1)])  # (S, rounded up)
+        self.rows = rounded(to_device((attention_mask.reshape(-1).cumsum(0) - 1)[needed.reshape(-1)], device))  # (S, rounded up)
         counts = needed.sum(1)  # (B,)
-        self.queries = Padding(torch.arange(int(counts.max()), device=needed.device)[None, :] < counts[:, None])
-        self.out = Padding(needed)
+        self.queries = Padding(torch.arange(int(counts.max()))[None, :] < counts[:, None], device)
+        self.out = Padding(needed, device)
 
 
 class Dropout(nn.Module):

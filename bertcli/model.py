@@ -24,6 +24,11 @@ from torch import Tensor, nn
 from bertcli.config import BertConfig
 from bertcli.fastpath import Dropout, Masked, Padding, Selection, TiedDecoder, WordLookup, dropout, rounded
 
+try:  # flash attention over packed rows of different lengths (PyTorch 2.10 and later, CUDA)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -49,6 +54,30 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+def attention_kernel(device: str, training: bool, dropout_p: float, layout: str, dtype: torch.dtype) -> str:
+    """Which attention runs, for the device type, the mode, the attention dropout, the batch's layout
+    ("packed": real tokens only, fastpath.Padding; "padded": (B, T) with no padding or a mask kept, the
+    graph an export writes; "exported": fastpath.Masked) and the dtype of the queries:
+
+    - "written": scores, softmax and its own dropout written out. A CPU in training with attention
+      dropout: SDPA's CPU kernels cannot drop out, and fall back to the same math with a dearer mask.
+    - "exported": scores plus BERT's additive mask, the form ONNX Runtime fuses (bertcli export).
+    - "varlen": on CUDA, a packed batch in half precision with no attention dropout to apply (inference,
+      or attention dropout 0 as MosaicBERT, ModernBERT and Cramming pretrain): flash attention over
+      the packed rows and their `cu` offsets, with no (B, T) layout at all.
+    - "sdpa": scaled_dot_product_attention on (B, N, T, D), with the dropout on CUDA in training
+      (its flash and memory-efficient kernels drop out themselves; no (B, N, T, T) scores are made).
+    """
+    drops = training and dropout_p > 0
+    if layout == "exported":
+        return "exported"
+    if device != "cuda":
+        return "written" if drops else "sdpa"
+    if layout == "packed" and not drops and dtype in (torch.float16, torch.bfloat16) and varlen_attn is not None:
+        return "varlen"
+    return "sdpa"
+
+
 class BertSelfAttention(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -63,6 +92,10 @@ class BertSelfAttention(nn.Module):
         `sel` (which needs `pad`), the only ones queried."""
         q = self.query(x if sel is None else x.index_select(0, sel.rows))
         k, v = self.key(x), self.value(x)
+        layout = "exported" if isinstance(pad, Masked) else "packed" if pad is not None else "padded"
+        kernel = attention_kernel(x.device.type, self.training, self.dropout_p, layout, q.dtype)
+        if kernel == "varlen":
+            return self._varlen(q, k, v, pad, sel)
         if pad is not None:
             q = pad.unpack(q) if sel is None else sel.queries.unpack(q)  # (B, T or Q, H)
             k, v = pad.unpack(k), pad.unpack(v)  # (B, T, H) each
@@ -70,20 +103,30 @@ class BertSelfAttention(nn.Module):
         q = q.view(B, Tq, self.num_heads, H // self.num_heads).transpose(1, 2)  # (B, N, Tq, D)
         k, v = (t.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2) for t in (k, v))  # (B, N, T, D)
         mask = pad.mask if pad is not None else None
-        if self.training and self.dropout_p > 0:  # SDPA's CPU kernels cannot drop out: the same math, cheaper mask
+        if kernel == "written":
             scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)  # (B, N, Tq, T)
             if mask is not None:
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             y = dropout(scores.softmax(-1), self.dropout_p) @ v
-        elif isinstance(pad, Masked):  # an exported graph: attention written out, in the form ONNX Runtime fuses
+        elif kernel == "exported":
             scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5) + pad.bias
             y = scores.softmax(-1) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, Tq, H)
         if pad is None:
             return y
         return pad.pack(y) if sel is None else sel.queries.pack(y)
+
+    def _varlen(self, q: Tensor, k: Tensor, v: Tensor, pad: Padding, sel: Selection | None) -> Tensor:
+        """Attention on the packed rows themselves: q (rows, H) or (S rounded, H) with `sel`, k and v
+        (rows, H). The rows past the real ones (`rounded`'s copies) are left out and made again."""
+        queries = pad if sel is None else sel.queries
+        n, H = queries.count, q.shape[1]
+        shape = (-1, self.num_heads, H // self.num_heads)
+        y = varlen_attn(q[:n].view(shape), k[:pad.count].view(shape), v[:pad.count].view(shape),
+                        queries.cu, pad.cu, queries.longest, pad.longest).reshape(n, H)
+        return torch.cat([y, y[:1].expand(q.shape[0] - n, H)]) if q.shape[0] > n else y
 
 
 class BertSelfOutput(nn.Module):
@@ -206,20 +249,31 @@ class BertModel(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)  # (B, T)
         if needed is not None and self.pooler is not None:
             needed = needed.bool() | (positions == 0)
-        if needed is None and (attention_mask is None or (self.packed and bool(attention_mask.all()))):
+        if not self.packed:  # an exported graph: no branch on the data, the mask read in attention
+            pad = Masked(attention_mask) if attention_mask is not None else None
+            hidden = self.encoder(self.embeddings(input_ids, token_type_ids, positions), pad)
+        elif needed is None and attention_mask is None:
             hidden = self.encoder(self.embeddings(input_ids, token_type_ids, positions), None)
-        elif not self.packed:  # an exported graph: no branch on the data, the mask read in attention
-            hidden = self.encoder(self.embeddings(input_ids, token_type_ids, positions), Masked(attention_mask))
         else:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            pad = Padding(attention_mask)
-            sel = Selection(needed, attention_mask) if needed is not None else None
-            x = self.embeddings(pad.pack(input_ids), pad.pack(token_type_ids), pad.pack(positions))  # (R, H)
-            x = self.encoder(x, pad, sel)  # (R, H), or (S, H) with `sel`
-            hidden = pad.unpack(x) if sel is None else sel.out.unpack(x)  # (B, T, H), zeros elsewhere
+            hidden = self._packed(input_ids, token_type_ids, positions, attention_mask, needed)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return TrunkOutput(hidden, pooled)
+
+    def _packed(self, input_ids: Tensor, token_type_ids: Tensor, positions: Tensor, attention_mask: Tensor | None,
+                needed: Tensor | None) -> Tensor:
+        """The trunk on the batch's real tokens alone (and, with `needed`, the last layer at those positions).
+        Its layout is computed on the host from one copy of the mask: the one time the accelerator is
+        waited for."""
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        host = torch.stack([mask, mask if needed is None else needed.bool()]).cpu()  # (2, B, T)
+        if needed is None and bool(host[0].all()):
+            return self.encoder(self.embeddings(input_ids, token_type_ids, positions), None)
+        device = input_ids.device
+        pad = Padding(host[0], device)
+        sel = Selection(host[1], host[0], device) if needed is not None else None
+        x = self.embeddings(pad.pack(input_ids), pad.pack(token_type_ids), pad.pack(positions))  # (R, H)
+        x = self.encoder(x, pad, sel)  # (R, H), or (S, H) with `sel`
+        return pad.unpack(x) if sel is None else sel.out.unpack(x)  # (B, T, H), zeros elsewhere
 
 
 def init_weights(module: nn.Module, std: float) -> None:

@@ -71,6 +71,7 @@ class TrainConfig:
     save_every: Optional[int] = None
     log_every: int = 10
     group_by_length: bool = True  # batches of like lengths (less padding, faster); false: a plain shuffle
+    compile: bool = False  # torch.compile each encoder layer (fuses its element-wise work; minutes to compile)
     # with model.teacher: loss = alpha x soft loss (KL to the teacher at distill_temperature, x T^2)
     # + (1 - alpha) x the task's loss
     distill_alpha: float = 0.5

@@ -71,3 +71,26 @@ def test_matmul_flops_counts_the_matmuls_each_side_runs():
 
     assert counted(theirs) == expected["transformers"] + left_out
     assert expected["transformers"] > expected["bertcli"]
+
+
+def test_the_gpu_checks_mfu_numerator_is_the_matmul_work_transformers_does():
+    """bench/gpu_check.py's flops_per_token (the standard formula: 6 x parameters + attention) against
+    FlopCounterMode's count of a transformers training step on a batch without padding (the pooler and
+    the sentence head, which the formula leaves out, are subtracted)."""
+    transformers = pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCH.parent / "gpu_check.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    (b,) = bench.make_batches(1, 4, 24, cfg["vocab_size"])
+    b["attention_mask"].fill_(1)
+    hf = transformers.BertForPreTraining(transformers.BertConfig(**cfg)).train()
+
+    def step():
+        hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"],
+           labels=b["mlm_labels"], next_sentence_label=b["sentence_labels"]).loss.backward()
+
+    h, rows = cfg["hidden_size"], 4
+    left_out = 3 * (rows * 2 * h * h + rows * 2 * h * 2)  # pooler and sentence head, training
+    assert counted(step) == bench.flops_per_token(cfg, 24) * 4 * 24 + left_out
+    assert 0.1 < float((b["mlm_labels"] != -100).float().mean()) < 0.2  # about 15% of the tokens masked

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bertcli.errors import BertcliError
 from bertcli.jobs import finetune
 from bertcli.recipes import TrainConfig, load_recipe
 from bertcli.data.batching import batch_order
@@ -65,6 +66,31 @@ def test_gradient_accumulation_equals_one_larger_batch(tmp_path, tiny_tokenizer_
     assert len(moved) > 10  # the steps changed the weights...
     for k in one:  # ...and the same way both times
         assert torch.allclose(one[k], two[k], atol=2e-5), k
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_as_the_eager_ones(tmp_path, tiny_tokenizer_dir):
+    """train.compile: the encoder layers run through torch.compile (inductor's C++ kernels here) with
+    dynamic shapes; the weights after three steps equal eager training's, and the checkpoint's names
+    are unchanged (it loads as an eager model)."""
+    eager = _train(tmp_path, tiny_tokenizer_dir, "eager", batch_size=4, max_steps=3)
+    compiled = _train(tmp_path, tiny_tokenizer_dir, "compiled", batch_size=4, max_steps=3, compile=True)
+    assert compiled.keys() == eager.keys()
+    for k in eager:
+        assert torch.allclose(compiled[k], eager[k], atol=1e-4), k
+    log = (tmp_path / "compiled" / "log.jsonl").read_text()
+    assert '"step": 3' in log
+
+
+def test_a_compiler_that_fails_ends_the_run_with_one_message(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """Without a working C++ compiler (here: one that does not exist) the run stops with exit 2 and
+    says which setting to change, not with inductor's traceback."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor, "force_disable_caches", True)  # no kernel compiled before
+    with pytest.raises(BertcliError, match="train.compile: torch.compile failed.*set train.compile: false"):
+        _train(tmp_path, tiny_tokenizer_dir, "broken", batch_size=4, max_steps=1, compile=True)
 
 
 @pytest.mark.slow

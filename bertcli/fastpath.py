@@ -54,17 +54,32 @@ def rounded(index: Tensor) -> Tensor:
     tiny pretraining shape the heap reached 2.3 GB and was still growing, for 0.7 GB in use.
     With rounded counts the kernels are reused: the heap settled at 1.1 GB by step 120 and
     the page faults stopped. The extra rows copy a real one and are never read back, so they
-    get no gradient; they cost at most 15 rows of work per matmul."""
+    get no gradient; they cost at most 15 rows of work per matmul. The result is never `index`
+    itself, even with no rows to add: torch.compile guards on which tensors alias, and would compile
+    the layers again for every batch whose count happened to be a multiple of ROWS."""
     extra = -index.numel() % ROWS
-    return torch.cat([index, index[:1].expand(extra)]) if extra and index.numel() else index
+    return torch.cat([index, index[:1].expand(extra)]) if index.numel() else index  # a new tensor: see below
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
     """A host tensor on `device`. A CUDA copy is made from pinned memory without waiting: a copy from
     pageable memory waits for everything queued before it."""
-    if device.type != "cuda":
+    if t.device.type != "cpu" or device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+_FLASH: dict[torch.device, bool] = {}
+
+
+def flash_gpu(device: torch.device) -> bool:
+    """Whether `device` runs flash attention: a CUDA GPU of compute capability 8.0 (Ampere) or later."""
+    if device.type != "cuda":
+        return False
+    if device not in _FLASH:
+        _FLASH[device] = (torch.backends.cuda.is_flash_attention_available()
+                          and torch.cuda.get_device_capability(device)[0] >= 8)
+    return _FLASH[device]
 
 
 class Padding:
@@ -78,6 +93,7 @@ class Padding:
 
     def __init__(self, host: Tensor, device: torch.device | None = None):
         device = device or host.device
+        host = host.cpu()
         self.shape = host.shape  # (B, T)
         lengths = host.sum(1)  # (B,)
         self.count = int(lengths.sum())  # R
@@ -86,6 +102,7 @@ class Padding:
         self.gather = rounded(self.kept)  # (rows,)
         self.cu = to_device(F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), device)  # (B + 1,)
         self.mask = to_device(host[:, None, None, :].bool(), device)  # (B, 1, 1, T): True = attend to this key
+        self.flash = flash_gpu(device)  # varlen attention can run on these rows (model.attention_kernel)
 
     def pack(self, x: Tensor) -> Tensor:
         """(B, T, ...) -> (rows, ...)"""
@@ -181,6 +198,7 @@ class Selection:
     def __init__(self, needed: Tensor, attention_mask: Tensor, device: torch.device | None = None):
         """`needed` and `attention_mask` on the host, as Padding's `host`."""
         device = device or needed.device
+        needed, attention_mask = needed.cpu(), attention_mask.cpu()
         needed = needed.bool() & attention_mask.bool()  # (B, T)
         self.rows = rounded(to_device((attention_mask.reshape(-1).cumsum(0) - 1)[needed.reshape(-1)], device))  # (S, rounded up)
         counts = needed.sum(1)  # (B,)

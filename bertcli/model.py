@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from bertcli.config import BertConfig
 from bertcli.fastpath import Dropout, Masked, Padding, Selection, TiedDecoder, WordLookup, dropout, rounded
 
-try:  # flash attention over packed rows of different lengths (PyTorch 2.10 and later, CUDA)
+try:  # flash attention over packed rows of different lengths (PyTorch 2.9 and later, CUDA)
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:
     varlen_attn = None
@@ -54,26 +54,30 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
-def attention_kernel(device: str, training: bool, dropout_p: float, layout: str, dtype: torch.dtype) -> str:
+def attention_kernel(device: str, training: bool, dropout_p: float, layout: str, dtype: torch.dtype,
+                     head_dim: int, flash: bool = True) -> str:
     """Which attention runs, for the device type, the mode, the attention dropout, the batch's layout
-    ("packed": real tokens only, fastpath.Padding; "padded": (B, T) with no padding or a mask kept, the
-    graph an export writes; "exported": fastpath.Masked) and the dtype of the queries:
+    ("packed": real tokens only, fastpath.Padding; "padded": (B, T) with no padding; "exported":
+    fastpath.Masked, the graph an export writes), the dtype of the queries, the head size, and whether
+    the GPU runs flash attention (Ampere or later: fastpath.flash_gpu):
 
     - "written": scores, softmax and its own dropout written out. A CPU in training with attention
       dropout: SDPA's CPU kernels cannot drop out, and fall back to the same math with a dearer mask.
     - "exported": scores plus BERT's additive mask, the form ONNX Runtime fuses (bertcli export).
     - "varlen": on CUDA, a packed batch in half precision with no attention dropout to apply (inference,
       or attention dropout 0 as MosaicBERT, ModernBERT and Cramming pretrain): flash attention over
-      the packed rows and their `cu` offsets, with no (B, T) layout at all.
+      the packed rows and their `cu` offsets, with no (B, T) layout at all. Its kernel takes head
+      sizes that are multiples of 8 up to 256 (it does not pad them, as SDPA does).
     - "sdpa": scaled_dot_product_attention on (B, N, T, D), with the dropout on CUDA in training
       (its flash and memory-efficient kernels drop out themselves; no (B, N, T, T) scores are made).
     """
     drops = training and dropout_p > 0
     if layout == "exported":
-        return "exported"
+        return "written" if drops else "exported"
     if device != "cuda":
         return "written" if drops else "sdpa"
-    if layout == "packed" and not drops and dtype in (torch.float16, torch.bfloat16) and varlen_attn is not None:
+    if (layout == "packed" and not drops and dtype in (torch.float16, torch.bfloat16) and varlen_attn is not None
+            and flash and head_dim % 8 == 0 and head_dim <= 256):
         return "varlen"
     return "sdpa"
 
@@ -93,7 +97,8 @@ class BertSelfAttention(nn.Module):
         q = self.query(x if sel is None else x.index_select(0, sel.rows))
         k, v = self.key(x), self.value(x)
         layout = "exported" if isinstance(pad, Masked) else "packed" if pad is not None else "padded"
-        kernel = attention_kernel(x.device.type, self.training, self.dropout_p, layout, q.dtype)
+        kernel = attention_kernel(x.device.type, self.training, self.dropout_p, layout, q.dtype,
+                                  q.shape[-1] // self.num_heads, flash=isinstance(pad, Padding) and pad.flash)
         if kernel == "varlen":
             return self._varlen(q, k, v, pad, sel)
         if pad is not None:

@@ -24,22 +24,31 @@ BF16, FP32 = torch.bfloat16, torch.float32
     ("cpu", True, 0.0, "packed", BF16, "sdpa"),
     ("cpu", False, 0.1, "packed", BF16, "sdpa"),
     ("cpu", False, 0.1, "exported", FP32, "exported"),
+    ("cpu", True, 0.1, "exported", FP32, "written"),  # a padded model in training still drops out
     ("cuda", True, 0.1, "packed", BF16, "sdpa"),  # its flash / memory-efficient kernels drop out themselves
     ("cuda", True, 0.1, "padded", BF16, "sdpa"),
     ("cuda", True, 0.0, "packed", BF16, "varlen"),  # MosaicBERT's, ModernBERT's and Cramming's setting
     ("cuda", False, 0.1, "packed", torch.float16, "varlen"),  # inference: nothing to drop
     ("cuda", False, 0.1, "packed", FP32, "sdpa"),  # flash has no fp32
     ("cuda", False, 0.0, "padded", BF16, "sdpa"),  # no padding to skip
-    ("cuda", True, 0.1, "exported", BF16, "exported"),
+    ("cuda", False, 0.0, "exported", BF16, "exported"),
 ])
 def test_the_kernel_chosen_for_each_device_and_setting(monkeypatch, device, training, p, layout, dtype, kernel):
     monkeypatch.setattr(model_module, "varlen_attn", object())  # as where PyTorch has it
-    assert attention_kernel(device, training, p, layout, dtype) == kernel
+    assert attention_kernel(device, training, p, layout, dtype, 64) == kernel
+
+
+@pytest.mark.parametrize("head_dim, flash", [(26, True), (264, True), (64, False)])
+def test_varlen_only_where_its_kernel_runs(monkeypatch, head_dim, flash):
+    """Flash attention's varlen kernel takes head sizes that are multiples of 8 up to 256 (TinyBERT's
+    312 / 12 = 26 is not) and needs an Ampere or later GPU; elsewhere SDPA, which pads, runs."""
+    monkeypatch.setattr(model_module, "varlen_attn", object())
+    assert attention_kernel("cuda", False, 0.0, "packed", BF16, head_dim, flash=flash) == "sdpa"
 
 
 def test_without_varlen_in_this_pytorch_cuda_falls_back_to_sdpa(monkeypatch):
     monkeypatch.setattr(model_module, "varlen_attn", None)
-    assert attention_kernel("cuda", False, 0.0, "packed", BF16) == "sdpa"
+    assert attention_kernel("cuda", False, 0.0, "packed", BF16, 64) == "sdpa"
 
 
 calls: list[tuple[int, int, int, int]] = []
@@ -63,8 +72,8 @@ def varlen_on_cpu(monkeypatch):
     """Packed batches take the varlen path on the CPU, through the reference kernel."""
     chosen = attention_kernel
 
-    def kernel(device, training, p, layout, dtype):
-        return "varlen" if layout == "packed" and not (training and p > 0) else chosen(device, training, p, layout, dtype)
+    def kernel(device, training, p, layout, *rest, **flash):
+        return "varlen" if layout == "packed" and not (training and p > 0) else chosen(device, training, p, layout, *rest)
 
     calls.clear()
     monkeypatch.setattr(model_module, "varlen_attn", reference_varlen)
@@ -102,7 +111,7 @@ def test_varlen_on_packed_rows_equals_padded_attention(monkeypatch):
     padded = outputs_and_grads(model, ids * mask, mask)
     with monkeypatch.context() as m:
         m.setattr(model_module, "varlen_attn", reference_varlen)
-        m.setattr(model_module, "attention_kernel", lambda *a: "varlen" if a[3] == "packed" else "sdpa")
+        m.setattr(model_module, "attention_kernel", lambda *a, **k: "varlen" if a[3] == "packed" else "sdpa")
         calls.clear()
         varlen = outputs_and_grads(model, ids * mask, mask)
     assert calls == [(20, 20, 9, 9)] * 2  # both layers, on the real tokens
@@ -121,7 +130,7 @@ def test_varlen_for_the_last_layers_selected_queries_equals_the_full_trunk(varle
     positions[1, 4] = True  # row 2: [CLS] alone
     varlen = outputs_and_grads(model.train(), ids * mask, mask, mlm_positions=positions)
     assert calls == [(15, 15, 7, 7), (4 + 2 + 1, 15, 4, 7)]  # layer 2: [CLS] and the masked, 4, 2 and 1
-    monkeypatch.setattr(model_module, "attention_kernel", lambda *a: "sdpa")
+    monkeypatch.setattr(model_module, "attention_kernel", lambda *a, **k: "sdpa")
     assert_same(varlen, outputs_and_grads(model, ids * mask, mask, mlm_positions=positions))
 
 
@@ -141,7 +150,7 @@ def test_varlen_keeps_the_rounded_row_shapes(varlen_on_cpu):
 
 def test_sdpa_drops_out_in_training_only(monkeypatch):
     """The CUDA training path (SDPA with dropout_p), run here through SDPA's CPU fallback."""
-    monkeypatch.setattr(model_module, "attention_kernel", lambda *a: "sdpa")
+    monkeypatch.setattr(model_module, "attention_kernel", lambda *a, **k: "sdpa")
     torch.manual_seed(0)
     attention = BertSelfAttention(BertConfig(hidden_size=32, num_attention_heads=4, attention_probs_dropout_prob=0.5))
     x = torch.randn(2, 6, 32)

@@ -256,3 +256,34 @@ def test_overwrite_keeps_a_users_file_named_as_bertcli_names_its_progress_record
     again = run_cli("tokenize", "encode", "--tokenizer", str(tiny_tokenizer_dir), "--corpus", str(text), "--out",
                     str(out), "--overwrite")
     assert again.returncode == 2 and b"progress.json" in again.stderr and (out / "progress.json").read_text() == "mine"
+
+
+@pytest.mark.parametrize("objective", ["nsp", "sop"])
+def test_shards_pack_the_same_rows_in_parallel_as_one_by_one(text, tiny_tokenizer_dir, tmp_path, monkeypatch, objective):
+    """Each shard has its own generator, so forked workers make exactly the rows one process makes, in
+    shard order; a random next sentence may still come from another shard."""
+    from bertcli.data import sequences
+
+    for name, value in SMALL.items():
+        monkeypatch.setattr(encode, name, value)
+    encode_corpus(load_tokenizer(tiny_tokenizer_dir), [text], tmp_path / "s", show_progress=False)
+    shards = load_shards(tmp_path / "s")
+    assert len(shards) >= 4
+    alone = sequences.make_instances(shards, 48, objective, 0.1, seed=5)
+    together = sequences.make_instances(shards, 48, objective, 0.1, seed=5, workers=3)
+    assert (alone == together).all()
+    assert alone[:, 0].tolist() == sorted(alone[:, 0].tolist()) and set(alone[:, 0].tolist()) == set(range(len(shards)))
+    if objective == "nsp":
+        random_b = alone[alone[:, 6] == 1]
+        assert (random_b[:, 3] != random_b[:, 0]).any()  # some random B from another shard
+    other = sequences.make_instances(shards, 48, objective, 0.1, seed=6, workers=3)
+    assert other.shape != alone.shape or not (other == alone).all()  # the seed matters
+
+
+def test_packing_workers_share_the_cores_among_a_machines_processes(monkeypatch):
+    from bertcli.data import sequences
+
+    monkeypatch.setattr(sequences.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    for local, workers in (("1", 16), ("8", 2), ("32", 1), ("", 16), ("x", 16), ("0", 16)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert sequences.packing_workers() == workers

@@ -1,9 +1,9 @@
 """Pretraining sequences packed from a corpus's shards, Google's create_pretraining_data.py algorithm,
 as an (N, 7) int64 array of token ranges (no token is copied).
 
-A large corpus's array is written once into the cache, a piece at a time, and memory-mapped from then
+A large corpus's array is written once into the cache, a shard at a time, and memory-mapped from then
 on: the same shards, window, objective and seed start a run without a pass over the corpus, and
-building it holds one piece of the array at a time, not the whole.
+building it holds a shard's rows at a time, not the whole. Shards pack independently, on all cores.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from bertcli.errors import DataError
 # an instance: shard and [start, end) of segment A, shard and [start, end) of B (empty when none), label
 A_SHARD, A_START, A_END, B_SHARD, B_START, B_END, LABEL = range(7)
 CACHE_TOKENS = 1_000_000  # corpora with more tokens keep their sequences in the cache
-PIECE_ROWS = 1 << 16  # rows held before they go to the cache file
-VERSION = 1  # of the algorithm: a change of what it makes changes the cache key
+VERSION = 2  # of the algorithm: a change of what it makes changes the cache key (2: a generator per shard)
 
 
 def sequences(shards: Sequence[Shard], max_seq_len: int, objective: str, short_seq_prob: float,
@@ -53,7 +52,7 @@ def sequences(shards: Sequence[Shard], max_seq_len: int, objective: str, short_s
         return make_instances(shards, max_seq_len, objective, short_seq_prob, seed)  # no cache: in memory
     try:
         with os.fdopen(fd, "wb") as sink:
-            make_instances(shards, max_seq_len, objective, short_seq_prob, seed, sink=sink)
+            make_instances(shards, max_seq_len, objective, short_seq_prob, seed, sink=sink, workers=packing_workers())
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(name, path)  # another process making the same file meanwhile wrote the same bytes
@@ -67,51 +66,91 @@ def sequences(shards: Sequence[Shard], max_seq_len: int, objective: str, short_s
 
 
 def make_instances(shards: Sequence[Shard], max_seq_len: int, objective: str, short_seq_prob: float,
-                   seed: int, sink: BinaryIO | None = None) -> np.ndarray | None:
-    """(N, 7) int64 array of instances; Google's algorithm over each document. With `sink`, the rows are
-    written there a piece at a time instead (and None returned)."""
-    rng = random.Random(seed)
+                   seed: int, sink: BinaryIO | None = None, workers: int = 1) -> np.ndarray | None:
+    """(N, 7) int64 array of instances; Google's algorithm over each document, shard by shard. With `sink`,
+    the rows are written there a shard at a time instead (and None returned).
+
+    Each shard draws from its own generator (the run's seed for the first, so a one-shard corpus packs
+    as before; the seed and the shard's number for the others), so shards pack independently: with
+    `workers` > 1 they are packed by that many forked processes, and the rows are the same as one
+    process makes. A random next sentence (NSP) still comes from any document of the corpus."""
     per_shard = [len(shard.documents) - 1 for shard in shards]
-    docs = _Documents(per_shard)
-    if not docs.count:
+    if not sum(per_shard):
         raise DataError("the pretraining corpus has no documents")
-    pair = objective != "none"
-    max_tokens = max_seq_len - (3 if pair else 2)
-    out, written = array("q"), 0
-    doc_number = 0
-    for s, shard in enumerate(shards):
-        starts, bounds = _Window(shard.sentences), _Window(shard.documents)
-        for d in range(per_shard[s]):
-            first, last = bounds[d], bounds[d + 1]  # sentence range
-            target = max_tokens
-            if rng.random() < short_seq_prob:
-                target = rng.randint(2, max_tokens)
-            chunk_begin, length, i = first, 0, first
-            while i < last:
-                length += starts[i + 1] - starts[i]
-                if i == last - 1 or length >= target:
-                    chunk_end = i + 1  # sentences [chunk_begin, chunk_end)
-                    if not pair:
-                        a = (starts[chunk_begin], starts[chunk_end])
-                        if a[1] > a[0]:
-                            out.extend((s, a[0], min(a[1], a[0] + max_tokens), s, 0, 0, 0))
-                    else:
-                        i = _pair(out, rng, shards, starts, docs, doc_number, s, chunk_begin, chunk_end, target,
-                                  max_tokens, objective, i)
-                    chunk_begin, length = i + 1, 0
-                    target = max_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_tokens)
-                i += 1
-            doc_number += 1
-            if sink is not None and len(out) >= PIECE_ROWS * 7:
-                written += len(out)
-                out.tofile(sink)
-                out = array("q")
-    if not written + len(out):
+    global _JOB
+    _JOB = (shards, per_shard, max_seq_len, objective, short_seq_prob, seed)
+    pieces, total = [], 0
+    try:
+        for rows in _each_shard(len(shards), workers):
+            total += len(rows)
+            if sink is not None:
+                sink.write(rows)
+            else:
+                pieces.append(rows)
+    finally:
+        _JOB = None
+    if not total:
         raise DataError("the pretraining corpus yields no sequences (is it empty?)")
     if sink is not None:
-        out.tofile(sink)
         return None
-    return np.frombuffer(out, dtype=np.int64).reshape(-1, 7).copy()
+    return np.frombuffer(b"".join(pieces), dtype=np.int64).reshape(-1, 7).copy()
+
+
+_JOB: tuple | None = None  # what the shard packers read: set by make_instances, inherited by forked workers
+
+
+def _each_shard(count: int, workers: int):
+    """Each shard's rows (bytes), in shard order; by `workers` forked processes where there are several."""
+    import multiprocessing
+
+    if workers > 1 and count > 1 and "fork" in multiprocessing.get_all_start_methods():
+        with multiprocessing.get_context("fork").Pool(min(workers, count)) as pool:
+            yield from pool.imap(_pack_shard, range(count))
+    else:
+        for s in range(count):
+            yield _pack_shard(s)
+
+
+def _pack_shard(s: int) -> bytes:
+    """The rows of shard `s`'s documents, as int64 bytes."""
+    shards, per_shard, max_seq_len, objective, short_seq_prob, seed = _JOB
+    rng = random.Random(seed if s == 0 else f"{seed}:{s}")
+    docs = _Documents(per_shard)
+    pair = objective != "none"
+    max_tokens = max_seq_len - (3 if pair else 2)
+    out = array("q")
+    doc_number = docs.base[s]
+    starts, bounds = _Window(shards[s].sentences), _Window(shards[s].documents)
+    for d in range(per_shard[s]):
+        first, last = bounds[d], bounds[d + 1]  # sentence range
+        target = max_tokens
+        if rng.random() < short_seq_prob:
+            target = rng.randint(2, max_tokens)
+        chunk_begin, length, i = first, 0, first
+        while i < last:
+            length += starts[i + 1] - starts[i]
+            if i == last - 1 or length >= target:
+                chunk_end = i + 1  # sentences [chunk_begin, chunk_end)
+                if not pair:
+                    a = (starts[chunk_begin], starts[chunk_end])
+                    if a[1] > a[0]:
+                        out.extend((s, a[0], min(a[1], a[0] + max_tokens), s, 0, 0, 0))
+                else:
+                    i = _pair(out, rng, shards, starts, docs, doc_number, s, chunk_begin, chunk_end, target,
+                              max_tokens, objective, i)
+                chunk_begin, length = i + 1, 0
+                target = max_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_tokens)
+            i += 1
+        doc_number += 1
+    return out.tobytes()
+
+
+def packing_workers() -> int:
+    """Processes to pack with: this machine's cores, shared among the training processes started on it
+    (torchrun's LOCAL_WORLD_SIZE), each of which packs its own copy."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, cores // (int(local) if local.isdigit() and int(local) > 0 else 1))
 
 
 class _Window:

@@ -88,9 +88,11 @@ def test_a_compiler_that_fails_ends_the_run_with_one_message(tmp_path, tiny_toke
     import torch._inductor.config as inductor
 
     monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
-    monkeypatch.setattr(inductor, "force_disable_caches", True)  # no kernel compiled before
+    monkeypatch.setattr(inductor, "force_disable_caches", True)  # no kernel compiled before, on disk
+    torch._dynamo.reset()  # nor in this process (an earlier test's compiled layers would be reused)
     with pytest.raises(BertcliError, match="train.compile: torch.compile failed.*set train.compile: false"):
         _train(tmp_path, tiny_tokenizer_dir, "broken", batch_size=4, max_steps=1, compile=True)
+    torch._dynamo.reset()
 
 
 @pytest.mark.slow

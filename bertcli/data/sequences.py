@@ -104,11 +104,25 @@ def _each_shard(count: int, workers: int):
     import multiprocessing
 
     if workers > 1 and count > 1 and "fork" in multiprocessing.get_all_start_methods():
-        with multiprocessing.get_context("fork").Pool(min(workers, count)) as pool:
+        with multiprocessing.get_context("fork").Pool(min(workers, count), initializer=_worker_start) as pool:
             yield from pool.imap(_pack_shard, range(count))
     else:
         for s in range(count):
             yield _pack_shard(s)
+
+
+def _worker_start() -> None:
+    """A packing worker leaves Ctrl-C to its parent, which ends the pool, and dies with the parent
+    (Linux): killed by SIGTERM or SIGKILL, it would otherwise pack on and end in a broken pipe."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
 
 
 def _pack_shard(s: int) -> bytes:

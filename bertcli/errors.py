@@ -32,3 +32,10 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int = 130):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-blank line of an exception from a library, for a one-line message (its type's name
+    when it has none)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(err).__name__

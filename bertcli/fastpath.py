@@ -58,7 +58,7 @@ def rounded(index: Tensor) -> Tensor:
     itself, even with no rows to add: torch.compile guards on which tensors alias, and would compile
     the layers again for every batch whose count happened to be a multiple of ROWS."""
     extra = -index.numel() % ROWS
-    return torch.cat([index, index[:1].expand(extra)]) if index.numel() else index  # a new tensor: see below
+    return torch.cat([index, index[:1].expand(extra)]) if index.numel() else index  # a new tensor: see above
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:

@@ -270,7 +270,7 @@ class BertModel(nn.Module):
         Its layout is computed on the host from one copy of the mask: the one time the accelerator is
         waited for."""
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        host = torch.stack([mask, mask if needed is None else needed.bool()]).cpu()  # (2, B, T)
+        host = torch.stack([mask] if needed is None else [mask, needed.bool()]).cpu()  # (1 or 2, B, T)
         if needed is None and bool(host[0].all()):
             return self.encoder(self.embeddings(input_ids, token_type_ids, positions), None)
         device = input_ids.device

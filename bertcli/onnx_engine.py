@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from bertcli.errors import BertcliError, CheckpointError
+from bertcli.errors import BertcliError, CheckpointError, first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -131,7 +131,7 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
                                                 disabled_optimizers=list(SLOWER_FUSIONS))
         except Exception as err:  # onnxruntime's own exception classes (InvalidProtobuf, Fail, ...)
-            raise CheckpointError(f"{path}: ONNX Runtime cannot load it: {_first_line(err)}") from None
+            raise CheckpointError(f"{path}: ONNX Runtime cannot load it: {first_line(err)}") from None
         self.path = path
         self.version = ort.__version__
         meta = self.session.get_modelmeta()
@@ -180,15 +180,10 @@ class OnnxModel:
         try:
             outputs = self.session.run(None, {name: feed[name] for name in self.inputs})
         except Exception as err:  # onnxruntime's exception classes: a graph from elsewhere that fails on this input
-            raise BertcliError(f"{self.path}: ONNX Runtime failed on a batch: {_first_line(err)}") from None
+            raise BertcliError(f"{self.path}: ONNX Runtime failed on a batch: {first_line(err)}") from None
         for out in outputs:
             if out.shape[:1] != (len(rows),):
                 raise BertcliError(f"{self.path}: the graph answered {out.shape[0] if out.shape else 0} rows for a "
                                    f"batch of {len(rows)}")
         return tuple(out.astype(np.float32, copy=False) for out in outputs)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bertcli.data.batching import batch_order
-from bertcli.errors import BertcliError, Interrupted
+from bertcli.errors import BertcliError, Interrupted, first_line
 from bertcli.fileio import OutputError, append_text, atomic_write, atomic_write_text, discard, finite_json, finite_number, publish
 from bertcli.recipes import TrainConfig, parse_duration
 from bertcli.rundir import STAGE_DIR
@@ -76,17 +76,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)  # one kernel: 3-5x faster than foreach here
 
 
-def compile_layers(model: nn.Module) -> int:
+def compile_layers(model: nn.Module) -> None:
     """torch.compile each encoder layer in place (its parameter names, and so the checkpoint, stay the
     same), with dynamic shapes: a batch's row count and width change from batch to batch, and a compile
     per shape would soon pass torch's recompile limit and fall back to eager. The trunk around the
-    layers (the host-side packing, the tied MLM decoder) stays eager. Returns how many were compiled."""
+    layers (the host-side packing, the tied MLM decoder) stays eager."""
     from bertcli.model import BertLayer
 
-    layers = [m for m in model.modules() if isinstance(m, BertLayer)]
-    for layer in layers:
-        layer.compile(dynamic=True)
-    return len(layers)
+    for layer in model.modules():
+        if isinstance(layer, BertLayer):
+            layer.compile(dynamic=True)
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int | None) -> float:
@@ -538,7 +537,7 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
                           128 + signum) from None
     except RuntimeError as err:
         if cfg.compile and isinstance(err, torch._dynamo.exc.BackendCompilerFailed):
-            raise BertcliError(f"train.compile: torch.compile failed on this machine ({_first_line(err)}); "
+            raise BertcliError(f"train.compile: torch.compile failed on this machine ({first_line(err)}); "
                                f"set train.compile: false to train without it") from None
         if run.world == 1 or not _lost_peer(err):
             raise
@@ -555,11 +554,6 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
     finally:
         ctrl_c.release()
     return run.metrics
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(err).__name__
 
 
 def write_metrics(out: Path, metrics: dict) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from bertcli.data import encode
 from bertcli.data.corpus import load_shards
+from bertcli.data.sequences import _pack_shard
 from bertcli.data.encode import encode_corpus
 from bertcli.errors import DataError
 from bertcli.tokenizer import load_tokenizer
@@ -258,6 +259,13 @@ def test_overwrite_keeps_a_users_file_named_as_bertcli_names_its_progress_record
     assert again.returncode == 2 and b"progress.json" in again.stderr and (out / "progress.json").read_text() == "mine"
 
 
+def _pack_and_say_who(s: int) -> bytes:
+    """sequences._pack_shard, noting which process packed shard `s`."""
+    with open(os.environ["PACKERS_FILE"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return _pack_shard(s)
+
+
 @pytest.mark.parametrize("objective", ["nsp", "sop"])
 def test_shards_pack_the_same_rows_in_parallel_as_one_by_one(text, tiny_tokenizer_dir, tmp_path, monkeypatch, objective):
     """Each shard has its own generator, so forked workers make exactly the rows one process makes, in
@@ -270,7 +278,13 @@ def test_shards_pack_the_same_rows_in_parallel_as_one_by_one(text, tiny_tokenize
     shards = load_shards(tmp_path / "s")
     assert len(shards) >= 4
     alone = sequences.make_instances(shards, 48, objective, 0.1, seed=5)
+    packers = tmp_path / "packers"
+    monkeypatch.setenv("PACKERS_FILE", str(packers))
+    monkeypatch.setattr(sequences, "_pack_shard", _pack_and_say_who)  # forked workers inherit it
     together = sequences.make_instances(shards, 48, objective, 0.1, seed=5, workers=3)
+    monkeypatch.undo()
+    who = set(packers.read_text().split())
+    assert len(who) > 1 and str(os.getpid()) not in who  # packed by the workers, not by this process
     assert (alone == together).all()
     assert alone[:, 0].tolist() == sorted(alone[:, 0].tolist()) and set(alone[:, 0].tolist()) == set(range(len(shards)))
     if objective == "nsp":

@@ -73,8 +73,14 @@ def test_compiled_layers_train_as_the_eager_ones(tmp_path, tiny_tokenizer_dir):
     """train.compile: the encoder layers run through torch.compile (inductor's C++ kernels here) with
     dynamic shapes; the weights after three steps equal eager training's, and the checkpoint's names
     are unchanged (it loads as an eager model)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # nothing compiled earlier in this process is reused
+    counters.clear()
     eager = _train(tmp_path, tiny_tokenizer_dir, "eager", batch_size=4, max_steps=3)
+    assert not counters["stats"]["unique_graphs"]
     compiled = _train(tmp_path, tiny_tokenizer_dir, "compiled", batch_size=4, max_steps=3, compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # the layers did run compiled
     assert compiled.keys() == eager.keys()
     for k in eager:
         assert torch.allclose(compiled[k], eager[k], atol=1e-4), k

@@ -19,7 +19,6 @@ import json
 import contextlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,6 +29,7 @@ from bertcli.errors import DataError
 from bertcli.textio import is_stream, read_once
 from bertcli.fileio import STORAGE_ERRORS, storage_error
 from bertcli.rundir import STAGE_DIR, claim
+from bertcli.scratch import locked_temp, swept
 from bertcli.tokenizer import WordPieceTokenizer
 
 FORMAT = "bertcli-shards-1"
@@ -170,13 +170,13 @@ def spooled(paths: list[Path], scan: bool = False) -> Iterator[list[Path]]:
     file holding what it gave: read once, stopped at the first NUL byte or over-long line (a device
     such as /dev/zero is not text). The cache files are removed on the way out."""
     read_once(paths)
-    made: list[Path] = []
+    made: list[tuple[Path, int]] = []  # each spooled file and the descriptor whose lock says it is in use
     try:
         out = []
         for path in paths:
             if is_stream(path):
                 made.append(_spool(path))
-                out.append(made[-1])
+                out.append(made[-1][0])
             else:
                 if scan and path.is_file():  # a reader that takes whole lines into memory comes next
                     try:
@@ -186,29 +186,32 @@ def spooled(paths: list[Path], scan: bool = False) -> Iterator[list[Path]]:
                 out.append(path)
         yield out
     finally:
-        for path in made:
+        for path, fd in made:
             path.unlink(missing_ok=True)
+            os.close(fd)
 
 
-def _spool(path: Path) -> Path:
+def _spool(path: Path) -> tuple[Path, int]:
+    """A cache file holding what the stream `path` gave, and its descriptor: the file stays locked
+    while that is open, so that a later run's `swept` leaves it alone (scratch.py)."""
     directory = cache_dir() / "spool"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(suffix=".txt", dir=directory)  # a new file of its own, never a link
+        swept(directory, ".txt")  # streams spooled by runs that were killed
+        fd, target = locked_temp(directory, ".txt")  # a new file of its own, never a link
     except OSError as err:
         raise storage_error(directory, err) from None
-    target = Path(name)
     try:
-        with os.fdopen(fd, "wb") as sink:
+        with os.fdopen(os.dup(fd), "wb") as sink:
             _copy_checked(path, sink)
-    except OSError as err:
+    except BaseException as err:
         target.unlink(missing_ok=True)
-        raise storage_error(target, err) if err.errno in STORAGE_ERRORS else DataError(
-            f"{path}: cannot read: {err.strerror}") from None
-    except BaseException:
-        target.unlink(missing_ok=True)
+        os.close(fd)
+        if isinstance(err, OSError):
+            raise storage_error(target, err) if err.errno in STORAGE_ERRORS else DataError(
+                f"{path}: cannot read: {err.strerror}") from None
         raise
-    return target
+    return target, fd
 
 
 def _copy_checked(path: Path, sink) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 from array import array
 from pathlib import Path
 from typing import BinaryIO, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 
 from bertcli.data.corpus import Shard, cache_dir
 from bertcli.errors import DataError
+from bertcli.scratch import locked_temp, swept
 
 # an instance: shard and [start, end) of segment A, shard and [start, end) of B (empty when none), label
 A_SHARD, A_START, A_END, B_SHARD, B_START, B_END, LABEL = range(7)
@@ -47,7 +47,8 @@ def sequences(shards: Sequence[Shard], max_seq_len: int, objective: str, short_s
                      f"(once: kept in {path.parent})\n")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
+        swept(path.parent, ".tmp")  # partial files of packing runs that were killed
+        fd, name = locked_temp(path.parent, ".tmp")
     except OSError:
         return make_instances(shards, max_seq_len, objective, short_seq_prob, seed)  # no cache: in memory
     try:

@@ -1,0 +1,84 @@
+"""Temporary files in bertcli's cache that prove whose they are.
+
+A run that packs sequences or spools a stream writes a temporary file into the cache and removes
+it when done; one killed by SIGKILL (or a power cut) cannot, and its file would stay for ever.
+So each such file is locked (`fcntl.flock`) by its writer for as long as it is open: the kernel
+drops the lock when the writer dies, however it dies. `sweep` removes a cache directory's
+temporary files that are bertcli's by name, old, and locked by nobody: their writer is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import stat
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ABANDONED_AFTER = 600.0  # seconds without a write before an unlocked temporary file counts as abandoned
+_NAME = re.compile(r"tmp[a-z0-9_]{8}")  # tempfile.mkstemp's names (prefix "tmp", 8 characters)
+
+
+def locked_temp(directory: Path, suffix: str) -> tuple[int, Path]:
+    """A new file in `directory`, open for writing and locked until its descriptor (and every copy
+    of it a fork made) is closed."""
+    fd, name = tempfile.mkstemp(suffix=suffix, dir=directory)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file of its own: nobody else can hold it
+    except OSError as err:
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            os.close(fd)
+            os.unlink(name)
+            raise
+        # a file system without flock: the file stays unlocked, and `sweep` there can prove nothing
+    return fd, Path(name)
+
+
+def sweep(directory: Path, suffix: str, older_than: float = ABANDONED_AFTER) -> list[tuple[Path, int]]:
+    """Remove the files of `directory` that `locked_temp` names with `suffix`, that are regular files
+    (not links), unchanged for `older_than` seconds and locked by no process; the removed paths and sizes.
+    Anything it cannot prove abandoned, or cannot check, is left alone."""
+    removed: list[tuple[Path, int]] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        try:
+            if (not entry.name.endswith(suffix) or not _NAME.fullmatch(entry.name[:-len(suffix)])
+                    or not entry.is_file(follow_symlinks=False)):
+                continue  # not one of ours, or not a plain file (never opened: a FIFO or device could block)
+        except OSError:
+            continue
+        path = Path(entry.path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # replaced by a link meanwhile, gone, or not ours to read
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or now - info.st_mtime < older_than:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: a live writer holds it, or no flock here
+            current = os.lstat(path)
+            if (current.st_dev, current.st_ino) == (info.st_dev, info.st_ino):  # still the file that was checked
+                path.unlink()
+                removed.append((path, info.st_size))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def swept(directory: Path, suffix: str) -> None:
+    """`sweep`, saying on stderr what it removed."""
+    removed = sweep(directory, suffix)
+    if removed:
+        sys.stderr.write(f"removed {len(removed)} temporary file(s), {sum(size for _, size in removed) / 1e6:,.0f} MB, "
+                         f"left in {directory} by runs that were killed\n")

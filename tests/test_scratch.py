@@ -1,0 +1,102 @@
+"""Temporary files in the cache: a killed run's are removed by a later run, a live run's never."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from bertcli.data.corpus import load_shards, spooled
+from bertcli.data.encode import encode_corpus
+from bertcli.scratch import ABANDONED_AFTER, locked_temp, sweep
+from bertcli.tokenizer import load_tokenizer
+
+OLD = time.time() - ABANDONED_AFTER - 60
+
+
+def _age(path, when=OLD):
+    os.utime(path, (when, when), follow_symlinks=False)
+
+
+def test_the_file_of_a_killed_writer_is_removed_and_a_live_writers_kept(tmp_path):
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from bertcli.scratch import locked_temp;"
+         "fd, p = locked_temp(Path(sys.argv[1]), '.tmp'); os = __import__('os'); os.write(fd, b'x' * 1000);"
+         "print(p, flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        killed = tmp_path / writer.stdout.readline().strip()
+        _age(killed)
+        assert sweep(tmp_path, ".tmp") == []  # its writer lives and holds the lock, however old the file
+        assert killed.exists()
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    fd, live = locked_temp(tmp_path, ".tmp")  # this process's own, still open
+    _age(live)
+    assert sweep(tmp_path, ".tmp") == [(killed, 1000)]
+    assert not killed.exists() and live.exists()
+    os.close(fd)
+
+
+def test_only_old_plain_files_named_as_bertcli_names_them_are_touched(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the user's")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    fd, recent = locked_temp(cache, ".tmp")
+    os.close(fd)  # its writer is gone, but it was written a moment ago (a writer between mkstemp and flock)
+    (cache / "tmpabcd1234.tmp").symlink_to(outside)
+    os.mkfifo(cache / "tmpfifo0000.tmp")  # would block an open(): never opened
+    for name in ["notes.tmp", "tmpabcd1234.txt", "tmpab.tmp", "x-tmpabcd1234.tmp"]:
+        (cache / name).write_text("not ours")
+    for path in cache.iterdir():
+        _age(path)
+    _age(recent, time.time())
+    (cache / "tmpabcd5678.tmp").mkdir()
+    assert sweep(cache, ".tmp") == []
+    assert outside.read_text() == "the user's"
+    assert len(list(cache.iterdir())) == 8
+
+
+def test_packing_removes_a_killed_packing_runs_partial_file(tiny_tokenizer_dir, tmp_path, monkeypatch, capfd):
+    from bertcli.data import sequences
+
+    monkeypatch.setenv("BERTCLI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sequences, "CACHE_TOKENS", 0)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Document {d} opens here.\nIts second sentence follows.\nA third ends it." for d in range(40)))
+    encode_corpus(load_tokenizer(tiny_tokenizer_dir), [text], tmp_path / "s", show_progress=False)
+    shards = load_shards(tmp_path / "s")
+    (tmp_path / "cache" / "sequences").mkdir(parents=True)
+    fd, partial = locked_temp(tmp_path / "cache" / "sequences", ".tmp")
+    os.write(fd, b"\0" * 56 * 3)
+    os.close(fd)  # as the kernel closes it when its process is killed
+    _age(partial)
+    capfd.readouterr()
+    made = sequences.sequences(shards, 48, "nsp", 0.1, seed=3)
+    assert "removed 1 temporary file(s)" in capfd.readouterr().err
+    assert not partial.exists()
+    assert isinstance(made, np.memmap) and [p.suffix for p in partial.parent.iterdir()] == [".bin"]
+
+
+def test_a_spooled_stream_is_locked_while_in_use_and_a_killed_runs_is_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("BERTCLI_CACHE", str(tmp_path / "cache"))
+    fifo = tmp_path / "fifo"
+    spool = tmp_path / "cache" / "spool"
+    spool.mkdir(parents=True)
+    fd, abandoned = locked_temp(spool, ".txt")
+    os.close(fd)
+    _age(abandoned)
+    for _ in range(2):
+        os.mkfifo(fifo)
+        feeder = subprocess.Popen(["sh", "-c", f"printf 'some text\\n' > {fifo}"])
+        with spooled([fifo]) as (copy,):
+            assert copy.read_text() == "some text\n" and not abandoned.exists()
+            _age(copy)
+            assert sweep(spool, ".txt") == []  # in use: locked
+        feeder.wait()
+        fifo.unlink()
+        assert not copy.exists()

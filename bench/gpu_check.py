@@ -107,12 +107,15 @@ def bertcli_step(cfg: dict, attention_dropout: float, device: torch.device, comp
     optimizer = make_optimizer(model, TrainConfig(lr=1e-4))  # fused AdamW, as bertcli trains
 
     def step(batch):  # as bertcli.train._step: counts from the host batch, one read of loss and norm per step
-        masked, rows = int((batch["mlm_labels"] != -100).sum()), batch["input_ids"].shape[0]
-        b = {k: v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v for k, v in batch.items()}
-        positions = b["mlm_labels"] != -100
+        index = (batch["mlm_labels"].reshape(-1) != -100).nonzero().squeeze(1)  # as PretrainTask.collate, on the host
+        masked, rows = len(index), batch["input_ids"].shape[0]
+        b = {k: v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v
+             for k, v in {**batch, "mlm_index": index}.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            mlm, sentence = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], mlm_positions=positions)
-            loss = (F.cross_entropy(mlm.float(), b["mlm_labels"][positions], reduction="sum") / masked
+            mlm, sentence = model(b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                  mlm_positions=b["mlm_labels"] != -100, mlm_index=b["mlm_index"])
+            loss = (F.cross_entropy(mlm.float(), b["mlm_labels"].reshape(-1).index_select(0, b["mlm_index"]),
+                                    reduction="sum") / masked
                     + F.cross_entropy(sentence.float(), b["sentence_labels"], reduction="sum") / rows)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -356,11 +356,17 @@ class BertForPreTraining(nn.Module):
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                mlm_positions: Tensor | None = None) -> PretrainingLogits:
+                mlm_positions: Tensor | None = None, mlm_index: Tensor | None = None) -> PretrainingLogits:
         """mlm_positions: (B, T) bool. Returns MLM logits (M, V) for the M selected positions
-        (all B*T when None) and sentence-objective logits (B, 2)."""
+        (all B*T when None) and sentence-objective logits (B, 2). `mlm_index`, the same positions as
+        indices into the flattened (B * T) made on the host (the pretraining batch's own), reads them
+        without waiting for the accelerator: boolean indexing must wait to learn M."""
         hidden, pooled = self.bert(input_ids, attention_mask, token_type_ids, needed=mlm_positions)
-        selected = hidden[mlm_positions] if mlm_positions is not None else hidden.reshape(-1, hidden.shape[-1])
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if mlm_index is not None:
+            selected = flat.index_select(0, mlm_index)
+        else:
+            selected = hidden[mlm_positions] if mlm_positions is not None else flat
         count = selected.shape[0]
         rows = rounded(torch.arange(count, device=selected.device))  # as in Padding: the shapes repeat
         mlm_logits = self.cls.predictions(selected.index_select(0, rows))[:count]

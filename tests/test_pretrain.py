@@ -98,6 +98,42 @@ def test_masking_rule(corpus, tiny_tokenizer_dir, tmp_path):
                 pytest.fail("a word piece was masked without the rest of its word")
 
 
+def test_masked_positions_are_read_through_an_index_made_on_the_host(corpus, tiny_tokenizer_dir, tmp_path):
+    """collate lists the masked positions (flattened) on the host, and the step reads logits and targets
+    through that list (index_select, which an accelerator runs without telling the host how many rows
+    came out): the same logits, targets, loss and gradients as boolean indexing."""
+    import torch
+
+    from bertcli.model import BertConfig, BertForPreTraining
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    encode_corpus(tok, [corpus / "train.txt"], tmp_path / "s", show_progress=False)
+    task = PretrainTask(tok, PretrainOptions(short_seq_prob=0.5), 48)
+    rows = list(task.encode(load_shards(tmp_path / "s", tok), seed=3))[:8]
+    batch = task.collate(rows, list(range(8)))
+    positions = batch["mlm_labels"] != -100
+    assert not batch["attention_mask"].all()  # padded rows: the trunk packs them
+    assert batch["mlm_index"].tolist() == positions.reshape(-1).nonzero().squeeze(1).tolist()
+    assert task.counts(batch)["masked"] == int(positions.sum())
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    results = []
+    for through_index in (True, False):
+        model.zero_grad()
+        if through_index:
+            mlm, targets, _ = task.forward(model, batch)
+        else:
+            mlm, _ = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], mlm_positions=positions)
+            targets = batch["mlm_labels"][positions]
+        torch.nn.functional.cross_entropy(mlm.float(), targets).backward()
+        results.append((mlm.detach(), targets, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (a, ta, ga), (b, tb, gb) = results
+    assert torch.equal(ta, tb) and torch.allclose(a, b, atol=1e-6) and len(ga) == len(gb)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
+
+
 def tiny_pretrain_recipe(path, corpus, tokenizer, **train):
     return write_recipe(path, {"name": "pretrain", "objective": "nsp"},
                         {"train": str(corpus / "train.txt"), "eval": str(corpus / "eval.txt"), "max_seq_len": 48},

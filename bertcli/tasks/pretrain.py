@@ -189,16 +189,20 @@ class PretrainTask(Task):
             batch["attention_mask"][i, :n] = 1
             batch["mlm_labels"][i, :n] = torch.from_numpy(labels)
         batch["sentence_labels"] = torch.as_tensor(np.asarray([int(r.row[LABEL]) for r in rows]), dtype=torch.long)
+        batch["mlm_index"] = (batch["mlm_labels"].reshape(-1) != -100).nonzero().squeeze(1)  # on the host: see forward
         return batch
 
     def counts(self, batch: dict[str, Tensor]) -> dict[str, int]:
-        return {"masked": int((batch["mlm_labels"] != -100).sum()), "sequences": len(batch["sentence_labels"])}
+        return {"masked": len(batch["mlm_index"]), "sequences": len(batch["sentence_labels"])}
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        positions = batch["mlm_labels"] != -100
+        """MLM logits and their targets at the masked positions, and the sentence logits. The masked
+        positions are read through `mlm_index`, computed by collate on the host: no wait for the
+        accelerator beyond the trunk's one copy of the masks."""
+        index = batch["mlm_index"]
         mlm_logits, sentence_logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                                            mlm_positions=positions)
-        return mlm_logits.float(), batch["mlm_labels"][positions], sentence_logits.float()
+                                            mlm_positions=batch["mlm_labels"] != -100, mlm_index=index)
+        return mlm_logits.float(), batch["mlm_labels"].reshape(-1).index_select(0, index), sentence_logits.float()
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
         import torch.nn.functional as F

@@ -12,6 +12,7 @@ import torch
 from bertcli.checkpoint import ARCHITECTURES, keep_layers, load_checkpoint, save_checkpoint
 from bertcli.config import (TRAINING_BYTES_PER_PARAMETER, BertConfig, check_memory, check_tokenizer, read_config,
                             read_labels)
+from bertcli.distill import hidden_loss, layer_map, layer_outputs
 from bertcli.errors import BertcliError, CheckpointError
 from bertcli.recipes import Recipe, dump_recipe
 from bertcli.tasks import TASKS, check_segments, check_task_segments, load_task
@@ -118,19 +119,31 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         loaded = f"model: new {cfg.num_hidden_layers} x {cfg.hidden_size} BERT"
     check_window(recipe, cfg)
     check_task_segments(task, cfg, str(recipe.model.init or "model"))
-    loss = task.loss
+    loss, counts = task.loss, task.counts
     if recipe.model.teacher:
         teacher = load_teacher(recipe, task, cfg)
         alpha, temperature = recipe.train.distill_alpha, recipe.train.distill_temperature
+        weight = recipe.train.distill_hidden
+        pairs = layer_map(cfg.num_hidden_layers, teacher.config.num_hidden_layers) if weight else []
         loaded += (f"\nteacher: {recipe.model.teacher} ({teacher.config.num_hidden_layers} x "
-                   f"{teacher.config.hidden_size}), loss {alpha} x soft (T={temperature}) + {1 - alpha:g} x {task.name}")
+                   f"{teacher.config.hidden_size}), loss {alpha} x soft (T={temperature}) + {1 - alpha:g} x {task.name}"
+                   + (f" + {weight:g} x its layers {', '.join(str(t) for _, t in pairs)}" if pairs else ""))
 
         def distilled(m, batch, counts):
             if next(teacher.parameters()).device != batch["input_ids"].device:
                 teacher.to(batch["input_ids"].device)  # where training put the student
-            return task.distilled_loss(m, batch, counts, teacher, alpha, temperature)
+            if not pairs:
+                return task.distilled_loss(m, batch, counts, teacher, alpha, temperature)
+            with layer_outputs(m, [s for s, _ in pairs]) as mine, layer_outputs(teacher, [t for _, t in pairs]) as its:
+                soft_and_hard = task.distilled_loss(m, batch, counts, teacher, alpha, temperature)
+            return soft_and_hard + weight * hidden_loss(mine, its, pairs, counts["tokens"])
 
         loss = distilled
+        if pairs:
+            def with_tokens(batch):
+                return {**task.counts(batch), "tokens": int(batch["attention_mask"].sum())}
+
+            counts = with_tokens
 
     features = task.encode(train_examples)
     with claim(out, "run", resume, overwrite):
@@ -147,7 +160,7 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
                             task=saved_task(task, recipe.data.max_seq_len), problem_type=task.problem_type)
 
         job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features],
-                  collate=task.collate, counts=task.counts, loss=loss,
+                  collate=task.collate, counts=counts, loss=loss,
                   evaluate=evaluate if eval_examples else None, save=save, recipe=dump_recipe(recipe))
         training_memory(keep_memory)
         metrics = fit(job, recipe.train, out, resume)
@@ -174,6 +187,14 @@ def load_teacher(recipe: Recipe, task: Task, student: BertConfig):
     if recipe.data.max_seq_len > ck.config.max_position_embeddings:
         raise CheckpointError(f"model.teacher: {source} reads at most {ck.config.max_position_embeddings} tokens, "
                               f"data.max_seq_len is {recipe.data.max_seq_len}")
+    if recipe.train.distill_hidden and ck.config.hidden_size != student.hidden_size:
+        raise CheckpointError(f"model.teacher: {source} has hidden size {ck.config.hidden_size}, the student "
+                              f"{student.hidden_size}: train.distill_hidden compares their layers' outputs, so both "
+                              "need the same size (or set train.distill_hidden: 0)")
+    if recipe.train.distill_hidden and ck.config.num_hidden_layers < student.num_hidden_layers:
+        raise CheckpointError(f"model.teacher: {source} has {ck.config.num_hidden_layers} layers, the student "
+                              f"{student.num_hidden_layers}: train.distill_hidden maps each student layer to a "
+                              "teacher layer, so the teacher needs at least as many")
     if ck.config.type_vocab_size < student.type_vocab_size:
         raise CheckpointError(f"model.teacher: {source} has {ck.config.type_vocab_size} token type(s), the student "
                               f"{student.type_vocab_size}")

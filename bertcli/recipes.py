@@ -76,6 +76,9 @@ class TrainConfig:
     # + (1 - alpha) x the task's loss
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
+    # with model.teacher: plus distill_hidden x the squared difference between the student's layers and
+    # the teacher's at the same relative depth (bertcli/distill.py); 0: off
+    distill_hidden: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -567,6 +570,10 @@ def _check_values(recipe: Recipe, task_known: bool) -> list[str]:
         problems.append(f"train.distill_alpha: must be in [0, 1], got {t.distill_alpha}")
     if not 0 < t.distill_temperature <= 100:
         problems.append(f"train.distill_temperature: must be greater than 0 and at most 100, got {t.distill_temperature}")
+    if not 0 <= t.distill_hidden <= 1000:
+        problems.append(f"train.distill_hidden: must be in [0, 1000], got {t.distill_hidden}")
+    elif t.distill_hidden and m.teacher is None:
+        problems.append("train.distill_hidden: learns from the layers of model.teacher, which is not set")
     if recipe.tokenizer is not None:
         _check_dir("tokenizer", recipe.tokenizer, None, problems)
     if not d.train:

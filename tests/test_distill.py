@@ -108,3 +108,74 @@ def test_a_teacher_that_does_not_fit_is_refused_before_training(tiny_classifier_
         with pytest.raises(BertcliError, match=message):
             finetune(load_recipe(recipe, overrides), tmp_path / "out", resume=False, overwrite=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_layer_map_is_uniform_and_ends_at_the_teachers_last_layer():
+    from bertcli.distill import layer_map
+
+    assert layer_map(3, 6) == [(0, 1), (1, 3), (2, 5)]
+    assert layer_map(2, 2) == [(0, 0), (1, 1)]
+    assert layer_map(4, 6) == [(0, 0), (1, 2), (2, 3), (3, 5)]
+    assert layer_map(1, 12) == [(0, 11)]
+
+
+def test_hidden_loss_pairs_the_real_tokens_of_packed_rows(tiny_classifier_dir):
+    """On a padded batch both models run on packed rows (padding removed, rows rounded up with copies):
+    the loss is the one computed from the padded (B, T, H) outputs at the real tokens alone."""
+    from bertcli.distill import hidden_loss, layer_outputs
+    from bertcli.jobs import load_for_task
+
+    ck, task = load_for_task(tiny_classifier_dir)
+    student, teacher = ck.model.eval(), load_for_task(tiny_classifier_dir)[0].model.eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    features = task.encode(task.read(tiny_classifier_dir.parent / "train.tsv"))
+    batch = task.collate(features[:5])
+    real = batch["attention_mask"].bool()
+    assert not real.all() and int(real.sum()) % 16  # padding to remove, rows to round up
+    pairs = [(0, 1), (1, 0)]
+    wrapped = torch.nn.Module()
+    wrapped.module = student  # as DistributedDataParallel holds it: the hooks go on the model inside
+    with torch.no_grad(), layer_outputs(wrapped, [0, 1]) as mine, layer_outputs(teacher, [0, 1]) as its:
+        task.call(student, batch)
+        task.call(teacher, batch)
+        found = hidden_loss(mine, its, pairs, tokens=40)
+    expected = 0.0
+    for s, t in pairs:
+        padded = []
+        for model, layer in ((student, s), (teacher, t)):
+            model.bert.packed = False  # the padded path: (B, T, H) outputs
+            hook = model.bert.encoder.layer[layer].register_forward_hook(lambda m, a, out: padded.append(out))
+            with torch.no_grad():
+                task.call(model, batch)
+            hook.remove()
+            model.bert.packed = True
+        a, b = (x[real] for x in padded)
+        expected += float((a - b).pow(2).mean(-1).sum())
+    assert mine[0].shape[0] == int(real.sum())
+    assert found.item() == pytest.approx(expected / 40, rel=1e-5)
+
+
+def test_a_student_distilled_from_the_teachers_layers(tiny_classifier_dir, tmp_path):
+    (tmp_path / "train.tsv").write_text(REVIEWS, encoding="utf-8")
+    recipe = write_recipe(tmp_path / "student.yaml", {"name": "classify"},
+                          {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
+                          {"max_steps": 3, "distill_hidden": 2.0},
+                          model={"init": str(tiny_classifier_dir), "init_layers": [0], "teacher": str(tiny_classifier_dir)})
+    done = run_cli("finetune", str(recipe), "--out", str(tmp_path / "student"))
+    assert done.returncode == 0, done.stderr
+    assert b"+ 2 x its layers 1" in done.stderr  # the student's one layer learns the teacher's last
+    finetune(load_recipe(recipe, ["train.distill_hidden=0"]), tmp_path / "plain", resume=False, overwrite=False)
+    name = "bert.encoder.layer.0.output.dense.weight"  # the same steps without the layers' loss: another layer
+    hidden, plain = (load_file(tmp_path / d / "model.safetensors")[name] for d in ("student", "plain"))
+    assert (hidden - plain).abs().max() > 1e-4
+    for overrides, message in [
+        (["model.teacher=null"], "train.distill_hidden: learns from the layers of model.teacher, which is not set"),
+        (["train.distill_hidden=-1"], "train.distill_hidden: must be in \\[0, 1000\\]"),
+        (["model.init_layers=[]", f"model.teacher={tmp_path / 'student'}"],
+         "has 1 layers, the student 2: train.distill_hidden maps each student layer to a teacher layer"),
+    ]:
+        with pytest.raises(BertcliError, match=message):
+            finetune(load_recipe(recipe, overrides), tmp_path / "out", resume=False, overwrite=False)
+    assert not (tmp_path / "out").exists()

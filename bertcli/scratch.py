@@ -5,6 +5,9 @@ it when done; one killed by SIGKILL (or a power cut) cannot, and its file would 
 So each such file is locked (`fcntl.flock`) by its writer for as long as it is open: the kernel
 drops the lock when the writer dies, however it dies. `sweep` removes a cache directory's
 temporary files that are bertcli's by name, old, and locked by nobody: their writer is gone.
+The name carries this machine's host name, and only this host's files are swept: where locks are
+local to each host (an NFS home mounted with `nolock`), another host's lock cannot be seen.
+Files of bertcli versions from before the lock (named `tmpXXXXXXXX`) are never touched.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import errno
 import fcntl
 import os
 import re
+import socket
 import stat
 import sys
 import tempfile
@@ -20,13 +24,16 @@ import time
 from pathlib import Path
 
 ABANDONED_AFTER = 600.0  # seconds without a write before an unlocked temporary file counts as abandoned
-_NAME = re.compile(r"tmp[a-z0-9_]{8}")  # tempfile.mkstemp's names (prefix "tmp", 8 characters)
+
+
+def _prefix() -> str:
+    return "bertcli-" + re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] + "-"
 
 
 def locked_temp(directory: Path, suffix: str) -> tuple[int, Path]:
     """A new file in `directory`, open for writing and locked until its descriptor (and every copy
     of it a fork made) is closed."""
-    fd, name = tempfile.mkstemp(suffix=suffix, dir=directory)
+    fd, name = tempfile.mkstemp(prefix=_prefix(), suffix=suffix, dir=directory)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file of its own: nobody else can hold it
     except OSError as err:
@@ -47,22 +54,22 @@ def sweep(directory: Path, suffix: str, older_than: float = ABANDONED_AFTER) -> 
         entries = list(os.scandir(directory))
     except OSError:
         return removed
-    now = time.time()
+    now, name = time.time(), re.compile(re.escape(_prefix()) + r"[a-z0-9_]{8}" + re.escape(suffix))  # mkstemp's
     for entry in entries:
         try:
-            if (not entry.name.endswith(suffix) or not _NAME.fullmatch(entry.name[:-len(suffix)])
-                    or not entry.is_file(follow_symlinks=False)):
+            if not name.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
                 continue  # not one of ours, or not a plain file (never opened: a FIFO or device could block)
         except OSError:
             continue
         path = Path(entry.path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)  # for writing: NFS locks need it
         except OSError:
             continue  # replaced by a link meanwhile, gone, or not ours to read
         try:
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or now - info.st_mtime < older_than:
+            if (not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.getuid()
+                    or now - info.st_mtime < older_than):
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: a live writer holds it, or no flock here
             current = os.lstat(path)

@@ -41,24 +41,28 @@ def test_the_file_of_a_killed_writer_is_removed_and_a_live_writers_kept(tmp_path
     os.close(fd)
 
 
-def test_only_old_plain_files_named_as_bertcli_names_them_are_touched(tmp_path):
+def test_only_old_plain_files_named_as_bertcli_names_them_on_this_host_are_touched(tmp_path):
     outside = tmp_path / "outside.txt"
     outside.write_text("the user's")
     cache = tmp_path / "cache"
     cache.mkdir()
     fd, recent = locked_temp(cache, ".tmp")
     os.close(fd)  # its writer is gone, but it was written a moment ago (a writer between mkstemp and flock)
-    (cache / "tmpabcd1234.tmp").symlink_to(outside)
-    os.mkfifo(cache / "tmpfifo0000.tmp")  # would block an open(): never opened
-    for name in ["notes.tmp", "tmpabcd1234.txt", "tmpab.tmp", "x-tmpabcd1234.tmp"]:
+    mine = recent.name[:-len("xxxxxxxx.tmp")]  # bertcli-HOST-
+    (cache / f"{mine}abcd1234.tmp").symlink_to(outside)
+    os.mkfifo(cache / f"{mine}fifo0000.tmp")  # would block an open(): never opened
+    os.link(outside, cache / f"{mine}link0000.tmp")  # the user's file under a second name
+    for name in ["notes.tmp", f"{mine}abcd1234.txt", f"{mine}ab.tmp", f"x-{mine}abcd1234.tmp",
+                 "tmpabcd1234.tmp",  # a bertcli from before the lock named its files so: not provably abandoned
+                 "bertcli-otherhost-abcd1234.tmp"]:  # another host's: its lock may not be visible here
         (cache / name).write_text("not ours")
     for path in cache.iterdir():
         _age(path)
     _age(recent, time.time())
-    (cache / "tmpabcd5678.tmp").mkdir()
+    (cache / f"{mine}abcd5678.tmp").mkdir()
     assert sweep(cache, ".tmp") == []
     assert outside.read_text() == "the user's"
-    assert len(list(cache.iterdir())) == 8
+    assert len(list(cache.iterdir())) == 11
 
 
 def test_packing_removes_a_killed_packing_runs_partial_file(tiny_tokenizer_dir, tmp_path, monkeypatch, capfd):

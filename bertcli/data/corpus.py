@@ -187,8 +187,12 @@ def spooled(paths: list[Path], scan: bool = False) -> Iterator[list[Path]]:
         yield out
     finally:
         for path, fd in made:
-            path.unlink(missing_ok=True)
-            os.close(fd)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a later run sweeps it (scratch.py)
+            finally:
+                os.close(fd)
 
 
 def _spool(path: Path) -> tuple[Path, int]:
@@ -205,7 +209,8 @@ def _spool(path: Path) -> tuple[Path, int]:
         with os.fdopen(os.dup(fd), "wb") as sink:
             _copy_checked(path, sink)
     except BaseException as err:
-        target.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            target.unlink(missing_ok=True)
         os.close(fd)
         if isinstance(err, OSError):
             raise storage_error(target, err) if err.errno in STORAGE_ERRORS else DataError(

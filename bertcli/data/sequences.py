@@ -56,7 +56,7 @@ def sequences(shards: Sequence[Shard], max_seq_len: int, objective: str, short_s
             make_instances(shards, max_seq_len, objective, short_seq_prob, seed, sink=sink, workers=packing_workers())
             sink.flush()
             os.fsync(sink.fileno())
-        os.replace(name, path)  # another process making the same file meanwhile wrote the same bytes
+            os.replace(name, path)  # locked until renamed; another process making the same file wrote the same bytes
     except OSError:
         Path(name).unlink(missing_ok=True)
         return make_instances(shards, max_seq_len, objective, short_seq_prob, seed)

@@ -7,6 +7,8 @@ processes, start to exit). Prints one JSON line.
 
     python bench/distill_compare.py --task sst2 --epochs 1
     python bench/distill_compare.py --task conll --epochs 1
+    python bench/distill_compare.py --task conll --epochs 1 --teacher runs/conll2003 --set train.lr=5e-4 \
+        --distill-set train.distill_hidden=5
 
 Needs ../shared/data.
 """
@@ -62,6 +64,8 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, default=None, help="an already fine-tuned teacher (else one is trained)")
     parser.add_argument("--lines", type=int, default=10_000, help="predict throughput over this many lines")
     parser.add_argument("--set", action="append", default=[], help="recipe overrides for all three runs")
+    parser.add_argument("--distill-set", action="append", default=[],
+                        help="overrides for the distilled student alone (e.g. train.distill_hidden=5)")
     args = parser.parse_args()
     if not SHARED_DATA.is_dir():
         sys.exit(f"{SHARED_DATA} is absent: this benchmark needs the real data sets")
@@ -70,7 +74,7 @@ def main() -> None:
     source = ROOT / "recipes" / recipe_file
     common = [f"train.epochs={args.epochs}", "train.max_steps=null", "train.save_every=null", *args.set]
     result = {"bench": "distill_compare", "task": args.task, "machine": machine(), "epochs": args.epochs,
-              "student_layers": args.layers, "set": args.set}
+              "student_layers": args.layers, "set": args.set, "distill_set": args.distill_set}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         runs = {}
@@ -87,7 +91,7 @@ def main() -> None:
             base = load_recipe(source, common)
             runs["teacher"] = {headline: evaluate(teacher, Path(base.data.eval[0]))[headline]}
         student = [f"model.init_layers=[{args.layers}]"]  # of the recipe's model.init: MiniLM
-        for name, extra in [("alone", []), ("distilled", [f"model.teacher={teacher}"])]:
+        for name, extra in [("alone", []), ("distilled", [f"model.teacher={teacher}", *args.distill_set])]:
             note(f"training the student: {name}")
             start = time.perf_counter()
             metrics = finetune(load_recipe(source, [*common, *student, *extra]), work / name, False, False,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from bertcli.fastpath import Masked, Padding
@@ -55,11 +54,5 @@ def layer_outputs(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int,
 def hidden_loss(student: dict[int, Tensor], teacher: dict[int, Tensor], pairs: Sequence[tuple[int, int]],
                 tokens: int) -> Tensor:
     """The sum over `pairs` and real tokens of the mean squared difference over the hidden size, in fp32,
-    divided by `tokens` (the step's real tokens over all micro-batches and processes)."""
-    total = torch.zeros((), device=next(iter(student.values())).device)
-    for s, t in pairs:
-        a, b = student[s].float(), teacher[t].float()
-        if a.shape != b.shape:
-            raise RuntimeError(f"student layer {s} gave {tuple(a.shape)}, teacher layer {t} {tuple(b.shape)}")
-        total = total + (a - b).pow(2).mean(-1).sum()
-    return total / tokens
+    divided by `tokens` (the step's real tokens over all micro-batches and processes: train's counts)."""
+    return sum((student[s].float() - teacher[t].float()).pow(2).mean(-1).sum() for s, t in pairs) / tokens

@@ -119,7 +119,7 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         loaded = f"model: new {cfg.num_hidden_layers} x {cfg.hidden_size} BERT"
     check_window(recipe, cfg)
     check_task_segments(task, cfg, str(recipe.model.init or "model"))
-    loss, counts = task.loss, task.counts
+    loss = task.loss
     if recipe.model.teacher:
         teacher = load_teacher(recipe, task, cfg)
         alpha, temperature = recipe.train.distill_alpha, recipe.train.distill_temperature
@@ -139,11 +139,6 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
             return soft_and_hard + weight * hidden_loss(mine, its, pairs, counts["tokens"])
 
         loss = distilled
-        if pairs:
-            def with_tokens(batch):
-                return {**task.counts(batch), "tokens": int(batch["attention_mask"].sum())}
-
-            counts = with_tokens
 
     features = task.encode(train_examples)
     with claim(out, "run", resume, overwrite):
@@ -160,7 +155,7 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
                             task=saved_task(task, recipe.data.max_seq_len), problem_type=task.problem_type)
 
         job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features],
-                  collate=task.collate, counts=counts, loss=loss,
+                  collate=task.collate, counts=task.counts, loss=loss,
                   evaluate=evaluate if eval_examples else None, save=save, recipe=dump_recipe(recipe))
         training_memory(keep_memory)
         metrics = fit(job, recipe.train, out, resume)

@@ -352,7 +352,8 @@ def _start(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> _Run:
 
 def _micro_batches(run: _Run, group: Sequence[Sequence[int]]) -> tuple[list[dict[str, Tensor]], dict[str, int], int]:
     """This process's share of each batch of one step, on the device; the loss terms' counts over the
-    whole step (every micro-batch, every process); and the step's tokens. Counts are taken from the
+    whole step (every micro-batch, every process), with the step's real tokens as "tokens" (what a
+    per-token term divides by: bertcli/distill.py); and the step's tokens. Counts are taken from the
     batches before they move to the device, so they cost the accelerator no synchronisation."""
     micro, per_batch, tokens = [], [], 0
     for global_indices in group:
@@ -364,7 +365,9 @@ def _micro_batches(run: _Run, group: Sequence[Sequence[int]]) -> tuple[list[dict
         micro.append({k: v.to(run.device, non_blocking=True) for k, v in batch.items()})
     names = sorted(per_batch[0])
     *totals, tokens = _global_sum([*[sum(c[n] for c in per_batch) for n in names], tokens], run.world, run.device)
-    return micro, {n: max(int(c), 1) for n, c in zip(names, totals)}, int(tokens)
+    counts = {n: max(int(c), 1) for n, c in zip(names, totals)}
+    counts["tokens"] = max(int(tokens), 1)
+    return micro, counts, int(tokens)
 
 
 def _step(run: _Run, group: Sequence[Sequence[int]]) -> tuple[float, int, bool]:

@@ -132,6 +132,9 @@ def test_masked_positions_are_read_through_an_index_made_on_the_host(corpus, tin
     (a, ta, ga), (b, tb, gb) = results
     assert torch.equal(ta, tb) and torch.allclose(a, b, atol=1e-6) and len(ga) == len(gb)
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
+    every_other = batch["mlm_index"][::2]  # the step reads the positions the index names, and no others
+    mlm, targets, _ = task.forward(model, {**batch, "mlm_index": every_other})
+    assert torch.equal(targets, tb[::2]) and torch.allclose(mlm, b[::2], atol=1e-6)
 
 
 def tiny_pretrain_recipe(path, corpus, tokenizer, **train):

@@ -23,8 +23,9 @@ from bertcli import __version__
 from bertcli.errors import CheckpointError
 from bertcli.fileio import atomic_write, atomic_write_text
 from bertcli.config import BertConfig, check_tokenizer, read_config, read_labels, saved_architecture
+from bertcli.fastpath import Dropout
 from bertcli.model import (BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
-                           BertForTokenClassification, BertModel)
+                           BertForTokenClassification, BertModel, BertSelfAttention)
 from bertcli.tokenizer import WordPieceTokenizer, load_tokenizer
 
 # Hugging Face class name -> how to build it. Classification heads need the label count.
@@ -172,6 +173,19 @@ def keep_layers(ck: Checkpoint, layers: Sequence[int], source: str) -> Checkpoin
     for module in {ck.model, trunk}:
         module.config = cfg
     return dataclasses.replace(ck, model=ck.model, config=cfg)
+
+
+def with_dropout(ck: Checkpoint, p: float) -> Checkpoint:
+    """The checkpoint with hidden and attention dropout `p` (its config, so saved checkpoints say it too)."""
+    cfg = dataclasses.replace(ck.config, hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+    for module in ck.model.modules():
+        if isinstance(module, Dropout):
+            module.p = p
+        elif isinstance(module, BertSelfAttention):
+            module.dropout_p = p
+        if getattr(module, "config", None) is ck.config:
+            module.config = cfg
+    return dataclasses.replace(ck, config=cfg)
 
 
 def config_dict(cfg: BertConfig, architecture: str, labels: list[str] | None = None,

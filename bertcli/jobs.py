@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from bertcli.checkpoint import ARCHITECTURES, keep_layers, load_checkpoint, save_checkpoint
+from bertcli.checkpoint import ARCHITECTURES, keep_layers, load_checkpoint, save_checkpoint, with_dropout
 from bertcli.config import (TRAINING_BYTES_PER_PARAMETER, BertConfig, check_memory, check_tokenizer, read_config,
                             read_labels)
 from bertcli.distill import hidden_loss, layer_map, layer_outputs
@@ -50,12 +50,16 @@ def recipe_tokenizer(recipe: Recipe) -> WordPieceTokenizer:
     return load_tokenizer(recipe.model.init if recipe.model.init else recipe.tokenizer)
 
 
+NEW_MODEL_DROPOUT = 0.1  # BERT's, for a model built from scratch when model.dropout is not set
+
+
 def scratch_config(recipe: Recipe, vocab_size: int) -> BertConfig:
     m = recipe.model
+    dropout = NEW_MODEL_DROPOUT if m.dropout is None else m.dropout
     cfg = BertConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
                      num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
-                     max_position_embeddings=m.max_position, hidden_dropout_prob=m.dropout,
-                     attention_probs_dropout_prob=m.dropout)
+                     max_position_embeddings=m.max_position, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
     check_memory(cfg, "model", TRAINING_BYTES_PER_PARAMETER, "to train")
     return cfg
 
@@ -111,6 +115,9 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         if recipe.model.init_layers:
             ck = keep_layers(ck, recipe.model.init_layers, recipe.model.init)
             loaded += f", its layers {', '.join(map(str, recipe.model.init_layers))} alone"
+        if recipe.model.dropout is not None:
+            ck = with_dropout(ck, recipe.model.dropout)
+            loaded += f", dropout {recipe.model.dropout:g}"
         check_memory(ck.config, recipe.model.init, TRAINING_BYTES_PER_PARAMETER, "to train")
         model, cfg = ck.model, ck.config
     else:
@@ -252,8 +259,11 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     if recipe.model.init:
         ck = load_checkpoint(recipe.model.init, architecture=task.architecture)
         check_memory(ck.config, recipe.model.init, TRAINING_BYTES_PER_PARAMETER, "to train")
-        model, cfg = ck.model, ck.config
         loaded = f"model: {recipe.model.init} ({ck.report.summary()})"
+        if recipe.model.dropout is not None:
+            ck = with_dropout(ck, recipe.model.dropout)
+            loaded += f", dropout {recipe.model.dropout:g}"
+        model, cfg = ck.model, ck.config
     else:
         cfg = scratch_model_config(recipe, tokenizer)
         model = ARCHITECTURES[task.architecture](cfg, task.outputs)

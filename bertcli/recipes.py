@@ -36,7 +36,8 @@ class ModelConfig:
     num_heads: int = 4
     intermediate_size: int = 1024
     max_position: int = 512
-    dropout: float = 0.1
+    # hidden and attention dropout; None: the checkpoint's own with model.init, else 0.1 (BERT's)
+    dropout: Optional[float] = None
     # start from these layers of model.init alone, renumbered from 0 (DistilBERT's start: every other)
     init_layers: tuple[int, ...] = ()
     teacher: Optional[str] = None  # a fine-tuned checkpoint of the same task and labels to distil from
@@ -528,7 +529,7 @@ def _check_values(recipe: Recipe, task_known: bool) -> list[str]:
         problems.append(f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads ({m.num_heads})")
     if m.init is None and d.max_seq_len > m.max_position:
         problems.append(f"data.max_seq_len: {d.max_seq_len} is longer than model.max_position ({m.max_position})")
-    if not 0 <= m.dropout < 1:
+    if m.dropout is not None and not 0 <= m.dropout < 1:
         problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if not 0 <= t.warmup_ratio <= 1:
         problems.append(f"train.warmup_ratio: must be in [0, 1], got {t.warmup_ratio}")

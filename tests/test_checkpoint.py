@@ -161,3 +161,39 @@ def test_inconsistent_checkpoints_are_user_errors(tiny_tokenizer_dir, tmp_path):
         load_checkpoint(d)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+def test_with_dropout_sets_every_dropout_of_a_loaded_model_and_its_config(tiny_classifier_dir):
+    from bertcli.checkpoint import with_dropout
+    from bertcli.fastpath import Dropout
+    from bertcli.model import BertSelfAttention
+
+    ck = load_checkpoint(tiny_classifier_dir, architecture="BertForSequenceClassification")
+    assert ck.config.hidden_dropout_prob == ck.config.attention_probs_dropout_prob == 0.0
+    ids = torch.randint(5, 50, (2, 12))
+    ck = with_dropout(ck, 0.5)
+    drops = [m for m in ck.model.modules() if isinstance(m, Dropout)]
+    attention = [m for m in ck.model.modules() if isinstance(m, BertSelfAttention)]
+    assert len(drops) == 2 + 2 * len(attention) and all(m.p == 0.5 for m in drops)  # embeddings, head, 2 a layer
+    assert attention and all(m.dropout_p == 0.5 for m in attention)
+    assert ck.config.hidden_dropout_prob == ck.config.attention_probs_dropout_prob == 0.5
+    assert ck.model.config is ck.config and ck.model.bert.config is ck.config  # what save_checkpoint writes
+    model = ck.model.train()
+    assert not torch.equal(model(ids), model(ids))
+    ck = with_dropout(ck, 0.0)
+    assert torch.equal(ck.model(ids), ck.model(ids))
+
+
+def test_model_dropout_overrides_model_init_s_and_the_checkpoint_says_so(tiny_classifier_dir, tmp_path):
+    from bertcli.jobs import finetune
+    from bertcli.recipes import load_recipe
+    from conftest import REVIEWS, write_recipe
+
+    (tmp_path / "train.tsv").write_text(REVIEWS, encoding="utf-8")
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
+                          {"max_steps": 1}, model={"init": str(tiny_classifier_dir)})
+    for overrides, expected in [(["model.dropout=0.2"], 0.2), ([], 0.0)]:  # unset: the checkpoint's own (0.0), not 0.1
+        out = tmp_path / f"out{expected}"
+        finetune(load_recipe(recipe, overrides), out, resume=False, overwrite=False)
+        config = json.loads((out / "config.json").read_text())
+        assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == expected

@@ -82,11 +82,11 @@ def test_impossible_values(tmp_path, files):
     with pytest.raises(RecipeError) as err:
         load_recipe(write(tmp_path, valid(files)), [
             "train.batch_size=0", "train.time_budget=soon", "train.warmup_ratio=1.5", f"data.eval={tmp_path}",
-            "model.init=/no/such/dir"])
+            "model.init=/no/such/dir", "model.dropout=1"])
     message = str(err.value)
     for expected in ("train.batch_size: must be greater than 0", "train.time_budget: 'soon' is not a duration",
                      "train.warmup_ratio: must be in [0, 1]", "data.eval: expected a file, got a directory",
-                     "model.init: directory not found"):
+                     "model.init: directory not found", "model.dropout: must be in [0, 1), got 1.0"):
         assert expected in message
 
 

@@ -12,6 +12,7 @@ policy (bertcli/allocator.py). Prints one JSON line.
 
     python bench/glue_compare.py                                  # the five tasks, as shipped
     python bench/glue_compare.py --tasks cola,mrpc,stsb,rte --max-train sst2=8000
+    python bench/glue_compare.py --tasks cola,mrpc --skip-bertcli --set train.seed=1   # more seeds of one side
 
 Needs transformers (it comes with the test extra) and ../shared/data.
 """
@@ -62,7 +63,9 @@ def main() -> None:
     parser.add_argument("--max-train", action="append", default=[], metavar="TASK=N",
                         help="train that task on its first N examples (repeatable)")
     parser.add_argument("--set", action="append", default=[], help="recipe overrides for every task, both sides")
-    parser.add_argument("--skip-transformers", action="store_true")
+    skip = parser.add_mutually_exclusive_group()
+    skip.add_argument("--skip-transformers", action="store_true")
+    skip.add_argument("--skip-bertcli", action="store_true", help="transformers' side alone (more seeds of it)")
     args = parser.parse_args()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limits = {k: int(v) for k, _, v in (item.partition("=") for item in args.max_train)}
@@ -87,28 +90,36 @@ def main() -> None:
                 note(f"transformers: {point.name}")
                 theirs[point.name] = transformers_side(point.recipe)
                 theirs[point.name]["score"] = score(point, theirs[point.name]["metrics"])
-        note("bertcli: the suite")
-        start = time.perf_counter()
-        summary = run_suite(points, work / "bertcli", resume=False, overwrite=False, keep_memory=True)
-        ours_total = time.perf_counter() - start
+        summary = None
+        if not args.skip_bertcli:
+            note("bertcli: the suite")
+            start = time.perf_counter()
+            summary = run_suite(points, work / "bertcli", resume=False, overwrite=False, keep_memory=True)
+            ours_total = time.perf_counter() - start
     result = {"bench": "glue_compare", "machine": machine(), "tasks": {}, "max_train": limits, "set": args.set}
-    for point, row in zip(points, summary["runs"]):
+    for k, point in enumerate(points):
         headline = point.recipe.task.headline_metrics()
-        entry = {"headline": list(headline), "bertcli": {**{m: row["metrics"].get(f"eval_{m}") for m in headline},
-                                                         "score": row["score"], "seconds": row["seconds"]}}
+        entry: dict = {"headline": list(headline)}
+        if summary is not None:
+            row = summary["runs"][k]
+            entry["bertcli"] = {**{m: row["metrics"].get(f"eval_{m}") for m in headline}, "score": row["score"],
+                                "seconds": row["seconds"]}
         if point.name in theirs:
             hf = theirs[point.name]
             entry["transformers"] = {**{m: hf["metrics"].get(f"eval_{m}") for m in headline}, "score": hf["score"],
                                      "seconds": hf["seconds"]}
-            entry["difference_points"] = 100 * (row["score"] - hf["score"])
-            entry["speedup"] = hf["seconds"] / row["seconds"]
+        if summary is not None and point.name in theirs:
+            entry["difference_points"] = 100 * (entry["bertcli"]["score"] - hf["score"])
+            entry["speedup"] = hf["seconds"] / entry["bertcli"]["seconds"]
         result["tasks"][point.name] = entry
-    result["bertcli"] = {"average": summary["average"], "seconds": ours_total}
+    if summary is not None:
+        result["bertcli"] = {"average": summary["average"], "seconds": ours_total}
     if theirs:
         scores = [t["score"] for t in theirs.values()]
         seconds = sum(t["seconds"] for t in theirs.values())
         result["transformers"] = {"average": sum(scores) / len(scores), "seconds": seconds}
-        result["speedup"] = seconds / ours_total
+        if summary is not None:
+            result["speedup"] = seconds / ours_total
     emit(result)
 
 

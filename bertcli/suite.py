@@ -146,6 +146,8 @@ def _recipe_change(path: Path, recipe: Recipe) -> str | None:
         return {prefix.rstrip("."): value}
 
     then, now = flat(saved), flat(recipe_to_dict(recipe))
+    if then.get("model.dropout") == 0.1 and now.get("model.dropout") is None:
+        then["model.dropout"] = None  # saved before it could be unset: 0.1 then meant what unset means now
     for key in sorted(set(then) | set(now)):
         if then.get(key) != now.get(key):
             return f"{key}: {json.dumps(then.get(key))} then, {json.dumps(now.get(key))} now"

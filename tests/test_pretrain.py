@@ -192,6 +192,18 @@ def test_pretrain_job_trains_evaluates_and_caches_shards(pretrained):
     assert config["architectures"] == ["BertForPreTraining"]
 
 
+def test_pretraining_on_from_a_checkpoint_takes_model_dropout_or_keeps_its_own(pretrained, corpus, tiny_tokenizer_dir,
+                                                                               tmp_path, monkeypatch):
+    work, _ = pretrained
+    monkeypatch.setenv("BERTCLI_CACHE", str(work / "cache"))
+    recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=1)
+    for overrides, expected in [(["model.dropout=0.3"], 0.3), (["model.dropout=null"], 0.0)]:  # null: the checkpoint's
+        out = tmp_path / f"run{expected}"
+        pretrain(load_recipe(recipe, [f"model.init={work / 'run'}", *overrides]), out, resume=False, overwrite=False)
+        config = json.loads((out / "config.json").read_text())
+        assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == expected
+
+
 def test_evaluate_scores_a_pretrained_model_on_text_as_training_did(pretrained, corpus, tmp_path):
     work, metrics = pretrained
     done = run_cli("evaluate", str(work / "run"), "--data", str(corpus / "eval.txt"), "--precision", "fp32",

@@ -119,6 +119,23 @@ def test_an_interrupted_suite_resumes_without_running_finished_runs_again(recipe
                for n in ("sentiment", "similar"))
 
 
+def test_a_recipe_saved_when_model_dropout_was_always_written_still_matches(recipes, tmp_path):
+    """Before model.dropout could be unset, every saved recipe.yaml said 0.1, which meant what unset means
+    now (0.1 for a new model; ignored with model.init): a suite resumed across that change keeps its runs."""
+    from bertcli.recipes import load_recipe, recipe_to_dict
+    from bertcli.suite import _recipe_change
+
+    recipe = load_recipe(recipes[0], ["model.dropout=null"])
+    saved = recipe_to_dict(recipe)
+    saved["model"]["dropout"] = 0.1
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+    assert recipe.model.dropout is None and _recipe_change(tmp_path, recipe) is None
+    assert _recipe_change(tmp_path, load_recipe(recipes[0], ["model.dropout=0.2"])) == "model.dropout: 0.1 then, 0.2 now"
+    saved["model"]["dropout"] = 0.0
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+    assert _recipe_change(tmp_path, recipe) == "model.dropout: 0.0 then, null now"
+
+
 def test_a_run_that_fails_ends_itself_alone_and_the_suite_with_exit_2(recipes, tmp_path):
     done = run_cli("finetune", str(recipes[0]), "--out", str(tmp_path / "sweep"), "--sweep", "train.lr=1e-3,1e12")
     assert done.returncode == 2, done.stderr.decode()[-2000:]

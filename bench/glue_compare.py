@@ -108,9 +108,9 @@ def main() -> None:
             hf = theirs[point.name]
             entry["transformers"] = {**{m: hf["metrics"].get(f"eval_{m}") for m in headline}, "score": hf["score"],
                                      "seconds": hf["seconds"]}
-        if summary is not None and point.name in theirs:
-            entry["difference_points"] = 100 * (entry["bertcli"]["score"] - hf["score"])
-            entry["speedup"] = hf["seconds"] / entry["bertcli"]["seconds"]
+            if summary is not None:
+                entry["difference_points"] = 100 * (entry["bertcli"]["score"] - hf["score"])
+                entry["speedup"] = hf["seconds"] / entry["bertcli"]["seconds"]
         result["tasks"][point.name] = entry
     if summary is not None:
         result["bertcli"] = {"average": summary["average"], "seconds": ours_total}

@@ -350,10 +350,10 @@ def _start(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> _Run:
                 console=console, window=_Window(time.perf_counter()))
 
 
-def _micro_batches(run: _Run, group: Sequence[Sequence[int]]) -> tuple[list[dict[str, Tensor]], dict[str, int], int]:
-    """This process's share of each batch of one step, on the device; the loss terms' counts over the
+def _micro_batches(run: _Run, group: Sequence[Sequence[int]]) -> tuple[list[dict[str, Tensor]], dict[str, int]]:
+    """This process's share of each batch of one step, on the device, and the loss terms' counts over the
     whole step (every micro-batch, every process), with the step's real tokens as "tokens" (what a
-    per-token term divides by: bertcli/distill.py); and the step's tokens. Counts are taken from the
+    per-token term divides by, bertcli/distill.py, and what throughput counts). Counts are taken from the
     batches before they move to the device, so they cost the accelerator no synchronisation."""
     micro, per_batch, tokens = [], [], 0
     for global_indices in group:
@@ -365,9 +365,7 @@ def _micro_batches(run: _Run, group: Sequence[Sequence[int]]) -> tuple[list[dict
         micro.append({k: v.to(run.device, non_blocking=True) for k, v in batch.items()})
     names = sorted(per_batch[0])
     *totals, tokens = _global_sum([*[sum(c[n] for c in per_batch) for n in names], tokens], run.world, run.device)
-    counts = {n: max(int(c), 1) for n, c in zip(names, totals)}
-    counts["tokens"] = max(int(tokens), 1)
-    return micro, counts, int(tokens)
+    return micro, {**{n: max(int(c), 1) for n, c in zip(names, totals)}, "tokens": int(tokens)}
 
 
 def _step(run: _Run, group: Sequence[Sequence[int]]) -> tuple[float, int, bool]:
@@ -376,7 +374,7 @@ def _step(run: _Run, group: Sequence[Sequence[int]]) -> tuple[float, int, bool]:
     are read from the accelerator once, together, for the check that no update is made of NaN."""
     cfg, pos = run.cfg, run.pos
     torch.manual_seed(example_seed(cfg.seed, pos.step, run.rank))  # dropout: reproducible on resume
-    micro, counts, tokens = _micro_batches(run, group)
+    micro, counts = _micro_batches(run, group)
     step_loss = torch.zeros((), device=run.device)
     for i, batch in enumerate(micro):
         sync = run.world == 1 or i == len(micro) - 1
@@ -410,7 +408,7 @@ def _step(run: _Run, group: Sequence[Sequence[int]]) -> tuple[float, int, bool]:
         run.scaler.step(run.optimizer)
     run.scaler.update()  # fp16: lowers the scale after an overflow
     run.optimizer.zero_grad(set_to_none=True)
-    return step_loss, tokens, bad
+    return step_loss, counts["tokens"], bad
 
 
 def _log(run: _Run, bar, batches: int) -> None:

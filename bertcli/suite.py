@@ -148,6 +148,10 @@ def _recipe_change(path: Path, recipe: Recipe) -> str | None:
     then, now = flat(saved), flat(recipe_to_dict(recipe))
     if then.get("model.dropout") == 0.1 and now.get("model.dropout") is None:
         then["model.dropout"] = None  # saved before it could be unset: 0.1 then meant what unset means now
+    defaults = flat(recipe_to_dict(Recipe()))
+    for key in set(now) - set(then):  # saved before the key existed: then it meant what its default means now
+        if key.split(".")[0] in ("model", "data", "train") and key in defaults:
+            then[key] = defaults[key]
     for key in sorted(set(then) | set(now)):
         if then.get(key) != now.get(key):
             return f"{key}: {json.dumps(then.get(key))} then, {json.dumps(now.get(key))} now"

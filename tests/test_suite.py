@@ -136,6 +136,20 @@ def test_a_recipe_saved_when_model_dropout_was_always_written_still_matches(reci
     assert _recipe_change(tmp_path, recipe) == "model.dropout: 0.0 then, null now"
 
 
+def test_a_recipe_saved_before_a_key_existed_matches_that_key_at_its_default(recipes, tmp_path):
+    """A run saved by an older bertcli has no line for a key added since (train.distill_cls): it ran as the
+    key's default runs, so it matches that default and no other value (train.distill_alpha, dropped here too)."""
+    from bertcli.recipes import load_recipe, recipe_to_dict
+    from bertcli.suite import _recipe_change
+
+    recipe = load_recipe(recipes[0])
+    saved = recipe_to_dict(recipe)
+    del saved["train"]["distill_cls"], saved["train"]["distill_alpha"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+    assert _recipe_change(tmp_path, recipe) is None
+    assert _recipe_change(tmp_path, load_recipe(recipes[0], ["train.distill_alpha=0.9"])) == "train.distill_alpha: 0.5 then, 0.9 now"
+
+
 def test_a_run_that_fails_ends_itself_alone_and_the_suite_with_exit_2(recipes, tmp_path):
     done = run_cli("finetune", str(recipes[0]), "--out", str(tmp_path / "sweep"), "--sweep", "train.lr=1e-3,1e12")
     assert done.returncode == 2, done.stderr.decode()[-2000:]

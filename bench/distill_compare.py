@@ -9,6 +9,8 @@ processes, start to exit). Prints one JSON line.
     python bench/distill_compare.py --task conll --epochs 1
     python bench/distill_compare.py --task conll --epochs 1 --teacher runs/conll2003 --set train.lr=5e-4 \
         --distill-set train.distill_hidden=5 --distill-set model.dropout=0
+    python bench/distill_compare.py --task sst2 --epochs 1 --teacher runs/sst2-minilm --set train.lr=2e-4 \
+        --distill-set train.distill_cls=10 --distill-set model.dropout=0
 
 Needs ../shared/data.
 """

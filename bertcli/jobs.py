@@ -12,7 +12,7 @@ import torch
 from bertcli.checkpoint import ARCHITECTURES, keep_layers, load_checkpoint, save_checkpoint, with_dropout
 from bertcli.config import (TRAINING_BYTES_PER_PARAMETER, BertConfig, check_memory, check_tokenizer, read_config,
                             read_labels)
-from bertcli.distill import hidden_loss, layer_map, layer_outputs
+from bertcli.distill import cls_loss, hidden_loss, layer_map, layer_outputs
 from bertcli.errors import BertcliError, CheckpointError
 from bertcli.recipes import Recipe, dump_recipe
 from bertcli.tasks import TASKS, check_segments, check_task_segments, load_task
@@ -130,11 +130,13 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     if recipe.model.teacher:
         teacher = load_teacher(recipe, task, cfg)
         alpha, temperature = recipe.train.distill_alpha, recipe.train.distill_temperature
-        weight = recipe.train.distill_hidden
-        pairs = layer_map(cfg.num_hidden_layers, teacher.config.num_hidden_layers) if weight else []
+        weight, cls_weight = recipe.train.distill_hidden, recipe.train.distill_cls
+        pairs = layer_map(cfg.num_hidden_layers, teacher.config.num_hidden_layers) if weight or cls_weight else []
+        layers = ", ".join(str(t) for _, t in pairs)
         loaded += (f"\nteacher: {recipe.model.teacher} ({teacher.config.num_hidden_layers} x "
                    f"{teacher.config.hidden_size}), loss {alpha} x soft (T={temperature}) + {1 - alpha:g} x {task.name}"
-                   + (f" + {weight:g} x its layers {', '.join(str(t) for _, t in pairs)}" if pairs else ""))
+                   + (f" + {weight:g} x its layers {layers}" if weight else "")
+                   + (f" + {cls_weight:g} x its [CLS] vectors at layers {layers}" if cls_weight else ""))
 
         def distilled(m, batch, counts):
             if next(teacher.parameters()).device != batch["input_ids"].device:
@@ -142,8 +144,12 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
             if not pairs:
                 return task.distilled_loss(m, batch, counts, teacher, alpha, temperature)
             with layer_outputs(m, [s for s, _ in pairs]) as mine, layer_outputs(teacher, [t for _, t in pairs]) as its:
-                soft_and_hard = task.distilled_loss(m, batch, counts, teacher, alpha, temperature)
-            return soft_and_hard + weight * hidden_loss(mine, its, pairs, counts["tokens"])
+                loss = task.distilled_loss(m, batch, counts, teacher, alpha, temperature)
+            if weight:
+                loss = loss + weight * hidden_loss(mine, its, pairs, counts["tokens"])
+            if cls_weight:
+                loss = loss + cls_weight * cls_loss(mine, its, pairs, counts["examples"])
+            return loss
 
         loss = distilled
 
@@ -189,13 +195,14 @@ def load_teacher(recipe: Recipe, task: Task, student: BertConfig):
     if recipe.data.max_seq_len > ck.config.max_position_embeddings:
         raise CheckpointError(f"model.teacher: {source} reads at most {ck.config.max_position_embeddings} tokens, "
                               f"data.max_seq_len is {recipe.data.max_seq_len}")
-    if recipe.train.distill_hidden and ck.config.hidden_size != student.hidden_size:
+    layered = "train.distill_hidden" if recipe.train.distill_hidden else "train.distill_cls" if recipe.train.distill_cls else ""
+    if layered and ck.config.hidden_size != student.hidden_size:
         raise CheckpointError(f"model.teacher: {source} has hidden size {ck.config.hidden_size}, the student "
-                              f"{student.hidden_size}: train.distill_hidden compares their layers' outputs, so both "
-                              "need the same size (or set train.distill_hidden: 0)")
-    if recipe.train.distill_hidden and ck.config.num_hidden_layers < student.num_hidden_layers:
+                              f"{student.hidden_size}: {layered} compares their layers' outputs, so both "
+                              f"need the same size (or set {layered}: 0)")
+    if layered and ck.config.num_hidden_layers < student.num_hidden_layers:
         raise CheckpointError(f"model.teacher: {source} has {ck.config.num_hidden_layers} layers, the student "
-                              f"{student.num_hidden_layers}: train.distill_hidden maps each student layer to a "
+                              f"{student.num_hidden_layers}: {layered} maps each student layer to a "
                               "teacher layer, so the teacher needs at least as many")
     if ck.config.type_vocab_size < student.type_vocab_size:
         raise CheckpointError(f"model.teacher: {source} has {ck.config.type_vocab_size} token type(s), the student "

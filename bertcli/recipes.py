@@ -80,6 +80,9 @@ class TrainConfig:
     # with model.teacher: plus distill_hidden x the squared difference between the student's layers and
     # the teacher's at the same relative depth (bertcli/distill.py); 0: off
     distill_hidden: float = 0.0
+    # classify with model.teacher: plus distill_cls x the squared distance between the student's [CLS]
+    # vectors and the teacher's, each of length 1, at the same layers (Patient KD; bertcli/distill.py); 0: off
+    distill_cls: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -575,6 +578,13 @@ def _check_values(recipe: Recipe, task_known: bool) -> list[str]:
         problems.append(f"train.distill_hidden: must be in [0, 1000], got {t.distill_hidden}")
     elif t.distill_hidden and m.teacher is None:
         problems.append("train.distill_hidden: learns from the layers of model.teacher, which is not set")
+    if not 0 <= t.distill_cls <= 1000:
+        problems.append(f"train.distill_cls: must be in [0, 1000], got {t.distill_cls}")
+    elif t.distill_cls and m.teacher is None:
+        problems.append("train.distill_cls: learns from the layers of model.teacher, which is not set")
+    elif t.distill_cls and task_known and task.name != "classify":
+        problems.append(f"train.distill_cls: learns the teacher's [CLS] vectors, which classify's head reads; "
+                        f"{task.name} reads every token (train.distill_hidden learns those)")
     if recipe.tokenizer is not None:
         _check_dir("tokenizer", recipe.tokenizer, None, problems)
     if not d.train:

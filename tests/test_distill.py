@@ -119,19 +119,25 @@ def test_layer_map_is_uniform_and_ends_at_the_teachers_last_layer():
     assert layer_map(1, 12) == [(0, 11)]
 
 
+def _two_models_and_a_padded_batch(model_dir):
+    """The task, a student, a teacher that says something else (its weights moved), and a batch of 5
+    texts of several lengths."""
+    from bertcli.jobs import load_for_task
+
+    ck, task = load_for_task(model_dir)
+    student, teacher = ck.model.eval(), load_for_task(model_dir)[0].model.eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return task, student, teacher, task.collate(task.encode(task.read(model_dir.parent / "train.tsv"))[:5])
+
+
 def test_hidden_loss_pairs_the_real_tokens_of_packed_rows(tiny_classifier_dir):
     """On a padded batch both models run on packed rows (padding removed, rows rounded up with copies):
     the loss is the one computed from the padded (B, T, H) outputs at the real tokens alone."""
     from bertcli.distill import hidden_loss, layer_outputs
-    from bertcli.jobs import load_for_task
 
-    ck, task = load_for_task(tiny_classifier_dir)
-    student, teacher = ck.model.eval(), load_for_task(tiny_classifier_dir)[0].model.eval()
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    features = task.encode(task.read(tiny_classifier_dir.parent / "train.tsv"))
-    batch = task.collate(features[:5])
+    task, student, teacher, batch = _two_models_and_a_padded_batch(tiny_classifier_dir)
     real = batch["attention_mask"].bool()
     assert not real.all() and int(real.sum()) % 16  # padding to remove, rows to round up
     pairs = [(0, 1), (1, 0)]
@@ -153,29 +159,68 @@ def test_hidden_loss_pairs_the_real_tokens_of_packed_rows(tiny_classifier_dir):
             model.bert.packed = True
         a, b = (x[real] for x in padded)
         expected += float((a - b).pow(2).mean(-1).sum())
-    assert mine[0].shape[0] == int(real.sum())
+    assert mine[0][0].shape[0] >= int(real.sum())  # the packed rows, rounded up
     assert found.item() == pytest.approx(expected / 40, rel=1e-5)
 
 
-def test_a_student_distilled_from_the_teachers_layers(tiny_classifier_dir, tmp_path):
+@pytest.mark.parametrize("key, weight, said", [
+    ("distill_hidden", 2.0, "+ 2 x its layers 1"),  # the student's one layer learns the teacher's last
+    ("distill_cls", 10.0, "+ 10 x its [CLS] vectors at layers 1"),
+])
+def test_a_student_distilled_from_the_teachers_layers(tiny_classifier_dir, tmp_path, key, weight, said):
     (tmp_path / "train.tsv").write_text(REVIEWS, encoding="utf-8")
     recipe = write_recipe(tmp_path / "student.yaml", {"name": "classify"},
                           {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
-                          {"max_steps": 3, "distill_hidden": 2.0},
+                          {"max_steps": 3, key: weight},
                           model={"init": str(tiny_classifier_dir), "init_layers": [0], "teacher": str(tiny_classifier_dir)})
     done = run_cli("finetune", str(recipe), "--out", str(tmp_path / "student"))
     assert done.returncode == 0, done.stderr
-    assert b"+ 2 x its layers 1" in done.stderr  # the student's one layer learns the teacher's last
-    finetune(load_recipe(recipe, ["train.distill_hidden=0"]), tmp_path / "plain", resume=False, overwrite=False)
+    assert said.encode() in done.stderr
+    finetune(load_recipe(recipe, [f"train.{key}=0"]), tmp_path / "plain", resume=False, overwrite=False)
     name = "bert.encoder.layer.0.output.dense.weight"  # the same steps without the layers' loss: another layer
-    hidden, plain = (load_file(tmp_path / d / "model.safetensors")[name] for d in ("student", "plain"))
-    assert (hidden - plain).abs().max() > 1e-4
-    for overrides, message in [
-        (["model.teacher=null"], "train.distill_hidden: learns from the layers of model.teacher, which is not set"),
-        (["train.distill_hidden=-1"], "train.distill_hidden: must be in \\[0, 1000\\]"),
+    taught, plain = (load_file(tmp_path / d / "model.safetensors")[name] for d in ("student", "plain"))
+    assert (taught - plain).abs().max() > 1e-4
+    cases = [
+        (["model.teacher=null"], f"train.{key}: learns from the layers of model.teacher, which is not set"),
+        ([f"train.{key}=-1"], f"train.{key}: must be in \\[0, 1000\\]"),
+        ([f"train.{key}=nan"], f"train.{key}: expected a finite number"),
         (["model.init_layers=[]", f"model.teacher={tmp_path / 'student'}"],
-         "has 1 layers, the student 2: train.distill_hidden maps each student layer to a teacher layer"),
-    ]:
+         f"has 1 layers, the student 2: train.{key} maps each student layer to a teacher layer"),
+    ]
+    if key == "distill_cls":  # the [CLS] vector is what a classifier reads, not what ner or qa read
+        cases.append((["task.name=ner"], "train.distill_cls: learns the teacher's \\[CLS\\] vectors, .*ner reads every token"))
+    for overrides, message in cases:
         with pytest.raises(BertcliError, match=message):
             finetune(load_recipe(recipe, overrides), tmp_path / "out", resume=False, overwrite=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_cls_loss_pairs_each_texts_first_token_packed_or_padded(tiny_classifier_dir):
+    """The [CLS] loss is the squared distance between length-1 vectors at each text's first token: the
+    same whether the models run on packed rows or on the padded (B, T, H) layout."""
+    from bertcli.distill import cls_loss, layer_outputs
+
+    task, student, teacher, batch = _two_models_and_a_padded_batch(tiny_classifier_dir)
+    assert not batch["attention_mask"].bool().all()  # padding: packed rows differ from padded ones
+    pairs = [(0, 1), (1, 0)]
+    found = {}
+    for packed in (True, False):
+        for model in (student, teacher):
+            model.bert.packed = packed
+        with torch.no_grad(), layer_outputs(student, [0, 1]) as mine, layer_outputs(teacher, [0, 1]) as its:
+            task.call(student, batch)
+            task.call(teacher, batch)
+            found[packed] = cls_loss(mine, its, pairs, texts=8).item()
+        if not packed:  # written out from the padded outputs
+            expected = 0.0
+            for s, t in pairs:
+                a, b = mine[s][0][:, 0], its[t][0][:, 0]
+                a, b = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+                expected += float(((a - b) ** 2).sum())
+            assert found[False] == pytest.approx(expected / 8, rel=1e-5)
+    for model in (student, teacher):
+        model.bert.packed = True
+    assert found[True] == pytest.approx(found[False], rel=1e-4) and found[True] > 1e-4
+    with torch.no_grad(), layer_outputs(student, [0]) as mine, layer_outputs(student, [0]) as same:
+        task.call(student, batch)
+    assert cls_loss(mine, same, [(0, 0)], texts=5).item() == pytest.approx(0, abs=1e-6)

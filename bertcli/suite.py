@@ -130,6 +130,13 @@ def score(point: Point, metrics: dict[str, Any]) -> float | None:
     return sum(values) / len(values)
 
 
+# Keys added to recipes since suites were first saved, each with the value that runs as a run saved
+# without it ran: such a run matches that value and no other. A key added later goes here too.
+ADDED_KEYS: dict[str, Any] = {"model.init_layers": [], "model.teacher": None, "train.compile": False,
+                              "train.distill_alpha": 0.5, "train.distill_temperature": 2.0, "train.distill_hidden": 0.0,
+                              "train.distill_cls": 0.0}
+
+
 def _recipe_change(path: Path, recipe: Recipe) -> str | None:
     """How the recipe saved in a run directory differs from `recipe` ('train.lr: 2e-05 then, 3e-05
     now'), or None when it is the same (or none was saved yet)."""
@@ -148,10 +155,8 @@ def _recipe_change(path: Path, recipe: Recipe) -> str | None:
     then, now = flat(saved), flat(recipe_to_dict(recipe))
     if then.get("model.dropout") == 0.1 and now.get("model.dropout") is None:
         then["model.dropout"] = None  # saved before it could be unset: 0.1 then meant what unset means now
-    defaults = flat(recipe_to_dict(Recipe()))
-    for key in set(now) - set(then):  # saved before the key existed: then it meant what its default means now
-        if key.split(".")[0] in ("model", "data", "train") and key in defaults:
-            then[key] = defaults[key]
+    for key, value in ADDED_KEYS.items():
+        then.setdefault(key, value)
     for key in sorted(set(then) | set(now)):
         if then.get(key) != now.get(key):
             return f"{key}: {json.dumps(then.get(key))} then, {json.dumps(now.get(key))} now"

@@ -136,15 +136,29 @@ def test_a_recipe_saved_when_model_dropout_was_always_written_still_matches(reci
     assert _recipe_change(tmp_path, recipe) == "model.dropout: 0.0 then, null now"
 
 
-def test_a_recipe_saved_before_a_key_existed_matches_that_key_at_its_default(recipes, tmp_path):
-    """A run saved by an older bertcli has no line for a key added since (train.distill_cls): it ran as the
-    key's default runs, so it matches that default and no other value (train.distill_alpha, dropped here too)."""
+# The recipe keys outside task: when suites were first saved (2026-11-30)
+FIRST_KEYS = {"data.eval", "data.max_seq_len", "data.train", "model.dropout", "model.hidden_size", "model.init",
+              "model.intermediate_size", "model.max_position", "model.num_heads", "model.num_layers", "output",
+              "tokenizer", "train.batch_size", "train.epochs", "train.eval_every", "train.grad_accum",
+              "train.group_by_length", "train.log_every", "train.lr", "train.max_grad_norm", "train.max_steps",
+              "train.precision", "train.save_every", "train.seed", "train.time_budget", "train.warmup_ratio",
+              "train.weight_decay"}
+
+
+def test_a_recipe_saved_before_a_key_existed_matches_that_key_at_the_value_that_ran_then(recipes, tmp_path):
+    """A run saved by an older bertcli has no line for a key added since: it ran as that key's listed value
+    runs (suite.ADDED_KEYS), so it matches that value and no other; every key added since is listed."""
     from bertcli.recipes import load_recipe, recipe_to_dict
-    from bertcli.suite import _recipe_change
+    from bertcli.suite import ADDED_KEYS, _recipe_change
 
     recipe = load_recipe(recipes[0])
     saved = recipe_to_dict(recipe)
-    del saved["train"]["distill_cls"], saved["train"]["distill_alpha"]
+    now = {f"{part}.{k}" if isinstance(v, dict) else part for part, v in saved.items() for k in (v if isinstance(v, dict) else [0])}
+    assert {k for k in now if not k.startswith("task.")} == FIRST_KEYS | set(ADDED_KEYS), \
+        "a recipe key was added: list it in suite.ADDED_KEYS with the value that runs as before"
+    for key in ADDED_KEYS:
+        part, name = key.split(".")
+        del saved[part][name]
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
     assert _recipe_change(tmp_path, recipe) is None
     assert _recipe_change(tmp_path, load_recipe(recipes[0], ["train.distill_alpha=0.9"])) == "train.distill_alpha: 0.5 then, 0.9 now"

@@ -58,6 +58,7 @@ def layer_outputs(model: nn.Module, layers: Sequence[int]) -> Iterator[Kept]:
     handles = []
     for i in layers:
         def keep(module, args, output, i=i):
+            assert len(args) < 3 or args[2] is None, "a layer that returns selected rows (pretraining's) has no layout to pair"
             kept[i] = (output, args[1])
         handles.append(trunk.encoder.layer[i].register_forward_hook(keep))
     try:

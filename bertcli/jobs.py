@@ -195,14 +195,14 @@ def load_teacher(recipe: Recipe, task: Task, student: BertConfig):
     if recipe.data.max_seq_len > ck.config.max_position_embeddings:
         raise CheckpointError(f"model.teacher: {source} reads at most {ck.config.max_position_embeddings} tokens, "
                               f"data.max_seq_len is {recipe.data.max_seq_len}")
-    layered = "train.distill_hidden" if recipe.train.distill_hidden else "train.distill_cls" if recipe.train.distill_cls else ""
+    layered = " and ".join(f"train.{k}" for k in ("distill_hidden", "distill_cls") if getattr(recipe.train, k))
     if layered and ck.config.hidden_size != student.hidden_size:
         raise CheckpointError(f"model.teacher: {source} has hidden size {ck.config.hidden_size}, the student "
-                              f"{student.hidden_size}: {layered} compares their layers' outputs, so both "
-                              f"need the same size (or set {layered}: 0)")
+                              f"{student.hidden_size}: with {layered} their layers' outputs are compared, so "
+                              f"both need the same size (or set {layered} to 0)")
     if layered and ck.config.num_hidden_layers < student.num_hidden_layers:
         raise CheckpointError(f"model.teacher: {source} has {ck.config.num_hidden_layers} layers, the student "
-                              f"{student.num_hidden_layers}: {layered} maps each student layer to a "
+                              f"{student.num_hidden_layers}: with {layered} each student layer learns a "
                               "teacher layer, so the teacher needs at least as many")
     if ck.config.type_vocab_size < student.type_vocab_size:
         raise CheckpointError(f"model.teacher: {source} has {ck.config.type_vocab_size} token type(s), the student "

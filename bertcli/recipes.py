@@ -582,9 +582,9 @@ def _check_values(recipe: Recipe, task_known: bool) -> list[str]:
         problems.append(f"train.distill_cls: must be in [0, 1000], got {t.distill_cls}")
     elif t.distill_cls and m.teacher is None:
         problems.append("train.distill_cls: learns from the layers of model.teacher, which is not set")
-    elif t.distill_cls and task_known and task.name != "classify":
-        problems.append(f"train.distill_cls: learns the teacher's [CLS] vectors, which classify's head reads; "
-                        f"{task.name} reads every token (train.distill_hidden learns those)")
+    if t.distill_cls and task_known and task.distillable and task.name != "classify":  # others: model.teacher says
+        problems.append(f"train.distill_cls: classify only: it learns the teacher's [CLS] vectors, which classify's "
+                        f"head reads; {task.name} reads every token (train.distill_hidden learns those)")
     if recipe.tokenizer is not None:
         _check_dir("tokenizer", recipe.tokenizer, None, problems)
     if not d.train:

@@ -849,3 +849,17 @@ def test_a_second_signal_while_the_checkpoint_is_written_waits_for_it(home, monk
     code, _, err = in_process(["finetune", recipe(home), "--set", "train.max_steps=50"], monkeypatch, capsys)
     assert code == 143 and "SIGTERM at step 2: saved to" in err, err
     assert (home / "out" / "resume.pt").is_file() and (home / "out" / "model.safetensors").is_file()
+
+
+def test_finetune_under_torchrun_is_refused_before_any_process_writes(tiny_classifier_dir, tmp_path, monkeypatch):
+    """torchrun spreads pretrain; finetune runs in one process. Each of torchrun's processes used to claim --out,
+    so one failed on the other's lock while the first trained alone: now each says why, exit 2, nothing written."""
+    (tmp_path / "train.tsv").write_text(ROWS, encoding="utf-8")
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv")},
+                          {"max_steps": 1}, model={"init": str(tiny_classifier_dir)})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    done = run_cli("finetune", str(recipe), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and b"finetune runs in one process; under torchrun (WORLD_SIZE=2)" in done.stderr
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: a plain run
+    assert run_cli("finetune", str(recipe), "--out", str(tmp_path / "out")).returncode == 0

@@ -8,6 +8,7 @@ commands so that `bertcli --help` starts quickly.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -165,6 +166,9 @@ def finetune(recipes: List[Path] = typer.Argument(..., help="YAML recipe(s) (see
     command with --resume continues an interrupted suite: finished runs are kept. To spread a
     sweep over machines, give each machine its own --out and part of the values (--sweep
     train.lr=2e-5 here, --sweep train.lr=3e-5,5e-5 there): the runs are independent."""
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # each process would claim --out (a suite's too) and train alone
+        raise BertcliError(f"finetune runs in one process; under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) "
+                           "run it as `bertcli finetune ...` instead (torchrun spreads pretrain alone)")
     if len(recipes) == 1 and not sweep:
         loaded = _load(recipes[0], set_, "finetune")
         from bertcli.jobs import finetune as run_finetune

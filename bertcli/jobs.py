@@ -96,11 +96,6 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
              keep_memory: bool = False) -> dict:
     """Fine-tune as the recipe says. Everything that can be checked (data, labels, model, output
     directory, lock) is checked before the output directory is touched and before step 1."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would claim --out and train a copy of its own
-        raise BertcliError(f"finetune runs in one process; under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) "
-                           "run it as `bertcli finetune ...` instead (torchrun spreads pretrain alone)")
     out = output_dir(recipe, out)
     check_output_apart(recipe, out, source, resume)
     precheck(out, "run", resume, overwrite)

@@ -858,8 +858,9 @@ def test_finetune_under_torchrun_is_refused_before_any_process_writes(tiny_class
     recipe = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv")},
                           {"max_steps": 1}, model={"init": str(tiny_classifier_dir)})
     monkeypatch.setenv("WORLD_SIZE", "2")
-    done = run_cli("finetune", str(recipe), "--out", str(tmp_path / "out"))
-    assert done.returncode == 2 and b"finetune runs in one process; under torchrun (WORLD_SIZE=2)" in done.stderr
-    assert not (tmp_path / "out").exists()
+    for extra in ([], [str(recipe)], ["--sweep", "train.lr=1e-5,2e-5"]):  # one run, a suite, a sweep
+        done = run_cli("finetune", str(recipe), *extra, "--out", str(tmp_path / "out"))
+        assert done.returncode == 2 and b"finetune runs in one process; under torchrun (WORLD_SIZE=2)" in done.stderr
+        assert not (tmp_path / "out").exists()
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: a plain run
     assert run_cli("finetune", str(recipe), "--out", str(tmp_path / "out")).returncode == 0

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from bertcli import __version__
-from bertcli.errors import BertcliError, CheckpointError, Interrupted
+from bertcli.errors import BertcliError, CheckpointError
 from bertcli.fileio import atomic_write
 from bertcli.onnx_engine import EXTRA, GRAPH, GRAPH_INT8, INPUTS, PRODUCER, SOURCES_KEY, bertcli_graph, fingerprint
 from bertcli.tasks.base import Task
@@ -106,25 +106,69 @@ def _check_replaceable(path: Path) -> None:
         raise BertcliError(f"{path}: exists and is not a graph bertcli wrote; it is kept: move it away to export here")
 
 
+class _Stop:
+    """Ctrl-C (exit 130) and SIGTERM (exit 143) during an export. The handler raises nothing: an exception raised
+    from a signal handler surfaces wherever Python happens to be, and inside torch's exporter or ONNX Runtime that
+    is often under native code, which turned it into another error with its own traceback (exit 1), and once in CI
+    into a crash (SIGSEGV). It ends the process instead (os._exit), once no write is under way: a signal during a
+    write waits for it to end, so a graph is either whole or not there, and the scratch directories registered
+    are removed first. The lock on the checkpoint goes with the process (flock)."""
+
+    writing = False
+    pending: int | None = None
+    scratch: list[str] = []
+
+    @classmethod
+    def handle(cls, signum, frame) -> None:
+        if cls.writing:
+            cls.pending = signum
+        else:
+            cls.end(signum)
+
+    @classmethod
+    def end(cls, signum: int) -> None:
+        import shutil
+        import signal
+
+        for path in cls.scratch:
+            shutil.rmtree(path, ignore_errors=True)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        try:
+            os.write(2, f"export: stopped by {name}; nothing more was written\n".encode())
+        except OSError:
+            pass
+        os._exit(128 + signum)
+
+
 @contextlib.contextmanager
 def _stops_cleanly():
-    """Ctrl-C (exit 130) and SIGTERM (exit 143) stop an export with a message: a graph half written is removed
-    (fileio.atomic_write), nothing is replaced."""
+    """While an export runs in the main thread, Ctrl-C and SIGTERM end it as _Stop says."""
     import signal
     import threading
 
-    def stop(signum, frame):
-        raise Interrupted("export: stopped by SIGTERM; nothing more was written", exit_code=143)
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, stop) if main else None
+    if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread alone)
+        yield
+        return
+    # (a signal ignored stays ignored: `bertcli export ... &` from a script leaves Ctrl-C to the foreground)
+    previous = {signum: signal.signal(signum, _Stop.handle) for signum in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
-    except KeyboardInterrupt:
-        raise Interrupted("export: stopped by Ctrl-C; nothing more was written", exit_code=130) from None
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _writing():
+    """A stretch that a signal must not cut: it ends the process after the stretch instead."""
+    _Stop.writing = True
+    try:
+        yield
+    finally:
+        _Stop.writing = False
+        if _Stop.pending is not None:
+            _Stop.end(_Stop.pending)
 
 
 def _trace(model, cls_id: int, task: Task, cfg):
@@ -144,7 +188,7 @@ def _trace(model, cls_id: int, task: Task, cfg):
     exporter = logging.getLogger("torch")
     level = exporter.level
     # torch logs as it traces: that torchvision's operators are not registered, and (as errors, with tracebacks)
-    # the exceptions it goes on to raise, such as a SIGTERM's; what stops an export is said once, by bertcli
+    # the exceptions it goes on to raise; what stops an export is said once, by bertcli
     exporter.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings(), torch.inference_mode(False):
@@ -153,13 +197,6 @@ def _trace(model, cls_id: int, task: Task, cfg):
                                         input_names=list(INPUTS), output_names=list(task.output_names),
                                         dynamic_shapes=({0: batch, 1: sequence},) * 3, external_data=False,
                                         optimize=True, verbose=False)
-    except Exception as err:  # the exporter reports what stopped it inside its own error: a SIGTERM is said as such
-        cause = err
-        while cause is not None and not isinstance(cause, Interrupted):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise cause from None
-        raise
     finally:
         trunk.packed = True
         exporter.setLevel(level)
@@ -204,7 +241,8 @@ def _save(model, path: Path) -> None:
         onnx.save_model(model, tmp)
         _check_replaceable(path)  # again, just before the rename: nothing of the user's arrived meanwhile
 
-    atomic_write(path, write)
+    with _writing():
+        atomic_write(path, write)
 
 
 def _quantize(graph: Path):
@@ -229,11 +267,18 @@ def _quantize(graph: Path):
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to pre-process the graph, printed through the root logger
     try:
-        with tempfile.TemporaryDirectory(prefix="bertcli-export.") as private:
+        with _writing():  # a signal from here on removes the directory (_Stop.end)
+            private = tempfile.mkdtemp(prefix="bertcli-export.")
+            _Stop.scratch.append(private)
+        try:
             shutil.copyfile(graph, Path(private) / GRAPH)
             quantize_dynamic(str(Path(private) / GRAPH), str(Path(private) / GRAPH_INT8), weight_type=QuantType.QInt8,
                              per_channel=True)
             return onnx.load(str(Path(private) / GRAPH_INT8))
+        finally:
+            with _writing():
+                shutil.rmtree(private, ignore_errors=True)
+                _Stop.scratch.remove(private)
     except OSError as err:
         if err.errno not in STORAGE_ERRORS:
             raise

@@ -34,6 +34,16 @@ def private_cache(tmp_path_factory):
     os.environ["BERTCLI_CACHE"] = str(tmp_path_factory.mktemp("bertcli-cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_reaches_children():
+    """Tests send Ctrl-C (SIGINT) to the commands they start. A shell starts a background job (`pytest &`)
+    with SIGINT ignored, and a child inherits that: Ctrl-C would never reach it. As in a foreground shell."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     return minilm_path()

@@ -246,8 +246,10 @@ def export(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint d
     (pip install 'bertcli[onnx]'). Each graph records the weights it was made from: predict runs it only while
     they are unchanged."""
     from bertcli.export import export as run_export
+    from bertcli.export import stops_cleanly
 
-    run_export(model_dir, int8, say=_err)
+    with stops_cleanly():  # Ctrl-C and SIGTERM: one line, and each graph whole or absent
+        run_export(model_dir, int8, say=_err)
 
 
 @contextlib.contextmanager

@@ -69,7 +69,7 @@ def export(model_dir: Path, int8: bool = False, say=print) -> list[Path]:
     if not os.access(model_dir, os.W_OK):
         raise BertcliError(f"{model_dir}: cannot write into it (permission denied); copy the checkpoint somewhere "
                            "you can write, and export the copy")
-    with hold(model_dir), _stops_cleanly():
+    with hold(model_dir):
         record = fingerprint(model_dir)
         start = time.perf_counter()
         ck = load_checkpoint(model_dir)
@@ -82,10 +82,11 @@ def export(model_dir: Path, int8: bool = False, say=print) -> list[Path]:
         if fingerprint(model_dir) != record:
             raise BertcliError(f"{model_dir}: the checkpoint changed while it was exported; nothing was written")
         _stamp(graph, record, task.name, "fp32")
-        _save(graph, targets[0])
-        say(f"export: {targets[0]} ({targets[0].stat().st_size / 2**20:.1f} MiB; attention fused in {fused} of "
-            f"{ck.config.num_hidden_layers} layers; outputs within {difference:.1e} of the model's) in "
-            f"{time.perf_counter() - start:.1f}s")
+        with _writing():  # a signal now ends the export once the graph is written and said
+            _save(graph, targets[0])
+            say(f"export: {targets[0]} ({targets[0].stat().st_size / 2**20:.1f} MiB; attention fused in {fused} of "
+                f"{ck.config.num_hidden_layers} layers; outputs within {difference:.1e} of the model's) in "
+                f"{time.perf_counter() - start:.1f}s")
         if int8:
             start = time.perf_counter()
             quantized = _quantize(targets[0])
@@ -94,9 +95,10 @@ def export(model_dir: Path, int8: bool = False, say=print) -> list[Path]:
                 raise BertcliError("export: the int8 graph gives scores that are not finite numbers; "
                                    f"{targets[1].name} was not written")
             _stamp(quantized, record, task.name, "int8")
-            _save(quantized, targets[1])
-            say(f"export: {targets[1]} ({targets[1].stat().st_size / 2**20:.1f} MiB, int8 weights; outputs within "
-                f"{difference:.2g} of the model's) in {time.perf_counter() - start:.1f}s")
+            with _writing():
+                _save(quantized, targets[1])
+                say(f"export: {targets[1]} ({targets[1].stat().st_size / 2**20:.1f} MiB, int8 weights; outputs "
+                    f"within {difference:.2g} of the model's) in {time.perf_counter() - start:.1f}s")
     return targets
 
 
@@ -107,14 +109,15 @@ def _check_replaceable(path: Path) -> None:
 
 
 class _Stop:
-    """Ctrl-C (exit 130) and SIGTERM (exit 143) during an export. The handler raises nothing: an exception raised
-    from a signal handler surfaces wherever Python happens to be, and inside torch's exporter or ONNX Runtime that
-    is often under native code, which turned it into another error with its own traceback (exit 1), and once in CI
-    into a crash (SIGSEGV). It ends the process instead (os._exit), once no write is under way: a signal during a
-    write waits for it to end, so a graph is either whole or not there, and the scratch directories registered
-    are removed first. The lock on the checkpoint goes with the process (flock)."""
+    """Ctrl-C (exit 130) and SIGTERM (exit 143) during `bertcli export`: the command installs the handler
+    (stops_cleanly), so a program that calls export() keeps its own. The handler raises nothing: an exception
+    raised from a signal handler surfaces wherever Python happens to be, and inside torch's exporter or ONNX
+    Runtime that is often under native code, which turned it into another error with its own traceback (exit 1),
+    and once in CI into a crash (SIGSEGV). It ends the process instead (os._exit), once no write is under way: a
+    signal during a write waits for it to end, so a graph is either whole or not there, and the scratch
+    directories registered are removed first. The lock on the checkpoint goes with the process (flock)."""
 
-    writing = False
+    writing = 0  # writes under way (nested)
     pending: int | None = None
     scratch: list[str] = []
 
@@ -141,14 +144,15 @@ class _Stop:
 
 
 @contextlib.contextmanager
-def _stops_cleanly():
-    """While an export runs in the main thread, Ctrl-C and SIGTERM end it as _Stop says."""
+def stops_cleanly():
+    """For the length of the block (the export command), Ctrl-C and SIGTERM end the process as _Stop says."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread alone)
         yield
         return
+    _Stop.writing, _Stop.pending, _Stop.scratch = 0, None, []
     # (a signal ignored stays ignored: `bertcli export ... &` from a script leaves Ctrl-C to the foreground)
     previous = {signum: signal.signal(signum, _Stop.handle) for signum in (signal.SIGINT, signal.SIGTERM)
                 if signal.getsignal(signum) is not signal.SIG_IGN}
@@ -162,12 +166,12 @@ def _stops_cleanly():
 @contextlib.contextmanager
 def _writing():
     """A stretch that a signal must not cut: it ends the process after the stretch instead."""
-    _Stop.writing = True
+    _Stop.writing += 1
     try:
         yield
     finally:
-        _Stop.writing = False
-        if _Stop.pending is not None:
+        _Stop.writing -= 1
+        if not _Stop.writing and _Stop.pending is not None:
             _Stop.end(_Stop.pending)
 
 

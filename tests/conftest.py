@@ -40,8 +40,12 @@ def ctrl_c_reaches_children():
     with SIGINT ignored, and a child inherits that: Ctrl-C would never reach it. As in a foreground shell."""
     import signal
 
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(scope="session")

@@ -397,6 +397,42 @@ def test_a_signal_stops_an_export_and_leaves_nothing_half_written(classifier, tm
     assert not list(scratch.glob("bertcli-export.*"))  # nor the int8 step's scratch copies (torch keeps its cache)
 
 
+@pytest.mark.slow
+def test_a_sigterm_during_the_int8_step_removes_its_scratch_copy(classifier, tmp_path):
+    """The signal comes while the int8 step's scratch directory holds its copies (quantize_dynamic made to wait
+    after it has written them): the export ends with exit 143, the fp32 graph whole, no int8 graph, and the
+    scratch directory gone."""
+    import shutil
+    import signal
+
+    model, scratch = tmp_path / "copy", tmp_path / "tmp"
+    shutil.copytree(classifier, model)
+    scratch.mkdir()
+    child = f"""
+import sys, time
+import onnxruntime.quantization as q
+real = q.quantize_dynamic
+def waiting(*args, **kwargs):
+    real(*args, **kwargs)
+    print("quantized", flush=True)
+    time.sleep(60)
+q.quantize_dynamic = waiting
+from bertcli.cli import main
+sys.argv = ["bertcli", "export", {str(model)!r}, "--int8"]
+main()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)})
+    assert proc.stdout.readline() == b"quantized\n", proc.communicate(timeout=120)[1].decode()
+    assert [p.name for p in scratch.glob("bertcli-export.*/*")]  # the copies are there when the signal comes
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 143 and err.splitlines()[-1] == "export: stopped by SIGTERM; nothing more was written", err
+    assert (model / "model.onnx").is_file() and not (model / "model.int8.onnx").exists()
+    assert not list(scratch.glob("bertcli-export.*"))
+    assert not [p.name for p in model.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_a_signal_during_a_write_waits_for_it_and_scratch_goes(tmp_path, monkeypatch):
     """In process, with os._exit caught: the handler defers to the end of a write, then ends the process after
     removing the registered scratch directories (a signal at any other time ends it at once)."""

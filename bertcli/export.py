@@ -245,8 +245,7 @@ def _save(model, path: Path) -> None:
         onnx.save_model(model, tmp)
         _check_replaceable(path)  # again, just before the rename: nothing of the user's arrived meanwhile
 
-    with _writing():
-        atomic_write(path, write)
+    atomic_write(path, write)  # (inside export's _writing stretch, with the line that says it)
 
 
 def _quantize(graph: Path):

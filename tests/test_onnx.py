@@ -398,37 +398,47 @@ def test_a_signal_stops_an_export_and_leaves_nothing_half_written(classifier, tm
 
 
 @pytest.mark.slow
-def test_a_sigterm_during_the_int8_step_removes_its_scratch_copy(classifier, tmp_path):
+@pytest.mark.parametrize("module, function, wait", [("onnxruntime.quantization", "quantize_dynamic", 60),
+                                                     ("onnx", "save_model", 3)], ids=["int8-step", "mid-write"])
+def test_a_sigterm_inside_the_export_leaves_the_graph_whole_and_no_scratch(classifier, tmp_path, module, function,
+                                                                           wait):
     """The signal comes while the int8 step's scratch directory holds its copies (quantize_dynamic made to wait
-    after it has written them): the export ends with exit 143, the fp32 graph whole, no int8 graph, and the
-    scratch directory gone."""
+    after it has written them: the export ends at once), or while the fp32 graph's temporary file is written
+    (onnx.save_model made to wait: the export ends once it is in place). Either way exit 143, the fp32 graph
+    whole, no int8 graph, no temporary file, and the scratch directory gone."""
     import shutil
     import signal
+
+    import onnx
 
     model, scratch = tmp_path / "copy", tmp_path / "tmp"
     shutil.copytree(classifier, model)
     scratch.mkdir()
     child = f"""
-import sys, time
-import onnxruntime.quantization as q
-real = q.quantize_dynamic
+import importlib, sys, time
+target = importlib.import_module({module!r})
+real = getattr(target, {function!r})
 def waiting(*args, **kwargs):
     real(*args, **kwargs)
-    print("quantized", flush=True)
-    time.sleep(60)
-q.quantize_dynamic = waiting
+    print("written", flush=True)
+    time.sleep({wait})
+setattr(target, {function!r}, waiting)
 from bertcli.cli import main
 sys.argv = ["bertcli", "export", {str(model)!r}, "--int8"]
 main()
 """
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)})
-    assert proc.stdout.readline() == b"quantized\n", proc.communicate(timeout=120)[1].decode()
-    assert [p.name for p in scratch.glob("bertcli-export.*/*")]  # the copies are there when the signal comes
+    assert proc.stdout.readline() == b"written\n", proc.communicate(timeout=120)[1].decode()
+    if function == "quantize_dynamic":
+        assert [p.name for p in scratch.glob("bertcli-export.*/*")]  # the copies are there when the signal comes
+    else:
+        assert [p.name for p in model.iterdir() if p.name.endswith(".tmp")]  # and the graph's temporary file
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1].decode()
     assert proc.returncode == 143 and err.splitlines()[-1] == "export: stopped by SIGTERM; nothing more was written", err
-    assert (model / "model.onnx").is_file() and not (model / "model.int8.onnx").exists()
+    onnx.checker.check_model(str(model / "model.onnx"))  # whole
+    assert not (model / "model.int8.onnx").exists()
     assert not list(scratch.glob("bertcli-export.*"))
     assert not [p.name for p in model.iterdir() if p.name.endswith(".tmp")]
 
@@ -456,7 +466,7 @@ def test_a_signal_during_a_write_waits_for_it_and_scratch_goes(tmp_path, monkeyp
     with pytest.raises(Ended) as ended:
         with ex.stops_cleanly():
             ex._Stop.scratch.append(str(scratch))
-            with ex._writing():  # (nested, as a graph's write inside the stretch that also says it)
+            with ex._writing():  # (nested: a count, the signal waits for the outer stretch)
                 with ex._writing():
                     os.kill(os.getpid(), signal.SIGTERM)
                     steps.append("the write went on")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from bertcli.tasks import TASKS, check_segments, check_task_segments, load_task
 from bertcli.tasks.base import Task
 from bertcli.tokenizer import WordPieceTokenizer, load_tokenizer
 from bertcli.rundir import check_apart, claim, precheck
+from bertcli.runtime import device_for
 from bertcli.textio import is_stream
 from bertcli.train import Job, fit, write_metrics
 
@@ -98,6 +100,7 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     directory, lock) is checked before the output directory is touched and before step 1."""
     out = output_dir(recipe, out)
     check_output_apart(recipe, out, source, resume)
+    device_for(recipe.train.precision)  # fp16 on a CPU is refused before the output directory is made
     precheck(out, "run", resume, overwrite)
     tokenizer = recipe_tokenizer(recipe)
     task = TASKS[recipe.task.name](tokenizer, recipe.task, recipe.data.max_seq_len)
@@ -243,6 +246,7 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     if dist.is_initialized() and dist.get_world_size() > 1 and streams:  # every rank reads the data
         raise BertcliError(f"{streams[0]}: a pipe can be read only once, and each of the "
                            f"{dist.get_world_size()} processes reads the data; save it to a file first")
+    device_for(recipe.train.precision, int(os.environ.get("LOCAL_RANK", 0)))  # before the output directory is made
     if rank == 0:
         precheck(out, "run", resume, overwrite)
     tokenizer = recipe_tokenizer(recipe)

@@ -76,7 +76,7 @@ class TrainConfig:
     # with model.teacher: loss = alpha x soft loss (KL to the teacher at distill_temperature, x T^2)
     # + (1 - alpha) x the task's loss
     distill_alpha: float = 0.5
-    distill_temperature: float = 2.0
+    distill_temperature: float = 2.0  # 0.1 to 100
     # with model.teacher: plus distill_hidden x the squared difference between the student's layers and
     # the teacher's at the same relative depth (bertcli/distill.py); 0: off
     distill_hidden: float = 0.0
@@ -572,8 +572,9 @@ def _check_values(recipe: Recipe, task_known: bool) -> list[str]:
             problems.append(f"model.teacher: {task.name} does not learn from a teacher (classify, ner and qa do)")
     if not 0 <= t.distill_alpha <= 1:
         problems.append(f"train.distill_alpha: must be in [0, 1], got {t.distill_alpha}")
-    if not 0 < t.distill_temperature <= 100:
-        problems.append(f"train.distill_temperature: must be greater than 0 and at most 100, got {t.distill_temperature}")
+    if not 0.1 <= t.distill_temperature <= 100:  # below 0.1 the teacher's distributions are its argmax, and T^2
+        # scales the term to nothing (1e-30) or the logits / T overflow (1e-300)
+        problems.append(f"train.distill_temperature: must be at least 0.1 and at most 100, got {t.distill_temperature}")
     if not 0 <= t.distill_hidden <= 1000:
         problems.append(f"train.distill_hidden: must be in [0, 1000], got {t.distill_hidden}")
     elif t.distill_hidden and m.teacher is None:

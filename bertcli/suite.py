@@ -47,20 +47,67 @@ class Point:
     values: dict[str, str] = field(default_factory=dict)  # this point's values of the swept keys
 
 
+# what a sweep's runs are scored by: runs ranked against each other must be scored the same way
+FIXED_IN_SWEEP = ("task", "data.eval")
+
+
+def _split_values(values: str) -> list[str]:
+    """`V1,V2,...` split at the commas outside brackets: `[0,2,4],[0,1,2]` is two lists."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(values):
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
+        if char == "," and depth <= 0:
+            parts.append(values[start:i])
+            start = i + 1
+    return [v.strip() for v in [*parts, values[start:]]]
+
+
+def _meaning(value: str) -> str:
+    """A value as --set reads it (YAML, numbers as the recipe reads them), to tell values apart: 1e-3,
+    0.001 and 1.0e-3 are the same learning rate."""
+    from bertcli.recipes import safe_yaml
+
+    def number(v: Any) -> Any:
+        if isinstance(v, list):
+            return [number(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): number(x) for k, x in v.items()}
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, str):
+            with contextlib.suppress(ValueError):
+                return float(v)  # YAML reads 1e-3 as a string; the recipe as a number
+        return v
+
+    try:
+        return json.dumps(number(safe_yaml(value)), sort_keys=True, default=str)
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError, OverflowError):
+        return value
+
+
 def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
     """`KEY=V1,V2,...` options as (key, values) axes, each value as written (a --set value)."""
     axes: list[tuple[str, list[str]]] = []
     for item in sweeps:
         key, sep, values = item.partition("=")
         key = key.strip()
-        choices = [v.strip() for v in values.split(",")]
+        choices = _split_values(values)
         if not sep or not key or not all(choices):
             raise BertcliError(f"--sweep {item!r}: expected KEY=V1,V2,... (e.g. --sweep train.lr=2e-5,3e-5,5e-5), "
                                "with no empty value")
+        fixed = next((f for f in FIXED_IN_SWEEP if key == f or key.startswith(f + ".")), None)
+        if fixed is not None:
+            raise BertcliError(f"--sweep {key}: a sweep ranks its runs against each other, so each is scored the same "
+                               f"way on the same data: {fixed}{'.*' if fixed == 'task' else ''} stays fixed within a "
+                               "sweep; give it with --set, or run one sweep per value")
         if key in (k for k, _ in axes):
             raise BertcliError(f"--sweep {key}: given twice; list all its values in one --sweep")
-        if len(set(choices)) != len(choices):
-            raise BertcliError(f"--sweep {key}: a value is listed twice")
+        meanings = [_meaning(v) for v in choices]
+        twice = next((v for i, v in enumerate(choices) if meanings[i] in meanings[:i]), None)
+        if twice is not None:
+            raise BertcliError(f"--sweep {key}: a value is listed twice ({choices[meanings.index(_meaning(twice))]} and "
+                               f"{twice} are the same)" if choices.count(twice) == 1 else
+                               f"--sweep {key}: a value is listed twice ({twice})")
         axes.append((key, choices))
     return axes
 
@@ -82,6 +129,8 @@ def _point_names(axes: list[tuple[str, list[str]]], grid: list[dict[str, str]]) 
 def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[Point]:
     """Every run of the suite, its recipe loaded and checked now: a problem in any of them is reported
     before the first run starts (all at once)."""
+    from bertcli.runtime import device_for
+
     axes = parse_sweeps(sweeps)
     runs = len(sources) * math.prod(len(v) for _, v in axes)
     if runs > MAX_POINTS:
@@ -115,6 +164,11 @@ def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[P
                 errors.append(f"{source}: task.name {recipe.task.name} is trained by `bertcli {recipe.task.command}`; "
                               "a suite holds fine-tuning recipes")
                 break
+            try:
+                device_for(recipe.train.precision)  # this machine runs it (fp16 needs a GPU)
+            except BertcliError as err:
+                errors.append(f"{source}: {err}")
+                break
             path = "/".join(n for n in (group if len(sources) > 1 else "", name if axes else "") if n)
             points.append(Point(path, group, Path(source), recipe, values))
     if errors:
@@ -140,12 +194,20 @@ ADDED_KEYS: dict[str, Any] = {"model.init_layers": [], "model.teacher": None, "t
 def _recipe_change(path: Path, recipe: Recipe) -> str | None:
     """How the recipe saved in a run directory differs from `recipe` ('train.lr: 2e-05 then, 3e-05
     now'), or None when it is the same (or none was saved yet)."""
+    from bertcli.recipes import MAX_RECIPE_BYTES, safe_yaml
+
     try:
-        saved = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8"))
+        with open(path / "recipe.yaml", "rb") as f:
+            text = f.read(MAX_RECIPE_BYTES + 1)
+        if len(text) > MAX_RECIPE_BYTES:
+            return f"its recipe.yaml is over {MAX_RECIPE_BYTES:,} bytes"
+        saved = safe_yaml(text.decode("utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        return f"its recipe.yaml cannot be read ({err})"
+        return f"its recipe.yaml cannot be read ({str(err).splitlines()[0]})"
+    if not isinstance(saved, dict):
+        return "its recipe.yaml is not a mapping of sections"
 
     def flat(value: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict):
@@ -161,6 +223,38 @@ def _recipe_change(path: Path, recipe: Recipe) -> str | None:
         if then.get(key) != now.get(key):
             return f"{key}: {json.dumps(then.get(key))} then, {json.dumps(now.get(key))} now"
     return None
+
+
+MAX_METRICS_BYTES = 1 << 20  # a run's metrics.json holds a few numbers
+
+
+def finished_metrics(path: Path, point: Point) -> dict[str, Any]:
+    """A finished run's metrics.json, which the suite keeps and ranks: an object whose numbers are finite,
+    its headline metrics numbers; anything else is refused, naming the file."""
+    where = path / "metrics.json"
+    problem = None
+    try:
+        with open(where, "rb") as f:
+            data = f.read(MAX_METRICS_BYTES + 1)
+        metrics = json.loads(data) if len(data) <= MAX_METRICS_BYTES else None
+        if metrics is None:
+            problem = f"over {MAX_METRICS_BYTES:,} bytes"
+        elif not isinstance(metrics, dict):
+            problem = "not a JSON object"
+        elif any(isinstance(v, float) and not math.isfinite(v) for v in metrics.values()):
+            problem = "a value that is not a finite number"
+        else:
+            odd = next((m for m in point.recipe.task.headline_metrics() if f"eval_{m}" in metrics and (
+                isinstance(metrics[f"eval_{m}"], bool) or not isinstance(metrics[f"eval_{m}"], (int, float)))), None)
+            problem = None if odd is None else f"eval_{odd} is not a number"
+    except OSError as err:
+        problem = f"cannot be read: {err.strerror}"
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = f"not JSON ({str(err).splitlines()[0][:100]})"
+    if problem is not None:
+        raise BertcliError(f"{where}: {problem}, so the run's result cannot be kept; run it again with --overwrite, "
+                           "or choose another --out")
+    return metrics
 
 
 def real_directories(path: Path, out: Path) -> None:
@@ -194,6 +288,7 @@ def _action(path: Path, out: Path, point: Point, resume: bool, overwrite: bool) 
         raise BertcliError(f"{path}: was run with another recipe ({change}); run it again with --overwrite, or "
                            "choose another --out")
     if (path / "metrics.json").is_file():
+        finished_metrics(path, point)  # read now: one that cannot be is refused before any run starts
         return "done"
     if (path / "resume.pt").is_file():
         precheck(path, "run", resume=True)
@@ -221,15 +316,17 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
 
     check_apart(out, [item for p in points for item in recipe_inputs(p.recipe, p.source)])
     precheck(out, "suite", resume, overwrite)
+    middles = [out / m for m in sorted({str(Path(p.name).parent) for p in points} - {"."})]  # a sweep per recipe
+    again = {path: path.is_dir() and any(path.iterdir()) for path in middles}
+    for path in middles:  # refused now, before claiming `out` changes anything in it
+        precheck(path, "suite", resume=again[path] and resume, overwrite=again[path] and overwrite)
     actions = [_action(out / p.name, out, p, resume and (out / p.name).exists(), overwrite) for p in points]
     earlier = _read_summary(out) if resume else {}
     rows: list[dict] = []
     with contextlib.ExitStack() as held:
         held.enter_context(claim(out, "suite", resume, overwrite))
-        for middle in sorted({str(Path(p.name).parent) for p in points} - {"."}):  # a sweep per recipe
-            path = out / middle
-            again = path.exists() and any(path.iterdir())
-            held.enter_context(claim(path, "suite", resume=again and resume, overwrite=again and overwrite))
+        for path in middles:
+            held.enter_context(claim(path, "suite", resume=again[path] and resume, overwrite=again[path] and overwrite))
         for number, (point, action) in enumerate(zip(points, actions), start=1):
             if stop.is_set():
                 _write_summary(out, points, rows)
@@ -242,8 +339,7 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
             row = {"name": point.name, "recipe": str(point.source), "group": point.group, "values": point.values,
                    "headline": list(point.recipe.task.headline_metrics())}
             if action == "done":
-                metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
-                row.update(metrics=metrics, seconds=earlier.get(point.name, {}).get("seconds"))
+                row.update(metrics=finished_metrics(path, point), seconds=earlier.get(point.name, {}).get("seconds"))
             else:
                 start = time.perf_counter()
                 try:
@@ -271,9 +367,14 @@ def _read_summary(out: Path) -> dict[str, dict]:
     """The rows of an earlier suite.json by run name (for the times of runs kept as they were)."""
     try:
         found = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
-        return {r["name"]: r for r in found["runs"] if isinstance(r, dict) and isinstance(r.get("name"), str)}
+        rows = {r["name"]: r for r in found["runs"] if isinstance(r, dict) and isinstance(r.get("name"), str)}
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return {}
+    for row in rows.values():  # a time that is not a finite number of seconds is not shown
+        seconds = row.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < 1e9:
+            row["seconds"] = None
+    return rows
 
 
 def _write_summary(out: Path, points: list[Point], rows: list[dict]) -> dict:

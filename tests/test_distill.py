@@ -103,6 +103,7 @@ def test_a_teacher_that_does_not_fit_is_refused_before_training(tiny_classifier_
         (["model.init_layers=[0,5]"], "model.init_layers: .* has layers 0..1, not 5"),
         (["model.init_layers=[1,0]"], "model.init_layers: layer numbers from 0, each once, in order"),
         (["train.distill_alpha=1.5"], "train.distill_alpha: must be in \\[0, 1\\]"),
+        (["train.distill_temperature=1e-30"], "train.distill_temperature: must be at least 0.1"),  # T^2 is 0 in fp32
         (["task.name=regression", "task.label_column=label"], "model.teacher: regression does not learn from a teacher"),
     ]:
         with pytest.raises(BertcliError, match=message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from bertcli.errors import BertcliError, Interrupted
@@ -313,3 +315,79 @@ def test_a_single_run_into_a_running_suite_is_refused(recipes, tmp_path):
         holder.kill()
         holder.wait()
     claim(out / "seed=2", "run", resume=True).release()  # once the suite has ended
+
+
+def test_a_refused_overwrite_leaves_the_suite_as_it_was(recipes, tmp_path):
+    """A sweep per recipe over a suite of single runs: each recipe's directory holds a run, not a sweep,
+    and the refusal comes before the suite's own files (suite.json) are touched."""
+    out = tmp_path / "suite"
+    _suite(recipes, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(BertcliError, match="sentiment: holds a bertcli run, not a bertcli suite or sweep"):
+        _suite(recipes, out, sweeps=["train.seed=1,2"], overwrite=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("file, text, message", [
+    ("metrics.json", "[]", "metrics.json: not a JSON object"),
+    ("metrics.json", '{"eval_accuracy": 0.5', "metrics.json: not JSON"),
+    ("metrics.json", '{"eval_accuracy": "high"}', "metrics.json: eval_accuracy is not a number"),
+    ("metrics.json", '{"eval_accuracy": 1e400}', "metrics.json: a value that is not a finite number"),
+    ("recipe.yaml", "a: " + "[" * 5000 + "]" * 5000, "its recipe.yaml cannot be read \\(nested more than 32 levels"),
+    ("recipe.yaml", "- 1\n", "its recipe.yaml is not a mapping of sections"),
+], ids=["list", "cut", "text", "infinite", "deep", "not-a-mapping"])
+def test_a_finished_run_that_cannot_be_kept_is_refused_before_any_run(recipes, tmp_path, file, text, message):
+    out = tmp_path / "sweep"
+    _suite(recipes[:1], out, sweeps=["train.seed=1"])
+    (out / "seed=1" / file).write_text(text, encoding="utf-8")
+    with pytest.raises(BertcliError, match=message):
+        _suite(recipes[:1], out, sweeps=["train.seed=1,2"], resume=True)
+    assert not (out / "seed=2").exists()
+
+
+def test_times_in_suite_json_that_are_not_seconds_are_not_shown(recipes, tmp_path):
+    from bertcli.suite import render
+
+    out = tmp_path / "sweep"
+    _suite(recipes[:1], out, sweeps=["train.seed=1"])
+    summary = json.loads((out / "suite.json").read_text())
+    summary["runs"][0]["seconds"] = "x"
+    (out / "suite.json").write_text(json.dumps(summary))
+    again = _suite(recipes[:1], out, sweeps=["train.seed=1,2"], resume=True)
+    assert again["runs"][0]["seconds"] is None and isinstance(again["runs"][1]["seconds"], float)
+    assert "seed=2" in render(again)
+
+
+def test_sweep_values_are_split_outside_brackets_and_told_apart_by_what_they_mean():
+    from bertcli.suite import parse_sweeps
+
+    assert parse_sweeps(["model.init_layers=[0,2,4],[0, 1]", "train.lr=1e-3,2e-3"]) == [
+        ("model.init_layers", ["[0,2,4]", "[0, 1]"]), ("train.lr", ["1e-3", "2e-3"])]
+    for values, shown in [("1e-3,0.001", "1e-3 and 0.001 are the same"), ("2,2.0", "2 and 2.0 are the same"),
+                          ("[0,2],[0, 2]", "[0,2] and [0, 2] are the same"), ("1e-3,1e-3", "1e-3")]:
+        with pytest.raises(BertcliError, match=re.escape(f"a value is listed twice ({shown})")):
+            parse_sweeps([f"train.lr={values}"])
+
+
+@pytest.mark.parametrize("key", ["task.headline", "task.positive_label", "task.name", "data.eval"])
+def test_what_scores_a_sweep_is_not_swept(key):
+    from bertcli.suite import parse_sweeps
+
+    with pytest.raises(BertcliError, match=f"--sweep {key}: a sweep ranks its runs against each other"):
+        parse_sweeps([f"{key}=a,b"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a GPU")
+def test_fp16_on_a_cpu_is_refused_before_an_output_directory_is_made(recipes, tmp_path):
+    from bertcli.jobs import finetune
+    from bertcli.recipes import load_recipe
+    from bertcli.suite import plan
+
+    with pytest.raises(BertcliError, match="fp16 needs a CUDA GPU"):
+        finetune(load_recipe(recipes[0], ["train.precision=fp16"]), tmp_path / "run", resume=False, overwrite=False)
+    assert not (tmp_path / "run").exists()
+    fast = yaml.safe_load(recipes[1].read_text())
+    fast["train"]["precision"] = "fp16"
+    (tmp_path / "fast.yaml").write_text(yaml.safe_dump(fast), encoding="utf-8")
+    with pytest.raises(BertcliError, match="fast.yaml: train.precision: fp16 needs a CUDA GPU"):
+        plan([recipes[0], tmp_path / "fast.yaml"], [], [])  # before the first run, not when its turn comes

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from bertcli.errors import BertcliError
 from bertcli.rundir import LOCK, MARKER
 from conftest import REVIEWS, ROOT, run_cli, write_recipe
 
@@ -864,3 +865,26 @@ def test_finetune_under_torchrun_is_refused_before_any_process_writes(tiny_class
         assert not (tmp_path / "out").exists()
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: a plain run
     assert run_cli("finetune", str(recipe), "--out", str(tmp_path / "out")).returncode == 0
+
+
+def test_a_directory_holding_only_bertcli_s_marker_and_lock_is_taken_again_as_new(tmp_path):
+    """A command that failed after making its directory and before writing a file (a device it cannot
+    use, say) leaves nothing to keep: the same command runs there again without --overwrite."""
+    from bertcli.rundir import claim
+
+    out = tmp_path / "run"
+    with claim(out, "run"):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, MARKER])
+    with claim(out, "run"):
+        pass
+    with pytest.raises(BertcliError, match="nothing to resume"):
+        claim(out, "run", resume=True)
+    with pytest.raises(BertcliError, match="holds a bertcli run, not"):  # another kind's directory still refused
+        claim(out, "tokenizer")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(BertcliError, match="already exists"):
+        claim(out, "run")
+    with pytest.raises(BertcliError, match=r"holds files bertcli did not write \(notes.txt\)"):
+        claim(out, "run", overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"

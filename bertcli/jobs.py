@@ -94,14 +94,11 @@ def training_memory(keep: bool) -> None:
         keep_freed_memory()
 
 
-def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, source: Path | None = None,
-             keep_memory: bool = False) -> dict:
-    """Fine-tune as the recipe says. Everything that can be checked (data, labels, model, output
-    directory, lock) is checked before the output directory is touched and before step 1."""
-    out = output_dir(recipe, out)
-    check_output_apart(recipe, out, source, resume)
-    device_for(recipe.train.precision)  # fp16 on a CPU is refused before the output directory is made
-    precheck(out, "run", resume, overwrite)
+def prepare(recipe: Recipe):
+    """What a fine-tuning run needs before its first step, each part checked: the task, its training and
+    eval examples, the model (and the line that says what it is), and the loss (with model.teacher, the
+    distilled one). Reads the data and loads the checkpoints; writes nothing (a suite checks each of its
+    runs with it before the first starts)."""
     tokenizer = recipe_tokenizer(recipe)
     task = TASKS[recipe.task.name](tokenizer, recipe.task, recipe.data.max_seq_len)
     train_examples = [e for path in recipe.data.train for e in task.read(path)]
@@ -156,6 +153,18 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
 
         loss = distilled
 
+    return task, train_examples, eval_examples, model, loaded, loss
+
+
+def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, source: Path | None = None,
+             keep_memory: bool = False) -> dict:
+    """Fine-tune as the recipe says. Everything that can be checked (data, labels, model, output
+    directory, lock) is checked before the output directory is touched and before step 1."""
+    out = output_dir(recipe, out)
+    check_output_apart(recipe, out, source, resume)
+    device_for(recipe.train.precision)  # fp16 on a CPU is refused before the output directory is made
+    precheck(out, "run", resume, overwrite)
+    task, train_examples, eval_examples, model, loaded, loss = prepare(recipe)
     features = task.encode(train_examples)
     with claim(out, "run", resume, overwrite):
         say(loaded)
@@ -167,7 +176,7 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
             return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
         def save(m, directory):
-            save_checkpoint(directory, m, task.architecture, tokenizer, task.labels or None,
+            save_checkpoint(directory, m, task.architecture, task.tokenizer, task.labels or None,
                             task=saved_task(task, recipe.data.max_seq_len), problem_type=task.problem_type)
 
         job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features],

@@ -321,6 +321,7 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
     for path in middles:  # refused now, before claiming `out` changes anything in it
         precheck(path, "suite", resume=again[path] and resume, overwrite=again[path] and overwrite)
     actions = [_action(out / p.name, out, p, resume and (out / p.name).exists(), overwrite) for p in points]
+    check_runs(points, actions, stop)
     earlier = _read_summary(out) if resume else {}
     rows: list[dict] = []
     with contextlib.ExitStack() as held:
@@ -361,6 +362,29 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
     if failed:
         summary["failed"] = len(failed)
     return summary
+
+
+def check_runs(points: list[Point], actions: list[str], stop) -> None:
+    """Each run that will train, prepared as its turn will prepare it (its data read, its checkpoint, layers
+    and teacher loaded and checked), then dropped: what does not fit is said before the first run starts,
+    not hours into the suite. A run that reads a pipe is left to its turn (a pipe is read once)."""
+    from bertcli.jobs import prepare, say
+
+    todo = [p for p, a in zip(points, actions) if a != "done" and not any(
+        is_stream(Path(f)) for f in (*p.recipe.data.train, *p.recipe.data.eval))]
+    if len(todo) > 1:
+        say(f"checking {len(todo)} runs before the first starts")
+    errors = []
+    for point in todo:
+        if stop.is_set():
+            raise Interrupted(f"{signal.Signals(stop.signum).name} while checking the runs; nothing was run",
+                              128 + stop.signum)
+        try:
+            prepare(point.recipe)
+        except BertcliError as err:
+            errors.append(f"{point.name}: {err}")
+    if errors:
+        raise BertcliError("\n".join(errors))
 
 
 def _read_summary(out: Path) -> dict[str, dict]:

@@ -391,3 +391,22 @@ def test_fp16_on_a_cpu_is_refused_before_an_output_directory_is_made(recipes, tm
     (tmp_path / "fast.yaml").write_text(yaml.safe_dump(fast), encoding="utf-8")
     with pytest.raises(BertcliError, match="fast.yaml: train.precision: fp16 needs a CUDA GPU"):
         plan([recipes[0], tmp_path / "fast.yaml"], [], [])  # before the first run, not when its turn comes
+
+
+def test_what_a_later_run_reads_is_checked_before_the_first_run_starts(recipes, tmp_path, tiny_classifier_dir):
+    """Its data's labels and its checkpoint's layers (a teacher likewise, jobs.prepare): found before any run
+    trains, all at once."""
+    (tmp_path / "odd.tsv").write_text("sentence\tlabel\nthe film\tmeh\n", encoding="utf-8")
+    odd = yaml.safe_load(recipes[0].read_text())
+    odd["data"]["eval"] = str(tmp_path / "odd.tsv")
+    (tmp_path / "odd.yaml").write_text(yaml.safe_dump(odd), encoding="utf-8")
+    deep = yaml.safe_load(recipes[1].read_text())  # layers its checkpoint does not have
+    deep["model"] = {"init": str(tiny_classifier_dir), "init_layers": [0, 5]}
+    (tmp_path / "deep.yaml").write_text(yaml.safe_dump(deep), encoding="utf-8")
+    out = tmp_path / "suite"
+    with pytest.raises(BertcliError) as caught:
+        _suite([recipes[0], tmp_path / "odd.yaml", tmp_path / "deep.yaml"], out)
+    message = str(caught.value)
+    assert "odd: " in message and "label 'meh' is not one the model knows" in message, message
+    assert "deep: " in message and "model.init_layers" in message, message
+    assert not (out / "sentiment").exists() and not (out / "suite.json").exists()

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
 import signal
 import time
@@ -321,6 +322,8 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
     for path in middles:  # refused now, before claiming `out` changes anything in it
         precheck(path, "suite", resume=again[path] and resume, overwrite=again[path] and overwrite)
     actions = [_action(out / p.name, out, p, resume and (out / p.name).exists(), overwrite) for p in points]
+    if resume:
+        _check_directory(out, points)
     check_runs(points, actions, stop)
     earlier = _read_summary(out) if resume else {}
     rows: list[dict] = []
@@ -387,6 +390,33 @@ def check_runs(points: list[Point], actions: list[str], stop) -> None:
         raise BertcliError("\n".join(errors))
 
 
+def _check_directory(out: Path, points: list[Point]) -> None:
+    """A suite resumed from another working directory than it started in, whose recipes name relative
+    paths, would read other files than its finished runs did (and rank them together): refused."""
+    from bertcli.jobs import recipe_inputs
+
+    try:
+        started = json.loads((out / SUMMARY).read_text(encoding="utf-8")).get("directory")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return  # none yet (killed in its first run), or written before suites said where they started
+    here = _working_directory()
+    if not isinstance(started, str) or here is None or Path(started) == Path(here):
+        return
+    relative = next(((k, v) for p in points for k, v in recipe_inputs(p.recipe, None)
+                     if k != "recipe" and v is not None and not Path(v).is_absolute()), None)
+    if relative is not None:
+        raise BertcliError(f"{out}: the suite started in {started}, and its recipes name relative paths "
+                           f"({relative[0]}: {relative[1]}), which from {here} may be other files: "
+                           f"resume it from {started}")
+
+
+def _working_directory() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # removed while the suite ran
+        return None
+
+
 def _read_summary(out: Path) -> dict[str, dict]:
     """The rows of an earlier suite.json by run name (for the times of runs kept as they were)."""
     try:
@@ -412,7 +442,8 @@ def _write_summary(out: Path, points: list[Point], rows: list[dict]) -> dict:
             best[group] = max(scored, key=lambda r: r["score"])
     average = sum(r["score"] for r in best.values()) / len(groups) if len(best) == len(groups) else None
     best = {group: r["name"] for group, r in best.items()}
-    summary = {"runs": rows, "best": best, "average": average, "planned": len(points)}
+    summary = {"runs": rows, "best": best, "average": average, "planned": len(points),
+               "directory": _working_directory()}
     atomic_write_text(out / SUMMARY, finite_json(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
 

@@ -410,3 +410,21 @@ def test_what_a_later_run_reads_is_checked_before_the_first_run_starts(recipes, 
     assert "odd: " in message and "label 'meh' is not one the model knows" in message, message
     assert "deep: " in message and "model.init_layers" in message, message
     assert not (out / "sentiment").exists() and not (out / "suite.json").exists()
+
+
+def test_a_suite_of_relative_paths_resumes_only_where_it_started(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    for place, rows in (("a", REVIEWS), ("b", "sentence\tlabel\nother words\tpos\nand more\tneg\n")):
+        (tmp_path / place).mkdir()
+        (tmp_path / place / "reviews.tsv").write_text(rows, encoding="utf-8")
+    recipe = write_recipe(tmp_path / "sentiment.yaml", {"name": "classify"},
+                          {"train": "reviews.tsv", "eval": "reviews.tsv", "max_seq_len": 16}, {"max_steps": 1},
+                          tokenizer=tiny_tokenizer_dir)
+    out = tmp_path / "sweep"
+    monkeypatch.chdir(tmp_path / "a")
+    _suite([recipe], out, sweeps=["train.seed=1"])
+    monkeypatch.chdir(tmp_path / "b")  # the same names, other files
+    with pytest.raises(BertcliError, match=f"the suite started in {tmp_path / 'a'}.*data.train: reviews.tsv"):
+        _suite([recipe], out, sweeps=["train.seed=1,2"], resume=True)
+    assert not (out / "seed=2").exists()
+    monkeypatch.chdir(tmp_path / "a")
+    assert len(_suite([recipe], out, sweeps=["train.seed=1,2"], resume=True)["runs"]) == 2

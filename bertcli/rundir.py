@@ -329,12 +329,13 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
         names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     except OSError as err:
         raise BertcliError(f"{out}: cannot read the output directory: {err.strerror}") from None
-    if not [n for n in names if not (n == LOCK and _own_lock(out) or n == MARKER and marked_kind(out) == kind)]:
-        # missing or empty, or holding bertcli's lock and marker alone (killed before its marker, or a command
-        # that failed before it wrote a file: nothing in it to keep)
+    bare = [n for n in names if n != LOCK or not _own_lock(out)]
+    if not bare:  # missing or empty (a lock alone: killed before its marker)
         if resume:
             raise BertcliError(f"{out}: nothing to resume" + (" (no resume.pt)" if kind == "run" else ""))
         return
+    if bare == [MARKER] and marked_kind(out) == kind and not resume:
+        return  # bertcli's marker and lock alone: a command that failed before it wrote a file left nothing to keep
     found = marked_kind(out)
     if found is None and resume and kind == "run" and "resume.pt" in names and all(
             is_own(kind, p) for p in out.iterdir()):

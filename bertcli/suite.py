@@ -49,7 +49,8 @@ class Point:
 
 
 # what a sweep's runs are scored by: runs ranked against each other must be scored the same way
-FIXED_IN_SWEEP = ("task", "data.eval")
+FIXED_IN_SWEEP = ("task.name", "task.headline", "task.positive_label", "task.labels", "task.label_column",
+                  "data.eval")
 
 
 def _split_values(values: str) -> list[str]:
@@ -57,9 +58,14 @@ def _split_values(values: str) -> list[str]:
     parts, depth, start = [], 0, 0
     for i, char in enumerate(values):
         depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
-        if char == "," and depth <= 0:
+        if depth < 0:
+            break
+        if char == "," and depth == 0:
             parts.append(values[start:i])
             start = i + 1
+    if depth != 0:
+        raise BertcliError(f"--sweep values {values!r}: unbalanced brackets; each list value is written whole, "
+                           "e.g. [0,2,4],[1,3,5]")
     return [v.strip() for v in [*parts, values[start:]]]
 
 
@@ -73,8 +79,10 @@ def _meaning(value: str) -> str:
             return [number(x) for x in v]
         if isinstance(v, dict):
             return {str(k): number(x) for k, x in v.items()}
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return float(v) if abs(v) <= 2 ** 53 else v  # 2 and 2.0 alike; larger integers exactly
+        if isinstance(v, float):
+            return v
         if isinstance(v, str):
             with contextlib.suppress(ValueError):
                 return float(v)  # YAML reads 1e-3 as a string; the recipe as a number
@@ -96,11 +104,10 @@ def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
         if not sep or not key or not all(choices):
             raise BertcliError(f"--sweep {item!r}: expected KEY=V1,V2,... (e.g. --sweep train.lr=2e-5,3e-5,5e-5), "
                                "with no empty value")
-        fixed = next((f for f in FIXED_IN_SWEEP if key == f or key.startswith(f + ".")), None)
-        if fixed is not None:
+        if key in FIXED_IN_SWEEP:
             raise BertcliError(f"--sweep {key}: a sweep ranks its runs against each other, so each is scored the same "
-                               f"way on the same data: {fixed}{'.*' if fixed == 'task' else ''} stays fixed within a "
-                               "sweep; give it with --set, or run one sweep per value")
+                               f"way on the same data: {', '.join(FIXED_IN_SWEEP)} stay fixed within a sweep; give "
+                               "it with --set, or run one sweep per value")
         if key in (k for k, _ in axes):
             raise BertcliError(f"--sweep {key}: given twice; list all its values in one --sweep")
         meanings = [_meaning(v) for v in choices]
@@ -227,6 +234,7 @@ def _recipe_change(path: Path, recipe: Recipe) -> str | None:
 
 
 MAX_METRICS_BYTES = 1 << 20  # a run's metrics.json holds a few numbers
+MAX_SUMMARY_BYTES = 64 << 20  # suite.json: a row of a few hundred bytes for each of at most MAX_POINTS runs
 
 
 def finished_metrics(path: Path, point: Point) -> dict[str, Any]:
@@ -235,14 +243,12 @@ def finished_metrics(path: Path, point: Point) -> dict[str, Any]:
     where = path / "metrics.json"
     problem = None
     try:
-        with open(where, "rb") as f:
-            data = f.read(MAX_METRICS_BYTES + 1)
-        metrics = json.loads(data) if len(data) <= MAX_METRICS_BYTES else None
+        metrics = _read_json(where, MAX_METRICS_BYTES)
         if metrics is None:
             problem = f"over {MAX_METRICS_BYTES:,} bytes"
         elif not isinstance(metrics, dict):
             problem = "not a JSON object"
-        elif any(isinstance(v, float) and not math.isfinite(v) for v in metrics.values()):
+        elif any(isinstance(v, (int, float)) and not isinstance(v, bool) and not _finite(v) for v in metrics.values()):
             problem = "a value that is not a finite number"
         else:
             odd = next((m for m in point.recipe.task.headline_metrics() if f"eval_{m}" in metrics and (
@@ -256,6 +262,20 @@ def finished_metrics(path: Path, point: Point) -> dict[str, Any]:
         raise BertcliError(f"{where}: {problem}, so the run's result cannot be kept; run it again with --overwrite, "
                            "or choose another --out")
     return metrics
+
+
+def _read_json(path: Path, limit: int) -> Any:
+    """A JSON file of bertcli's, read up to `limit` bytes (None beyond them)."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    return json.loads(data) if len(data) <= limit else None
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer of hundreds of digits
+        return False
 
 
 def real_directories(path: Path, out: Path) -> None:
@@ -373,12 +393,17 @@ def check_runs(points: list[Point], actions: list[str], stop) -> None:
     not hours into the suite. A run that reads a pipe is left to its turn (a pipe is read once)."""
     from bertcli.jobs import prepare, say
 
-    todo = [p for p, a in zip(points, actions) if a != "done" and not any(
-        is_stream(Path(f)) for f in (*p.recipe.data.train, *p.recipe.data.eval))]
-    if len(todo) > 1:
-        say(f"checking {len(todo)} runs before the first starts")
+    unique: dict[str, Point] = {}  # points that differ in the learning rate, say, read the same: checked once
+    for point, action in zip(points, actions):
+        if action == "done" or any(is_stream(Path(f)) for f in (*point.recipe.data.train, *point.recipe.data.eval)):
+            continue
+        read = recipe_to_dict(point.recipe)  # what prepare reads: of train.*, the teacher's losses alone
+        read["train"] = {k: v for k, v in read["train"].items() if k.startswith("distill_")}
+        unique.setdefault(json.dumps(read, sort_keys=True, default=str), point)
+    if len(unique) > 1:
+        say(f"checking what {len(unique)} runs read before the first starts")
     errors = []
-    for point in todo:
+    for point in unique.values():
         if stop.is_set():
             raise Interrupted(f"{signal.Signals(stop.signum).name} while checking the runs; nothing was run",
                               128 + stop.signum)
@@ -396,18 +421,25 @@ def _check_directory(out: Path, points: list[Point]) -> None:
     from bertcli.jobs import recipe_inputs
 
     try:
-        started = json.loads((out / SUMMARY).read_text(encoding="utf-8")).get("directory")
+        started = _read_json(out / SUMMARY, MAX_SUMMARY_BYTES).get("directory")
     except (OSError, ValueError, AttributeError, RecursionError):
         return  # none yet (killed in its first run), or written before suites said where they started
     here = _working_directory()
     if not isinstance(started, str) or here is None or Path(started) == Path(here):
         return
-    relative = next(((k, v) for p in points for k, v in recipe_inputs(p.recipe, None)
-                     if k != "recipe" and v is not None and not Path(v).is_absolute()), None)
-    if relative is not None:
-        raise BertcliError(f"{out}: the suite started in {started}, and its recipes name relative paths "
-                           f"({relative[0]}: {relative[1]}), which from {here} may be other files: "
-                           f"resume it from {started}")
+    for point in points:
+        for key, value in recipe_inputs(point.recipe, None):
+            if key == "recipe" or value is None or Path(value).is_absolute():
+                continue
+            then, now = Path(started) / value, Path(value)
+            try:
+                other = then.exists() and now.exists() and not then.samefile(now)
+            except OSError:
+                other = False
+            if other:  # shown to be another file (a project moved or mounted elsewhere is not refused)
+                raise BertcliError(f"{out}: the suite started in {started}, and its recipes name relative paths: "
+                                   f"{key}: {value} is {then} there, another file than from {here}; resume it "
+                                   f"from {started}")
 
 
 def _working_directory() -> str | None:
@@ -420,7 +452,7 @@ def _working_directory() -> str | None:
 def _read_summary(out: Path) -> dict[str, dict]:
     """The rows of an earlier suite.json by run name (for the times of runs kept as they were)."""
     try:
-        found = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
+        found = _read_json(out / SUMMARY, MAX_SUMMARY_BYTES)
         rows = {r["name"]: r for r in found["runs"] if isinstance(r, dict) and isinstance(r.get("name"), str)}
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return {}

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from bertcli.errors import BertcliError, Interrupted
+from bertcli.rundir import LOCK, MARKER
 from conftest import REVIEWS, ROOT, run_cli, write_recipe
 
 SIMILAR = ("sentence1\tsentence2\tscore\n" + "the film is good\tthe film is fine\t4.5\n"
@@ -333,9 +334,10 @@ def test_a_refused_overwrite_leaves_the_suite_as_it_was(recipes, tmp_path):
     ("metrics.json", '{"eval_accuracy": 0.5', "metrics.json: not JSON"),
     ("metrics.json", '{"eval_accuracy": "high"}', "metrics.json: eval_accuracy is not a number"),
     ("metrics.json", '{"eval_accuracy": 1e400}', "metrics.json: a value that is not a finite number"),
+    ("metrics.json", '{"eval_accuracy": 1' + "0" * 400 + "}", "metrics.json: a value that is not a finite number"),
     ("recipe.yaml", "a: " + "[" * 5000 + "]" * 5000, "its recipe.yaml cannot be read \\(nested more than 32 levels"),
     ("recipe.yaml", "- 1\n", "its recipe.yaml is not a mapping of sections"),
-], ids=["list", "cut", "text", "infinite", "deep", "not-a-mapping"])
+], ids=["list", "cut", "text", "infinite", "huge-integer", "deep", "not-a-mapping"])
 def test_a_finished_run_that_cannot_be_kept_is_refused_before_any_run(recipes, tmp_path, file, text, message):
     out = tmp_path / "sweep"
     _suite(recipes[:1], out, sweeps=["train.seed=1"])
@@ -367,6 +369,11 @@ def test_sweep_values_are_split_outside_brackets_and_told_apart_by_what_they_mea
                           ("[0,2],[0, 2]", "[0,2] and [0, 2] are the same"), ("1e-3,1e-3", "1e-3")]:
         with pytest.raises(BertcliError, match=re.escape(f"a value is listed twice ({shown})")):
             parse_sweeps([f"train.lr={values}"])
+    assert parse_sweeps(["train.seed=9007199254740993,9007199254740992"])[0][1] == ["9007199254740993",
+                                                                                     "9007199254740992"]
+    for values in ("[1e-5,2e-5", "1e-5],[2e-5,3e-5]"):
+        with pytest.raises(BertcliError, match="unbalanced brackets"):
+            parse_sweeps([f"train.lr={values}"])
 
 
 @pytest.mark.parametrize("key", ["task.headline", "task.positive_label", "task.name", "data.eval"])
@@ -375,6 +382,7 @@ def test_what_scores_a_sweep_is_not_swept(key):
 
     with pytest.raises(BertcliError, match=f"--sweep {key}: a sweep ranks its runs against each other"):
         parse_sweeps([f"{key}=a,b"])
+    assert parse_sweeps(["task.doc_stride=64,128"]) == [("task.doc_stride", ["64", "128"])]  # it shapes training alone
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a GPU")
@@ -410,6 +418,9 @@ def test_what_a_later_run_reads_is_checked_before_the_first_run_starts(recipes, 
     assert "odd: " in message and "label 'meh' is not one the model knows" in message, message
     assert "deep: " in message and "model.init_layers" in message, message
     assert not (out / "sentiment").exists() and not (out / "suite.json").exists()
+    with pytest.raises(BertcliError) as caught:  # points that read the same are checked (and reported) once
+        _suite([tmp_path / "odd.yaml"], tmp_path / "sweep", sweeps=["train.lr=1e-3,2e-3,3e-3"])
+    assert str(caught.value).count("label 'meh'") == 1 and str(caught.value).startswith("lr=1e-3: ")
 
 
 def test_a_suite_of_relative_paths_resumes_only_where_it_started(tmp_path, tiny_tokenizer_dir, monkeypatch):
@@ -426,5 +437,28 @@ def test_a_suite_of_relative_paths_resumes_only_where_it_started(tmp_path, tiny_
     with pytest.raises(BertcliError, match=f"the suite started in {tmp_path / 'a'}.*data.train: reviews.tsv"):
         _suite([recipe], out, sweeps=["train.seed=1,2"], resume=True)
     assert not (out / "seed=2").exists()
-    monkeypatch.chdir(tmp_path / "a")
+    (tmp_path / "a").rename(tmp_path / "moved")  # the project moved: nothing shows the files differ
+    monkeypatch.chdir(tmp_path / "moved")
     assert len(_suite([recipe], out, sweeps=["train.seed=1,2"], resume=True)["runs"]) == 2
+
+
+def test_a_sweep_per_recipe_stopped_before_its_last_recipe_started_resumes(recipes, tmp_path, monkeypatch):
+    """The last recipe's sweep directory holds bertcli's marker and lock alone: --resume takes it as it is."""
+    import bertcli.jobs
+
+    real, calls = bertcli.jobs.finetune, []
+
+    def stopped_second(recipe, out, *args, **kwargs):
+        calls.append(out.name)
+        if len(calls) == 2:
+            raise Interrupted("SIGINT at step 1: saved", 130)
+        return real(recipe, out, *args, **kwargs)
+
+    monkeypatch.setattr(bertcli.jobs, "finetune", stopped_second)
+    with pytest.raises(Interrupted, match="1 of 4 runs finished"):
+        _suite(recipes, tmp_path / "suite", sweeps=["train.seed=1,2"])
+    assert sorted(p.name for p in (tmp_path / "suite" / "similar").iterdir()) == sorted([LOCK, MARKER])
+    summary = _suite(recipes, tmp_path / "suite", sweeps=["train.seed=1,2"], resume=True)
+    assert [r["name"] for r in summary["runs"]] == ["sentiment/seed=1", "sentiment/seed=2", "similar/seed=1",
+                                                    "similar/seed=2"]
+    assert calls == ["seed=1", "seed=2", "seed=2", "seed=1", "seed=2"]

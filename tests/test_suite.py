@@ -92,19 +92,24 @@ def test_the_best_run_of_each_recipe_and_their_average_are_marked(recipes, tmp_p
     assert _write_summary(tmp_path / "s", points, rows[:3])["average"] is None  # a recipe without a score yet
 
 
-def test_an_interrupted_suite_resumes_without_running_finished_runs_again(recipes, tmp_path, monkeypatch):
+def _stop_the_second_run(monkeypatch) -> list[str]:
+    """finetune as it is, but its second call stops as Ctrl-C stops a run; returns the names of the runs called."""
     import bertcli.jobs
 
-    real = bertcli.jobs.finetune
-    calls = []
+    real, calls = bertcli.jobs.finetune, []
 
-    def interrupted_second(recipe, out, *args, **kwargs):
+    def stopped_second(recipe, out, *args, **kwargs):
         calls.append(out.name)
         if len(calls) == 2:
             raise Interrupted("SIGINT at step 1: saved", 130)
         return real(recipe, out, *args, **kwargs)
 
-    monkeypatch.setattr(bertcli.jobs, "finetune", interrupted_second)
+    monkeypatch.setattr(bertcli.jobs, "finetune", stopped_second)
+    return calls
+
+
+def test_an_interrupted_suite_resumes_without_running_finished_runs_again(recipes, tmp_path, monkeypatch):
+    calls = _stop_the_second_run(monkeypatch)
     with pytest.raises(Interrupted, match="1 of 2 runs finished; the same command with --resume continues it"):
         _suite(recipes, tmp_path / "suite")
     assert [r["name"] for r in json.loads((tmp_path / "suite" / "suite.json").read_text())["runs"]] == ["sentiment"]
@@ -444,17 +449,7 @@ def test_a_suite_of_relative_paths_resumes_only_where_it_started(tmp_path, tiny_
 
 def test_a_sweep_per_recipe_stopped_before_its_last_recipe_started_resumes(recipes, tmp_path, monkeypatch):
     """The last recipe's sweep directory holds bertcli's marker and lock alone: --resume takes it as it is."""
-    import bertcli.jobs
-
-    real, calls = bertcli.jobs.finetune, []
-
-    def stopped_second(recipe, out, *args, **kwargs):
-        calls.append(out.name)
-        if len(calls) == 2:
-            raise Interrupted("SIGINT at step 1: saved", 130)
-        return real(recipe, out, *args, **kwargs)
-
-    monkeypatch.setattr(bertcli.jobs, "finetune", stopped_second)
+    calls = _stop_the_second_run(monkeypatch)
     with pytest.raises(Interrupted, match="1 of 4 runs finished"):
         _suite(recipes, tmp_path / "suite", sweeps=["train.seed=1,2"])
     assert sorted(p.name for p in (tmp_path / "suite" / "similar").iterdir()) == sorted([LOCK, MARKER])

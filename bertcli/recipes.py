@@ -141,7 +141,7 @@ def resolve_path(text: str) -> str:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override, type-check and validate a recipe; raise RecipeError listing every problem."""
     source = str(path)
-    raw = _read_yaml(Path(path), source)
+    raw = read_yaml(Path(path), source)
     problems: list[str] = []
     for item in overrides:
         _apply_override(raw, item, problems)
@@ -238,7 +238,8 @@ def safe_yaml(text: str) -> Any:
     return value
 
 
-def _read_yaml(path: Path, source: str) -> dict[str, Any]:
+def read_yaml(path: Path, source: str) -> dict[str, Any]:
+    """A recipe file's mapping of sections, read with bounds (size, nesting, aliases); RecipeError otherwise."""
     if not path.exists():
         raise RecipeError(source, ["file not found"])
     if path.is_dir():

@@ -111,11 +111,11 @@ def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
         if key in (k for k, _ in axes):
             raise BertcliError(f"--sweep {key}: given twice; list all its values in one --sweep")
         meanings = [_meaning(v) for v in choices]
-        twice = next((v for i, v in enumerate(choices) if meanings[i] in meanings[:i]), None)
+        twice = next((i for i, m in enumerate(meanings) if m in meanings[:i]), None)
         if twice is not None:
-            raise BertcliError(f"--sweep {key}: a value is listed twice ({choices[meanings.index(_meaning(twice))]} and "
-                               f"{twice} are the same)" if choices.count(twice) == 1 else
-                               f"--sweep {key}: a value is listed twice ({twice})")
+            first, again = choices[meanings.index(meanings[twice])], choices[twice]
+            raise BertcliError(f"--sweep {key}: a value is listed twice ("
+                               + (first if first == again else f"{first} and {again} are the same") + ")")
         axes.append((key, choices))
     return axes
 
@@ -202,20 +202,14 @@ ADDED_KEYS: dict[str, Any] = {"model.init_layers": [], "model.teacher": None, "t
 def _recipe_change(path: Path, recipe: Recipe) -> str | None:
     """How the recipe saved in a run directory differs from `recipe` ('train.lr: 2e-05 then, 3e-05
     now'), or None when it is the same (or none was saved yet)."""
-    from bertcli.recipes import MAX_RECIPE_BYTES, safe_yaml
+    from bertcli.recipes import read_yaml
 
-    try:
-        with open(path / "recipe.yaml", "rb") as f:
-            text = f.read(MAX_RECIPE_BYTES + 1)
-        if len(text) > MAX_RECIPE_BYTES:
-            return f"its recipe.yaml is over {MAX_RECIPE_BYTES:,} bytes"
-        saved = safe_yaml(text.decode("utf-8"))
-    except FileNotFoundError:
+    if not (path / "recipe.yaml").exists():
         return None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        return f"its recipe.yaml cannot be read ({str(err).splitlines()[0]})"
-    if not isinstance(saved, dict):
-        return "its recipe.yaml is not a mapping of sections"
+    try:
+        saved = read_yaml(path / "recipe.yaml", str(path / "recipe.yaml"))
+    except RecipeError as err:
+        return f"its recipe.yaml cannot be read ({err.problems[0]})"
 
     def flat(value: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict):
@@ -309,7 +303,6 @@ def _action(path: Path, out: Path, point: Point, resume: bool, overwrite: bool) 
         raise BertcliError(f"{path}: was run with another recipe ({change}); run it again with --overwrite, or "
                            "choose another --out")
     if (path / "metrics.json").is_file():
-        finished_metrics(path, point)  # read now: one that cannot be is refused before any run starts
         return "done"
     if (path / "resume.pt").is_file():
         precheck(path, "run", resume=True)
@@ -342,10 +335,13 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
     for path in middles:  # refused now, before claiming `out` changes anything in it
         precheck(path, "suite", resume=again[path] and resume, overwrite=again[path] and overwrite)
     actions = [_action(out / p.name, out, p, resume and (out / p.name).exists(), overwrite) for p in points]
-    if resume:
-        _check_directory(out, points)
+    kept = {p.name: finished_metrics(out / p.name, p) for p, a in zip(points, actions) if a == "done"}  # read now:
+    # one that cannot be is refused before any run starts
+    found = _read_json_or_none(out / SUMMARY, MAX_SUMMARY_BYTES) if resume else None  # the earlier suite.json
+    earlier = _earlier_rows(found)
+    if isinstance(found, dict):
+        _check_directory(out, found.get("directory"), points)
     check_runs(points, actions, stop)
-    earlier = _read_summary(out) if resume else {}
     rows: list[dict] = []
     with contextlib.ExitStack() as held:
         held.enter_context(claim(out, "suite", resume, overwrite))
@@ -363,7 +359,7 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
             row = {"name": point.name, "recipe": str(point.source), "group": point.group, "values": point.values,
                    "headline": list(point.recipe.task.headline_metrics())}
             if action == "done":
-                row.update(metrics=finished_metrics(path, point), seconds=earlier.get(point.name, {}).get("seconds"))
+                row.update(metrics=kept[point.name], seconds=earlier.get(point.name, {}).get("seconds"))
             else:
                 start = time.perf_counter()
                 try:
@@ -415,15 +411,12 @@ def check_runs(points: list[Point], actions: list[str], stop) -> None:
         raise BertcliError("\n".join(errors))
 
 
-def _check_directory(out: Path, points: list[Point]) -> None:
-    """A suite resumed from another working directory than it started in, whose recipes name relative
-    paths, would read other files than its finished runs did (and rank them together): refused."""
+def _check_directory(out: Path, started: Any, points: list[Point]) -> None:
+    """A suite resumed from another working directory than it started in (`started`, from its suite.json;
+    None when written before suites said), whose recipes name relative paths, would read other files than
+    its finished runs did (and rank them together): refused."""
     from bertcli.jobs import recipe_inputs
 
-    try:
-        started = _read_json(out / SUMMARY, MAX_SUMMARY_BYTES).get("directory")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return  # none yet (killed in its first run), or written before suites said where they started
     here = _working_directory()
     if not isinstance(started, str) or here is None or Path(started) == Path(here):
         return
@@ -449,12 +442,19 @@ def _working_directory() -> str | None:
         return None
 
 
-def _read_summary(out: Path) -> dict[str, dict]:
+def _read_json_or_none(path: Path, limit: int) -> Any:
+    """An earlier file of the suite's own, or None when it is missing or cannot be read (it is not kept)."""
+    try:
+        return _read_json(path, limit)
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _earlier_rows(summary: Any) -> dict[str, dict]:
     """The rows of an earlier suite.json by run name (for the times of runs kept as they were)."""
     try:
-        found = _read_json(out / SUMMARY, MAX_SUMMARY_BYTES)
-        rows = {r["name"]: r for r in found["runs"] if isinstance(r, dict) and isinstance(r.get("name"), str)}
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        rows = {r["name"]: r for r in summary["runs"] if isinstance(r, dict) and isinstance(r.get("name"), str)}
+    except (KeyError, TypeError):
         return {}
     for row in rows.values():  # a time that is not a finite number of seconds is not shown
         seconds = row.get("seconds")

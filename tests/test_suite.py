@@ -340,8 +340,8 @@ def test_a_refused_overwrite_leaves_the_suite_as_it_was(recipes, tmp_path):
     ("metrics.json", '{"eval_accuracy": "high"}', "metrics.json: eval_accuracy is not a number"),
     ("metrics.json", '{"eval_accuracy": 1e400}', "metrics.json: a value that is not a finite number"),
     ("metrics.json", '{"eval_accuracy": 1' + "0" * 400 + "}", "metrics.json: a value that is not a finite number"),
-    ("recipe.yaml", "a: " + "[" * 5000 + "]" * 5000, "its recipe.yaml cannot be read \\(nested more than 32 levels"),
-    ("recipe.yaml", "- 1\n", "its recipe.yaml is not a mapping of sections"),
+    ("recipe.yaml", "a: " + "[" * 5000 + "]" * 5000, "its recipe.yaml cannot be read \\(YAML refused: nested more than 32 levels"),
+    ("recipe.yaml", "- 1\n", "its recipe.yaml cannot be read \\(expected a mapping of sections"),
 ], ids=["list", "cut", "text", "infinite", "huge-integer", "deep", "not-a-mapping"])
 def test_a_finished_run_that_cannot_be_kept_is_refused_before_any_run(recipes, tmp_path, file, text, message):
     out = tmp_path / "sweep"

@@ -307,7 +307,7 @@ def _holder(directory: Path) -> int:
 def _refuse_inside_running_suite(out: Path) -> None:
     """A directory inside a suite that another process is running is that suite's to write (its lock
     covers its runs): a second command there would change a run under the suite's feet."""
-    for parent in out.parents[:2]:  # a suite's run, or a run of a sweep inside a suite
+    for parent in Path(os.path.realpath(out)).parents:  # at any depth, however the path is written
         if marked_kind(parent) != "suite" or not _own_lock(parent):
             continue
         holder = _holder(parent)
@@ -360,6 +360,9 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
         flag = "--resume" if resume else replacing
         raise BertcliError(f"{out}: {flag} refused: it holds files bertcli did not write ({shown}); they are "
                            "kept, and so is everything else: move them away, or choose another --out")
+    if resume and kind == "run" and bare == [MARKER]:
+        raise BertcliError(f"{out}: nothing to resume: the command before stopped before it wrote a file; run it "
+                           "again without --resume")
     if resume and kind == "run" and "resume.pt" not in names:
         raise BertcliError(f"{out}: nothing to resume (no resume.pt); start afresh with --overwrite")
     if resume and kind == "shards" and "index.json" in names:

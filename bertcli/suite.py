@@ -54,15 +54,29 @@ FIXED_IN_SWEEP = ("task.name", "task.headline", "task.positive_label", "task.lab
 
 
 def _split_values(values: str) -> list[str]:
-    """`V1,V2,...` split at the commas outside brackets: `[0,2,4],[0,1,2]` is two lists."""
-    parts, depth, start = [], 0, 0
+    """`V1,V2,...` split at the commas outside brackets and quotes: `[0,2,4],[0,1,2]` is two lists,
+    `'a,b.tsv',c.tsv` two files (quotes as YAML reads them: '' inside single quotes, \\" inside double)."""
+    parts, depth, start, quote, escaped = [], 0, 0, "", False
     for i, char in enumerate(values):
+        if quote:  # inside quotes nothing splits
+            if escaped:  # the character after \\ in double quotes, or the second ' of '' in single quotes
+                escaped = False
+            elif char == quote and not (quote == "'" and values[i + 1:i + 2] == "'"):
+                quote = ""
+            else:
+                escaped = char == "\\" and quote == '"' or char == "'" == quote
+            continue
+        if char in "'\"" and values[:i].rstrip()[-1:] in ("", ",", "[", "{", ":"):  # a quote opens a value: it's stays plain
+            quote = char
+            continue
         depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
         if depth < 0:
             break
         if char == "," and depth == 0:
             parts.append(values[start:i])
             start = i + 1
+    if quote:
+        raise BertcliError(f"--sweep values {values!r}: a quote ({quote}) is not closed")
     if depth != 0:
         raise BertcliError(f"--sweep values {values!r}: unbalanced brackets; each list value is written whole, "
                            "e.g. [0,2,4],[1,3,5]")
@@ -134,6 +148,10 @@ def _point_names(axes: list[tuple[str, list[str]]], grid: list[dict[str, str]]) 
     return names
 
 
+def _shown(values: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
 def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[Point]:
     """Every run of the suite, its recipe loaded and checked now: a problem in any of them is reported
     before the first run starts (all at once)."""
@@ -165,7 +183,7 @@ def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[P
             try:
                 recipe = load_recipe(source, [*overrides, *(f"{k}={v}" for k, v in values.items())])
             except RecipeError as err:
-                where = f" (--sweep {', '.join(f'{k}={v}' for k, v in values.items())})" if values else ""
+                where = f" (--sweep {_shown(values)})" if values else ""
                 errors.append(f"{err}{where}")
                 break  # the same problem would come back at every point
             if recipe.task.command != "finetune":
@@ -176,6 +194,11 @@ def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[P
                 device_for(recipe.train.precision)  # this machine runs it (fp16 needs a GPU)
             except BertcliError as err:
                 errors.append(f"{source}: {err}")
+                break
+            same = next((p for p in points if p.source == Path(source) and p.recipe == recipe), None)
+            if same is not None:  # values written differently that read the same (0 and [0] as layers)
+                errors.append(f"{source}: --sweep {_shown(same.values)} and {_shown(values)} give the same recipe; "
+                              "list each value once")
                 break
             path = "/".join(n for n in (group if len(sources) > 1 else "", name if axes else "") if n)
             points.append(Point(path, group, Path(source), recipe, values))

@@ -304,7 +304,7 @@ def test_a_stop_request_inside_another_starts_with_its_signal():
         outer.release()
 
 
-def test_a_single_run_into_a_running_suite_is_refused(recipes, tmp_path):
+def test_a_single_run_into_a_running_suite_is_refused(recipes, tmp_path, monkeypatch):
     from bertcli.rundir import claim
 
     out = tmp_path / "suite"
@@ -317,6 +317,12 @@ def test_a_single_run_into_a_running_suite_is_refused(recipes, tmp_path):
         assert holder.stdout.readline().strip() == b"held"
         with pytest.raises(BertcliError, match=rf"lies in the suite .*, which another bertcli process \(pid {holder.pid}\)"):
             claim(out / "seed=2", "run", resume=True)
+        (tmp_path / "link").symlink_to(out / "seed=2")
+        monkeypatch.chdir(out / "seed=1")
+        for deeper in (out / "seed=2" / "a" / "b" / "c", Path("x"), tmp_path / "link" / "y"):
+            with pytest.raises(BertcliError, match="lies in the suite"):
+                claim(deeper, "run", resume=False)
+            assert not Path(os.path.abspath(deeper)).exists()
     finally:
         holder.kill()
         holder.wait()
@@ -379,6 +385,19 @@ def test_sweep_values_are_split_outside_brackets_and_told_apart_by_what_they_mea
     for values in ("[1e-5,2e-5", "1e-5],[2e-5,3e-5]"):
         with pytest.raises(BertcliError, match="unbalanced brackets"):
             parse_sweeps([f"train.lr={values}"])
+    assert parse_sweeps(["""data.train='a,b.tsv',"c,\\"d.tsv",it's.tsv,'it''s,e.tsv',['f,g.tsv', h.tsv]"""]) == [
+        ("data.train", ["'a,b.tsv'", '"c,\\"d.tsv"', "it's.tsv", "'it''s,e.tsv'", "['f,g.tsv', h.tsv]"])]
+    with pytest.raises(BertcliError, match=re.escape("a quote (') is not closed")):
+        parse_sweeps(["data.train='a.tsv,b.tsv"])
+
+
+def test_sweep_values_written_differently_that_give_the_same_recipe_are_refused(recipes, tmp_path):
+    from bertcli.suite import plan
+
+    data = yaml.safe_load(recipes[0].read_text())["data"]["train"]
+    with pytest.raises(BertcliError, match="give the same recipe"):
+        plan(recipes[:1], [], [f"data.train={data},[{data}]"])  # one file, and a list of that one file
+    assert not (tmp_path / "suite").exists()
 
 
 @pytest.mark.parametrize("key", ["task.headline", "task.positive_label", "task.name", "data.eval"])

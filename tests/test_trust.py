@@ -878,7 +878,7 @@ def test_a_directory_holding_only_bertcli_s_marker_and_lock_is_taken_again_as_ne
     assert sorted(p.name for p in out.iterdir()) == sorted([LOCK, MARKER])
     with claim(out, "run"):
         pass
-    with pytest.raises(BertcliError, match="nothing to resume"):
+    with pytest.raises(BertcliError, match="nothing to resume: the command before stopped before it wrote a file; run it again"):
         claim(out, "run", resume=True)
     with pytest.raises(BertcliError, match="holds a bertcli run, not"):  # another kind's directory still refused
         claim(out, "tokenizer")
@@ -888,3 +888,13 @@ def test_a_directory_holding_only_bertcli_s_marker_and_lock_is_taken_again_as_ne
     with pytest.raises(BertcliError, match=r"holds files bertcli did not write \(notes.txt\)"):
         claim(out, "run", overwrite=True)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_output_path_through_a_loop_of_symbolic_links_is_one_message(tmp_path):
+    from bertcli.rundir import claim
+
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for kind in ("run", "suite", "tokenizer"):
+        with pytest.raises(BertcliError, match="symbolic links"):
+            claim(tmp_path / "a" / "x", kind)

@@ -25,9 +25,10 @@ def evaluate(model_dir: Path, data: Path, batch_size: int = 64, precision: str =
 def check_outputs(out: Path | None, report: Path | None, inputs: list[Path]) -> None:
     """--out names a file whose directory exists; --report a directory (or a path to make one);
     neither may be one of the inputs or inside the model directory's own files."""
-    from bertcli.rundir import check_apart, inside, precheck, resolved
+    from bertcli.rundir import check_apart, inside, precheck, refuse_inside_running_suite, resolved
 
     if out is not None:
+        refuse_inside_running_suite(out)
         if out.is_dir():
             raise BertcliError(f"--out {out}: is a directory; name a file, e.g. {out / 'metrics.json'}")
         if not out.parent.is_dir():

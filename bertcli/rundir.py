@@ -187,7 +187,7 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
         raise BertcliError("--resume and --overwrite exclude each other")
     if not wait:  # (bertcli's own cache waits for its writer and looks only then)
         _refuse_if_locked(out)
-        _refuse_inside_running_suite(out)
+        refuse_inside_running_suite(out)
         _check_state(out, kind, resume, overwrite, replacing)  # before anything is created
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +253,7 @@ def hold(directory: Path) -> Claim:
             os.close(fd)
             raise
         return Claim(directory, fd)
-    _refuse_inside_running_suite(directory)
+    refuse_inside_running_suite(directory)
     held = Claim(directory, _take_lock(directory, wait=False, instead="wait for it to end"))
     try:
         for entry in sorted(directory.iterdir()):
@@ -270,7 +270,7 @@ def precheck(out: Path, kind: str, resume: bool = False, overwrite: bool = False
     if resume and overwrite:
         raise BertcliError("--resume and --overwrite exclude each other")
     _refuse_if_locked(out)
-    _refuse_inside_running_suite(out)
+    refuse_inside_running_suite(out)
     _check_state(out, kind, resume, overwrite, replacing)
 
 
@@ -304,7 +304,7 @@ def _holder(directory: Path) -> int:
         os.close(fd)
 
 
-def _refuse_inside_running_suite(out: Path) -> None:
+def refuse_inside_running_suite(out: Path) -> None:
     """A directory inside a suite that another process is running is that suite's to write (its lock
     covers its runs): a second command there would change a run under the suite's feet."""
     for parent in Path(os.path.realpath(out)).parents:  # at any depth, however the path is written

@@ -29,7 +29,7 @@ import yaml
 from bertcli.errors import BertcliError, Interrupted, RecipeError
 from bertcli.fileio import atomic_write_text, finite_json
 from bertcli.recipes import Recipe, load_recipe, recipe_to_dict
-from bertcli.rundir import check_apart, claim, marked_kind, precheck
+from bertcli.rundir import check_apart, claim, marked_kind, precheck, resolved
 from bertcli.textio import is_stream
 
 SUMMARY = "suite.json"
@@ -118,7 +118,9 @@ def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
         if not sep or not key or not all(choices):
             raise BertcliError(f"--sweep {item!r}: expected KEY=V1,V2,... (e.g. --sweep train.lr=2e-5,3e-5,5e-5), "
                                "with no empty value")
-        if key in FIXED_IN_SWEEP:
+        if len(choices) > MAX_POINTS:
+            raise BertcliError(f"--sweep {key}: {len(choices):,} values; at most {MAX_POINTS:,} runs in one suite")
+        if any(f == key or f.startswith(f"{key}.") for f in FIXED_IN_SWEEP):  # the key, or a section holding it
             raise BertcliError(f"--sweep {key}: a sweep ranks its runs against each other, so each is scored the same "
                                f"way on the same data: {', '.join(FIXED_IN_SWEEP)} stay fixed within a sweep; give "
                                "it with --set, or run one sweep per value")
@@ -143,7 +145,11 @@ def _point_names(axes: list[tuple[str, list[str]]], grid: list[dict[str, str]]) 
              for values in grid]
     names = [n if len(n) <= MAX_NAME else f"{n[:MAX_NAME - 13]}-{hashlib.sha256(n.encode()).hexdigest()[:12]}"
              for n in names]  # a file name holds 255 bytes
-    if len(set(names)) != len(names):  # values that differ only in replaced characters
+    if len(set(names)) != len(names):  # values that differ only in replaced characters: those names (alone)
+        altered = [any(re.search(r"[^A-Za-z0-9._+-]", v) for v in values.values()) for values in grid]
+        names = [f"{n[:MAX_NAME - 13]}-{hashlib.sha256(json.dumps(values).encode()).hexdigest()[:12]}"
+                 if changed and names.count(n) > 1 else n for n, changed, values in zip(names, altered, grid)]
+    if len(set(names)) != len(names):  # (kept for names still alike: a value spelt like another's hash)
         names = [f"{i + 1:03d}-{n}" for i, n in enumerate(names)]
     return names
 
@@ -195,16 +201,47 @@ def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[P
             except BertcliError as err:
                 errors.append(f"{source}: {err}")
                 break
-            same = next((p for p in points if p.source == Path(source) and p.recipe == recipe), None)
+            same = next((p for p in points if p.source == Path(source) and _runs_as(p.recipe) == _runs_as(recipe)),
+                        None)
             if same is not None:  # values written differently that read the same (0 and [0] as layers)
                 errors.append(f"{source}: --sweep {_shown(same.values)} and {_shown(values)} give the same recipe; "
                               "list each value once")
                 break
             path = "/".join(n for n in (group if len(sources) > 1 else "", name if axes else "") if n)
             points.append(Point(path, group, Path(source), recipe, values))
+    readers: dict[Path, tuple[str, list[str]]] = {}  # each pipe (/dev/stdin and /proc/self/fd/0 alike): its runs
+    for point in points:
+        pipes = {resolved(f): f for f in (*point.recipe.data.train, *point.recipe.data.eval) if is_stream(Path(f))}
+        for path, written in pipes.items():
+            readers.setdefault(path, (written, []))[1].append(point.name)
+    errors += [f"{written}: a pipe can be read only once, and {len(names)} runs read it ({', '.join(names[:3])}"
+               f"{', ...' if len(names) > 3 else ''}); save it to a file first"
+               for written, names in readers.values() if len(names) > 1]
     if errors:
         raise BertcliError("\n".join(errors))
     return points
+
+
+def _runs_as(recipe: Recipe) -> str:
+    """What a suite's run of the recipe does, to tell runs apart however their values are written: a
+    file by the file it names (train.tsv, ./train.tsv), a time budget in seconds (30m, 1800s); the
+    recipe's `output` is not one (a suite names each run's directory)."""
+    from bertcli.recipes import parse_duration
+
+    def canonical(value: Any) -> Any:
+        if isinstance(value, list):
+            return [canonical(v) for v in value]
+        if isinstance(value, dict):
+            return {k: canonical(v) for k, v in value.items()}
+        if isinstance(value, str) and os.path.exists(value):
+            return str(resolved(value))
+        return value
+
+    runs = canonical(recipe_to_dict(recipe))
+    runs.pop("output", None)
+    if runs["train"].get("time_budget") is not None:
+        runs["train"]["time_budget"] = parse_duration(runs["train"]["time_budget"])
+    return json.dumps(runs, sort_keys=True, default=str)
 
 
 def score(point: Point, metrics: dict[str, Any]) -> float | None:

@@ -305,6 +305,7 @@ def test_a_stop_request_inside_another_starts_with_its_signal():
 
 
 def test_a_single_run_into_a_running_suite_is_refused(recipes, tmp_path, monkeypatch):
+    from bertcli.evaluate import check_outputs
     from bertcli.rundir import claim
 
     out = tmp_path / "suite"
@@ -323,6 +324,9 @@ def test_a_single_run_into_a_running_suite_is_refused(recipes, tmp_path, monkeyp
             with pytest.raises(BertcliError, match="lies in the suite"):
                 claim(deeper, "run", resume=False)
             assert not Path(os.path.abspath(deeper)).exists()
+        for metrics in (out / "eval.json", out / "seed=2" / "eval.json"):  # evaluate --out FILE
+            with pytest.raises(BertcliError, match="lies in the suite"):
+                check_outputs(metrics, None, [tmp_path / "elsewhere", recipes[0]])
     finally:
         holder.kill()
         holder.wait()
@@ -394,13 +398,41 @@ def test_sweep_values_are_split_outside_brackets_and_told_apart_by_what_they_mea
 def test_sweep_values_written_differently_that_give_the_same_recipe_are_refused(recipes, tmp_path):
     from bertcli.suite import plan
 
-    data = yaml.safe_load(recipes[0].read_text())["data"]["train"]
-    with pytest.raises(BertcliError, match="give the same recipe"):
-        plan(recipes[:1], [], [f"data.train={data},[{data}]"])  # one file, and a list of that one file
-    assert not (tmp_path / "suite").exists()
+    data = Path(yaml.safe_load(recipes[0].read_text())["data"]["train"])
+    (tmp_path / "link.tsv").symlink_to(data)
+    for sweep in (f"data.train={data},[{data}]",  # one file, and a list of that one file
+                  f"data.train={data},{data.parent}/./{data.name},{tmp_path / 'link.tsv'}",
+                  "train.time_budget=30m,1800s", "output=a,b"):
+        with pytest.raises(BertcliError, match="give the same recipe"):
+            plan(recipes[:1], [], [sweep])
+    assert len(plan(recipes[:1], [], ["train.time_budget=30m,31m"])) == 2
 
 
-@pytest.mark.parametrize("key", ["task.headline", "task.positive_label", "task.name", "data.eval"])
+def test_a_pipe_that_several_runs_would_read_is_refused_before_any_run(recipes, tmp_path):
+    from bertcli.suite import plan
+
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(BertcliError, match="a pipe can be read only once, and 2 runs read it"):
+        plan(recipes[:1], [f"data.train={tmp_path / 'fifo'}"], ["train.lr=1e-3,2e-3"])
+    with pytest.raises(BertcliError, match="a pipe can be read only once, and 2 runs read it"):
+        plan(recipes, [f"data.eval={tmp_path / 'fifo'}"], [])
+    assert len(plan(recipes[:1], [f"data.train={tmp_path / 'fifo'}"], [])) == 1  # one run reads it once
+
+
+def test_a_value_added_on_resume_keeps_the_names_of_the_runs_before():
+    from bertcli.suite import _point_names
+
+    def names(values):
+        axes = [("data.train", values)]
+        return _point_names(axes, [{"data.train": v} for v in values])
+
+    before = names(["a_b.tsv", "train.tsv"])
+    after = names(["a_b.tsv", "train.tsv", "a b.tsv", "a+b.tsv", "a/b.tsv"])
+    assert after[:2] == before == ["train=a_b.tsv", "train=train.tsv"]
+    assert len(set(after)) == 5 and after[2].startswith("train=a_b.tsv-") and after[3] == "train=a+b.tsv"
+
+
+@pytest.mark.parametrize("key", ["task.headline", "task.positive_label", "task.name", "data.eval", "task", "data"])
 def test_what_scores_a_sweep_is_not_swept(key):
     from bertcli.suite import parse_sweeps
 

@@ -307,7 +307,7 @@ def _holder(directory: Path) -> int:
 def refuse_inside_running_suite(out: Path) -> None:
     """A directory inside a suite that another process is running is that suite's to write (its lock
     covers its runs): a second command there would change a run under the suite's feet."""
-    for parent in Path(os.path.realpath(out)).parents:  # at any depth, however the path is written
+    for parent in resolved(out).parents:  # at any depth, however the path is written
         if marked_kind(parent) != "suite" or not _own_lock(parent):
             continue
         holder = _holder(parent)

@@ -20,7 +20,7 @@ import os
 import re
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ def _split_values(values: str) -> list[str]:
             else:
                 escaped = char == "\\" and quote == '"' or char == "'" == quote
             continue
-        if char in "'\"" and values[:i].rstrip()[-1:] in ("", ",", "[", "{", ":"):  # a quote opens a value: it's stays plain
+        if char in "'\"" and values[:i].rstrip()[-1:] in ("", ",", "[", "{", ":"):  # a quote opens a value: it's is plain
             quote = char
             continue
         depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
@@ -143,15 +143,47 @@ def _point_names(axes: list[tuple[str, list[str]]], grid: list[dict[str, str]]) 
     short = dict(zip((k for k, _ in axes), leaves if len(set(leaves)) == len(leaves) else [k for k, _ in axes]))
     names = [",".join(f"{short[k]}={re.sub(r'[^A-Za-z0-9._+-]', '_', v)}" for k, v in values.items())
              for values in grid]
-    names = [n if len(n) <= MAX_NAME else f"{n[:MAX_NAME - 13]}-{hashlib.sha256(n.encode()).hexdigest()[:12]}"
-             for n in names]  # a file name holds 255 bytes
-    if len(set(names)) != len(names):  # values that differ only in replaced characters: those names (alone)
-        altered = [any(re.search(r"[^A-Za-z0-9._+-]", v) for v in values.values()) for values in grid]
-        names = [f"{n[:MAX_NAME - 13]}-{hashlib.sha256(json.dumps(values).encode()).hexdigest()[:12]}"
-                 if changed and names.count(n) > 1 else n for n, changed, values in zip(names, altered, grid)]
-    if len(set(names)) != len(names):  # (kept for names still alike: a value spelt like another's hash)
+    names = [n if len(n) <= MAX_NAME else _hashed(n, n) for n in names]  # a file name holds 255 bytes
+    seen: set[str] = set()  # values alike but for replaced characters: the first keeps the name, the others
+    for i, values in enumerate(grid):  # add a hash of their values (so a value added later renames no run)
+        names[i] = names[i] if names[i] not in seen else _hashed(names[i], json.dumps(values))
+        seen.add(names[i])
+    if len(set(names)) != len(names):  # a value spelt like another's hash
         names = [f"{i + 1:03d}-{n}" for i, n in enumerate(names)]
     return names
+
+
+def _hashed(name: str, text: str) -> str:
+    """`name`, cut to fit, told apart by a hash of `text`."""
+    return f"{name[:MAX_NAME - 13]}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _names_kept(points: list[Point], out: Path, earlier: dict[str, dict]) -> list[Point]:
+    """On --resume, each run keeps the directory its values ran in before, where the earlier suite told two
+    names alike apart another way (numbered, as bertcli once did, or with the hash on the other one): a
+    name of the same make (`NNN-` before it, a hash after it) alone, so suite.json names no other path."""
+    def base(name: str) -> str:
+        return re.fullmatch(r"(?:\d{3}-)?(.*?)(?:-[0-9a-f]{12})?", name, re.DOTALL).group(1)
+
+    def hashed(point: Point) -> str:
+        parent, _, last = point.name.rpartition("/")
+        return f"{parent}/{_hashed(last, json.dumps(point.values))}".lstrip("/")
+
+    before = {(r.get("group"), json.dumps(r.get("values"), sort_keys=True)): r["name"] for r in earlier.values()}
+    kept = []
+    for point in points:
+        name = before.get((point.group, json.dumps(point.values, sort_keys=True)), point.name)
+        parent, _, last = point.name.rpartition("/")
+        if name != point.name and name.rpartition("/")[0] == parent and base(name.rpartition("/")[2]) == base(last) \
+                and (out / name).is_dir():
+            point = replace(point, name=name)
+        kept.append(point)
+    taken = {k.name for k, p in zip(kept, points) if k is not p}  # a new run named as a kept one adds its hash
+    kept = [replace(k, name=hashed(k)) if k is p and k.name in taken else k for k, p in zip(kept, points)]
+    if len({k.name for k in kept}) != len(kept):
+        raise BertcliError(f"{out}: its earlier runs' names (in {SUMMARY}) clash with this sweep's; resume it with "
+                           "the values it ran with, or choose another --out")
+    return kept
 
 
 def _shown(values: dict[str, str]) -> str:
@@ -184,6 +216,7 @@ def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[P
                            "file, so their names must differ")
     names = _point_names(axes, grid)
     points, errors = [], []
+    runs: dict[tuple[Path, str], dict[str, str]] = {}  # what each point runs: its values
     for source, group in zip(sources, groups):
         for values, name in zip(grid, names):
             try:
@@ -201,45 +234,30 @@ def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[P
             except BertcliError as err:
                 errors.append(f"{source}: {err}")
                 break
-            same = next((p for p in points if p.source == Path(source) and _runs_as(p.recipe) == _runs_as(recipe)),
-                        None)
-            if same is not None:  # values written differently that read the same (0 and [0] as layers)
-                errors.append(f"{source}: --sweep {_shown(same.values)} and {_shown(values)} give the same recipe; "
+            same = runs.setdefault((source, _runs_as(recipe)), values)
+            if same is not values:  # values written differently that run the same (0 and [0] as layers)
+                errors.append(f"{source}: --sweep {_shown(same)} and {_shown(values)} give the same recipe; "
                               "list each value once")
                 break
             path = "/".join(n for n in (group if len(sources) > 1 else "", name if axes else "") if n)
             points.append(Point(path, group, Path(source), recipe, values))
-    readers: dict[Path, tuple[str, list[str]]] = {}  # each pipe (/dev/stdin and /proc/self/fd/0 alike): its runs
-    for point in points:
-        pipes = {resolved(f): f for f in (*point.recipe.data.train, *point.recipe.data.eval) if is_stream(Path(f))}
-        for path, written in pipes.items():
-            readers.setdefault(path, (written, []))[1].append(point.name)
-    errors += [f"{written}: a pipe can be read only once, and {len(names)} runs read it ({', '.join(names[:3])}"
-               f"{', ...' if len(names) > 3 else ''}); save it to a file first"
-               for written, names in readers.values() if len(names) > 1]
     if errors:
         raise BertcliError("\n".join(errors))
     return points
 
 
 def _runs_as(recipe: Recipe) -> str:
-    """What a suite's run of the recipe does, to tell runs apart however their values are written: a
-    file by the file it names (train.tsv, ./train.tsv), a time budget in seconds (30m, 1800s); the
-    recipe's `output` is not one (a suite names each run's directory)."""
+    """What a suite's run of the recipe does, to tell runs apart however their values are written: the
+    files it reads by the files they are (train.tsv, ./train.tsv), a time budget in seconds (30m, 1800s);
+    the recipe's `output` is not one (a suite names each run's directory)."""
+    from bertcli.jobs import recipe_inputs
     from bertcli.recipes import parse_duration
 
-    def canonical(value: Any) -> Any:
-        if isinstance(value, list):
-            return [canonical(v) for v in value]
-        if isinstance(value, dict):
-            return {k: canonical(v) for k, v in value.items()}
-        if isinstance(value, str) and os.path.exists(value):
-            return str(resolved(value))
-        return value
-
-    runs = canonical(recipe_to_dict(recipe))
-    runs.pop("output", None)
-    if runs["train"].get("time_budget") is not None:
+    runs = recipe_to_dict(recipe)
+    del runs["output"], runs["tokenizer"], runs["model"]["init"], runs["model"]["teacher"]
+    del runs["data"]["train"], runs["data"]["eval"]
+    runs["reads"] = [(key, str(resolved(path))) for key, path in recipe_inputs(recipe, None)[1:] if path]
+    if runs["train"]["time_budget"] is not None:
         runs["train"]["time_budget"] = parse_duration(runs["train"]["time_budget"])
     return json.dumps(runs, sort_keys=True, default=str)
 
@@ -390,6 +408,9 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
 
     check_apart(out, [item for p in points for item in recipe_inputs(p.recipe, p.source)])
     precheck(out, "suite", resume, overwrite)
+    found = _read_json_or_none(out / SUMMARY, MAX_SUMMARY_BYTES) if resume else None  # the earlier suite.json
+    earlier = _earlier_rows(found)
+    points = _names_kept(points, out, earlier)
     middles = [out / m for m in sorted({str(Path(p.name).parent) for p in points} - {"."})]  # a sweep per recipe
     again = {path: path.is_dir() and any(path.iterdir()) for path in middles}
     for path in middles:  # refused now, before claiming `out` changes anything in it
@@ -397,8 +418,6 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
     actions = [_action(out / p.name, out, p, resume and (out / p.name).exists(), overwrite) for p in points]
     kept = {p.name: finished_metrics(out / p.name, p) for p, a in zip(points, actions) if a == "done"}  # read now:
     # one that cannot be is refused before any run starts
-    found = _read_json_or_none(out / SUMMARY, MAX_SUMMARY_BYTES) if resume else None  # the earlier suite.json
-    earlier = _earlier_rows(found)
     if isinstance(found, dict):
         _check_directory(out, found.get("directory"), points)
     check_runs(points, actions, stop)
@@ -450,15 +469,25 @@ def check_runs(points: list[Point], actions: list[str], stop) -> None:
     from bertcli.jobs import prepare, say
 
     unique: dict[str, Point] = {}  # points that differ in the learning rate, say, read the same: checked once
+    readers: dict[Path, tuple[str, list[str]]] = {}  # each pipe (/dev/stdin and /proc/self/fd/0 alike): its runs
     for point, action in zip(points, actions):
-        if action == "done" or any(is_stream(Path(f)) for f in (*point.recipe.data.train, *point.recipe.data.eval)):
+        if action == "done":
+            continue
+        pipes = {resolved(f): f for f in (*point.recipe.data.train, *point.recipe.data.eval) if is_stream(Path(f))}
+        for path, written in pipes.items():
+            readers.setdefault(path, (written, []))[1].append(point.name)
+        if pipes:
             continue
         read = recipe_to_dict(point.recipe)  # what prepare reads: of train.*, the teacher's losses alone
         read["train"] = {k: v for k, v in read["train"].items() if k.startswith("distill_")}
         unique.setdefault(json.dumps(read, sort_keys=True, default=str), point)
+    errors = [f"{written}: a pipe can be read only once, and {len(names)} runs read it ({', '.join(names[:3])}"
+              f"{', ...' if len(names) > 3 else ''}); save it to a file first"
+              for written, names in readers.values() if len(names) > 1]
+    if errors:
+        raise BertcliError("\n".join(errors))
     if len(unique) > 1:
         say(f"checking what {len(unique)} runs read before the first starts")
-    errors = []
     for point in unique.values():
         if stop.is_set():
             raise Interrupted(f"{signal.Signals(stop.signum).name} while checking the runs; nothing was run",

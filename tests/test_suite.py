@@ -395,7 +395,7 @@ def test_sweep_values_are_split_outside_brackets_and_told_apart_by_what_they_mea
         parse_sweeps(["data.train='a.tsv,b.tsv"])
 
 
-def test_sweep_values_written_differently_that_give_the_same_recipe_are_refused(recipes, tmp_path):
+def test_sweep_values_written_differently_that_give_the_same_recipe_are_refused(recipes, tmp_path, monkeypatch):
     from bertcli.suite import plan
 
     data = Path(yaml.safe_load(recipes[0].read_text())["data"]["train"])
@@ -406,30 +406,73 @@ def test_sweep_values_written_differently_that_give_the_same_recipe_are_refused(
         with pytest.raises(BertcliError, match="give the same recipe"):
             plan(recipes[:1], [], [sweep])
     assert len(plan(recipes[:1], [], ["train.time_budget=30m,31m"])) == 2
+    other = yaml.safe_load(recipes[1].read_text())["data"]["train"]
+    assert len(plan(recipes[:1], [], [f"data.train={data},{other}"])) == 2  # two files
+    (tmp_path / "sentence").mkdir()
+    monkeypatch.chdir(tmp_path)  # a column's name is not a path, though a directory bears it
+    assert len(plan(recipes[:1], [], ["task.text_column=sentence,sentence/,./sentence"])) == 3
 
 
 def test_a_pipe_that_several_runs_would_read_is_refused_before_any_run(recipes, tmp_path):
-    from bertcli.suite import plan
+    from bertcli.suite import check_runs, plan
+    from bertcli.train import StopRequest
 
     os.mkfifo(tmp_path / "fifo")
-    with pytest.raises(BertcliError, match="a pipe can be read only once, and 2 runs read it"):
-        plan(recipes[:1], [f"data.train={tmp_path / 'fifo'}"], ["train.lr=1e-3,2e-3"])
-    with pytest.raises(BertcliError, match="a pipe can be read only once, and 2 runs read it"):
-        plan(recipes, [f"data.eval={tmp_path / 'fifo'}"], [])
-    assert len(plan(recipes[:1], [f"data.train={tmp_path / 'fifo'}"], [])) == 1  # one run reads it once
+    stop = StopRequest()
+    try:
+        for points in (plan(recipes[:1], [f"data.train={tmp_path / 'fifo'}"], ["train.lr=1e-3,2e-3"]),
+                       plan(recipes, [f"data.eval={tmp_path / 'fifo'}"], [])):
+            with pytest.raises(BertcliError, match="a pipe can be read only once, and 2 runs read it"):
+                check_runs(points, ["new", "new"], stop)
+            check_runs(points, ["done", "new"], stop)  # resumed with the first run finished: one run reads it
+    finally:
+        stop.release()
 
 
-def test_a_value_added_on_resume_keeps_the_names_of_the_runs_before():
+def test_names_alike_but_for_replaced_characters_are_told_apart_and_the_first_keeps_its_name():
     from bertcli.suite import _point_names
 
-    def names(values):
-        axes = [("data.train", values)]
-        return _point_names(axes, [{"data.train": v} for v in values])
+    def names(axes):
+        import itertools
+        return _point_names(axes, [dict(zip((k for k, _ in axes), v)) for v in itertools.product(*(v for _, v in axes))])
 
-    before = names(["a_b.tsv", "train.tsv"])
-    after = names(["a_b.tsv", "train.tsv", "a b.tsv", "a+b.tsv", "a/b.tsv"])
-    assert after[:2] == before == ["train=a_b.tsv", "train=train.tsv"]
-    assert len(set(after)) == 5 and after[2].startswith("train=a_b.tsv-") and after[3] == "train=a+b.tsv"
+    before = names([("data.train", ["a b.tsv", "x.tsv"])])
+    after = names([("data.train", ["a b.tsv", "x.tsv", "a/b.tsv", "a_b.tsv", "a+b.tsv"])])
+    assert after[:2] == before == ["train=a_b.tsv", "train=x.tsv"]
+    assert len(set(after)) == 5 and after[2].startswith("train=a_b.tsv-") and after[3].startswith("train=a_b.tsv-")
+    assert after[4] == "train=a+b.tsv"
+    two = names([("data.train", ["a_b.tsv", "a b.tsv"]), ("model.init", ["m 1"])])
+    assert two[0] == "train=a_b.tsv,init=m_1" and two[1].startswith("train=a_b.tsv,init=m_1-")
+
+
+def test_a_resumed_sweep_keeps_each_finished_run_in_the_directory_its_values_ran_in(recipes, tmp_path, monkeypatch):
+    """Values added on --resume rename no finished run, and a suite that numbered names alike (as bertcli once
+    did: 001-, 002-) resumes with its runs where they are."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r v.tsv").write_text(REVIEWS, encoding="utf-8")
+    (tmp_path / "r_v.tsv").write_text(REVIEWS, encoding="utf-8")
+    out = tmp_path / "sweep"
+    _suite(recipes[:1], out, sweeps=["data.train=r v.tsv"])
+    finished = (out / "train=r_v.tsv" / "metrics.json").stat().st_mtime_ns
+    summary = _suite(recipes[:1], out, sweeps=["data.train=r_v.tsv,r v.tsv"], resume=True)
+    names = {r["values"]["data.train"]: r["name"] for r in summary["runs"]}
+    assert names["r v.tsv"] == "train=r_v.tsv" and names["r_v.tsv"].startswith("train=r_v.tsv-")
+    assert (out / "train=r_v.tsv" / "metrics.json").stat().st_mtime_ns == finished
+    (out / "train=r_v.tsv").rename(out / "001-train=r_v.tsv")  # the numbered names of an earlier bertcli
+    saved = json.loads((out / "suite.json").read_text())
+    saved["runs"] = [dict(r, name="001-train=r_v.tsv") if r["values"]["data.train"] == "r v.tsv" else r
+                     for r in saved["runs"]]
+    (out / "suite.json").write_text(json.dumps(saved))
+    summary = _suite(recipes[:1], out, sweeps=["data.train=r_v.tsv,r v.tsv"], resume=True)
+    assert {r["values"]["data.train"]: r["name"] for r in summary["runs"]}["r v.tsv"] == "001-train=r_v.tsv"
+    assert (out / "001-train=r_v.tsv" / "metrics.json").stat().st_mtime_ns == finished
+    assert not (out / "train=r_v.tsv").exists()
+    saved = json.loads((out / "suite.json").read_text())
+    saved["runs"][0]["name"] = "../elsewhere"  # a name of another make in suite.json is not followed
+    (out / "suite.json").write_text(json.dumps(saved))
+    summary = _suite(recipes[:1], out, sweeps=["data.train=r_v.tsv,r v.tsv"], resume=True)
+    assert summary["runs"][0]["name"] == "train=r_v.tsv" and (out / "train=r_v.tsv" / "metrics.json").is_file()
+    assert not (tmp_path / "elsewhere").exists()
 
 
 @pytest.mark.parametrize("key", ["task.headline", "task.positive_label", "task.name", "data.eval", "task", "data"])

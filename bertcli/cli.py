@@ -75,7 +75,8 @@ def tokenize_train(
     precheck(out, "tokenizer", overwrite=overwrite)
     start = time.perf_counter()
     with spooled(corpus, scan=True) as files:  # the trainer reads whole files by name: a pipe is first read once, with checks
-        tokenizer = train_tokenizer(files, vocab_size=vocab_size, lowercase=not cased, min_frequency=min_frequency)
+        tokenizer = train_tokenizer(files, vocab_size=vocab_size, lowercase=not cased, min_frequency=min_frequency,
+                                    shown=", ".join(map(str, corpus)))
     with claim(out, "tokenizer", overwrite=overwrite):
         tokenizer.save(out)
     _err(f"tokenizer: {tokenizer.vocab_size} tokens from {len(corpus)} file(s) in "

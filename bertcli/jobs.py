@@ -42,6 +42,23 @@ def recipe_inputs(recipe: Recipe, source: Path | None) -> list[tuple[str, str | 
     return inputs + [("data.train", p) for p in recipe.data.train] + [("data.eval", p) for p in recipe.data.eval]
 
 
+# what a resumed run may change: how long it trains, how often it reports and saves, how this machine runs it
+RESUME_MAY_CHANGE = ("train.max_steps", "train.epochs", "train.time_budget", "train.eval_every", "train.save_every",
+                     "train.log_every", "train.precision", "train.compile", "output")
+
+
+def check_resumed_recipe(recipe: Recipe, out: Path) -> None:
+    """--resume continues the run the directory holds: on its data, model and settings (its recipe.yaml
+    must go on describing its weights), for as long as the recipe now says."""
+    from bertcli.suite import recipe_change
+
+    change = recipe_change(out, recipe, ignore=RESUME_MAY_CHANGE)
+    if change is not None:
+        raise BertcliError(f"{out}: was run with another recipe ({change}); --resume continues it with its own "
+                           f"(bertcli ... {out / 'recipe.yaml'} --out {out} --resume, with longer train.max_steps, "
+                           "epochs or time_budget if you like), or start afresh with --overwrite or another --out")
+
+
 def check_output_apart(recipe: Recipe, out: Path, source: Path | None, resume: bool) -> None:
     """`--out` must not be, hold or lie inside anything the run reads (--resume may read the
     run's own recipe.yaml back)."""
@@ -164,6 +181,8 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     check_output_apart(recipe, out, source, resume)
     device_for(recipe.train.precision)  # fp16 on a CPU is refused before the output directory is made
     precheck(out, "run", resume, overwrite)
+    if resume:
+        check_resumed_recipe(recipe, out)
     task, train_examples, eval_examples, model, loaded, loss = prepare(recipe)
     features = task.encode(train_examples)
     with claim(out, "run", resume, overwrite):
@@ -258,6 +277,8 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     device_for(recipe.train.precision, int(os.environ.get("LOCAL_RANK", 0)))  # before the output directory is made
     if rank == 0:
         precheck(out, "run", resume, overwrite)
+    if resume:
+        check_resumed_recipe(recipe, out)
     tokenizer = recipe_tokenizer(recipe)
     t, d = recipe.task, recipe.data
     task = PretrainTask(tokenizer, t, d.max_seq_len)

@@ -169,12 +169,15 @@ def _names_kept(points: list[Point], out: Path, earlier: dict[str, dict]) -> lis
         parent, _, last = point.name.rpartition("/")
         return f"{parent}/{_hashed(last, json.dumps(point.values))}".lstrip("/")
 
-    before = {(r.get("group"), json.dumps(r.get("values"), sort_keys=True)): r["name"] for r in earlier.values()}
+    before = {json.dumps([r["group"], r["values"]], sort_keys=True): r["name"] for r in earlier.values()
+              if isinstance(r.get("group"), str) and isinstance(r.get("values"), dict)
+              and all(isinstance(v, str) for v in r["values"].values())}  # rows of bertcli's make alone
     kept = []
     for point in points:
-        name = before.get((point.group, json.dumps(point.values, sort_keys=True)), point.name)
+        name = before.get(json.dumps([point.group, point.values], sort_keys=True), point.name)
         parent, _, last = point.name.rpartition("/")
-        if name != point.name and name.rpartition("/")[0] == parent and base(name.rpartition("/")[2]) == base(last) \
+        if name != point.name and not name.startswith("/") and ".." not in name.split("/") \
+                and name.rpartition("/")[0] == parent and base(name.rpartition("/")[2]) == base(last) \
                 and (out / name).is_dir():
             point = replace(point, name=name)
         kept.append(point)
@@ -277,9 +280,9 @@ ADDED_KEYS: dict[str, Any] = {"model.init_layers": [], "model.teacher": None, "t
                               "train.distill_cls": 0.0}
 
 
-def _recipe_change(path: Path, recipe: Recipe) -> str | None:
+def recipe_change(path: Path, recipe: Recipe, ignore: tuple[str, ...] = ()) -> str | None:
     """How the recipe saved in a run directory differs from `recipe` ('train.lr: 2e-05 then, 3e-05
-    now'), or None when it is the same (or none was saved yet)."""
+    now') in keys other than `ignore`, or None when it is the same (or none was saved yet)."""
     from bertcli.recipes import read_yaml
 
     if not (path / "recipe.yaml").exists():
@@ -299,7 +302,7 @@ def _recipe_change(path: Path, recipe: Recipe) -> str | None:
         then["model.dropout"] = None  # saved before it could be unset: 0.1 then meant what unset means now
     for key, value in ADDED_KEYS.items():
         then.setdefault(key, value)
-    for key in sorted(set(then) | set(now)):
+    for key in sorted((set(then) | set(now)) - set(ignore)):
         if then.get(key) != now.get(key):
             return f"{key}: {json.dumps(then.get(key))} then, {json.dumps(now.get(key))} now"
     return None
@@ -376,7 +379,7 @@ def _action(path: Path, out: Path, point: Point, resume: bool, overwrite: bool) 
         precheck(path, "run")  # refuses, saying what is there
     if marked_kind(path) != "run":
         precheck(path, "run", resume=True)  # refuses: not a run of bertcli's
-    change = _recipe_change(path, point.recipe)
+    change = recipe_change(path, point.recipe)
     if change is not None:
         raise BertcliError(f"{path}: was run with another recipe ({change}); run it again with --overwrite, or "
                            "choose another --out")

@@ -95,7 +95,8 @@ def _add_post_processor(backend: Tokenizer) -> None:
 
 
 def train_tokenizer(files: Iterable[str | Path], vocab_size: int = 30522, lowercase: bool = True,
-                    min_frequency: int = 2) -> WordPieceTokenizer:
+                    min_frequency: int = 2, shown: str = "") -> WordPieceTokenizer:
+    """A WordPiece vocabulary learnt from `files` (`shown`: how messages name them, when a pipe was spooled)."""
     paths = [str(f) for f in files]
     for p in paths:
         path = Path(p)
@@ -113,6 +114,9 @@ def train_tokenizer(files: Iterable[str | Path], vocab_size: int = 30522, lowerc
         backend.train(paths, trainer)
     except Exception as err:  # the Rust trainer reports unreadable files and bad encodings this way
         raise DataError(f"cannot train a tokenizer on {', '.join(paths)}: {err}") from None
+    if backend.get_vocab_size() <= len(SPECIAL_TOKENS):
+        raise DataError(f"{shown or ', '.join(paths)}: no text to learn a vocabulary from (empty, or blank lines "
+                        "alone)")
     _add_post_processor(backend)
     return WordPieceTokenizer(backend, lowercase)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 from bertcli.data.corpus import load_shards, split_sentences
 from bertcli.data.encode import encode_corpus
+from bertcli.errors import DataError
 from bertcli.jobs import pretrain
 from bertcli.recipes import load_recipe
 from bertcli.data.sequences import make_instances
@@ -471,3 +473,26 @@ def test_chinese_whole_word_masking_with_jieba(tmp_path, tiny_tokenizer_dir):
         for p in range(1, len(continues)):
             if continues[p]:
                 assert masked[p] == masked[p - 1], "a word was masked in part"
+
+
+def test_shards_edited_by_hand_are_refused_with_a_message(corpus, tiny_tokenizer_dir, tmp_path):
+    """An index that is not an object, token ids of a type bertcli never writes (read as floats they would
+    train on noise), and ids beyond the tokenizer's: each one message and exit 2, never a traceback."""
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    encode_corpus(tok, [corpus / "train.txt"], tmp_path / "s", show_progress=False)
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    for text, message in [("[]", "a JSON list, not an object"),
+                          (json.dumps(dict(index, dtype="float16")), "token ids of dtype float16"),
+                          (json.dumps(dict(index, dtype="int16")), "token ids of dtype int16")]:
+        (tmp_path / "s" / "index.json").write_text(text)
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_shards(tmp_path / "s", tok)
+    (tmp_path / "s" / "index.json").write_text(json.dumps(index))
+    tokens = np.memmap(tmp_path / "s" / "00000.tokens.bin", dtype=np.dtype(index["dtype"]), mode="r+")
+    tokens[:] = tok.vocab_size + 7  # (each id is checked as a batch reads it)
+    tokens.flush()
+    recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=2)
+    done = run_cli("pretrain", str(recipe), "--set", f"data.train={tmp_path / 's'}", "--out", str(tmp_path / "run"))
+    err = done.stderr.decode()
+    assert done.returncode == 2 and "Traceback" not in err
+    assert f"token id {tok.vocab_size + 7} at tokens" in err and "encode the text again" in err

@@ -131,17 +131,17 @@ def test_a_recipe_saved_when_model_dropout_was_always_written_still_matches(reci
     """Before model.dropout could be unset, every saved recipe.yaml said 0.1, which meant what unset means
     now (0.1 for a new model; ignored with model.init): a suite resumed across that change keeps its runs."""
     from bertcli.recipes import load_recipe, recipe_to_dict
-    from bertcli.suite import _recipe_change
+    from bertcli.suite import recipe_change
 
     recipe = load_recipe(recipes[0], ["model.dropout=null"])
     saved = recipe_to_dict(recipe)
     saved["model"]["dropout"] = 0.1
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
-    assert recipe.model.dropout is None and _recipe_change(tmp_path, recipe) is None
-    assert _recipe_change(tmp_path, load_recipe(recipes[0], ["model.dropout=0.2"])) == "model.dropout: 0.1 then, 0.2 now"
+    assert recipe.model.dropout is None and recipe_change(tmp_path, recipe) is None
+    assert recipe_change(tmp_path, load_recipe(recipes[0], ["model.dropout=0.2"])) == "model.dropout: 0.1 then, 0.2 now"
     saved["model"]["dropout"] = 0.0
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
-    assert _recipe_change(tmp_path, recipe) == "model.dropout: 0.0 then, null now"
+    assert recipe_change(tmp_path, recipe) == "model.dropout: 0.0 then, null now"
 
 
 # The recipe keys outside task: when suites were first saved (2026-11-30)
@@ -157,7 +157,7 @@ def test_a_recipe_saved_before_a_key_existed_matches_that_key_at_the_value_that_
     """A run saved by an older bertcli has no line for a key added since: it ran as that key's listed value
     runs (suite.ADDED_KEYS), so it matches that value and no other; every key added since is listed."""
     from bertcli.recipes import load_recipe, recipe_to_dict
-    from bertcli.suite import ADDED_KEYS, _recipe_change
+    from bertcli.suite import ADDED_KEYS, recipe_change
 
     recipe = load_recipe(recipes[0])
     saved = recipe_to_dict(recipe)
@@ -168,8 +168,8 @@ def test_a_recipe_saved_before_a_key_existed_matches_that_key_at_the_value_that_
         part, name = key.split(".")
         del saved[part][name]
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
-    assert _recipe_change(tmp_path, recipe) is None
-    assert _recipe_change(tmp_path, load_recipe(recipes[0], ["train.distill_alpha=0.9"])) == "train.distill_alpha: 0.5 then, 0.9 now"
+    assert recipe_change(tmp_path, recipe) is None
+    assert recipe_change(tmp_path, load_recipe(recipes[0], ["train.distill_alpha=0.9"])) == "train.distill_alpha: 0.5 then, 0.9 now"
 
 
 def test_a_run_that_fails_ends_itself_alone_and_the_suite_with_exit_2(recipes, tmp_path):
@@ -448,6 +448,8 @@ def test_names_alike_but_for_replaced_characters_are_told_apart_and_the_first_ke
 def test_a_resumed_sweep_keeps_each_finished_run_in_the_directory_its_values_ran_in(recipes, tmp_path, monkeypatch):
     """Values added on --resume rename no finished run, and a suite that numbered names alike (as bertcli once
     did: 001-, 002-) resumes with its runs where they are."""
+    from bertcli.suite import _names_kept, plan
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "r v.tsv").write_text(REVIEWS, encoding="utf-8")
     (tmp_path / "r_v.tsv").write_text(REVIEWS, encoding="utf-8")
@@ -468,11 +470,20 @@ def test_a_resumed_sweep_keeps_each_finished_run_in_the_directory_its_values_ran
     assert (out / "001-train=r_v.tsv" / "metrics.json").stat().st_mtime_ns == finished
     assert not (out / "train=r_v.tsv").exists()
     saved = json.loads((out / "suite.json").read_text())
+    saved["runs"][1]["group"] = ["a list"]  # a row that cannot be matched is passed over
     saved["runs"][0]["name"] = "../elsewhere"  # a name of another make in suite.json is not followed
     (out / "suite.json").write_text(json.dumps(saved))
     summary = _suite(recipes[:1], out, sweeps=["data.train=r_v.tsv,r v.tsv"], resume=True)
     assert summary["runs"][0]["name"] == "train=r_v.tsv" and (out / "train=r_v.tsv" / "metrics.json").is_file()
     assert not (tmp_path / "elsewhere").exists()
+    points = plan(recipes[:1], [], ["data.train=r_v.tsv,r v.tsv"])
+    (out / "001-train=r_v.tsv-0123456789ab").mkdir()
+    for name in (str(out / "001-train=r_v.tsv"), "/001-train=r_v.tsv-0123456789ab", "../sweep/001-train=r_v.tsv"):
+        rows = {name: {"name": name, "group": points[1].group, "values": points[1].values}}
+        assert [p.name for p in _names_kept(points, out, rows)] == [p.name for p in points]
+    (tmp_path / "tmp.yaml").write_text(recipes[0].read_text())  # a suite's run named as a directory of /
+    points = plan([tmp_path / "tmp.yaml", recipes[1]], [], [])
+    assert _names_kept(points, out, {"/tmp": {"name": "/tmp", "group": "tmp", "values": {}}})[0].name == "tmp"
 
 
 @pytest.mark.parametrize("key", ["task.headline", "task.positive_label", "task.name", "data.eval", "task", "data"])

@@ -58,6 +58,10 @@ def test_vocab_txt_only_directory_loads(tiny_tokenizer_dir, tmp_path):
 def test_bad_inputs_are_user_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         train_tokenizer([tmp_path / "missing.txt"])
+    for text in ("", "\n \n\t\n"):  # a vocabulary of the special tokens alone would read every word as [UNK]
+        (tmp_path / "empty.txt").write_text(text, encoding="utf-8")
+        with pytest.raises(DataError, match="no text to learn a vocabulary from"):
+            train_tokenizer([tmp_path / "empty.txt"], vocab_size=100)
     with pytest.raises(CheckpointError, match="no tokenizer.json or vocab.txt"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json", encoding="utf-8")

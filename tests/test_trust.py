@@ -136,6 +136,11 @@ def one_token_type(home: Path) -> str:
     return spoil_config(home, type_vocab_size=1)
 
 
+def _resume_own(run: str) -> list[str]:
+    """finetune --resume of the run with its own recipe (another would be refused first)."""
+    return ["finetune", f"{run}/recipe.yaml", "--out", run, "--resume"]
+
+
 def spoil_resume(home: Path, position: list) -> str:
     import torch
 
@@ -359,12 +364,12 @@ CASES = {
         seq=128)], b"", r"qa \(every input a pair of texts\) needs 2 token types"),
     "tokenizer_config.json nested 100,000 deep": (lambda h: ["predict", deep_tokenizer_config(h)], b"x\n",
                                                   r"tokenizer_config.json: not a valid JSON object"),
-    "resume.pt with a text position": (lambda h: ["finetune", recipe(h), "--out", spoil_resume(h, ["abc", 0, 0, 0, 0.0]),
-                                                  "--resume"], b"", r"resume.pt: cannot resume from it"),
-    "resume.pt with an infinite position": (lambda h: ["finetune", recipe(h), "--out", spoil_resume(
-        h, [float("inf"), 0, 0, 0, 0.0]), "--resume"], b"", r"resume.pt: cannot resume from it"),
-    "resume.pt with negative counts": (lambda h: ["finetune", recipe(h), "--out", spoil_resume(h, [-5, -3, -7, 0, 0.0]),
-                                                  "--resume"], b"", r"resume.pt: cannot resume from it"),
+    "resume.pt with a text position": (lambda h: _resume_own(spoil_resume(h, ["abc", 0, 0, 0, 0.0])), b"",
+                                       r"resume.pt: cannot resume from it"),
+    "resume.pt with an infinite position": (lambda h: _resume_own(spoil_resume(h, [float("inf"), 0, 0, 0, 0.0])), b"",
+                                            r"resume.pt: cannot resume from it"),
+    "resume.pt with negative counts": (lambda h: _resume_own(spoil_resume(h, [-5, -3, -7, 0, 0.0])), b"",
+                                       r"resume.pt: cannot resume from it"),
     "tokenize train on /dev/zero": (lambda h: ["tokenize", "train", "--corpus", "/dev/zero", "--out", str(h / "t")], b"",
                                     r"/dev/zero: NUL byte"),
     "tokenize train with --min-frequency -1": (lambda h: ["tokenize", "train", "--corpus", str(h / "corpus.txt"), "--out",
@@ -383,7 +388,7 @@ CASES = {
                                           r"exists and is not an earlier `bertcli evaluate --out`, so it is kept"),
     "evaluate --out over a link": (lambda h: ["evaluate", str(h / "model"), "--data", str(h / "train.tsv"), "--out",
                                               link(h)], b"", r"is a link or a special file"),
-    "a hard link as the lock": (lambda h: ["finetune", recipe(h), "--out", hard_lock(h), "--resume"], b"",
+    "a hard link as the lock": (lambda h: _resume_own(hard_lock(h)), b"",
                                 r"is not bertcli's lock file .*: a hard link"),
     "a marker whose kind is a list": (lambda h: ["finetune", recipe(h), "--out", odd_marker(h), "--overwrite"], b"",
                                       r"--overwrite refused: the directory was not written by bertcli"),
@@ -595,6 +600,11 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, tiny_tokenizer_dir):
     assert proc.returncode == 143 and "SIGTERM at step" in err and "--resume" in err, err[-2000:]
     step = int(re.search(r"SIGTERM at step (\d+)", err).group(1))
     assert (out / "resume.pt").is_file() and (out / "model.safetensors").is_file()
+    saved = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".bertcli.lock"}
+    for changed in ("train.lr=0.5", f"data.train={tmp_path / 'r.yaml'}", "model.dropout=0.3"):  # another run's
+        refused = run_cli("finetune", str(r), "--out", str(out), "--resume", "--set", changed)
+        assert refused.returncode == 2 and b"was run with another recipe" in refused.stderr, refused.stderr[-2000:]
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".bertcli.lock"} == saved
     done = run_cli("finetune", str(r), "--out", str(out), "--resume", "--set", f"train.max_steps={step + 3}")
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -81,9 +81,13 @@ def load_shards(directory: Path, tokenizer: WordPieceTokenizer | None = None) ->
     try:
         text = index_path.read_text(encoding="utf-8")
         index = json.loads(text)
+        if not isinstance(index, dict):
+            raise ValueError(f"a JSON {type(index).__name__}, not an object")
         if index.get("format") != FORMAT:
             raise ValueError(f"format {index.get('format')!r}, expected {FORMAT!r}")
         dtype = np.dtype(index["dtype"])
+        if dtype.kind != "u" or dtype.itemsize > 4:
+            raise ValueError(f"token ids of dtype {dtype}, expected uint8, uint16 or uint32")
         count = len(index["shards"])
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"{index_path}: not a valid shard index ({err})") from None

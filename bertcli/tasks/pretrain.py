@@ -125,6 +125,9 @@ class PretrainTask(Task):
         from the shard's segmenter when it has one, else WordPiece's '##' pieces."""
         s = shards[shard]
         ids = np.asarray(s.tokens[start:end], dtype=np.int64)
+        if len(ids) and ids.max() >= self.vocab_size:  # (the ids are checked as read: a scan would read it all)
+            raise DataError(f"shard {shard} of the data: token id {ids.max()} at tokens {start}-{end}, beyond the "
+                            f"tokenizer's {self.vocab_size}; encode the text again with this tokenizer")
         if s.continues is not None:
             return ids, np.asarray(s.continues[start:end], dtype=bool) | self.continuation[ids]
         return ids, self.continuation[ids]

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer
 
 from bertcli.errors import CheckpointError, DataError
 from bertcli.tokenizer import load_tokenizer, train_tokenizer
-from conftest import CORPUS
+from conftest import CORPUS, run_cli
 
 
 def test_trained_tokenizer_is_bert_shaped(tiny_tokenizer_dir):
@@ -67,3 +67,18 @@ def test_bad_inputs_are_user_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(CheckpointError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_tokenize_train_names_the_line_and_byte_of_text_that_is_not_utf8(tmp_path):
+    from bertcli.data.corpus import spooled
+
+    (tmp_path / "bad.txt").write_bytes(b"good line\nanother good one\nbad \xff byte here\nmore\n")
+    for args, stdin in (([str(tmp_path / "bad.txt")], b""), (["/dev/stdin"], (tmp_path / "bad.txt").read_bytes())):
+        done = run_cli("tokenize", "train", "--corpus", *args, "--out", str(tmp_path / "tok"), "--vocab-size", "100",
+                       stdin=stdin)
+        assert done.returncode == 2 and b"line 3: not UTF-8 text (byte offset 31)" in done.stderr, done.stderr
+        assert not (tmp_path / "tok").exists()
+    # a character cut by the 1 MiB pieces the check reads, on a line or across lines, is whole text
+    (tmp_path / "long.txt").write_text("a" * ((1 << 20) - 1) + "é\n" + "b\n" * 9 + "c" * (1 << 20) + "ü", encoding="utf-8")
+    with spooled([tmp_path / "long.txt"], scan=True) as files:
+        assert files == [tmp_path / "long.txt"]

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from bertcli.errors import DataError
-from bertcli.textio import is_stream, read_once
+from bertcli.textio import decode_text, is_stream, read_once
 from bertcli.fileio import STORAGE_ERRORS, storage_error
 from bertcli.rundir import STAGE_DIR, claim
 from bertcli.scratch import locked_temp, swept
@@ -172,19 +172,20 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
 def spooled(paths: list[Path], scan: bool = False) -> Iterator[list[Path]]:
     """The paths, each stream among them (a FIFO, /dev/stdin, `<(...)`, a device) replaced by a cache
     file holding what it gave: read once, stopped at the first NUL byte or over-long line (a device
-    such as /dev/zero is not text). The cache files are removed on the way out."""
+    such as /dev/zero is not text); with `scan`, files are read so too, and all must be UTF-8. The cache
+    files are removed on the way out."""
     read_once(paths)
     made: list[tuple[Path, int]] = []  # each spooled file and the descriptor whose lock says it is in use
     try:
         out = []
         for path in paths:
             if is_stream(path):
-                made.append(_spool(path))
+                made.append(_spool(path, text=scan))
                 out.append(made[-1][0])
             else:
                 if scan and path.is_file():  # a reader that takes whole lines into memory comes next
                     try:
-                        _copy_checked(path, None)
+                        _copy_checked(path, None, text=True)
                     except OSError as err:
                         raise DataError(f"{path}: cannot read: {err.strerror}") from None
                 out.append(path)
@@ -199,7 +200,7 @@ def spooled(paths: list[Path], scan: bool = False) -> Iterator[list[Path]]:
                 os.close(fd)
 
 
-def _spool(path: Path) -> tuple[Path, int]:
+def _spool(path: Path, text: bool = False) -> tuple[Path, int]:
     """A cache file holding what the stream `path` gave, and its descriptor: the file stays locked
     while that is open, so that a later run's `swept` leaves it alone (scratch.py)."""
     directory = cache_dir() / "spool"
@@ -211,7 +212,7 @@ def _spool(path: Path) -> tuple[Path, int]:
         raise storage_error(directory, err) from None
     try:
         with os.fdopen(os.dup(fd), "wb") as sink:
-            _copy_checked(path, sink)
+            _copy_checked(path, sink, text)
     except BaseException as err:
         with contextlib.suppress(OSError):
             target.unlink(missing_ok=True)
@@ -223,10 +224,11 @@ def _spool(path: Path) -> tuple[Path, int]:
     return target, fd
 
 
-def _copy_checked(path: Path, sink) -> None:
+def _copy_checked(path: Path, sink, text: bool = False) -> None:
     """Read `path` once in pieces (into `sink`, if any), stopping at the first NUL byte or at a line
-    over MAX_CORPUS_LINE_BYTES."""
-    offset, since_break = 0, 0
+    over MAX_CORPUS_LINE_BYTES; with `text`, at the first byte that is not UTF-8 too, named by its line
+    and byte offset."""
+    offset, since_break, carry, lines = 0, 0, b"", 1
     with open(path, "rb") as source:
         for chunk in iter(lambda: source.read(1 << 20), b""):
             if b"\x00" in chunk:
@@ -236,6 +238,13 @@ def _copy_checked(path: Path, sink) -> None:
             if since_break > MAX_CORPUS_LINE_BYTES:
                 raise DataError(f"{path}: over {MAX_CORPUS_LINE_BYTES:,} bytes without a line break; is this a "
                                 "text file?")
+            if text:  # whole lines decoded, the last partial one carried (a character may straddle chunks)
+                data = carry + chunk
+                cut = data.rfind(b"\n") + 1
+                decode_text(data[:cut], str(path), offset - len(carry), first_line=lines)
+                lines, carry = lines + data.count(b"\n", 0, cut), data[cut:]
             if sink is not None:
                 sink.write(chunk)
             offset += len(chunk)
+    if text:
+        decode_text(carry, str(path), offset - len(carry), first_line=lines)

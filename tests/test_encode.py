@@ -247,6 +247,10 @@ def test_text_without_blank_lines_is_split_into_documents_and_shards(tiny_tokeni
                           show_progress=False)
     assert index["documents"] > 5 and len(index["shards"]) > 2
     assert "document(s) ran over 2,000 characters without a blank line and were split" in capfd.readouterr().err
+    (tmp_path / "one.txt").write_text(" ".join(lines * 20) + "\n", encoding="utf-8")  # one long line, then the end
+    index = encode_corpus(load_tokenizer(tiny_tokenizer_dir), [tmp_path / "one.txt"], tmp_path / "one",
+                          show_progress=False)
+    assert index["documents"] == 1 and "were split" not in capfd.readouterr().err  # it ended there: nothing split
 
 
 def test_overwrite_keeps_a_users_file_named_as_bertcli_names_its_progress_record(text, tiny_tokenizer_dir, tmp_path):

@@ -74,7 +74,8 @@ class _Reader:
     def __init__(self, f: BinaryIO, name: str, offset: int, line: int, on_bytes: Callable[[bytes], None]):
         self.f, self.name, self.offset, self.line, self.on_bytes = f, name, offset, line, on_bytes
         self.carry, self.lines, self.chars, self.cut, self.done = b"", [], 0, False, False
-        self.long_documents = 0  # cut at DOCUMENT_CHARS
+        self.long_documents = 0  # cut at DOCUMENT_CHARS where text went on without a blank line
+        self.cut_long = False  # the last document was cut there: counted if a line of text comes next
 
     def read(self, cut: bool) -> list[list[str]]:
         """The documents that the next block of text ends. With `cut`, reading stops after the first blank
@@ -111,13 +112,15 @@ class _Reader:
         documents = []
         for line in lines:
             line = line.strip()
+            self.long_documents += bool(line) and self.cut_long  # text went on: the cut split a document
+            self.cut_long = False  # (a blank line or the end next: the document ended there anyway)
             if line:
                 self.lines.append(line)
                 self.chars += len(line)
             elif self.lines:
                 documents.append(self._end_document())
         if self.chars >= DOCUMENT_CHARS and not final:  # a document this long is split where the block ends
-            self.long_documents += 1
+            self.cut_long = True
             documents.append(self._end_document())
         if final and self.lines:
             documents.append(self._end_document())

@@ -50,7 +50,7 @@ RESUME_MAY_CHANGE = ("train.max_steps", "train.epochs", "train.time_budget", "tr
 def check_resumed_recipe(recipe: Recipe, out: Path) -> None:
     """--resume continues the run the directory holds: on its data, model and settings (its recipe.yaml
     must go on describing its weights), for as long as the recipe now says."""
-    from bertcli.suite import recipe_change
+    from bertcli.recipes import recipe_change
 
     change = recipe_change(out, recipe, ignore=RESUME_MAY_CHANGE)
     if change is not None:

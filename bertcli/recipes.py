@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import math
 import re
 import types
@@ -618,3 +619,36 @@ def _check_file(key: str, path: str, files_only: bool, problems: list[str]) -> N
             problems.append(f"{key}: expected a file, got a directory: {path}")
     elif p.is_file() and p.stat().st_size == 0:  # a pipe's size says nothing: it is read as a stream
         problems.append(f"{key}: file is empty: {path}")
+
+
+# Keys added to recipes since runs were first saved, each with the value that runs as a run saved without it
+# ran: such a run (resumed, or kept by a suite) matches that value and no other. A key added later goes here too.
+ADDED_KEYS: dict[str, Any] = {"model.init_layers": [], "model.teacher": None, "train.compile": False,
+                              "train.distill_alpha": 0.5, "train.distill_temperature": 2.0, "train.distill_hidden": 0.0,
+                              "train.distill_cls": 0.0}
+
+
+def recipe_change(path: Path, recipe: Recipe, ignore: tuple[str, ...] = ()) -> str | None:
+    """How the recipe saved in a run directory differs from `recipe` ('train.lr: 2e-05 then, 3e-05
+    now') in keys other than `ignore`, or None when it is the same (or none was saved yet)."""
+    if not (path / "recipe.yaml").exists():
+        return None
+    try:
+        saved = read_yaml(path / "recipe.yaml", str(path / "recipe.yaml"))
+    except RecipeError as err:
+        return f"its recipe.yaml cannot be read ({err.problems[0]})"
+
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+
+    then, now = flat(saved), flat(recipe_to_dict(recipe))
+    if then.get("model.dropout") == 0.1 and now.get("model.dropout") is None:
+        then["model.dropout"] = None  # saved before it could be unset: 0.1 then meant what unset means now
+    for key, value in ADDED_KEYS.items():
+        then.setdefault(key, value)
+    for key in sorted((set(then) | set(now)) - set(ignore)):
+        if then.get(key) != now.get(key):
+            return f"{key}: {json.dumps(then.get(key))} then, {json.dumps(now.get(key))} now"
+    return None

@@ -24,11 +24,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from bertcli.errors import BertcliError, Interrupted, RecipeError
 from bertcli.fileio import atomic_write_text, finite_json
-from bertcli.recipes import Recipe, load_recipe, recipe_to_dict
+from bertcli.recipes import Recipe, load_recipe, recipe_change, recipe_to_dict
 from bertcli.rundir import check_apart, claim, marked_kind, precheck, resolved
 from bertcli.textio import is_stream
 
@@ -83,31 +82,6 @@ def _split_values(values: str) -> list[str]:
     return [v.strip() for v in [*parts, values[start:]]]
 
 
-def _meaning(value: str) -> str:
-    """A value as --set reads it (YAML, numbers as the recipe reads them), to tell values apart: 1e-3,
-    0.001 and 1.0e-3 are the same learning rate."""
-    from bertcli.recipes import safe_yaml
-
-    def number(v: Any) -> Any:
-        if isinstance(v, list):
-            return [number(x) for x in v]
-        if isinstance(v, dict):
-            return {str(k): number(x) for k, x in v.items()}
-        if isinstance(v, int) and not isinstance(v, bool):
-            return float(v) if abs(v) <= 2 ** 53 else v  # 2 and 2.0 alike; larger integers exactly
-        if isinstance(v, float):
-            return v
-        if isinstance(v, str):
-            with contextlib.suppress(ValueError):
-                return float(v)  # YAML reads 1e-3 as a string; the recipe as a number
-        return v
-
-    try:
-        return json.dumps(number(safe_yaml(value)), sort_keys=True, default=str)
-    except (yaml.YAMLError, ValueError, TypeError, RecursionError, OverflowError):
-        return value
-
-
 def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
     """`KEY=V1,V2,...` options as (key, values) axes, each value as written (a --set value)."""
     axes: list[tuple[str, list[str]]] = []
@@ -118,20 +92,12 @@ def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
         if not sep or not key or not all(choices):
             raise BertcliError(f"--sweep {item!r}: expected KEY=V1,V2,... (e.g. --sweep train.lr=2e-5,3e-5,5e-5), "
                                "with no empty value")
-        if len(choices) > MAX_POINTS:
-            raise BertcliError(f"--sweep {key}: {len(choices):,} values; at most {MAX_POINTS:,} runs in one suite")
         if any(f == key or f.startswith(f"{key}.") for f in FIXED_IN_SWEEP):  # the key, or a section holding it
             raise BertcliError(f"--sweep {key}: a sweep ranks its runs against each other, so each is scored the same "
                                f"way on the same data: {', '.join(FIXED_IN_SWEEP)} stay fixed within a sweep; give "
                                "it with --set, or run one sweep per value")
         if key in (k for k, _ in axes):
             raise BertcliError(f"--sweep {key}: given twice; list all its values in one --sweep")
-        meanings = [_meaning(v) for v in choices]
-        twice = next((i for i, m in enumerate(meanings) if m in meanings[:i]), None)
-        if twice is not None:
-            first, again = choices[meanings.index(meanings[twice])], choices[twice]
-            raise BertcliError(f"--sweep {key}: a value is listed twice ("
-                               + (first if first == again else f"{first} and {again} are the same") + ")")
         axes.append((key, choices))
     return axes
 
@@ -238,7 +204,7 @@ def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[P
                 errors.append(f"{source}: {err}")
                 break
             same = runs.setdefault((source, _runs_as(recipe)), values)
-            if same is not values:  # values written differently that run the same (0 and [0] as layers)
+            if same is not values:  # a value listed twice, or written differently (1e-3 and 0.001, 0 and [0])
                 errors.append(f"{source}: --sweep {_shown(same)} and {_shown(values)} give the same recipe; "
                               "list each value once")
                 break
@@ -271,41 +237,6 @@ def score(point: Point, metrics: dict[str, Any]) -> float | None:
     if not values or any(not isinstance(v, (int, float)) for v in values):
         return None
     return sum(values) / len(values)
-
-
-# Keys added to recipes since suites were first saved, each with the value that runs as a run saved
-# without it ran: such a run matches that value and no other. A key added later goes here too.
-ADDED_KEYS: dict[str, Any] = {"model.init_layers": [], "model.teacher": None, "train.compile": False,
-                              "train.distill_alpha": 0.5, "train.distill_temperature": 2.0, "train.distill_hidden": 0.0,
-                              "train.distill_cls": 0.0}
-
-
-def recipe_change(path: Path, recipe: Recipe, ignore: tuple[str, ...] = ()) -> str | None:
-    """How the recipe saved in a run directory differs from `recipe` ('train.lr: 2e-05 then, 3e-05
-    now') in keys other than `ignore`, or None when it is the same (or none was saved yet)."""
-    from bertcli.recipes import read_yaml
-
-    if not (path / "recipe.yaml").exists():
-        return None
-    try:
-        saved = read_yaml(path / "recipe.yaml", str(path / "recipe.yaml"))
-    except RecipeError as err:
-        return f"its recipe.yaml cannot be read ({err.problems[0]})"
-
-    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(value, dict):
-            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): value}
-
-    then, now = flat(saved), flat(recipe_to_dict(recipe))
-    if then.get("model.dropout") == 0.1 and now.get("model.dropout") is None:
-        then["model.dropout"] = None  # saved before it could be unset: 0.1 then meant what unset means now
-    for key, value in ADDED_KEYS.items():
-        then.setdefault(key, value)
-    for key in sorted((set(then) | set(now)) - set(ignore)):
-        if then.get(key) != now.get(key):
-            return f"{key}: {json.dumps(then.get(key))} then, {json.dumps(now.get(key))} now"
-    return None
 
 
 MAX_METRICS_BYTES = 1 << 20  # a run's metrics.json holds a few numbers

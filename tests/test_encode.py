@@ -288,7 +288,9 @@ def test_shards_pack_the_same_rows_in_parallel_as_one_by_one(text, tiny_tokenize
     together = sequences.make_instances(shards, 48, objective, 0.1, seed=5, workers=3)
     monkeypatch.undo()
     who = set(packers.read_text().split())
-    assert len(who) > 1 and str(os.getpid()) not in who  # packed by the workers, not by this process
+    # packed by forked workers, not by this process (how many of the three took a shard is up to the
+    # scheduler: on a busy machine one worker may take them all)
+    assert who and str(os.getpid()) not in who
     assert (alone == together).all()
     assert alone[:, 0].tolist() == sorted(alone[:, 0].tolist()) and set(alone[:, 0].tolist()) == set(range(len(shards)))
     if objective == "nsp":

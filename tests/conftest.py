@@ -64,11 +64,35 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return d / "tok"
 
 
-def run_cli(*args: str, stdin: bytes = b"", cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(*args: str, stdin: bytes = b"", cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m bertcli ARGS` as a user would; returns the completed process (bytes out)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "bertcli", *args], input=stdin, capture_output=True,
                           cwd=cwd, env=env, timeout=timeout)
+
+
+# `python -c STEPPING ARGS` runs bertcli ARGS in that process, which sends itself the signal named by
+# SIGNAL_WITH (e.g. SIGINT) as its SIGNAL_AT-th training step begins (counted over all runs of a suite): a
+# test stops a run at a known step however slow or busy the machine, rather than racing it with a timer.
+STEPPING = """
+import os, signal, sys
+from bertcli import train
+step, calls = train._step, [0]
+def signalled_step(*args, **kwargs):
+    calls[0] += 1
+    if os.environ.get("SIGNAL_WITH") and calls[0] == int(os.environ["SIGNAL_AT"]):
+        os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL_WITH"]))
+    return step(*args, **kwargs)
+train._step = signalled_step
+sys.argv = ["bertcli", *sys.argv[1:]]
+from bertcli.cli import main
+main()
+"""
+
+
+def stepping_env(signal_with: str, at: int, **extra: str) -> dict:
+    """The environment for STEPPING: bertcli from this tree, signalled at step `at`."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "SIGNAL_WITH": signal_with, "SIGNAL_AT": str(at), **extra}
 
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "max_position": 128,

@@ -61,6 +61,7 @@ def test_distilled_loss_mixes_the_soft_and_the_task_loss_and_the_teacher_gets_no
     batch = task.collate(features)
     counts = task.counts(batch)
     student = ck.model.train()
+    torch.manual_seed(0)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # a teacher that says something else
@@ -127,6 +128,7 @@ def _two_models_and_a_padded_batch(model_dir):
 
     ck, task = load_for_task(model_dir)
     student, teacher = ck.model.eval(), load_for_task(model_dir)[0].model.eval()
+    torch.manual_seed(0)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(torch.randn_like(p) * 0.1)

@@ -13,7 +13,9 @@ from bertcli.data.squad import read_squad  # noqa: E402
 from bertcli.data.tables import read_rows  # noqa: E402
 from bertcli.errors import DataError  # noqa: E402
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# the same examples on every run (CI stays reproducible); a slow, busy machine is not a failure
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 # text built from the characters the formats care about, plus anything else
 pieces = st.sampled_from(["\t", "\n", " ", ",", '"', "{", "}", "[", "]", ":", "O", "B-PER", "I-LOC", "E-X", "S-Y",
                           "-DOCSTART-", "label", "sentence", "text", "data", "paragraphs", "context", "qas",

@@ -168,7 +168,7 @@ def test_entity_scores_equal_seqeval_on_random_tag_sequences():
     pair = st.integers(1, 12).flatmap(lambda n: st.tuples(st.lists(tag, min_size=n, max_size=n),
                                                           st.lists(tag, min_size=n, max_size=n)))
 
-    @hypothesis.settings(max_examples=400, deadline=None, derandomize=True)
+    @hypothesis.settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[hypothesis.HealthCheck.too_slow])
     @hypothesis.given(st.lists(pair, min_size=1, max_size=5))
     def check(sentences):
         gold, pred = [g for g, _ in sentences], [p for _, p in sentences]

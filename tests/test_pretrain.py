@@ -22,7 +22,7 @@ from bertcli.recipes import load_recipe
 from bertcli.data.sequences import make_instances
 from bertcli.tasks.pretrain import A_END, A_START, B_END, B_START, LABEL, PretrainOptions, PretrainTask
 from bertcli.tokenizer import load_tokenizer
-from conftest import CORPUS, ROOT, run_cli, write_recipe
+from conftest import CORPUS, ROOT, STEPPING, run_cli, stepping_env, write_recipe
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -257,16 +257,11 @@ def test_sigkill_then_resume_logs_the_same_losses(corpus, tiny_tokenizer_dir, tm
                                   log_every=1)
     base = [sys.executable, "-m", "bertcli", "pretrain", str(recipe), "--set", "model.dropout=0.1"]
     subprocess.run([*base, "--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen([*base, "--out", str(tmp_path / "cut")], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (tmp_path / "cut" / "resume.pt").exists():
-        time.sleep(0.05)
-    time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = _losses(tmp_path / "cut")[-1][0]
-    assert killed_at < 300, "the run finished before it could be killed"
+    cut = [sys.executable, "-c", STEPPING, *base[3:], "--out", str(tmp_path / "cut")]
+    killed = subprocess.run(cut, env=stepping_env("SIGKILL", 25, BERTCLI_CACHE=str(tmp_path / "cache")),
+                            capture_output=True, timeout=300)  # killed as its 25th step begins, after two saves
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert _losses(tmp_path / "cut")[-1][0] == 24  # steps 21 to 24 were logged after the last save, at step 20
     done = subprocess.run([*base, "--out", str(tmp_path / "cut"), "--resume"], env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "whole")
@@ -439,10 +434,11 @@ def test_ctrl_c_saves_a_resumable_checkpoint(corpus, tiny_tokenizer_dir, tmp_pat
     recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=100_000, log_every=1)
     proc = subprocess.Popen([sys.executable, "-m", "bertcli", "pretrain", str(recipe), "--out", str(tmp_path / "run")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     log = tmp_path / "run" / "log.jsonl"
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
         time.sleep(0.05)
+    assert proc.poll() is None and log.exists(), "training never started"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()[-2000:]

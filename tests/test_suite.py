@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import yaml
 
 from bertcli.errors import BertcliError, Interrupted
 from bertcli.rundir import LOCK, MARKER
-from conftest import REVIEWS, ROOT, run_cli, write_recipe
+from conftest import REVIEWS, ROOT, STEPPING, run_cli, stepping_env, write_recipe
 
 SIMILAR = ("sentence1\tsentence2\tscore\n" + "the film is good\tthe film is fine\t4.5\n"
            "a dull plot\ti loved it\t0.5\ni hated it\ti hated it\t5.0\nthe plot\ta film\t1.0\n")
@@ -237,12 +236,8 @@ def test_ctrl_c_in_a_suite_then_resume_finishes_it(recipes, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     long = ["--set", "train.max_steps=400", "--set", "train.eval_every=100"]
     command = [sys.executable, "-m", "bertcli", "finetune", *map(str, recipes), "--out", str(tmp_path / "s"), *long]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    log = tmp_path / "s" / "sentiment" / "log.jsonl"
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc = subprocess.Popen([sys.executable, "-c", STEPPING, *command[3:]], env=stepping_env("SIGINT", 3),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # Ctrl-C at the first run's 3rd step
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and b"the same command with --resume continues it" in err, err.decode()[-2000:]
     assert (tmp_path / "s" / "sentiment" / "resume.pt").is_file()

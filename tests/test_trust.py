@@ -535,6 +535,19 @@ def test_package_paths_never_import(tmp_path, tiny_tokenizer_dir):
     assert done.returncode == 2 and b"no folder nothere in evilpkg" in done.stderr and not marker.exists()
 
 
+# bertcli ARGS, started once the file GO_FILE exists: two commands start together whatever their imports cost
+AT_ONCE = """
+import os, sys, time
+import torch
+from bertcli.cli import main
+print("ready", flush=True)
+while not os.path.exists(os.environ["GO_FILE"]):
+    time.sleep(0.01)
+sys.argv = ["bertcli", *sys.argv[1:]]
+main()
+"""
+
+
 @pytest.mark.slow
 def test_two_runs_into_one_out_one_refused_the_other_resumes(tmp_path, tiny_tokenizer_dir):
     (tmp_path / "train.tsv").write_text(rows(8))
@@ -542,9 +555,13 @@ def test_two_runs_into_one_out_one_refused_the_other_resumes(tmp_path, tiny_toke
                      {"max_steps": 150, "batch_size": 4, "save_every": 50}, tokenizer=tiny_tokenizer_dir)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "bertcli", "finetune", str(r), "--out", str(out)]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
+    go = tmp_path / "go"
+    cmd = [sys.executable, "-c", AT_ONCE, "finetune", str(r), "--out", str(out)]
+    procs = [subprocess.Popen(cmd, env={**env, "GO_FILE": str(go)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
+    assert [p.stdout.readline() for p in procs] == [b"ready\n"] * 2  # both imported: neither is still starting
+    go.touch()
+    results = [(p.returncode, err.decode()) for p in procs for _, err in [p.communicate(timeout=300)]]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
     loser = next(err for code, err in results if code == 2)
@@ -592,9 +609,10 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, tiny_tokenizer_dir):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "bertcli", "finetune", str(r), "--out", str(out)],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and not ((out / "log.jsonl").is_file() and (out / "log.jsonl").stat().st_size > 200):
         time.sleep(0.05)
+    assert proc.poll() is None and (out / "log.jsonl").is_file(), "training never started"
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1].decode()
     assert proc.returncode == 143 and "SIGTERM at step" in err and "--resume" in err, err[-2000:]
@@ -824,7 +842,9 @@ def test_predict_waits_on_a_non_blocking_stdin(model):
     proc = subprocess.Popen([sys.executable, "-m", "bertcli", "predict", str(model)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=non_blocking,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    time.sleep(3)  # predict is reading by now, and finds nothing there yet
+    said = proc.stderr.readline()  # the engine line, written as the model is ready and just before reading starts
+    assert said.startswith(b"predict: engine"), said + proc.stderr.read()
+    time.sleep(1)  # predict is reading by now, and finds nothing there yet
     out, err = proc.communicate(b"good\nbad\n", timeout=120)
     assert proc.returncode == 0 and len(out.splitlines()) == 2, err.decode()[-2000:]
 

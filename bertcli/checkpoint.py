@@ -138,10 +138,17 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> Loa
     return LoadReport(missing=missing, unexpected=unexpected)
 
 
+# Weights a model used as it was trained may lack: the pretraining head's next-sentence layer, which
+# filling in [MASK] never reads.
+NOT_READ_IN_USE = ("cls.seq_relationship.",)
+
+
 def load_checkpoint(directory: str | Path, architecture: str | None = None, labels: list[str] | None = None,
-                    ) -> Checkpoint:
+                    whole: bool = False) -> Checkpoint:
     """Load model, tokenizer and labels. `architecture` chooses the head (default: the one in
-    config.json); `labels` overrides the checkpoint's label names (a new classification head)."""
+    config.json); `labels` overrides the checkpoint's label names (a new classification head).
+    `whole`: the model is used as it was trained (evaluate, predict, export, a teacher), so every weight
+    it reads must be in the checkpoint; a head or pooler made up at random would answer at random."""
     cfg, raw = read_config(directory)
     source = str(Path(directory) / "config.json")
     saved = saved_architecture(raw)
@@ -157,6 +164,10 @@ def load_checkpoint(directory: str | Path, architecture: str | None = None, labe
     if labels is not None and labels != checkpoint_labels:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}  # a new label set: a new head
     report = load_weights(model, state, str(directory))
+    unread = [k for k in report.missing if not k.startswith(NOT_READ_IN_USE)]
+    if whole and unread:
+        raise CheckpointError(f"{directory}: weights of its {architecture} model missing from the checkpoint: "
+                              f"{_short(unread)}; it cannot answer without them (fine-tune it to train them)")
     model.eval()
     return Checkpoint(model, cfg, tokenizer, architecture, use_labels, report)
 

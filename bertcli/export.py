@@ -72,7 +72,7 @@ def export(model_dir: Path, int8: bool = False, say=print) -> list[Path]:
     with hold(model_dir):
         record = fingerprint(model_dir)
         start = time.perf_counter()
-        ck = load_checkpoint(model_dir)
+        ck = load_checkpoint(model_dir, whole=True)
         graph = _trace(ck.model.eval(), ck.tokenizer.cls_id, task, ck.config)
         fused = fuse_attention(graph, ck.config.num_attention_heads)
         difference = _check(graph, ck.model, task, ck.config)
@@ -230,6 +230,9 @@ def _check(graph, model, task: Task, cfg) -> float:
         want = task.call(model, {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
                                  "token_type_ids": torch.from_numpy(types)})
     want = [t.float().numpy() for t in (want if isinstance(want, tuple) else (want,))]
+    if not all(np.isfinite(w).all() for w in want):
+        raise BertcliError("export: the model itself gives outputs that are not finite numbers (NaN or infinite) "
+                           "on test rows: it is broken; nothing was written")
     if [g.shape for g in got] != [w.shape for w in want]:
         raise BertcliError(f"export: the graph gives outputs of shapes {[g.shape for g in got]}, the model "
                            f"{[w.shape for w in want]}; nothing was written (please report it)")

@@ -244,7 +244,7 @@ def load_teacher(recipe: Recipe, task: Task, student: BertConfig):
 def load_for_task(model_dir: Path):
     """A fine-tuned checkpoint and its task, for evaluate and predict."""
     _, task = load_task(model_dir)  # before the weights: it names what is wrong
-    return load_checkpoint(model_dir), task
+    return load_checkpoint(model_dir, whole=True), task
 
 
 def init_distributed() -> None:

@@ -116,7 +116,7 @@ def _torch_model(model_dir: Path, task: Task, precision: str, int8: bool, note: 
     from bertcli.checkpoint import load_checkpoint
     from bertcli.runtime import autocast, inference
 
-    ck = load_checkpoint(model_dir)
+    ck = load_checkpoint(model_dir, whole=True)
     device, precision = inference("fp32" if int8 else precision)  # int8 layers run outside autocast
     model = ck.model.to(device).eval()
     if int8:
@@ -137,6 +137,7 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
         precision: str = "auto", int8: bool = False, engine: str = "auto") -> int:
     """Answer every line of `stream` on `out`; returns the number of lines answered."""
     task, model, scope, said = open_model(model_dir, precision, int8, engine)
+    task.refuse_non_finite = False  # a line whose scores are not finite is answered with an error (below)
     sys.stderr.write(said + "\n")
     chunk = batch_size * CHUNK_BATCHES
     lines: queue.Queue = queue.Queue(maxsize=chunk * 2)

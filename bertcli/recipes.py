@@ -199,6 +199,21 @@ class _BoundedLoader(yaml.SafeLoader):
         if self.merged > MAX_YAML_NODES:
             raise yaml.YAMLError(f"more than {MAX_YAML_NODES:,} values once merge keys (<<) are expanded")
 
+    def construct_mapping(self, node, deep=False):
+        """A key given twice in one mapping is refused: PyYAML would keep the last one silently, so a
+        second `train:` section would drop the first. (A key merged in by `<<` may still be given.)"""
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in one mapping (first at line {first[key]}): give each key "
+                    "once", key_node.start_mark)
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
     def compose_node(self, parent, index):
         self.depth += 1
         try:

@@ -74,6 +74,26 @@ def plant_pickle(home: Path) -> str:
     return str(home / "model")
 
 
+def drop_weights(home: Path, prefix: str) -> str:
+    """The model without the weights whose names start with `prefix` (its head, its pooler)."""
+    from safetensors.torch import load_file, save_file
+
+    path = home / "model" / "model.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if not k.startswith(prefix)}, path, metadata={"format": "pt"})
+    return str(home / "model")
+
+
+def overflow(home: Path) -> str:
+    """The model with weights that are finite (3e38) but whose outputs overflow."""
+    from safetensors.torch import load_file, save_file
+
+    path = home / "model" / "model.safetensors"
+    weights = load_file(path)
+    weights["bert.encoder.layer.0.output.dense.weight"][:] = 3e38  # its sums overflow, and so all after them
+    save_file(weights, path, metadata={"format": "pt"})
+    return str(home / "model")
+
+
 HUGE = "word " * 2_000_000  # 10,000,000 bytes
 
 # name -> (files to write into the user's folder, argv (given the folder), stdin, what the message must say)
@@ -126,6 +146,18 @@ CASES = {
                      "model: no tokenizer.json or vocab.txt"),
     "vocabulary disagrees with weights": ({}, lambda h: ["predict", spoil_config(h, vocab_size=301)], b"x\n",
                                           "model: weights disagree with config.json"),
+    "a model without its head": ({}, lambda h: ["predict", drop_weights(h, "classifier.")], b"x\n",
+                                 "model: weights of its BertForSequenceClassification model missing from the "
+                                 "checkpoint: classifier.weight, classifier.bias"),
+    "a model without its pooler": ({"x.tsv": ROWS}, lambda h: ["evaluate", drop_weights(h, "bert.pooler."), "--data",
+                                                             str(h / "x.tsv")], b"",
+                                   "missing from the checkpoint: bert.pooler.dense.weight"),
+    "a model whose outputs overflow": ({"x.tsv": ROWS}, lambda h: ["evaluate", overflow(h), "--data", str(h / "x.tsv"),
+                                                                  "--precision", "fp32", "--out", str(h / "m.json")],
+                                       b"", "the model gave outputs that are not finite numbers"),
+    "a key twice in a recipe": ({}, lambda h: ["finetune", recipe(h, extra="train: {lr: 1}\n")], b"",
+                                r"YAML syntax error at line 6, column 1: 'train' is given twice in one mapping "
+                                r"\(first at line 4\)"),
     "pickle that runs code": ({}, lambda h: ["predict", plant_pickle(h)], b"x\n", "pytorch_model.bin"),
 }
 

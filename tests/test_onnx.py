@@ -325,6 +325,21 @@ def test_overwrite_and_leftovers_touch_only_bertcli_graphs(classifier, tmp_path)
     assert not (model / "model.onnx").exists()
 
 
+def test_a_model_whose_outputs_overflow_is_not_exported(classifier, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "copy"
+    shutil.copytree(classifier, model)
+    weights = load_file(model / "model.safetensors")
+    weights["bert.encoder.layer.0.output.dense.weight"][:] = 3e38  # finite, but its sums overflow
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BertcliError, match=r"export: the model itself gives outputs that are not finite numbers"):
+        export(model, say=lambda _: None)
+    assert not (model / "model.onnx").exists()
+
+
 def test_a_graph_that_does_not_give_the_models_outputs_is_not_written(classifier, tmp_path, monkeypatch):
     import shutil
 

@@ -505,6 +505,20 @@ def test_predict_never_prints_nan_and_json_writers_write_null(home, monkeypatch,
     assert code == 2 and "not a finite number" in answers[0]["error"] and answers[1]["label"]
 
 
+def test_a_model_whose_outputs_overflow_is_answered_line_by_line_with_errors(home, monkeypatch, capsys):
+    """Its weights are finite, so it loads; predict answers each line with an error, never a NaN score."""
+    from safetensors.torch import load_file, save_file
+
+    path = home / "model" / "model.safetensors"
+    weights = load_file(path)
+    weights["bert.encoder.layer.0.output.dense.weight"][:] = 3e38  # its sums overflow, and so all after them
+    save_file(weights, path, metadata={"format": "pt"})
+    code, out, err = in_process(["predict", str(home / "model"), "--precision", "fp32"], monkeypatch, capsys,
+                                b"good\nbad\n")
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert code == 2 and len(answers) == 2 and all("not a finite number" in a["error"] for a in answers), out + err
+
+
 @pytest.mark.slow
 def test_package_paths_never_import(tmp_path, tiny_tokenizer_dir):
     """A package on sys.path that writes a marker when imported: no marker after any command that

@@ -35,6 +35,15 @@ class WordPieceTokenizer:
             raise CheckpointError(f"{source}: the vocabulary has no {', '.join(missing)} token")
         self.pad_id, self.unk_id, self.cls_id, self.sep_id = (ids[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"))
         self.mask_id = ids["[MASK]"]  # None is fine except for pretraining
+        if not isinstance(backend.model, WordPiece):
+            raise CheckpointError(f"{source}: a {type(backend.model).__name__} tokenizer, not BERT's WordPiece: its ids "
+                                  "would not be the words the model learnt")
+        single, pair = (backend.encode(*texts).ids for texts in (("a",), ("a", "b")))
+        cls, sep = self.cls_id, self.sep_id
+        if not (single[0] == cls and single[-1] == sep and pair[0] == cls and pair[-1] == sep and pair.count(sep) == 2):
+            raise CheckpointError(f"{source}: its post-processor does not wrap texts as BERT's does ([CLS] a [SEP], "
+                                  "and [CLS] a [SEP] b [SEP] for a pair), so the model would read them without the "
+                                  "tokens it learnt from")
 
     @property
     def vocab_size(self) -> int:

@@ -94,6 +94,14 @@ def overflow(home: Path) -> str:
     return str(home / "model")
 
 
+def spoil_tokenizer(home: Path, **changes) -> str:
+    """The model's tokenizer.json with parts replaced (its post-processor, its model)."""
+    path = home / "model" / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    path.write_text(json.dumps({**tokenizer, **{k: v(tokenizer) if callable(v) else v for k, v in changes.items()}}))
+    return str(home / "model")
+
+
 HUGE = "word " * 2_000_000  # 10,000,000 bytes
 
 # name -> (files to write into the user's folder, argv (given the folder), stdin, what the message must say)
@@ -155,6 +163,12 @@ CASES = {
     "a model whose outputs overflow": ({"x.tsv": ROWS}, lambda h: ["evaluate", overflow(h), "--data", str(h / "x.tsv"),
                                                                   "--precision", "fp32", "--out", str(h / "m.json")],
                                        b"", "the model gave outputs that are not finite numbers"),
+    "a tokenizer that adds no [CLS] or [SEP]": ({}, lambda h: ["predict", spoil_tokenizer(h, post_processor=None)],
+                                                b"x\n", r"tokenizer.json: its post-processor does not wrap texts as "
+                                                        r"BERT's does"),
+    "a tokenizer that is not WordPiece": ({}, lambda h: ["predict", spoil_tokenizer(h, model=lambda t: {
+        "type": "BPE", "vocab": t["model"]["vocab"], "merges": [], "unk_token": "[UNK]"})], b"x\n",
+                                          r"tokenizer.json: a BPE tokenizer, not BERT's WordPiece"),
     "a key twice in a recipe": ({}, lambda h: ["finetune", recipe(h, extra="train: {lr: 1}\n")], b"",
                                 r"YAML syntax error at line 6, column 1: 'train' is given twice in one mapping "
                                 r"\(first at line 4\)"),

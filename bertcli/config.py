@@ -137,17 +137,33 @@ def saved_architecture(raw: dict[str, Any]) -> str:
 
 
 def read_labels(raw: dict[str, Any], source: str) -> list[str]:
-    """id2label from config.json as a list indexed by id ([] when absent)."""
+    """id2label from config.json as a list indexed by id ([] when absent). A sequence classifier from
+    elsewhere saved without one (transformers 5 leaves out its default) has transformers' names:
+    LABEL_0, LABEL_1, ... for its num_labels (2 by default)."""
     id2label = raw.get("id2label")
     if not id2label:
-        return []
+        count = raw.get("num_labels", 2)
+        if (saved_architecture(raw) != "BertForSequenceClassification" or raw.get("problem_type") == "regression"
+                or "bertcli_task" in raw):  # bertcli always names its labels: one without them was edited
+            return []
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
+            raise CheckpointError(f"{source}: num_labels must be a whole number from 1 to 100,000, got {count!r}")
+        return [f"LABEL_{i}" for i in range(count)]
     try:
-        pairs = sorted((int(k), str(v)) for k, v in id2label.items())
+        pairs = sorted((int(k), v) for k, v in id2label.items())
     except (ValueError, AttributeError):
         raise CheckpointError(f"{source}: id2label must map integer ids to label names") from None
     if [i for i, _ in pairs] != list(range(len(pairs))):
         raise CheckpointError(f"{source}: id2label ids must be 0..{len(pairs) - 1}")
-    return [label for _, label in pairs]
+    labels = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for _, v in pairs]
+    bad = next((v for v in labels if not isinstance(v, str) or not v.strip()), None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: id2label names must be non-empty strings, got {json.dumps(bad)[:80]}")
+    twice = sorted({v for v in labels if labels.count(v) > 1})
+    if twice:
+        raise CheckpointError(f"{source}: id2label names {', '.join(map(repr, twice))} for more than one id; each "
+                              "label needs a name of its own")
+    return labels
 
 
 def check_tokenizer(tokenizer: WordPieceTokenizer, cfg: BertConfig, source: str) -> None:

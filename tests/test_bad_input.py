@@ -169,6 +169,10 @@ CASES = {
     "a tokenizer that is not WordPiece": ({}, lambda h: ["predict", spoil_tokenizer(h, model=lambda t: {
         "type": "BPE", "vocab": t["model"]["vocab"], "merges": [], "unk_token": "[UNK]"})], b"x\n",
                                           r"tokenizer.json: a BPE tokenizer, not BERT's WordPiece"),
+    "a label name given twice": ({}, lambda h: ["predict", spoil_config(h, id2label={"0": "pos", "1": "pos"})], b"x\n",
+                                 r"config.json: id2label names 'pos' for more than one id"),
+    "an empty label name": ({}, lambda h: ["predict", spoil_config(h, id2label={"0": " ", "1": "pos"})], b"x\n",
+                            r"config.json: id2label names must be non-empty strings"),
     "a key twice in a recipe": ({}, lambda h: ["finetune", recipe(h, extra="train: {lr: 1}\n")], b"",
                                 r"YAML syntax error at line 6, column 1: 'train' is given twice in one mapping "
                                 r"\(first at line 4\)"),

@@ -171,6 +171,45 @@ def test_malformed_tables_name_file_and_line(tmp_path, tiny_tokenizer_dir):
         task.read(binary)
 
 
+def test_tables_that_would_be_misread_are_refused_and_glue_layouts_are_read(tmp_path, tiny_tokenizer_dir):
+    from bertcli.data.conll import read_ner
+    from bertcli.tasks.classify import ClassifyOptions, ClassifyTask
+    from bertcli.tasks.ner import NerOptions, NerTask
+    from bertcli.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    task = ClassifyTask(tok, ClassifyOptions(), 32)
+    refused = {
+        "twice.tsv": ("sentence\tlabel\tlabel\ngood\tpos\tx\n", r"twice.tsv: line 1: the header names 'label' more than once"),
+        "pairs.jsonl": ('{"text": "a", "label": "same"}\n{"text": "b", "text_b": "c", "label": "diff"}\n',
+                        r"pairs.jsonl:2: a text pair \('text_b'\), but the first row has none"),
+        "mac.tsv": ("sentence\tlabel\rgood\tpos\rbad\tneg\r", r"mac.tsv: line 1: a carriage return \(\\r\) inside the line"),
+    }
+    for name, (text, message) in refused.items():
+        (tmp_path / name).write_text(text, encoding="utf-8", newline="")
+        with pytest.raises(DataError, match=message):
+            task.read(tmp_path / name)
+    (tmp_path / "headed.tsv").write_text("sentence\tlabel\ngood\tpos\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"headed.tsv: line 1: a header row \(sentence, label\), but task.columns"):
+        ClassifyTask(tok, ClassifyOptions(columns=["sentence", "label"]), 32).read(tmp_path / "headed.tsv")
+    (tmp_path / "qnli.tsv").write_text("index\tquestion\tsentence\tlabel\n0\twho?\tme.\tentailment\n", encoding="utf-8")
+    assert [(e.text, e.pair) for e in task.read(tmp_path / "qnli.tsv")] == [("who?", "me.")]  # the question first
+    (tmp_path / "lines.csv").write_text('sentence,label\n"the film is\nwonderful",pos\ni hated it,neg\nbroken\n',
+                                        encoding="utf-8")
+    with pytest.raises(DataError, match=r"lines.csv: line 5: 1 columns"):  # lines of the file, not records
+        task.read(tmp_path / "lines.csv")
+    (tmp_path / "lines.csv").write_text('sentence,label\n"the film is\nwonderful",pos\ni hated it,neg\n', encoding="utf-8")
+    assert [(e.text, e.where.rsplit(":", 1)[1]) for e in task.read(tmp_path / "lines.csv")] == [
+        ("the film is\nwonderful", "2"), ("i hated it", "4")]  # the line break kept, not the words glued
+    (tmp_path / "mac.conll").write_text("EU B-ORG\rrejects O\r", encoding="utf-8", newline="")
+    with pytest.raises(DataError, match=r"mac.conll: line 1: a carriage return"):
+        read_ner(tmp_path / "mac.conll")
+    (tmp_path / "none.conll").write_text("EU O\nrejects O\n\nPeter O\n", encoding="utf-8")
+    ner = NerTask(tok, NerOptions(), 32)
+    with pytest.raises(DataError, match=r"none.conll: every word is tagged O"):
+        ner.labels_from(ner.read(tmp_path / "none.conll"))
+
+
 @pytest.mark.slow
 def test_evaluate_report_writes_figures(trained, tmp_path):
     pytest.importorskip("matplotlib")

@@ -392,8 +392,8 @@ CASES = {
                                 r"is not bertcli's lock file .*: a hard link"),
     "a marker whose kind is a list": (lambda h: ["finetune", recipe(h), "--out", odd_marker(h), "--overwrite"], b"",
                                       r"--overwrite refused: the directory was not written by bertcli"),
-    "a template [CLS] id past vocab_size": (lambda h: ["predict", template_id(h)], b"x\n",
-                                             r"the tokenizer has token ids up to 99999"),
+    "a template [CLS] id past vocab_size": (lambda h: ["predict", template_id(h)], b"x\n",  # not the vocabulary's [CLS]
+                                             r"tokenizer.json: its post-processor does not wrap texts as BERT's does"),
     "float64 weights past the float32 range": (lambda h: ["evaluate", huge_weight(h), "--data", str(h / "train.tsv")],
                                                b"", r"weights hold NaN or infinite values"),
     "predict reading /dev/zero": (lambda h: ["predict", str(h / "model"), "--input", "/dev/zero"], b"",
@@ -503,6 +503,18 @@ def test_predict_never_prints_nan_and_json_writers_write_null(home, monkeypatch,
     code, out, err = in_process(["predict", str(home / "model")], monkeypatch, capsys, b"good\nbad\n")
     answers = [json.loads(line) for line in out.splitlines()]
     assert code == 2 and "not a finite number" in answers[0]["error"] and answers[1]["label"]
+
+
+def test_a_sequence_classifier_saved_without_label_names_has_transformers_names(home, monkeypatch, capsys):
+    """transformers 5 writes no id2label for its default two labels, and names them LABEL_0 and LABEL_1."""
+    path = home / "model" / "config.json"
+    config = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("id2label", "label2id", "bertcli_task")}
+    path.write_text(json.dumps(config))
+    code, out, err = in_process(["predict", str(home / "model")], monkeypatch, capsys, b"good\n")
+    assert code == 0 and set(json.loads(out)["scores"]) == {"LABEL_0", "LABEL_1"}, out + err
+    path.write_text(json.dumps({**config, "num_labels": 3}))  # a head of 2 outputs said to have 3
+    code, out, err = in_process(["predict", str(home / "model")], monkeypatch, capsys, b"good\n")
+    assert code == 2 and "weights disagree with config.json" in err, err
 
 
 def test_a_model_whose_outputs_overflow_is_answered_line_by_line_with_errors(home, monkeypatch, capsys):

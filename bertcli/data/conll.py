@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertcli.data.tables import read_jsonl, read_text
+from bertcli.data.tables import read_jsonl, read_text, stray_carriage_return
 from bertcli.errors import DataError
 from bertcli.textio import split_lines
 from bertcli.metrics import get_entities
@@ -50,6 +50,8 @@ def read_ner(path: str | Path) -> list[Sentence]:
         words, tags = [], []
 
     for number, line in enumerate(split_lines(text), start=1):
+        if "\r" in line:
+            raise stray_carriage_return(path, number)
         fields = COLUMNS.split(line.strip(" \t")) if line.strip(" \t") else []
         if not fields:
             flush()

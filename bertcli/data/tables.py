@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -79,12 +80,29 @@ def read_jsonl(path: str | Path, text: str) -> Iterator[tuple[int, dict]]:
         yield number, row
 
 
-def _csv_rows(path: str | Path, lines: list[str]) -> Iterator[list[str]]:
-    reader = csv.reader(lines)
+def _csv_rows(path: str | Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """(the line it starts on, fields) for each CSV record: a quoted field may hold line breaks."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start = 1
     try:
-        yield from reader
+        for fields in reader:
+            yield start, fields
+            start = reader.line_num + 1
     except csv.Error as err:
         raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({err})") from None
+
+
+def _tsv_rows(path: str | Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) for each line: tab-separated, no quoting (GLUE)."""
+    for number, line in enumerate(split_lines(text), start=1):
+        if "\r" in line:
+            raise stray_carriage_return(path, number)
+        yield number, line.split("\t")
+
+
+def stray_carriage_return(path: str | Path, number: int) -> DataError:
+    return DataError(f"{path}: line {number}: a carriage return (\\r) inside the line: lines must end in \\n or "
+                     "\\r\\n (a file with old Mac line endings? `tr '\\r' '\\n'` converts it)")
 
 
 def read_rows(path: str | Path, columns: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
@@ -99,14 +117,22 @@ def read_rows(path: str | Path, columns: Sequence[str] = ()) -> Iterator[tuple[i
                             "header row")
         yield from read_jsonl(path, text)
         return
-    lines = split_lines(text)
-    reader = _csv_rows(path, lines) if suffix == ".csv" else (line.split("\t") for line in lines)  # TSV: no quoting
+    reader = _csv_rows(path, text) if suffix == ".csv" else _tsv_rows(path, text)
     header = list(columns) or None
-    for number, fields in enumerate(reader, start=1):
+    first = True
+    for number, fields in reader:
+        if first and columns and [f.strip().lower() for f in fields] == [c.strip().lower() for c in columns]:
+            raise DataError(f"{path}: line {number}: a header row ({', '.join(fields)}), but task.columns is for a "
+                            "file without one: remove task.columns and the header names the columns")
+        first = False
         if header is None:
             header = [h.strip() for h in fields]
             if not any(header):
-                raise DataError(f"{path}: line 1: expected a header row with column names")
+                raise DataError(f"{path}: line {number}: expected a header row with column names")
+            twice = sorted({h for h in header if h and header.count(h) > 1})
+            if twice:
+                raise DataError(f"{path}: line {number}: the header names {', '.join(map(repr, twice))} more than "
+                                "once; each column needs a name of its own")
             continue
         if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue

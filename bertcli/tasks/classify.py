@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 TEXT_COLUMNS = ("sentence", "text", "text_a", "sentence1", "review", "content")
 PAIR_COLUMNS = ("text_b", "sentence2")
+# GLUE's pair layouts whose first column is not a text column above: (text, pair), found together
+PAIR_LAYOUTS = (("question", "sentence"), ("question1", "question2"))
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,11 @@ class ClassifyTask(Task):
                 columns = self._columns(path, number, list(row))
             text_key, pair_key, label_key = columns
             where = f"{path}:{number}"
+            if pair_key is None and any(key in row for key in PAIR_COLUMNS):  # a JSON line names its own fields
+                found = next(key for key in PAIR_COLUMNS if key in row)
+                raise DataError(f"{where}: a text pair ({found!r}), but the first row has none, so the file was "
+                                "read as single texts: give every row the same fields (or set "
+                                "task.text_pair_column)")
             for key in (text_key, pair_key, label_key):
                 if key is not None and key not in row:
                     raise DataError(f"{where}: missing field {key!r}")
@@ -126,6 +133,9 @@ class ClassifyTask(Task):
             return found
 
         o = self.options
+        layout = next((pair for pair in PAIR_LAYOUTS if set(pair) <= set(names)), None)
+        if layout and o.text_column is None and o.text_pair_column is None:  # QNLI: the question, then the sentence
+            return (*layout, pick(o.label_column, self.label_columns, "label", True))
         return (pick(o.text_column, TEXT_COLUMNS, "text", True), pick(o.text_pair_column, PAIR_COLUMNS, "text pair", False),
                 pick(o.label_column, self.label_columns, "label", True))
 

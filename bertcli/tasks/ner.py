@@ -70,6 +70,10 @@ class NerTask(Task):
         if self.options.labels:
             return list(self.options.labels)
         tags = {t for e in examples for t in e.tags} - {"O"}
+        if not tags and examples:
+            source = examples[0].where.rsplit(":", 1)[0]
+            raise DataError(f"{source}: every word is tagged O; a tagger learns from at least one entity (is the "
+                            "tag the last column? or name the tags in task.labels)")
         return ["O"] + sorted(tags, key=lambda t: (t[2:], t[0]))
 
     def check_labels(self, examples: Sequence[Sentence]) -> None:

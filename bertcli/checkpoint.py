@@ -72,7 +72,7 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
     d = Path(directory)
     if (d / "model.safetensors").is_file():
         try:
-            return load_file(str(d / "model.safetensors"))
+            return _real_tensors(d / "model.safetensors", load_file(str(d / "model.safetensors")))
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{d / 'model.safetensors'}: cannot read: {err}") from None
     if (d / "pytorch_model.bin").is_file():
@@ -86,12 +86,25 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
             ) from None
         except (RuntimeError, OSError, EOFError, ValueError) as err:
             raise CheckpointError(f"{path}: cannot read: {err}") from None
-        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
             raise CheckpointError(f"{path}: expected a mapping of weight names to tensors")
-        return state
+        return _real_tensors(path, state)
     if (d / "model.safetensors.index.json").is_file():
         raise CheckpointError(f"{d}: sharded weights (model.safetensors.index.json) are not supported yet")
     raise CheckpointError(f"{d}: no model.safetensors or pytorch_model.bin")
+
+
+_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # e.g. a saved position_ids buffer
+
+
+def _real_tensors(path: Path, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` when each tensor is dense, on the CPU, of real numbers (floats, or integers for buffers)."""
+    for name, v in state.items():
+        if (v.layout != torch.strided or v.device.type != "cpu" or v.is_quantized
+                or not (v.is_floating_point() or v.dtype in _INTEGERS)):
+            raise CheckpointError(f"{path}: {name} is a {v.dtype} tensor ({v.layout}, on {v.device.type}); a weight "
+                                  "is a dense tensor of real numbers")
+    return state
 
 
 def _normalise_names(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
@@ -111,15 +124,22 @@ def _normalise_names(state: dict[str, Tensor], model: nn.Module) -> dict[str, Te
     return out
 
 
-def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> LoadReport:
-    """Copy `state` into `model`. The trunk must be complete and every shape must agree;
-    head weights may be absent (they are newly initialised) and extra weights are reported."""
-    state = _normalise_names(state, model)
+def check_shapes(model: nn.Module, state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """The model's own tensors by name, when every one that `state` (names normalised) holds has its shape.
+    `model` may be built on the meta device, which takes no memory."""
     own = {k: v for k, v in model.state_dict().items() if k != "cls.predictions.decoder.weight"}
     wrong = [f"{k} {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
              for k, v in own.items() if k in state and state[k].shape != v.shape]
     if wrong:
         raise CheckpointError(f"{source}: weights disagree with config.json: {_short(wrong, 3)}")
+    return own
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> LoadReport:
+    """Copy `state` into `model`. The trunk must be complete and every shape must agree;
+    head weights may be absent (they are newly initialised) and extra weights are reported."""
+    state = _normalise_names(state, model)
+    own = check_shapes(model, state, source)
     missing = [k for k in own if k not in state]
     trunk_missing = [k for k in missing if k.removeprefix("bert.").startswith(("embeddings.", "encoder."))]
     if trunk_missing:
@@ -159,10 +179,13 @@ def load_checkpoint(directory: str | Path, architecture: str | None = None, labe
     use_labels = list(labels) if labels is not None else checkpoint_labels
     tokenizer = load_tokenizer(directory)
     check_tokenizer(tokenizer, cfg, str(directory))
-    model = ARCHITECTURES[architecture](cfg, max(len(use_labels), 1))
     state = read_weights(directory)
     if labels is not None and labels != checkpoint_labels:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}  # a new label set: a new head
+    with torch.device("meta"):  # the shapes config.json gives, compared before its sizes take any memory
+        planned = ARCHITECTURES[architecture](cfg, max(len(use_labels), 1))
+    check_shapes(planned, _normalise_names(state, planned), str(directory))
+    model = ARCHITECTURES[architecture](cfg, max(len(use_labels), 1))
     report = load_weights(model, state, str(directory))
     unread = [k for k in report.missing if not k.startswith(NOT_READ_IN_USE)]
     if whole and unread:

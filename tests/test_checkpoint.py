@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -140,6 +141,42 @@ def test_plain_pytorch_bin_loads(tiny_tokenizer_dir, tmp_path):
     torch.save(model.state_dict(), tmp_path / "ck" / "pytorch_model.bin")
     ck = load_checkpoint(tmp_path / "ck")
     assert torch.equal(ck.model.classifier.weight, model.classifier.weight)
+
+
+def test_a_weights_file_of_odd_tensors_is_refused_before_any_use(tiny_tokenizer_dir, tmp_path):
+    """Tensors that weights_only=True unpickles but a model cannot hold: each named, never a traceback."""
+    model, tok = build("BertForSequenceClassification", tiny_tokenizer_dir)
+    save_checkpoint(tmp_path / "ck", model, "BertForSequenceClassification", tok, LABELS)
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    state = model.state_dict()
+    weight = "classifier.weight"
+    for odd, message in [({**state, 1: torch.zeros(1)}, "expected a mapping of weight names to tensors"),
+                         ({**state, weight: state[weight].to("meta")}, "on meta"),
+                         ({**state, weight: state[weight].to_sparse()}, "sparse_coo"),
+                         ({**state, weight: state[weight].to(torch.complex64)}, "complex64"),
+                         ({**state, weight: state[weight] > 0}, "torch.bool")]:
+        torch.save(odd, tmp_path / "ck" / "pytorch_model.bin")
+        with pytest.raises(CheckpointError, match=rf"pytorch_model.bin: .*{re.escape(message)}"):
+            load_checkpoint(tmp_path / "ck")
+
+
+def test_sizes_config_json_claims_beyond_its_weights_take_no_memory(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    """The shapes are compared on a model built on the meta device: no real one is built for a config.json
+    that claims a million positions its weights do not have."""
+    from bertcli import checkpoint
+
+    model, tok = build("BertForSequenceClassification", tiny_tokenizer_dir)
+    d = tmp_path / "ck"
+    save_checkpoint(d, model, "BertForSequenceClassification", tok, LABELS)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1_000_000}))
+    built, real = [], checkpoint.ARCHITECTURES["BertForSequenceClassification"]
+    monkeypatch.setitem(checkpoint.ARCHITECTURES, "BertForSequenceClassification",
+                        lambda cfg, n: built.append(torch.empty(0).device.type) or real(cfg, n))
+    with pytest.raises(CheckpointError, match=r"position_embeddings.weight \(64, 32\) in the checkpoint, "
+                                              r"\(1000000, 32\) in the model"):
+        load_checkpoint(d)
+    assert built == ["meta"]
 
 
 def test_inconsistent_checkpoints_are_user_errors(tiny_tokenizer_dir, tmp_path):

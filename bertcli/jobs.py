@@ -66,7 +66,16 @@ def check_output_apart(recipe: Recipe, out: Path, source: Path | None, resume: b
 
 
 def recipe_tokenizer(recipe: Recipe) -> WordPieceTokenizer:
-    return load_tokenizer(recipe.model.init if recipe.model.init else recipe.tokenizer)
+    """The tokenizer of model.init (the one its weights read), or the recipe's for a model from scratch; a
+    recipe naming both must name the same vocabulary, or it would say one tokenizer and train with another."""
+    if not recipe.model.init:
+        return load_tokenizer(recipe.tokenizer)
+    tokenizer = load_tokenizer(recipe.model.init)
+    if recipe.tokenizer is not None and load_tokenizer(recipe.tokenizer).backend.get_vocab() != tokenizer.backend.get_vocab():
+        raise BertcliError(f"tokenizer: {recipe.tokenizer} is not the tokenizer of model.init ({recipe.model.init}), "
+                           "whose ids its weights read and which a run from it uses: drop tokenizer "
+                           "(--set tokenizer=null)")
+    return tokenizer
 
 
 NEW_MODEL_DROPOUT = 0.1  # BERT's, for a model built from scratch when model.dropout is not set

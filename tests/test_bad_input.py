@@ -102,6 +102,18 @@ def spoil_tokenizer(home: Path, **changes) -> str:
     return str(home / "model")
 
 
+def other_tokenizer(home: Path) -> str:
+    """A tokenizer with another vocabulary than the model's (one word renamed)."""
+    shutil.copytree(home / "tok", home / "tok2")
+    path = home / "tok2" / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    word = next(w for w in vocab if w.isalpha())
+    vocab[word + "x"] = vocab.pop(word)
+    path.write_text(json.dumps(tokenizer))
+    return str(home / "tok2")
+
+
 HUGE = "word " * 2_000_000  # 10,000,000 bytes
 
 # name -> (files to write into the user's folder, argv (given the folder), stdin, what the message must say)
@@ -173,6 +185,9 @@ CASES = {
                                  r"config.json: id2label names 'pos' for more than one id"),
     "an empty label name": ({}, lambda h: ["predict", spoil_config(h, id2label={"0": " ", "1": "pos"})], b"x\n",
                             r"config.json: id2label names must be non-empty strings"),
+    "a tokenizer that is not model.init's": ({}, lambda h: ["finetune", recipe(h), "--set", f"model.init={h / 'model'}",
+                                                          "--set", f"tokenizer={other_tokenizer(h)}"], b"",
+                                             r"tokenizer: .*tok2 is not the tokenizer of model.init"),
     "a key twice in a recipe": ({}, lambda h: ["finetune", recipe(h, extra="train: {lr: 1}\n")], b"",
                                 r"YAML syntax error at line 6, column 1: 'train' is given twice in one mapping "
                                 r"\(first at line 4\)"),

@@ -143,7 +143,7 @@ CASES = {
                             r"x.json: data\[0\].paragraphs\[0\].qas\[0\]: missing field 'question'"),
     "squad answer outside the context": ({"x.json": squad("the unicorn", 400)},
                                          lambda h: ["finetune", recipe(h, "qa", "x.json")], b"",
-                                         r"x.json: 1 of 1 answers are not in their context"),
+                                         r"x.json: 1 of 1 questions have no answer in their context"),
     "invalid utf-8 in data": ({"x.tsv": ROWS.encode() + b"caf\xe9\tpos\n"}, lambda h: ["finetune", recipe(h, train="x.tsv")],
                               b"", r"x.tsv: line 6: not UTF-8 text \(byte offset"),
     "nul byte in data": ({"x.tsv": ROWS.encode() + b"a\x00b\tpos\n"}, lambda h: ["finetune", recipe(h, train="x.tsv")],

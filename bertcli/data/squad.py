@@ -3,8 +3,9 @@
 An answer whose `answer_start` does not point at its text is re-located at the occurrence of
 the text nearest to the given start. One whose text is not in the context at all (about 2% of
 CMRC 2018's) cannot be trained on, but still counts as a gold answer when scoring, as in the
-official evaluation; both are counted for the caller to report. More than 5% of answers
-missing from their contexts means a broken file: that stops with a DataError."""
+official evaluation; both are counted for the caller to report. More than 5% of the answered
+questions with no answer in their context means a broken file: that stops with a DataError (an
+alternative answer missing while another is found is only counted)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ class ReadReport:
     answers: int = 0  # gold answers read
     relocated: int = 0  # answer starts moved to where their text is
     unlocated: list[str] = field(default_factory=list)  # answers whose text is not in the context
+    questions: int = 0  # questions with answers given
+    lost: int = 0  # of those, questions none of whose answers is in the context
 
 
 def _locate(context: str, text: str, start: Any) -> int | None:
@@ -77,16 +80,23 @@ def _example(qa: Any, context: str, where: str, report: ReadReport) -> QaExample
     if not isinstance(question, str):
         raise DataError(f"{where}: missing field 'question'")
     qid = str(qa.get("id", where))
-    impossible = qa.get("is_impossible", False)
+    # Hugging Face's SQuAD v2 layout marks a question without an answer by empty answer lists alone
+    impossible = qa.get("is_impossible", isinstance(qa.get("answers"), dict) and not _answers(qa["answers"], where))
     if not isinstance(impossible, bool):  # "false" is a string, and bool("false") is True
         raise DataError(f"{where} (id {qid}): 'is_impossible' must be true or false, got {impossible!r}")
     answers = []
     given = _answers(qa.get("answers"), where)
+    if impossible and given:
+        raise DataError(f"{where} (id {qid}): 'is_impossible' is true, but it has answers (SQuAD v2 keeps those of a "
+                        "question without an answer as 'plausible_answers')")
     for text, start in given:
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where} (id {qid}): an answer text must be a non-empty string")
+        if start == -1 and not isinstance(start, bool):
+            start = None  # CMRC 2018's mark of a start it does not know (193 of its dev answers): found by the text
         if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
-            raise DataError(f"{where} (id {qid}): 'answer_start' must be a character offset of 0 or more, got {start!r}")
+            raise DataError(f"{where} (id {qid}): 'answer_start' must be a character offset of 0 or more (or -1: "
+                            f"unknown), got {start!r}")
         report.answers += 1
         found = _locate(context, text, start)
         if found is None:
@@ -97,15 +107,18 @@ def _example(qa: Any, context: str, where: str, report: ReadReport) -> QaExample
         answers.append((text, found))
     if not given and not impossible:
         raise DataError(f"{where}: question {qid!r} has no answers (and is not marked is_impossible)")
+    if given:
+        report.questions += 1
+        report.lost += not answers
     return QaExample(qid, question.strip(), context, tuple(answers), impossible or not given, where,
                      tuple(text for text, _ in given))
 
 
 def read_squad(path: str | Path) -> tuple[list[QaExample], ReadReport]:
     examples, report = _read_squad(path)
-    if len(report.unlocated) > MAX_UNLOCATED * report.answers:
+    if report.lost > MAX_UNLOCATED * report.questions:
         shown = "; ".join(report.unlocated[:3])
-        raise DataError(f"{path}: {len(report.unlocated)} of {report.answers} answers are not in their context "
+        raise DataError(f"{path}: {report.lost} of {report.questions} questions have no answer in their context "
                         f"(more than {MAX_UNLOCATED:.0%}: are the contexts and answers from the same file?): {shown}")
     return examples, report
 

@@ -76,6 +76,20 @@ def trained(request, tmp_path_factory, tiny_tokenizer_dir):
     return d, metrics
 
 
+@pytest.mark.parametrize("name, sentences", [("conll2003/train.txt", 14041), ("conll2003/valid.txt", 3250),
+                                             ("wnut17/train.conll", 3394), ("wnut17/dev.conll", 1009),
+                                             ("msra_ner/train.txt", 45000), ("msra_ner/test.txt", 3442)])
+def test_the_shared_ner_files_read_whole(name, sentences):
+    """Each with its quirks: WNUT-17's sentence breaks of a lone tab, and a line holding only a byte-order mark
+    near the end of its dev file."""
+    from conftest import SHARED
+
+    path = SHARED / "data" / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not here")
+    assert len(read_ner(path)) == sentences
+
+
 def test_tiny_model_overfits_entities(trained):
     d, metrics = trained
     assert metrics["eval_f1"] == 1.0

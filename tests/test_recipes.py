@@ -125,6 +125,34 @@ def test_every_shipped_recipe_parses(path):
         assert all("not found" in p or "not installed" in p for p in err.problems), err.problems
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("**/*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_recipe_reads_its_data_where_it_is_here(path, monkeypatch):
+    """Each fine-tuning recipe's training and eval files read whole, labels and all, as its run would read
+    them (with MiniLM's tokenizer where the recipe starts from a run made first)."""
+    import yaml
+
+    from bertcli.tasks import TASKS
+    from bertcli.tokenizer import load_tokenizer
+    from conftest import minilm_path
+
+    monkeypatch.chdir(ROOT)
+    raw = yaml.safe_load(path.read_text())
+    if raw["task"]["name"] == "pretrain":
+        pytest.skip("a pretraining corpus is read by tokenize encode")
+    files = [Path(f) for key in ("train", "eval") for f in ([raw["data"].get(key)] if isinstance(raw["data"].get(key), str)
+                                                           else raw["data"].get(key) or [])]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        pytest.skip(f"{missing[0]} is not here")
+    minilm = minilm_path()
+    recipe = load_recipe(path, [f"model.init={minilm}"])
+    task = TASKS[recipe.task.name](load_tokenizer(minilm), recipe.task, recipe.data.max_seq_len)
+    train = [e for f in recipe.data.train for e in task.read(f)]
+    task.labels = task.labels_from(train)
+    task.check_labels([e for f in recipe.data.eval for e in task.read(f)])
+    assert train
+
+
 def test_precision_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     import torch
 

@@ -52,7 +52,8 @@ def read_ner(path: str | Path) -> list[Sentence]:
     for number, line in enumerate(split_lines(text), start=1):
         if "\r" in line:
             raise stray_carriage_return(path, number)
-        fields = COLUMNS.split(line.strip(" \t")) if line.strip(" \t") else []
+        bare = line.strip(" \t\ufeff")  # a byte-order mark left inside a file (WNUT-17 dev has one) is no text
+        fields = COLUMNS.split(bare) if bare else []
         if not fields:
             flush()
             continue
@@ -64,7 +65,8 @@ def read_ner(path: str | Path) -> list[Sentence]:
             if columns < 2:
                 raise DataError(f"{path}: line {number}: expected a token and a tag (CoNLL columns), got {line!r}")
         if len(fields) != columns:
-            raise DataError(f"{path}: line {number}: {len(fields)} columns, but the file's first line has {columns}")
+            raise DataError(f"{path}: line {number}: {len(fields)} columns, but the file's first line has {columns}: "
+                            f"{line[:80]!r}")
         tag = fields[-1]
         if not TAG.match(tag):
             raise DataError(f"{path}: line {number}: unknown tag {tag!r} (expected O, or B-/I-/E-/S- and a type)")

@@ -452,6 +452,10 @@ def _coerce(value: Any, hint: Any) -> Any:
         if value is None:
             return ()
         if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+            odd = next((v for v in value if isinstance(v, bool)), None) if isinstance(value, list) else value
+            if isinstance(odd, bool):
+                held = "a list holding " if isinstance(value, list) else ""
+                raise ValueError(f"expected a string or a list of strings, got {held}{_kind(odd)}{_QUOTE_WORDS}")
             raise ValueError(f"expected a string or a list of strings, got {_kind(value)}")
         return tuple(str(v) for v in value)
     if hint is bool:
@@ -485,9 +489,12 @@ def _coerce(value: Any, hint: Any) -> Any:
         return number
     if hint is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError(f"expected a string, got {_kind(value)}")
+            raise ValueError(f"expected a string, got {_kind(value)}" + (_QUOTE_WORDS if isinstance(value, bool) else ""))
         return str(value)
     raise TypeError(f"unsupported recipe field type {hint!r}")  # a bug in this file, not user input
+
+
+_QUOTE_WORDS = ": YAML reads yes, no, on, off, true and false unquoted as booleans; quote the word ('yes')"
 
 
 def _kind(value: Any) -> str:

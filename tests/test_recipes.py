@@ -71,6 +71,15 @@ def test_typo_wrong_type_and_missing_file_reported_together(tmp_path, files):
     assert "data.train: file not found: nope.tsv" in message
 
 
+def test_words_yaml_reads_as_booleans_are_named_with_the_way_out(tmp_path, files):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path, valid(files)), ["task.labels=[yes, no]", "task.positive_label=yes"])
+    quote = "YAML reads yes, no, on, off, true and false unquoted as booleans; quote the word ('yes')"
+    assert err.value.problems == [f"task.labels: expected a string or a list of strings, got a list holding a boolean "
+                                  f"(true): {quote}", f"task.positive_label: expected a string, got a boolean (true): {quote}"]
+    assert load_recipe(write(tmp_path, valid(files)), ["task.labels=['yes', 'no']"]).task.labels == ("yes", "no")
+
+
 def test_impossible_values(tmp_path, files):
     with pytest.raises(RecipeError) as err:
         load_recipe(write(tmp_path, valid(files)), [

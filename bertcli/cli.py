@@ -220,7 +220,8 @@ def evaluate(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint
 @app.command(epilog="Example: cat reviews.txt | bertcli predict runs/sst2 > predictions.jsonl")
 def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint directory."),
             input: Optional[Path] = typer.Option(None, "--input", help="Read this file instead of stdin."),
-            batch_size: int = typer.Option(32, "--batch-size", min=1, help="Lines per batch, at most."),
+            batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096,  # lines read ahead: 64 batches, so memory stays flat
+                                           help="Lines per batch, at most (1 to 4,096)."),
             precision: str = PrecisionOpt,
             int8: bool = typer.Option(False, "--int8", help="int8 weights (CPU): faster, slightly less accurate; the "
                                       "exported model.int8.onnx with the onnx engine, else torch's dynamic quantization."),

@@ -103,6 +103,11 @@ def test_unreadable_line_gets_an_error_answer_and_exit_2(trained):
 
 
 @pytest.mark.slow
+def test_predict_refuses_a_batch_size_that_would_read_without_bound(trained):
+    done = run_cli("predict", str(trained[0] / "run"), "--batch-size", "100000", stdin=b"good\n")
+    assert done.returncode == 2 and b"100000 is not in the range 1<=x<=4096" in done.stderr, done.stderr
+
+
 def test_ten_megabyte_line_is_refused_by_name(trained, tmp_path):
     """On stdin it gets an error answer in its place (never held whole); in a data file, exit 2."""
     d, _, _ = trained

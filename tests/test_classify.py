@@ -215,6 +215,31 @@ def test_tables_that_would_be_misread_are_refused_and_glue_layouts_are_read(tmp_
         ner.labels_from(ner.read(tmp_path / "none.conll"))
 
 
+def test_json_lines_through_a_pipe_are_read_as_json_lines(tmp_path):
+    """A pipe (/dev/stdin, <(...)) has no suffix to tell its format: text that starts with `{` is JSON lines
+    (a name without a suffix stands for one here); a SQuAD file through a pipe is still one document."""
+    import os
+    import threading
+
+    from bertcli.data.conll import read_ner
+    from bertcli.data.squad import read_squad
+    from bertcli.data.tables import read_rows
+
+    rows = {read_rows: '{"text": "a", "label": "x"}\n', read_ner: '{"tokens": ["EU"], "tags": ["B-ORG"]}\n',
+            read_squad: '{"id": "1", "question": "Who?", "context": "the doctor", "answers": '
+                        '[{"text": "the doctor", "answer_start": 0}]}\n'}
+    for reader, text in rows.items():
+        fifo = tmp_path / f"{reader.__name__}-pipe"
+        os.mkfifo(fifo)
+        threading.Thread(target=fifo.write_text, args=(text,), daemon=True).start()
+        got = reader(fifo)
+        got = got[0] if reader is read_squad else got
+        assert len(list(got)) == 1, reader
+    (tmp_path / "squad").write_text(json.dumps({"data": [{"paragraphs": [{"context": "the doctor", "qas": [
+        {"id": "1", "question": "Who?", "answers": [{"text": "the doctor", "answer_start": 0}]}]}]}]}))
+    assert len(read_squad(tmp_path / "squad")[0]) == 1
+
+
 @pytest.mark.slow
 def test_evaluate_report_writes_figures(trained, tmp_path):
     pytest.importorskip("matplotlib")

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertcli.data.tables import read_jsonl, read_text, stray_carriage_return
+from bertcli.data.tables import json_lines, read_jsonl, read_text, stray_carriage_return
 from bertcli.errors import DataError
 from bertcli.textio import split_lines
 from bertcli.metrics import get_entities
@@ -35,7 +35,7 @@ def to_bio(tags: list[str]) -> list[str]:
 
 def read_ner(path: str | Path) -> list[Sentence]:
     text = read_text(path)
-    if Path(path).suffix.lower() in (".jsonl", ".json"):
+    if json_lines(path, text):
         return _read_jsonl(path, text)
     sentences: list[Sentence] = []
     words: list[str] = []

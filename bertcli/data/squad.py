@@ -16,6 +16,7 @@ from typing import Any
 
 from bertcli.data.tables import read_jsonl, read_text
 from bertcli.errors import DataError
+from bertcli.textio import split_lines
 
 
 MAX_UNLOCATED = 0.05  # CMRC 2018 dev has 2.0% of answers absent from their context; far more means a broken file
@@ -123,11 +124,22 @@ def read_squad(path: str | Path) -> tuple[list[QaExample], ReadReport]:
     return examples, report
 
 
+def _question_first(text: str) -> bool:
+    """Whether the first line of `text` is a JSON object with a question: a JSON line, not a SQuAD file."""
+    first = next((line for line in split_lines(text) if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(row, dict) and "question" in row
+
+
 def _read_squad(path: str | Path) -> tuple[list[QaExample], ReadReport]:
-    text = read_text(path, one_example_per_line=Path(path).suffix.lower() == ".jsonl")
+    suffix = Path(path).suffix.lower()
+    text = read_text(path, one_example_per_line=suffix == ".jsonl")
     report = ReadReport()
     examples: list[QaExample] = []
-    if Path(path).suffix.lower() == ".jsonl":
+    if suffix == ".jsonl" or (not suffix and _question_first(text)):  # a pipe of JSON lines too
         for number, row in read_jsonl(path, text):
             where = f"{path}: line {number}"
             if not isinstance(row.get("context"), str):

@@ -66,6 +66,13 @@ def _rest_of_line(f, path: Path) -> int:
     return count
 
 
+def json_lines(path: str | Path, text: str) -> bool:
+    """Whether `text` read from `path` is JSON lines: by the name's suffix (.jsonl, .json), or for a name
+    without one (a pipe: /dev/stdin, <(...)) by its first character."""
+    suffix = Path(path).suffix.lower()
+    return suffix in (".jsonl", ".json") if suffix else text.lstrip().startswith("{")
+
+
 def read_jsonl(path: str | Path, text: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of JSONL `text` read from `path`."""
     for number, line in enumerate(split_lines(text), start=1):
@@ -106,12 +113,13 @@ def stray_carriage_return(path: str | Path, number: int) -> DataError:
 
 
 def read_rows(path: str | Path, columns: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
-    """(line number, row) pairs. `.jsonl`/`.json` hold one JSON object per line; `.csv` is
-    comma-separated with quoting; anything else is tab-separated without quoting (GLUE). The first
+    """(line number, row) pairs. `.jsonl`/`.json` hold one JSON object per line (so does a pipe whose text
+    starts with `{`); `.csv` is comma-separated with quoting; anything else is tab-separated without
+    quoting (GLUE). The first
     row names the columns, or `columns` does for a file without a header row."""
     text = read_text(path)
     suffix = Path(path).suffix.lower()
-    if suffix in (".jsonl", ".json"):
+    if json_lines(path, text):
         if columns:
             raise DataError(f"{path}: JSON lines name their fields; task.columns is for TSV and CSV files without a "
                             "header row")

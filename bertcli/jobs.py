@@ -275,8 +275,11 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
 
     from bertcli.tasks.pretrain import PretrainTask, most_frequent_token
 
+    from bertcli.data.corpus import cache_dir
+
     out = output_dir(recipe, out)
     check_output_apart(recipe, out, source, resume)
+    check_apart(out, [("shard cache (BERTCLI_CACHE)", cache_dir())])  # where the corpus is encoded first
     init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
     streams = [p for p in (*recipe.data.train, *recipe.data.eval) if is_stream(Path(p))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import re
 import shutil
@@ -188,6 +189,9 @@ CASES = {
     "a tokenizer that is not model.init's": ({}, lambda h: ["finetune", recipe(h), "--set", f"model.init={h / 'model'}",
                                                           "--set", f"tokenizer={other_tokenizer(h)}"], b"",
                                              r"tokenizer: .*tok2 is not the tokenizer of model.init"),
+    "pretraining into the shard cache": ({}, lambda h: ["pretrain", recipe(h, "pretrain"), "--out",
+                                                      str(Path(os.environ["BERTCLI_CACHE"]) / "run")], b"",
+                                         r"the output directory lies inside the input shard cache \(BERTCLI_CACHE\)"),
     "a key twice in a recipe": ({}, lambda h: ["finetune", recipe(h, extra="train: {lr: 1}\n")], b"",
                                 r"YAML syntax error at line 6, column 1: 'train' is given twice in one mapping "
                                 r"\(first at line 4\)"),

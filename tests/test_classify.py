@@ -213,6 +213,11 @@ def test_tables_that_would_be_misread_are_refused_and_glue_layouts_are_read(tmp_
     ner = NerTask(tok, NerOptions(), 32)
     with pytest.raises(DataError, match=r"none.conll: every word is tagged O"):
         ner.labels_from(ner.read(tmp_path / "none.conll"))
+    (tmp_path / "bioes.conll").write_text("EU S-PER\n\nGerman B-MISC\ncall E-MISC\n", encoding="utf-8")
+    ner.labels = ["O", "B-PER", "I-PER"]
+    with pytest.raises(DataError, match=r"bioes.conll:3: the sentence from this line has the tag 'B-MISC' \(tags "
+                                        r"read as BIO\), which is not one the model knows"):
+        ner.check_labels(ner.read(tmp_path / "bioes.conll"))
 
 
 def test_json_lines_through_a_pipe_are_read_as_json_lines(tmp_path):

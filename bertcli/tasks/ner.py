@@ -81,8 +81,8 @@ class NerTask(Task):
         for e in examples:
             unknown = [t for t in e.tags if t not in known]
             if unknown:
-                raise DataError(f"{e.where}: tag {unknown[0]!r} is not one the model knows "
-                                f"({', '.join(self.labels)})")
+                raise DataError(f"{e.where}: the sentence from this line has the tag {unknown[0]!r} (tags read as "
+                                f"BIO), which is not one the model knows ({', '.join(self.labels)})")
 
     def _pieces(self, word_lists: Sequence[Sequence[str]]) -> list[Pieces]:
         if not word_lists:

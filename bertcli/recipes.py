@@ -639,8 +639,17 @@ def _check_file(key: str, path: str, files_only: bool, problems: list[str]) -> N
     elif p.is_dir():
         if files_only:
             problems.append(f"{key}: expected a file, got a directory: {path}")
-    elif p.is_file() and p.stat().st_size == 0:  # a pipe's size says nothing: it is read as a stream
+    elif p.is_file() and p.stat().st_size == 0 and not _has_text(p):  # a pipe's size says nothing: read as a stream
         problems.append(f"{key}: file is empty: {path}")
+
+
+def _has_text(path: Path) -> bool:
+    """Whether a file of size 0 gives bytes when read (a /proc file's size is 0, yet it has text)."""
+    try:
+        with open(path, "rb") as f:
+            return bool(f.read(1))
+    except OSError:
+        return False
 
 
 # Keys added to recipes since runs were first saved, each with the value that runs as a run saved without it

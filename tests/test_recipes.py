@@ -80,6 +80,14 @@ def test_words_yaml_reads_as_booleans_are_named_with_the_way_out(tmp_path, files
     assert load_recipe(write(tmp_path, valid(files)), ["task.labels=['yes', 'no']"]).task.labels == ("yes", "no")
 
 
+def test_a_file_whose_size_says_zero_but_that_has_text_is_not_empty(tmp_path, files):
+    (tmp_path / "empty.tsv").write_text("")
+    with pytest.raises(RecipeError, match=r"data.train: file is empty"):
+        load_recipe(write(tmp_path, valid(files)), [f"data.train={tmp_path / 'empty.tsv'}"])
+    if Path("/proc/self/status").is_file():  # Linux: a /proc file's size is 0
+        assert load_recipe(write(tmp_path, valid(files)), ["data.train=/proc/self/status"]).data.train
+
+
 def test_impossible_values(tmp_path, files):
     with pytest.raises(RecipeError) as err:
         load_recipe(write(tmp_path, valid(files)), [

@@ -130,8 +130,10 @@ def resolve_path(text: str) -> str:
         spec = importlib.util.find_spec(top)  # a top-level name: found, never executed
     except (ImportError, ValueError):
         spec = None
-    if spec is None or not spec.submodule_search_locations:
+    if spec is None:
         raise FileNotFoundError(f"package {top!r} is not installed (pip install {top.replace('_', '-')})")
+    if not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{top!r} is a module, not a package with folders to name")
     for location in spec.submodule_search_locations:
         folder = Path(location).joinpath(*inner)
         if folder.is_dir():
@@ -147,7 +149,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for item in overrides:
         _apply_override(raw, item, problems)
     failed: set[str] = set()
-    recipe = _resolve_packages(_build(Recipe, raw, "", problems, failed), problems)
+    recipe = _resolve_packages(_build(Recipe, raw, "", problems, failed), problems, failed)
     # a key that failed above holds its default: leave out checks that would speak of it
     mentions = [re.compile(rf"(?<![\w.]){re.escape(key)}(?!\w)") for key in failed]
     checks = _check_values(recipe, task_known=not failed & {"task", "task.name"})
@@ -517,7 +519,7 @@ def _kind(value: Any) -> str:
 # ---------------------------------------------------------------- values and files
 
 
-def _resolve_packages(recipe: Recipe, problems: list[str]) -> Recipe:
+def _resolve_packages(recipe: Recipe, problems: list[str], failed: set[str]) -> Recipe:
     def resolve(key: str, text: Optional[str]) -> Optional[str]:
         if text is None or not text.startswith(PACKAGE_PREFIX):
             return text
@@ -525,6 +527,7 @@ def _resolve_packages(recipe: Recipe, problems: list[str]) -> Recipe:
             return resolve_path(text)
         except FileNotFoundError as err:
             problems.append(f"{key}: {err}")
+            failed.add(key)  # said once: not again as a directory not found
             return text
 
     model = dataclasses.replace(recipe.model, init=resolve("model.init", recipe.model.init),

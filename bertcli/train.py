@@ -394,8 +394,8 @@ def _step(run: _Run, group: Sequence[Sequence[int]]) -> tuple[float, int, bool]:
     if bad and (run.precision == "fp32" or run.skipped >= MAX_SKIPPED_STEPS):
         what = f"the loss became {step_loss}" if not math.isfinite(step_loss) else f"the gradient norm became {norm}"
         again = f" after {run.skipped} skipped steps in a row" if run.skipped else ""
-        raise BertcliError(f"{what} at step {pos.step + 1}{again}; lower train.lr or check the data. "
-                           f"The last good checkpoint in {run.out} (if any) is kept")
+        raise BertcliError(f"{what} at step {pos.step + 1}{again}; lower train.lr (or train.weight_decay, if raised) "
+                           f"or check the data. The last good checkpoint in {run.out} (if any) is kept")
     if bad:  # low precision overflowed: drop this step's update, as a loss scaler does
         run.skipped += 1
         message = (f"step {pos.step + 1}: loss {step_loss}, gradient norm {norm} in {run.precision}: "
@@ -453,8 +453,8 @@ def _checkpoint(run: _Run, alone: bool = False) -> None:
     broken = next((name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
     if broken is not None:
         raise BertcliError(f"{broken} holds NaN or infinite values at step {pos.step}: the training diverged; "
-                           f"lower train.lr or check the data. Nothing was saved for this step; the last good "
-                           f"checkpoint in {out} (if any) is kept")
+                           "lower train.lr (or train.weight_decay, if raised) or check the data. Nothing was saved for "
+                           f"this step; the last good checkpoint in {out} (if any) is kept")
     if run.writer:
         stage = out / STAGE_DIR
         discard(stage)

@@ -145,6 +145,11 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> Loa
     if trunk_missing:
         raise CheckpointError(f"{source}: encoder weights missing from the checkpoint: {_short(trunk_missing)}")
     unexpected = [k for k in state if k not in own]
+    integers = [f"{k} ({state[k].dtype})" for k, v in own.items()
+                if k in state and v.is_floating_point() and not state[k].is_floating_point()]
+    if integers:
+        raise CheckpointError(f"{source}: weights stored as integers: {_short(integers, 3)}; a quantized checkpoint "
+                              "(8-bit, 4-bit) is not read: save it in floating point")
     # checked as the model will hold them (fp32): a float64 1e300 is finite only before the cast, and
     # isfinite does not exist for every stored type (float8)
     broken = [k for k in own if k in state and own[k].is_floating_point()
@@ -158,17 +163,17 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> Loa
     return LoadReport(missing=missing, unexpected=unexpected)
 
 
-# Weights a model used as it was trained may lack: the pretraining head's next-sentence layer, which
-# filling in [MASK] never reads.
-NOT_READ_IN_USE = ("cls.seq_relationship.",)
+# Weights that filling in [MASK] (predict on a pretrained model) never reads: a checkpoint may lack them
+NOT_READ_TO_FILL_MASKS = ("cls.seq_relationship.", "bert.pooler.")
 
 
 def load_checkpoint(directory: str | Path, architecture: str | None = None, labels: list[str] | None = None,
-                    whole: bool = False) -> Checkpoint:
+                    whole: bool = True, unread: tuple[str, ...] = ()) -> Checkpoint:
     """Load model, tokenizer and labels. `architecture` chooses the head (default: the one in
     config.json); `labels` overrides the checkpoint's label names (a new classification head).
     `whole`: the model is used as it was trained (evaluate, predict, export, a teacher), so every weight
-    it reads must be in the checkpoint; a head or pooler made up at random would answer at random."""
+    it reads must be in the checkpoint (but those named by the prefixes `unread`): a head or pooler made
+    up at random would answer at random. Fine-tuning from it (whole=False) makes up what is missing."""
     cfg, raw = read_config(directory)
     source = str(Path(directory) / "config.json")
     saved = saved_architecture(raw)
@@ -187,10 +192,10 @@ def load_checkpoint(directory: str | Path, architecture: str | None = None, labe
     check_shapes(planned, _normalise_names(state, planned), str(directory))
     model = ARCHITECTURES[architecture](cfg, max(len(use_labels), 1))
     report = load_weights(model, state, str(directory))
-    unread = [k for k in report.missing if not k.startswith(NOT_READ_IN_USE)]
-    if whole and unread:
+    needed = [k for k in report.missing if not k.startswith(unread)] if whole else []
+    if needed:
         raise CheckpointError(f"{directory}: weights of its {architecture} model missing from the checkpoint: "
-                              f"{_short(unread)}; it cannot answer without them (fine-tune it to train them)")
+                              f"{_short(needed)}; it cannot answer without them (fine-tune it to train them)")
     model.eval()
     return Checkpoint(model, cfg, tokenizer, architecture, use_labels, report)
 

@@ -174,6 +174,9 @@ def check_tokenizer(tokenizer: WordPieceTokenizer, cfg: BertConfig, source: str)
     if top >= cfg.vocab_size:
         raise CheckpointError(f"{source}: the tokenizer has token ids up to {top} but config.json says vocab_size "
                               f"{cfg.vocab_size}")
+    if cfg.type_vocab_size >= 2 and (pair.type_ids[0] != 0 or pair.type_ids[-1] != 1):
+        raise CheckpointError(f"{source}: the tokenizer gives a text pair the token types {pair.type_ids}, not 0 for "
+                              "the first text and 1 for the second, as the model learnt them")
     types = max([0, *single.type_ids, *(pair.type_ids if cfg.type_vocab_size >= 2 else [])])
     if types >= cfg.type_vocab_size:
         raise CheckpointError(f"{source}: the tokenizer gives token type {types} but config.json says type_vocab_size "

@@ -21,6 +21,10 @@ class DataError(BertcliError):
     """Malformed data: the message names the file and the line (or field)."""
 
 
+class NonFinite(DataError):
+    """A model gave outputs that are not finite numbers (NaN or infinite): never scored, never answered."""
+
+
 class CheckpointError(BertcliError):
     """A checkpoint directory that is missing, incomplete or not a BERT checkpoint."""
 

@@ -72,7 +72,7 @@ def export(model_dir: Path, int8: bool = False, say=print) -> list[Path]:
     with hold(model_dir):
         record = fingerprint(model_dir)
         start = time.perf_counter()
-        ck = load_checkpoint(model_dir, whole=True)
+        ck = load_checkpoint(model_dir)
         graph = _trace(ck.model.eval(), ck.tokenizer.cls_id, task, ck.config)
         fused = fuse_attention(graph, ck.config.num_attention_heads)
         difference = _check(graph, ck.model, task, ck.config)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from bertcli.errors import BertcliError, CheckpointError
 from bertcli.recipes import Recipe, dump_recipe
 from bertcli.tasks import TASKS, check_segments, check_task_segments, load_task
 from bertcli.tasks.base import Task
-from bertcli.tokenizer import WordPieceTokenizer, load_tokenizer
+from bertcli.tokenizer import WordPieceTokenizer, load_tokenizer, tokenizer_difference
 from bertcli.rundir import check_apart, claim, precheck
 from bertcli.runtime import device_for
 from bertcli.textio import is_stream
@@ -67,13 +66,14 @@ def check_output_apart(recipe: Recipe, out: Path, source: Path | None, resume: b
 
 def recipe_tokenizer(recipe: Recipe) -> WordPieceTokenizer:
     """The tokenizer of model.init (the one its weights read), or the recipe's for a model from scratch; a
-    recipe naming both must name the same vocabulary, or it would say one tokenizer and train with another."""
+    recipe naming both must name the same one, or it would say one tokenizer and train with another."""
     if not recipe.model.init:
         return load_tokenizer(recipe.tokenizer)
     tokenizer = load_tokenizer(recipe.model.init)
-    if recipe.tokenizer is not None and load_tokenizer(recipe.tokenizer).backend.get_vocab() != tokenizer.backend.get_vocab():
-        raise BertcliError(f"tokenizer: {recipe.tokenizer} is not the tokenizer of model.init ({recipe.model.init}), "
-                           "whose ids its weights read and which a run from it uses: drop tokenizer "
+    part = None if recipe.tokenizer is None else tokenizer_difference(load_tokenizer(recipe.tokenizer), tokenizer)
+    if part is not None:
+        raise BertcliError(f"tokenizer: {recipe.tokenizer} is not the tokenizer of model.init ({recipe.model.init}): "
+                           f"its {part} differs, and a run from model.init reads that one's ids: drop tokenizer "
                            "(--set tokenizer=null)")
     return tokenizer
 
@@ -136,7 +136,8 @@ def prepare(recipe: Recipe):
     if recipe.model.init:
         _, init_raw = read_config(recipe.model.init)
         task.labels = task.head_labels(read_labels(init_raw, str(Path(recipe.model.init) / "config.json")))
-        ck = load_checkpoint(recipe.model.init, architecture=task.architecture, labels=task.labels or None)
+        ck = load_checkpoint(recipe.model.init, architecture=task.architecture, labels=task.labels or None,
+                             whole=False)
         loaded = f"model: {recipe.model.init} ({ck.report.summary()})"
         if recipe.model.init_layers:
             ck = keep_layers(ck, recipe.model.init_layers, recipe.model.init)
@@ -227,11 +228,10 @@ def load_teacher(recipe: Recipe, task: Task, student: BertConfig):
     if taught.labels != task.labels and task.needs_labels:
         raise CheckpointError(f"model.teacher: {source} has the labels {', '.join(taught.labels[:10])}; this run "
                               f"{', '.join(task.labels[:10])}: a teacher names the same labels in the same order")
-    mine, theirs = (json.loads(t.backend.to_str()) for t in (task.tokenizer, ck.tokenizer))
-    for part in ("normalizer", "pre_tokenizer", "model"):
-        if mine.get(part) != theirs.get(part):
-            raise CheckpointError(f"model.teacher: {source} has another tokenizer ({part}) than the student; the "
-                                  "teacher reads the student's token ids, so both need the same one")
+    part = tokenizer_difference(task.tokenizer, ck.tokenizer)
+    if part is not None:
+        raise CheckpointError(f"model.teacher: {source} has another tokenizer ({part}) than the student; the "
+                              "teacher reads the student's token ids, so both need the same one")
     if recipe.data.max_seq_len > ck.config.max_position_embeddings:
         raise CheckpointError(f"model.teacher: {source} reads at most {ck.config.max_position_embeddings} tokens, "
                               f"data.max_seq_len is {recipe.data.max_seq_len}")
@@ -253,7 +253,7 @@ def load_teacher(recipe: Recipe, task: Task, student: BertConfig):
 def load_for_task(model_dir: Path):
     """A fine-tuned checkpoint and its task, for evaluate and predict."""
     _, task = load_task(model_dir)  # before the weights: it names what is wrong
-    return load_checkpoint(model_dir, whole=True), task
+    return load_checkpoint(model_dir), task
 
 
 def init_distributed() -> None:
@@ -310,7 +310,7 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
 
     torch.manual_seed(recipe.train.seed)
     if recipe.model.init:
-        ck = load_checkpoint(recipe.model.init, architecture=task.architecture)
+        ck = load_checkpoint(recipe.model.init, architecture=task.architecture, whole=False)
         check_memory(ck.config, recipe.model.init, TRAINING_BYTES_PER_PARAMETER, "to train")
         loaded = f"model: {recipe.model.init} ({ck.report.summary()})"
         if recipe.model.dropout is not None:

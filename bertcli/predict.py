@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, ContextManager, TextIO
 
 from bertcli import onnx_engine
-from bertcli.errors import BertcliError, CheckpointError, DataError
+from bertcli.errors import BertcliError, CheckpointError, DataError, NonFinite
 from bertcli.fileio import all_finite, finite_json
 from bertcli.tasks import load_task
 from bertcli.tasks.base import Task
@@ -113,10 +113,10 @@ def _onnx_refusal(task: Task, graph: Path, precision: str, int8: bool) -> str | 
 def _torch_model(model_dir: Path, task: Task, precision: str, int8: bool, note: str):
     import torch
 
-    from bertcli.checkpoint import load_checkpoint
+    from bertcli.checkpoint import NOT_READ_TO_FILL_MASKS, load_checkpoint
     from bertcli.runtime import autocast, inference
 
-    ck = load_checkpoint(model_dir, whole=True)
+    ck = load_checkpoint(model_dir, unread=NOT_READ_TO_FILL_MASKS if task.name == "pretrain" else ())
     device, precision = inference("fp32" if int8 else precision)  # int8 layers run outside autocast
     model = ck.model.to(device).eval()
     if int8:
@@ -137,7 +137,6 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
         precision: str = "auto", int8: bool = False, engine: str = "auto") -> int:
     """Answer every line of `stream` on `out`; returns the number of lines answered."""
     task, model, scope, said = open_model(model_dir, precision, int8, engine)
-    task.refuse_non_finite = False  # a line whose scores are not finite is answered with an error (below)
     sys.stderr.write(said + "\n")
     chunk = batch_size * CHUNK_BATCHES
     lines: queue.Queue = queue.Queue(maxsize=chunk * 2)
@@ -173,11 +172,11 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
             except DataError as err:
                 answers.append({"error": str(err)})
         with scope():
-            predictions = iter(task.predict(model, examples, batch_size) if examples else ())
+            predictions = iter(_predict(task, model, examples, batch_size))
         for number, answer in enumerate(answers, start=answered - len(answers) + 1):
             if answer is None:
                 answer = next(predictions)
-                if not all_finite(answer):  # bf16 overflow in a model from elsewhere: an error, never `NaN`
+                if answer is None or not all_finite(answer):  # bf16 overflow in a model from elsewhere: never `NaN`
                     answer = {"error": f"{source}: line {number}: the model gave a score that is not a finite number"}
             if "error" in answer:
                 failures.append(answer["error"])
@@ -189,6 +188,24 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
         raise DataError(f"{len(failures)} of {answered} input line(s) could not be read and were answered with "
                         f"an error object; the first: {failures[0]}")
     return answered
+
+
+def _predict(task: Task, model, examples: list, batch_size: int) -> list[dict | None]:
+    """The task's answer to each example; where the model's outputs are not finite, each example of the
+    batch alone, and None for one whose own outputs are not."""
+    if not examples:
+        return []
+    try:
+        return task.predict(model, examples, batch_size)
+    except NonFinite:
+        pass
+    answers: list[dict | None] = []
+    for example in examples:
+        try:
+            answers.append(task.predict(model, [example], 1)[0])
+        except NonFinite:
+            answers.append(None)
+    return answers
 
 
 def open_input(path: Path | None) -> tuple[BinaryIO, str]:

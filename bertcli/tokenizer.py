@@ -130,6 +130,13 @@ def train_tokenizer(files: Iterable[str | Path], vocab_size: int = 30522, lowerc
     return WordPieceTokenizer(backend, lowercase)
 
 
+def tokenizer_difference(a: WordPieceTokenizer, b: WordPieceTokenizer) -> str | None:
+    """The first part of their pipelines in which two tokenizers differ (normalizer, pre_tokenizer, or
+    model: the vocabulary), or None when they give the same ids for the same text."""
+    mine, theirs = (json.loads(t.backend.to_str()) for t in (a, b))
+    return next((part for part in ("normalizer", "pre_tokenizer", "model") if mine.get(part) != theirs.get(part)), None)
+
+
 def load_tokenizer(directory: str | Path) -> WordPieceTokenizer:
     """Load from `tokenizer.json`, or build BERT's pipeline around `vocab.txt`."""
     d = Path(directory)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bertcli.data.batching import batch_order
-from bertcli.errors import BertcliError, Interrupted, first_line
+from bertcli.errors import BertcliError, Interrupted, NonFinite, first_line
 from bertcli.fileio import OutputError, append_text, atomic_write, atomic_write_text, discard, finite_json, finite_number, publish
 from bertcli.recipes import TrainConfig, parse_duration
 from bertcli.rundir import STAGE_DIR
@@ -432,11 +432,16 @@ def _evaluate(run: _Run) -> None:
     began = time.perf_counter()
     if run.job.evaluate is not None and run.writer:
         run.model.eval()
-        with torch.inference_mode(), autocast(run.device, run.precision):
-            run.metrics = {f"eval_{k}": v for k, v in run.job.evaluate(run.model).items()}
+        try:
+            with torch.inference_mode(), autocast(run.device, run.precision):
+                run.metrics = {f"eval_{k}": v for k, v in run.job.evaluate(run.model).items()}
+        except NonFinite as err:  # an overflow at this precision: the run goes on (and its weights are checked)
+            run.metrics = {}
+            run.console.print(f"step {run.pos.step}: evaluation skipped: {err}")
         run.model.train()
-        run.log.write({"step": run.pos.step, **run.metrics})
-        run.console.print(f"step {run.pos.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in run.metrics.items()))
+        if run.metrics:
+            run.log.write({"step": run.pos.step, **run.metrics})
+            run.console.print(f"step {run.pos.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in run.metrics.items()))
     if run.world > 1:
         dist.barrier()
     run.window.paused += time.perf_counter() - began

@@ -95,6 +95,18 @@ def stepping_env(signal_with: str, at: int, **extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "SIGNAL_WITH": signal_with, "SIGNAL_AT": str(at), **extra}
 
 
+def overflow(model_dir: Path) -> Path:
+    """The checkpoint with weights that are finite (3e38, so it loads) but whose outputs overflow: its first
+    layer's sums are infinite, and all after them NaN."""
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    weights = load_file(path)
+    weights["bert.encoder.layer.0.output.dense.weight"][:] = 3e38
+    save_file(weights, path, metadata={"format": "pt"})
+    return model_dir
+
+
 TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "max_position": 128,
               "dropout": 0.0}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bertcli.errors import DataError
-from conftest import REVIEWS
+from conftest import REVIEWS, overflow
 
 ROWS = REVIEWS
 CONTEXT = "The tiny corpus was written by the doctor in Paris."
@@ -81,17 +81,6 @@ def drop_weights(home: Path, prefix: str) -> str:
 
     path = home / "model" / "model.safetensors"
     save_file({k: v for k, v in load_file(path).items() if not k.startswith(prefix)}, path, metadata={"format": "pt"})
-    return str(home / "model")
-
-
-def overflow(home: Path) -> str:
-    """The model with weights that are finite (3e38) but whose outputs overflow."""
-    from safetensors.torch import load_file, save_file
-
-    path = home / "model" / "model.safetensors"
-    weights = load_file(path)
-    weights["bert.encoder.layer.0.output.dense.weight"][:] = 3e38  # its sums overflow, and so all after them
-    save_file(weights, path, metadata={"format": "pt"})
     return str(home / "model")
 
 
@@ -173,7 +162,7 @@ CASES = {
     "a model without its pooler": ({"x.tsv": ROWS}, lambda h: ["evaluate", drop_weights(h, "bert.pooler."), "--data",
                                                              str(h / "x.tsv")], b"",
                                    "missing from the checkpoint: bert.pooler.dense.weight"),
-    "a model whose outputs overflow": ({"x.tsv": ROWS}, lambda h: ["evaluate", overflow(h), "--data", str(h / "x.tsv"),
+    "a model whose outputs overflow": ({"x.tsv": ROWS}, lambda h: ["evaluate", str(overflow(h / "model")), "--data", str(h / "x.tsv"),
                                                                   "--precision", "fp32", "--out", str(h / "m.json")],
                                        b"", "the model gave outputs that are not finite numbers"),
     "a tokenizer that adds no [CLS] or [SEP]": ({}, lambda h: ["predict", spoil_tokenizer(h, post_processor=None)],

@@ -75,7 +75,8 @@ def test_config_has_label_names(tiny_tokenizer_dir, tmp_path):
 
 
 def test_base_checkpoint_initialises_a_task_head(minilm_dir):
-    ck = load_checkpoint(minilm_dir, architecture="BertForTokenClassification", labels=["O", "B-PER", "I-PER"])
+    ck = load_checkpoint(minilm_dir, architecture="BertForTokenClassification", labels=["O", "B-PER", "I-PER"],
+                         whole=False)  # as fine-tuning loads it
     assert ck.report.missing == ["classifier.weight", "classifier.bias"]
     assert sorted(ck.report.unexpected) == ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
     assert ck.model.classifier.out_features == 3
@@ -154,9 +155,11 @@ def test_a_weights_file_of_odd_tensors_is_refused_before_any_use(tiny_tokenizer_
                          ({**state, weight: state[weight].to("meta")}, "on meta"),
                          ({**state, weight: state[weight].to_sparse()}, "sparse_coo"),
                          ({**state, weight: state[weight].to(torch.complex64)}, "complex64"),
-                         ({**state, weight: state[weight] > 0}, "torch.bool")]:
+                         ({**state, weight: state[weight] > 0}, "torch.bool"),
+                         ({**state, weight: state[weight].to(torch.int8)}, "weights stored as integers: "
+                                                                            "classifier.weight (torch.int8)")]:
         torch.save(odd, tmp_path / "ck" / "pytorch_model.bin")
-        with pytest.raises(CheckpointError, match=rf"pytorch_model.bin: .*{re.escape(message)}"):
+        with pytest.raises(CheckpointError, match=rf"(pytorch_model.bin|ck): .*{re.escape(message)}"):
             load_checkpoint(tmp_path / "ck")
 
 

@@ -102,12 +102,12 @@ def test_unreadable_line_gets_an_error_answer_and_exit_2(trained):
     assert b"1 of 3 input line(s)" in done.stderr and b"Traceback" not in done.stderr
 
 
-@pytest.mark.slow
-def test_predict_refuses_a_batch_size_that_would_read_without_bound(trained):
-    done = run_cli("predict", str(trained[0] / "run"), "--batch-size", "100000", stdin=b"good\n")
+def test_predict_refuses_a_batch_size_that_would_read_without_bound(tmp_path):
+    done = run_cli("predict", str(tmp_path), "--batch-size", "100000", stdin=b"good\n")  # before any model is read
     assert done.returncode == 2 and b"100000 is not in the range 1<=x<=4096" in done.stderr, done.stderr
 
 
+@pytest.mark.slow
 def test_ten_megabyte_line_is_refused_by_name(trained, tmp_path):
     """On stdin it gets an error answer in its place (never held whole); in a data file, exit 2."""
     d, _, _ = trained
@@ -195,8 +195,12 @@ def test_tables_that_would_be_misread_are_refused_and_glue_layouts_are_read(tmp_
         with pytest.raises(DataError, match=message):
             task.read(tmp_path / name)
     (tmp_path / "headed.tsv").write_text("sentence\tlabel\ngood\tpos\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"headed.tsv: line 1: a header row \(sentence, label\), but task.columns"):
-        ClassifyTask(tok, ClassifyOptions(columns=["sentence", "label"]), 32).read(tmp_path / "headed.tsv")
+    for columns in (["sentence", "label"], ["text", "label"]):  # the label column alone gives it away
+        with pytest.raises(DataError, match=r"headed.tsv: line 1: a header row \(sentence, label\), as a field is "
+                                            r"named as its column, but task.columns"):
+            ClassifyTask(tok, ClassifyOptions(columns=columns), 32).read(tmp_path / "headed.tsv")
+    (tmp_path / "cell.tsv").write_text("sentence\tlabel\ngo\rod\tpos\nbad\tneg\n", encoding="utf-8", newline="")
+    assert [e.text for e in task.read(tmp_path / "cell.tsv")] == ["go\rod", "bad"]  # a \r in a cell is text
     (tmp_path / "qnli.tsv").write_text("index\tquestion\tsentence\tlabel\n0\twho?\tme.\tentailment\n", encoding="utf-8")
     assert [(e.text, e.pair) for e in task.read(tmp_path / "qnli.tsv")] == [("who?", "me.")]  # the question first
     (tmp_path / "lines.csv").write_text('sentence,label\n"the film is\nwonderful",pos\ni hated it,neg\nbroken\n',

@@ -11,7 +11,7 @@ from bertcli.errors import DataError
 from bertcli.evaluate import evaluate
 from bertcli.jobs import finetune
 from bertcli.recipes import load_recipe
-from conftest import run_cli, write_recipe
+from conftest import overflow, run_cli, write_recipe
 
 CONLL = """-DOCSTART- -X- -X- O
 
@@ -110,3 +110,21 @@ def test_predict_gives_character_offsets_into_the_line(trained):
     assert found == [("Mary Smith", "PER"), ("Acme Corp", "ORG"), ("London", "LOC")]
     for e in first["entities"]:
         assert line[e["start"]:e["end"]] == e["text"] and 0 < e["score"] <= 1
+
+
+@pytest.mark.slow
+def test_a_tagger_whose_outputs_overflow_answers_each_line_with_an_error(trained, tmp_path):
+    """Its NaN scores would read as "O" everywhere, an answer of no entities: each line gets an error instead,
+    and evaluate scores nothing."""
+    import shutil
+
+    d, _ = trained
+    shutil.copytree(d / "run", tmp_path / "run")
+    overflow(tmp_path / "run")
+    done = run_cli("predict", str(tmp_path / "run"), "--precision", "fp32", stdin=b"Mary works in London .\nJohn\n")
+    answers = [json.loads(x) for x in done.stdout.decode().splitlines()]
+    assert done.returncode == 2 and len(answers) == 2, done.stderr
+    assert all("not a finite number" in a["error"] for a in answers), answers
+    done = run_cli("evaluate", str(tmp_path / "run"), "--data", str(d / "train.conll"), "--precision", "fp32")
+    assert done.returncode == 2 and b"outputs that are not finite numbers" in done.stderr, done.stderr
+

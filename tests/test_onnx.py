@@ -21,7 +21,7 @@ from bertcli.jobs import finetune  # noqa: E402
 from bertcli.predict import run  # noqa: E402
 from bertcli.recipes import load_recipe  # noqa: E402
 
-from conftest import ROOT, run_cli, write_recipe  # noqa: E402
+from conftest import ROOT, overflow, run_cli, write_recipe  # noqa: E402
 from test_ner import CONLL  # noqa: E402
 from test_qa import CONTEXTS, squad  # noqa: E402
 from test_tasks import PAIRS, TAGGED  # noqa: E402
@@ -328,13 +328,9 @@ def test_overwrite_and_leftovers_touch_only_bertcli_graphs(classifier, tmp_path)
 def test_a_model_whose_outputs_overflow_is_not_exported(classifier, tmp_path):
     import shutil
 
-    from safetensors.torch import load_file, save_file
-
     model = tmp_path / "copy"
     shutil.copytree(classifier, model)
-    weights = load_file(model / "model.safetensors")
-    weights["bert.encoder.layer.0.output.dense.weight"][:] = 3e38  # finite, but its sums overflow
-    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    overflow(model)
     with pytest.raises(BertcliError, match=r"export: the model itself gives outputs that are not finite numbers"):
         export(model, say=lambda _: None)
     assert not (model / "model.onnx").exists()

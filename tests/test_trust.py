@@ -22,7 +22,7 @@ import pytest
 
 from bertcli.errors import BertcliError
 from bertcli.rundir import LOCK, MARKER
-from conftest import REVIEWS, ROOT, run_cli, write_recipe
+from conftest import REVIEWS, ROOT, overflow, run_cli, write_recipe
 
 HEADER, BODY = REVIEWS.split("\n", 1)
 ROWS = HEADER + "\n" + BODY * 4
@@ -176,6 +176,27 @@ def template_id(home: Path) -> str:
     path = home / "model" / "tokenizer.json"
     tokenizer = json.loads(path.read_text())
     tokenizer["post_processor"]["special_tokens"]["[CLS]"]["ids"] = [99999]
+    path.write_text(json.dumps(tokenizer))
+    return str(home / "model")
+
+
+def template_extra_id(home: Path) -> str:
+    """A template that puts a token of its own, id 99999, between a pair's texts."""
+    path = home / "model" / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    processor = tokenizer["post_processor"]
+    processor["pair"].insert(3, {"SpecialToken": {"id": "[EXTRA]", "type_id": 1}})
+    processor["special_tokens"]["[EXTRA]"] = {"id": "[EXTRA]", "ids": [99999], "tokens": ["[EXTRA]"]}
+    path.write_text(json.dumps(tokenizer))
+    return str(home / "model")
+
+
+def pair_types(home: Path) -> str:
+    """A template that gives both texts of a pair token type 0."""
+    path = home / "model" / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    for piece in tokenizer["post_processor"]["pair"]:
+        next(iter(piece.values()))["type_id"] = 0
     path.write_text(json.dumps(tokenizer))
     return str(home / "model")
 
@@ -394,6 +415,10 @@ CASES = {
                                       r"--overwrite refused: the directory was not written by bertcli"),
     "a template [CLS] id past vocab_size": (lambda h: ["predict", template_id(h)], b"x\n",  # not the vocabulary's [CLS]
                                              r"tokenizer.json: its post-processor does not wrap texts as BERT's does"),
+    "a template token id past vocab_size": (lambda h: ["predict", template_extra_id(h)], b"x\n",
+                                            r"the tokenizer has token ids up to 99999"),
+    "a template that gives a pair one token type": (lambda h: ["predict", pair_types(h)], b"x\n",
+                                                    r"the tokenizer gives a text pair the token types \[0, 0"),
     "float64 weights past the float32 range": (lambda h: ["evaluate", huge_weight(h), "--data", str(h / "train.tsv")],
                                                b"", r"weights hold NaN or infinite values"),
     "predict reading /dev/zero": (lambda h: ["predict", str(h / "model"), "--input", "/dev/zero"], b"",
@@ -505,6 +530,23 @@ def test_predict_never_prints_nan_and_json_writers_write_null(home, monkeypatch,
     assert code == 2 and "not a finite number" in answers[0]["error"] and answers[1]["label"]
 
 
+def test_an_evaluation_that_overflows_during_training_is_skipped_and_the_run_goes_on(home, monkeypatch, capsys):
+    """A model whose outputs overflow at an evaluation (bf16 or fp16) is not scored; the run is not lost."""
+    from bertcli.errors import NonFinite
+    from bertcli.tasks.classify import ClassifyTask
+
+    def overflowing(self, model, examples, batch_size):
+        raise NonFinite("the model gave outputs that are not finite numbers")
+
+    monkeypatch.setattr(ClassifyTask, "evaluate", overflowing)
+    code, _, err = in_process(["finetune", recipe(home, eval="train.tsv"), "--set", "train.eval_every=1"], monkeypatch,
+                              capsys)
+    assert code == 0 and "step 1: evaluation skipped: the model gave outputs that are not finite" in err, err
+    assert (home / "out" / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (home / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2] and not [k for r in records for k in r if "eval_" in k]
+
+
 def test_a_sequence_classifier_saved_without_label_names_has_transformers_names(home, monkeypatch, capsys):
     """transformers 5 writes no id2label for its default two labels, and names them LABEL_0 and LABEL_1."""
     path = home / "model" / "config.json"
@@ -519,13 +561,7 @@ def test_a_sequence_classifier_saved_without_label_names_has_transformers_names(
 
 def test_a_model_whose_outputs_overflow_is_answered_line_by_line_with_errors(home, monkeypatch, capsys):
     """Its weights are finite, so it loads; predict answers each line with an error, never a NaN score."""
-    from safetensors.torch import load_file, save_file
-
-    path = home / "model" / "model.safetensors"
-    weights = load_file(path)
-    weights["bert.encoder.layer.0.output.dense.weight"][:] = 3e38  # its sums overflow, and so all after them
-    save_file(weights, path, metadata={"format": "pt"})
-    code, out, err = in_process(["predict", str(home / "model"), "--precision", "fp32"], monkeypatch, capsys,
+    code, out, err = in_process(["predict", str(overflow(home / "model")), "--precision", "fp32"], monkeypatch, capsys,
                                 b"good\nbad\n")
     answers = [json.loads(line) for line in out.splitlines()]
     assert code == 2 and len(answers) == 2 and all("not a finite number" in a["error"] for a in answers), out + err

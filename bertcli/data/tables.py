@@ -102,8 +102,8 @@ def _csv_rows(path: str | Path, text: str) -> Iterator[tuple[int, list[str]]]:
 def _tsv_rows(path: str | Path, text: str) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) for each line: tab-separated, no quoting (GLUE)."""
     for number, line in enumerate(split_lines(text), start=1):
-        if "\r" in line:
-            raise stray_carriage_return(path, number)
+        if number == 1 and "\r" in line:  # old Mac line endings: the whole file is its first line (a \r in a
+            raise stray_carriage_return(path, number)  # later cell is read as the space it stands for)
         yield number, line.split("\t")
 
 
@@ -129,9 +129,10 @@ def read_rows(path: str | Path, columns: Sequence[str] = ()) -> Iterator[tuple[i
     header = list(columns) or None
     first = True
     for number, fields in reader:
-        if first and columns and [f.strip().lower() for f in fields] == [c.strip().lower() for c in columns]:
-            raise DataError(f"{path}: line {number}: a header row ({', '.join(fields)}), but task.columns is for a "
-                            "file without one: remove task.columns and the header names the columns")
+        if first and columns and any(f.strip().lower() == c.strip().lower() for f, c in zip(fields, columns)):
+            raise DataError(f"{path}: line {number}: a header row ({', '.join(fields)}), as a field is named as its "
+                            "column, but task.columns is for a file without one: remove task.columns and the header "
+                            "names the columns")
         first = False
         if header is None:
             header = [h.strip() for h in fields]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
 
-from bertcli.errors import DataError
+from bertcli.errors import NonFinite
 from bertcli.tokenizer import WordPieceTokenizer
 
 if TYPE_CHECKING:
@@ -104,9 +104,6 @@ class Task(ABC):
     per_token: ClassVar[bool] = False  # the head scores every token (NER, QA), not the whole text
     output_names: ClassVar[tuple[str, ...]] = ("logits",)  # the head's outputs, as an exported graph names them
     segments: int = 2  # token types the model has (config.json type_vocab_size): text pairs need 2
-    # outputs that are not finite numbers (a broken model, or one that overflows at this precision) end `run`
-    # with a DataError: evaluate never scores them; predict clears it and answers such a line with an error
-    refuse_non_finite: bool = True
 
     def __init__(self, tokenizer: WordPieceTokenizer, options: TaskOptions, max_seq_len: int,
                  labels: Sequence[str] = ()):
@@ -202,10 +199,8 @@ class Task(ABC):
             chunk = order[start:start + batch_size]
             rows = [features[i] for i in chunk]
             parts = model(rows, self.tokenizer.pad_id) if isinstance(model, OnnxModel) else self._run_torch(model, rows)
-            if self.refuse_non_finite and not all(_finite(p) for p in parts):
-                raise DataError("the model gave outputs that are not finite numbers (NaN or infinite), so they "
-                                "cannot be scored: it is broken, or overflows at this precision (try --precision "
-                                "fp32)")
+            if not all(_finite(p) for p in parts):  # never scored, never answered (predict says so line by line)
+                raise NonFinite(NON_FINITE)
             for row, i in enumerate(chunk):
                 results[i] = parts[0][row] if len(parts) == 1 else tuple(p[row] for p in parts)
         return results
@@ -237,6 +232,10 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, examples: Sequence, batch_size: int) -> dict:
         """Metrics of the model on labelled examples (evaluate, and eval during training)."""
         return self.score(examples, self.predict(model, examples, batch_size))
+
+
+NON_FINITE = ("the model gave outputs that are not finite numbers (NaN or infinite), so they cannot be scored: it is "
+              "broken, or overflows at this precision (fp32 does not overflow where bf16 or fp16 may)")
 
 
 def _finite(values) -> bool:

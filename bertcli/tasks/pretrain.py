@@ -18,8 +18,8 @@ import numpy as np
 
 from bertcli.data.corpus import Shard
 from bertcli.data.sequences import A_END, A_SHARD, A_START, B_END, B_SHARD, B_START, LABEL, sequences
-from bertcli.errors import DataError
-from bertcli.tasks.base import Task, TaskOptions
+from bertcli.errors import DataError, NonFinite
+from bertcli.tasks.base import NON_FINITE, Task, TaskOptions
 from bertcli.tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
 
 if TYPE_CHECKING:
@@ -234,6 +234,8 @@ class PretrainTask(Task):
             batch = self.collate(rows, [EVAL_SEED + start + i for i in range(len(rows))])
             batch = {k: v.to(device) for k, v in batch.items()}
             mlm_logits, targets, sentence_logits = self.forward(model, batch)
+            if not (bool(mlm_logits.isfinite().all()) and bool(sentence_logits.isfinite().all())):
+                raise NonFinite(NON_FINITE)
             loss_sum += float(F.cross_entropy(mlm_logits, targets, reduction="sum"))
             correct += float((mlm_logits.argmax(-1) == targets).sum())
             baseline += float((targets == most_frequent).sum())

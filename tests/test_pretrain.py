@@ -220,9 +220,14 @@ def test_evaluate_scores_a_pretrained_model_on_text_as_training_did(pretrained, 
 def test_a_pretrained_model_without_its_sentence_head_fills_masks_but_is_not_scored(pretrained, corpus, tmp_path):
     """Filling in [MASK] reads neither the next-sentence head nor the pooler; evaluate scores that head, so it
     must be there (never a score of a head made up at random)."""
+    import io
     import shutil
 
     from safetensors.torch import load_file, save_file
+
+    from bertcli import predict
+    from bertcli.errors import CheckpointError
+    from bertcli.evaluate import evaluate
 
     work, _ = pretrained
     model = tmp_path / "run"
@@ -230,14 +235,15 @@ def test_a_pretrained_model_without_its_sentence_head_fills_masks_but_is_not_sco
     weights = load_file(model / "model.safetensors")
     save_file({k: v for k, v in weights.items() if not k.startswith(("cls.seq_relationship.", "bert.pooler."))},
               model / "model.safetensors", metadata={"format": "pt"})
-    done = run_cli("predict", str(model), "--precision", "fp32", stdin=b"the [MASK] begins here .\n")
-    assert done.returncode == 0 and len(json.loads(done.stdout)["masks"]) == 1, done.stderr.decode()
-    done = run_cli("evaluate", str(model), "--data", str(corpus / "eval.txt"), "--precision", "fp32")
-    assert done.returncode == 2 and b"missing from the checkpoint: bert.pooler.dense.weight" in done.stderr, done.stderr
+    out = io.StringIO()
+    predict.run(model, io.BytesIO(b"the [MASK] begins here .\n"), "stdin", out, precision="fp32")
+    assert len(json.loads(out.getvalue())["masks"]) == 1
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: bert.pooler.dense.weight"):
+        evaluate(model, corpus / "eval.txt", precision="fp32")
     save_file({k: v for k, v in weights.items() if not k.startswith("cls.predictions.")},
               model / "model.safetensors", metadata={"format": "pt"})
-    done = run_cli("predict", str(model), "--precision", "fp32", stdin=b"the [MASK] begins here .\n")
-    assert done.returncode == 2 and b"missing from the checkpoint: cls.predictions" in done.stderr, done.stderr
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: cls.predictions"):
+        predict.run(model, io.BytesIO(b"the [MASK] begins here .\n"), "stdin", io.StringIO(), precision="fp32")
 
 
 def test_predict_with_a_pretrained_model_fills_in_each_mask(pretrained):

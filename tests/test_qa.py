@@ -106,7 +106,7 @@ def test_predict_answers_with_offsets(trained):
 
 
 @pytest.mark.parametrize("name, questions", [("cmrc2018/cmrc2018_dev.json", 3219), ("cmrc2018/cmrc2018_trial.json", 1002),
-                                             ("squad/dev.json", 1302)])
+                                             ("squad/dev.json", 1302)])  # quick: under 0.1 s each
 def test_the_shared_qa_files_read_whole(name, questions):
     """The files the shipped recipes read: CMRC 2018 marks 193 of its dev answers' starts -1 (unknown); each
     such answer is looked for by its text, and every question keeps an answer found in its context."""

@@ -239,10 +239,12 @@ NON_FINITE = ("the model gave outputs that are not finite numbers (NaN or infini
 
 
 def _finite(values) -> bool:
-    """Whether every value of an output (a torch tensor or a numpy array) is a finite number."""
+    """Whether every value of an output (a numpy array from ONNX Runtime, or a torch tensor) is a finite
+    number; torch is not imported for the first (predict's ONNX engine runs without it)."""
     import numpy as np
+
+    if isinstance(values, np.ndarray):
+        return not np.issubdtype(values.dtype, np.floating) or bool(np.isfinite(values).all())
     import torch
 
-    if isinstance(values, torch.Tensor):
-        return not values.is_floating_point() or bool(torch.isfinite(values).all())
-    return not np.issubdtype(values.dtype, np.floating) or bool(np.isfinite(values).all())
+    return not values.is_floating_point() or bool(torch.isfinite(values).all())

@@ -124,22 +124,24 @@ def _normalise_names(state: dict[str, Tensor], model: nn.Module) -> dict[str, Te
     return out
 
 
-def check_shapes(model: nn.Module, state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
-    """The model's own tensors by name, when every one that `state` (names normalised) holds has its shape.
-    `model` may be built on the meta device, which takes no memory."""
-    own = {k: v for k, v in model.state_dict().items() if k != "cls.predictions.decoder.weight"}
+def _own(model: nn.Module) -> dict[str, Tensor]:
+    """The model's tensors that a checkpoint gives, by name (the decoder is tied to the word embeddings)."""
+    return {k: v for k, v in model.state_dict().items() if k != "cls.predictions.decoder.weight"}
+
+
+def check_shapes(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Every tensor that `state` (names normalised) holds for `model` has the model's shape. `model` may be
+    built on the meta device, which takes no memory."""
     wrong = [f"{k} {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
-             for k, v in own.items() if k in state and state[k].shape != v.shape]
+             for k, v in _own(model).items() if k in state and state[k].shape != v.shape]
     if wrong:
         raise CheckpointError(f"{source}: weights disagree with config.json: {_short(wrong, 3)}")
-    return own
 
 
 def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> LoadReport:
-    """Copy `state` into `model`. The trunk must be complete and every shape must agree;
-    head weights may be absent (they are newly initialised) and extra weights are reported."""
-    state = _normalise_names(state, model)
-    own = check_shapes(model, state, source)
+    """Copy `state` (names normalised, shapes checked: check_shapes) into `model`. The trunk must be
+    complete; head weights may be absent (they are newly initialised) and extra weights are reported."""
+    own = _own(model)
     missing = [k for k in own if k not in state]
     trunk_missing = [k for k in missing if k.removeprefix("bert.").startswith(("embeddings.", "encoder."))]
     if trunk_missing:
@@ -189,7 +191,8 @@ def load_checkpoint(directory: str | Path, architecture: str | None = None, labe
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}  # a new label set: a new head
     with torch.device("meta"):  # the shapes config.json gives, compared before its sizes take any memory
         planned = ARCHITECTURES[architecture](cfg, max(len(use_labels), 1))
-    check_shapes(planned, _normalise_names(state, planned), str(directory))
+    state = _normalise_names(state, planned)
+    check_shapes(planned, state, str(directory))
     model = ARCHITECTURES[architecture](cfg, max(len(use_labels), 1))
     report = load_weights(model, state, str(directory))
     needed = [k for k in report.missing if not k.startswith(unread)] if whole else []

@@ -142,10 +142,10 @@ def read_labels(raw: dict[str, Any], source: str) -> list[str]:
     LABEL_0, LABEL_1, ... for its num_labels (2 by default)."""
     id2label = raw.get("id2label")
     if not id2label:
-        count = raw.get("num_labels", 2)
         if (saved_architecture(raw) != "BertForSequenceClassification" or raw.get("problem_type") == "regression"
                 or "bertcli_task" in raw):  # bertcli always names its labels: one without them was edited
             return []
+        count = raw.get("num_labels", 2)
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
             raise CheckpointError(f"{source}: num_labels must be a whole number from 1 to 100,000, got {count!r}")
         return [f"LABEL_{i}" for i in range(count)]

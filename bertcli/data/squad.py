@@ -81,12 +81,12 @@ def _example(qa: Any, context: str, where: str, report: ReadReport) -> QaExample
     if not isinstance(question, str):
         raise DataError(f"{where}: missing field 'question'")
     qid = str(qa.get("id", where))
+    given = _answers(qa.get("answers"), where)
     # Hugging Face's SQuAD v2 layout marks a question without an answer by empty answer lists alone
-    impossible = qa.get("is_impossible", isinstance(qa.get("answers"), dict) and not _answers(qa["answers"], where))
+    impossible = qa.get("is_impossible", isinstance(qa.get("answers"), dict) and not given)
     if not isinstance(impossible, bool):  # "false" is a string, and bool("false") is True
         raise DataError(f"{where} (id {qid}): 'is_impossible' must be true or false, got {impossible!r}")
     answers = []
-    given = _answers(qa.get("answers"), where)
     if impossible and given:
         raise DataError(f"{where} (id {qid}): 'is_impossible' is true, but it has answers (SQuAD v2 keeps those of a "
                         "question without an answer as 'plausible_answers')")

@@ -131,9 +131,20 @@ def read_config(directory: str | Path) -> tuple[BertConfig, dict[str, Any]]:
     return cfg, raw
 
 
+# Heads bertcli reads as one it has: a masked-LM model (bert-base-uncased, bert-base-chinese) is a pretraining
+# model without its sentence head and pooler, which filling in [MASK] does not read
+READ_AS = {"BertForMaskedLM": "BertForPreTraining"}
+
+
 def saved_architecture(raw: dict[str, Any]) -> str:
-    """The head a checkpoint was saved with (read_config has checked the list)."""
-    return (raw.get("architectures") or ["BertModel"])[0]
+    """The head a checkpoint was saved with (read_config has checked the list), as bertcli builds it."""
+    name = (raw.get("architectures") or ["BertModel"])[0]
+    return READ_AS.get(name, name)
+
+
+def masked_lm_only(raw: dict[str, Any]) -> bool:
+    """A checkpoint saved as a masked-LM model: pretrained with no sentence objective."""
+    return (raw.get("architectures") or [None])[0] == "BertForMaskedLM"
 
 
 def read_labels(raw: dict[str, Any], source: str) -> list[str]:

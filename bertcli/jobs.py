@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from bertcli.checkpoint import ARCHITECTURES, keep_layers, load_checkpoint, save_checkpoint, with_dropout
+from bertcli.checkpoint import (ARCHITECTURES, NOT_READ_TO_FILL_MASKS, keep_layers, load_checkpoint, save_checkpoint,
+                               with_dropout)
 from bertcli.config import (TRAINING_BYTES_PER_PARAMETER, BertConfig, check_memory, check_tokenizer, read_config,
                             read_labels)
 from bertcli.distill import cls_loss, hidden_loss, layer_map, layer_outputs
@@ -253,7 +254,8 @@ def load_teacher(recipe: Recipe, task: Task, student: BertConfig):
 def load_for_task(model_dir: Path):
     """A fine-tuned checkpoint and its task, for evaluate and predict."""
     _, task = load_task(model_dir)  # before the weights: it names what is wrong
-    return load_checkpoint(model_dir), task
+    scored_alone = task.name == "pretrain" and task.objective == "none"  # no sentence head is scored
+    return load_checkpoint(model_dir, unread=NOT_READ_TO_FILL_MASKS if scored_alone else ()), task
 
 
 def init_distributed() -> None:

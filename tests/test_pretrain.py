@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,9 +222,6 @@ def test_evaluate_scores_a_pretrained_model_on_text_as_training_did(pretrained, 
 def test_a_pretrained_model_without_its_sentence_head_fills_masks_but_is_not_scored(pretrained, corpus, tmp_path):
     """Filling in [MASK] reads neither the next-sentence head nor the pooler; evaluate scores that head, so it
     must be there (never a score of a head made up at random)."""
-    import io
-    import shutil
-
     from safetensors.torch import load_file, save_file
 
     from bertcli import predict
@@ -521,3 +520,42 @@ def test_shards_edited_by_hand_are_refused_with_a_message(corpus, tiny_tokenizer
     err = done.stderr.decode()
     assert done.returncode == 2 and "Traceback" not in err
     assert f"token id {tok.vocab_size + 7} at tokens" in err and "encode the text again" in err
+
+
+def test_a_masked_lm_checkpoint_from_transformers_fills_masks_and_is_scored_on_text(pretrained, corpus, tmp_path):
+    """bert-base-uncased and bert-base-chinese are saved as BertForMaskedLM: no sentence head, no pooler.
+    predict fills in [MASK] as transformers does; evaluate scores the masked words alone."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from bertcli import predict
+    from bertcli.evaluate import evaluate
+
+    work, _ = pretrained
+    hf = transformers.BertForMaskedLM.from_pretrained(work / "run").eval()
+    hf.save_pretrained(tmp_path / "mlm")
+    for name in ("tokenizer.json", "vocab.txt"):
+        (tmp_path / "mlm" / name).write_bytes((work / "run" / name).read_bytes())
+    saved = json.loads((tmp_path / "mlm" / "config.json").read_text())
+    assert saved["architectures"] == ["BertForMaskedLM"]
+    del saved["bertcli_task"]  # (transformers keeps bertcli's keys) as a checkpoint from elsewhere
+    (tmp_path / "mlm" / "config.json").write_text(json.dumps(saved))
+    out = io.StringIO()
+    predict.run(tmp_path / "mlm", io.BytesIO(b"the [MASK] begins here .\n"), "stdin", out, precision="fp32")
+    answer = json.loads(out.getvalue())
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(work / "run" / "tokenizer.json"))
+    enc = tok("the [MASK] begins here .", return_tensors="pt")
+    with torch.no_grad():
+        probs = hf(**enc).logits[0].softmax(-1)
+    position = enc["input_ids"][0].tolist().index(tok.convert_tokens_to_ids("[MASK]"))
+    top = probs[position].topk(5)
+    assert [c["token"] for c in answer["masks"][0]] == tok.convert_ids_to_tokens(top.indices.tolist())
+    assert [c["score"] for c in answer["masks"][0]] == pytest.approx(top.values.tolist(), abs=1e-5)
+    metrics = evaluate(tmp_path / "mlm", corpus / "eval.txt", precision="fp32")
+    assert metrics["task"] == "pretrain" and "nsp_accuracy" not in metrics
+    shutil.copytree(work / "run", tmp_path / "own")  # the same weights as bertcli saved them, scored on MLM alone
+    config = json.loads((tmp_path / "own" / "config.json").read_text())
+    config["bertcli_task"]["objective"] = "none"
+    (tmp_path / "own" / "config.json").write_text(json.dumps(config))
+    own = evaluate(tmp_path / "own", corpus / "eval.txt", precision="fp32")
+    assert metrics["mlm_loss"] == pytest.approx(own["mlm_loss"], rel=1e-5) and metrics["mlm_loss"] < 5

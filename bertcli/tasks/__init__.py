@@ -106,9 +106,13 @@ def saved_task_options(raw: dict, cls: type[Task], cfg: BertConfig, source: str)
     from bertcli.errors import CheckpointError
     from bertcli.recipes import build_options
 
+    from bertcli.config import masked_lm_only
+
     saved = raw.get("bertcli_task", {})
     if not isinstance(saved, dict):
         raise CheckpointError(f"{source}: bertcli_task must be a JSON object")
+    if masked_lm_only(raw):
+        saved = {**saved, "objective": "none"}  # it has no sentence head to score
     names = {f.name for f in dataclasses.fields(cls.Options)} - {"name", "labels"}
     options, problems = build_options(cls.Options, {k: v for k, v in saved.items() if k in names}, "bertcli_task.",
                                       strict=True)

@@ -153,6 +153,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     # a key that failed above holds its default: leave out checks that would speak of it
     mentions = [re.compile(rf"(?<![\w.]){re.escape(key)}(?!\w)") for key in failed]
     checks = _check_values(recipe, task_known=not failed & {"task", "task.name"})
+    model = raw.get("model")
+    checks += _shape_problems(recipe, {k for k in SHAPE_KEYS if k in model} if isinstance(model, dict) else set())
     problems.extend(p for p in checks if not any(m.search(p) for m in mentions))
     try:  # the recipe itself may have come from a pipe too
         read_once([Path(path), *(Path(p) for p in (*recipe.data.train, *recipe.data.eval))])
@@ -622,6 +624,34 @@ def _check_values(recipe: Recipe, task_known: bool) -> list[str]:
         for index, p in enumerate(paths):
             label = key if len(paths) == 1 else f"{key}[{index}]"
             _check_file(label, p, files_only, problems)
+    return problems
+
+
+# model.* keys that shape a model made from scratch -> the config.json key a checkpoint has for each
+SHAPE_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+              "intermediate_size": "intermediate_size", "max_position": "max_position_embeddings"}
+
+
+def _shape_problems(recipe: Recipe, given: set[str]) -> list[str]:
+    """A model started from model.init has the checkpoint's shape: a shape the recipe gives (`given`) that
+    differs from it would be silently unused."""
+    from bertcli.config import read_config
+    from bertcli.errors import CheckpointError
+
+    m = recipe.model
+    if m.init is None or not given:
+        return []
+    try:
+        _, raw = read_config(m.init)
+    except CheckpointError:
+        return []  # said when the checkpoint is loaded
+    problems = []
+    for key in sorted(given):
+        has = len(m.init_layers) if key == "num_layers" and m.init_layers else raw.get(SHAPE_KEYS[key])
+        if getattr(m, key) != has:
+            problems.append(f"model.{key}: {getattr(m, key)}, but model.init ({m.init}) has {has}"
+                            + (" (model.init_layers)" if key == "num_layers" and m.init_layers else "")
+                            + f": a model started from a checkpoint keeps its shape; leave model.{key} out")
     return problems
 
 

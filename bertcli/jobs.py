@@ -136,7 +136,11 @@ def prepare(recipe: Recipe):
     torch.manual_seed(recipe.train.seed)
     if recipe.model.init:
         _, init_raw = read_config(recipe.model.init)
-        task.labels = task.head_labels(read_labels(init_raw, str(Path(recipe.model.init) / "config.json")))
+        try:
+            init_labels = read_labels(init_raw, str(Path(recipe.model.init) / "config.json"))
+        except CheckpointError:
+            init_labels = []  # its head's names cannot be read: the run makes a head of its own
+        task.labels = task.head_labels(init_labels)
         ck = load_checkpoint(recipe.model.init, architecture=task.architecture, labels=task.labels or None,
                              whole=False)
         loaded = f"model: {recipe.model.init} ({ck.report.summary()})"

@@ -237,3 +237,28 @@ def test_model_dropout_overrides_model_init_s_and_the_checkpoint_says_so(tiny_cl
         finetune(load_recipe(recipe, overrides), out, resume=False, overwrite=False)
         config = json.loads((out / "config.json").read_text())
         assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == expected
+
+
+def test_fine_tuning_to_labels_of_its_own_does_not_read_the_old_heads_names(tiny_classifier_dir, tmp_path):
+    """A checkpoint whose id2label names a label twice cannot answer (evaluate and predict refuse it), but a
+    run that trains a new head on its own labels never reads those names."""
+    import shutil
+
+    from bertcli.errors import CheckpointError
+    from bertcli.jobs import finetune
+    from bertcli.recipes import load_recipe
+    from conftest import write_recipe
+
+    init = tmp_path / "init"
+    shutil.copytree(tiny_classifier_dir, init)
+    config = json.loads((init / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "pos", "1": "pos"}, {"pos": 1}
+    (init / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="id2label"):
+        load_checkpoint(init)
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\tup\nbad\tdown\nfine\tflat\n", encoding="utf-8")
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv"),
+                                                                      "max_seq_len": 16},
+                          {"max_steps": 1}, model={"init": str(init)})
+    finetune(load_recipe(recipe), tmp_path / "out", resume=False, overwrite=False)
+    assert load_checkpoint(tmp_path / "out").labels == ["down", "flat", "up"]

@@ -272,8 +272,10 @@ def test_a_checkpoint_edited_by_hand_is_one_clear_message(fixture, changes, expe
 @pytest.mark.parametrize("rows, expected", [
     ("a\tb\t1e200\n", r"bad.tsv:2: the label '1e200' is beyond ±1e\+12"),
     ("a\tb\tinf\n", r"bad.tsv:2: the label must be a finite number, got 'inf'"),
+    ("a\tb\t3.5\nc\td\t1_000\n", r"bad.tsv:3: the label must be a finite number, got '1_000'"),  # float() takes
+    ("a\tb\t\uff13.\uff15\n", r"bad.tsv:2: the label must be a finite number, got '\uff13.\uff15'"),  # them
 ])
-def test_regression_refuses_scores_that_overflow(rows, expected, tmp_path, regression):
+def test_regression_refuses_scores_that_overflow_or_are_not_plain_numbers(rows, expected, tmp_path, regression):
     from bertcli.errors import DataError
 
     d, _ = regression

@@ -5,6 +5,7 @@ BertForSequenceClassification with one output and problem_type "regression"."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
@@ -33,6 +34,7 @@ class RegressionOptions(TaskOptions):
         return column_problems(self.columns)
 
 
+_NUMBER = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
 MAX_TARGET = 1e12  # a score's size: its squared error (1e24) and a batch's sum stay far inside float32
 
 
@@ -46,10 +48,13 @@ class RegressionTask(ClassifyTask):
     label_columns = ("score", "label")
 
     def read_label(self, value: Any, where: str) -> float:
-        try:
-            number = float(value) if not isinstance(value, bool) else math.nan
-        except (TypeError, ValueError, OverflowError):
-            number = math.nan
+        """A number: from JSON, or text written as one in ASCII (Python's float() would also take 1_000 and
+        full-width or Arabic-Indic digits)."""
+        number = math.nan
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value) if abs(value) < 1e300 else math.inf  # (a JSON integer of 400 digits)
+        elif isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            number = float(value)
         if not math.isfinite(number):
             raise DataError(f"{where}: the label must be a finite number, got {value!r}")
         if abs(number) > MAX_TARGET:

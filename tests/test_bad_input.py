@@ -148,7 +148,7 @@ CASES = {
     "empty stdin": ({}, lambda h: ["predict", str(h / "model")], b"", "stdin: no input lines"),
     "label the model never saw": ({"x.tsv": "sentence\tlabel\nfine\tsurprised\n"},
                                   lambda h: ["evaluate", str(h / "model"), "--data", str(h / "x.tsv")], b"",
-                                  r"x.tsv:2: label 'surprised' is not one the model knows"),
+                                  r"x.tsv: line 2: label 'surprised' is not one the model knows"),
     "no config.json": ({}, lambda h: ["predict", drop(h, "config.json")], b"x\n", "model: no config.json"),
     "no weights": ({}, lambda h: ["predict", drop(h, "model.safetensors")], b"x\n",
                    "model: no model.safetensors or pytorch_model.bin"),

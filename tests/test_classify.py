@@ -134,7 +134,7 @@ def test_evaluate_cli_table_json_and_unknown_labels(trained, tmp_path):
     other = tmp_path / "other.tsv"
     other.write_text("sentence\tlabel\nfine\tpos\nodd\tsurprised\n", encoding="utf-8")
     done = run_cli("evaluate", str(d / "run"), "--data", str(other))
-    assert done.returncode == 2 and b"other.tsv:3: label 'surprised' is not one the model knows" in done.stderr
+    assert done.returncode == 2 and b"other.tsv: line 3: label 'surprised' is not one the model knows" in done.stderr
 
 
 @pytest.mark.slow
@@ -187,7 +187,7 @@ def test_tables_that_would_be_misread_are_refused_and_glue_layouts_are_read(tmp_
     refused = {
         "twice.tsv": ("sentence\tlabel\tlabel\ngood\tpos\tx\n", r"twice.tsv: line 1: the header names 'label' more than once"),
         "pairs.jsonl": ('{"text": "a", "label": "same"}\n{"text": "b", "text_b": "c", "label": "diff"}\n',
-                        r"pairs.jsonl:2: a text pair \('text_b'\), but the first row has none"),
+                        r"pairs.jsonl: line 2: a text pair \('text_b'\), but the first row has none"),
         "mac.tsv": ("sentence\tlabel\rgood\tpos\rbad\tneg\r", r"mac.tsv: line 1: a carriage return \(\\r\) inside the line"),
     }
     for name, (text, message) in refused.items():
@@ -208,7 +208,7 @@ def test_tables_that_would_be_misread_are_refused_and_glue_layouts_are_read(tmp_
     with pytest.raises(DataError, match=r"lines.csv: line 5: 1 columns"):  # lines of the file, not records
         task.read(tmp_path / "lines.csv")
     (tmp_path / "lines.csv").write_text('sentence,label\n"the film is\nwonderful",pos\ni hated it,neg\n', encoding="utf-8")
-    assert [(e.text, e.where.rsplit(":", 1)[1]) for e in task.read(tmp_path / "lines.csv")] == [
+    assert [(e.text, e.where.rsplit(" ", 1)[1]) for e in task.read(tmp_path / "lines.csv")] == [
         ("the film is\nwonderful", "2"), ("i hated it", "4")]  # the line break kept, not the words glued
     (tmp_path / "mac.conll").write_text("EU B-ORG\rrejects O\r", encoding="utf-8", newline="")
     with pytest.raises(DataError, match=r"mac.conll: line 1: a carriage return"):
@@ -219,7 +219,7 @@ def test_tables_that_would_be_misread_are_refused_and_glue_layouts_are_read(tmp_
         ner.labels_from(ner.read(tmp_path / "none.conll"))
     (tmp_path / "bioes.conll").write_text("EU S-PER\n\nGerman B-MISC\ncall E-MISC\n", encoding="utf-8")
     ner.labels = ["O", "B-PER", "I-PER"]
-    with pytest.raises(DataError, match=r"bioes.conll:3: the sentence from this line has the tag 'B-MISC' \(tags "
+    with pytest.raises(DataError, match=r"bioes.conll: line 3: the sentence from this line has the tag 'B-MISC' \(tags "
                                         r"read as BIO\), which is not one the model knows"):
         ner.check_labels(ner.read(tmp_path / "bioes.conll"))
 

@@ -157,7 +157,7 @@ def test_regression_refuses_a_score_that_is_no_finite_number(tmp_path, tiny_toke
     (tmp_path / "bad.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t4.0\nc\td\tnan\n")
     recipe = write_recipe(tmp_path / "r.yaml", {"name": "regression"}, {"train": str(tmp_path / "bad.tsv")},
                           {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
-    with pytest.raises(DataError, match=r"bad.tsv:3: the label must be a finite number, got 'nan'"):
+    with pytest.raises(DataError, match=r"bad.tsv: line 3: the label must be a finite number, got 'nan'"):
         finetune(load_recipe(recipe), tmp_path / "run", resume=False, overwrite=False)
     assert not (tmp_path / "run").exists()
 
@@ -270,10 +270,10 @@ def test_a_checkpoint_edited_by_hand_is_one_clear_message(fixture, changes, expe
 
 
 @pytest.mark.parametrize("rows, expected", [
-    ("a\tb\t1e200\n", r"bad.tsv:2: the label '1e200' is beyond ±1e\+12"),
-    ("a\tb\tinf\n", r"bad.tsv:2: the label must be a finite number, got 'inf'"),
-    ("a\tb\t3.5\nc\td\t1_000\n", r"bad.tsv:3: the label must be a finite number, got '1_000'"),  # float() takes
-    ("a\tb\t\uff13.\uff15\n", r"bad.tsv:2: the label must be a finite number, got '\uff13.\uff15'"),  # them
+    ("a\tb\t1e200\n", r"bad.tsv: line 2: the label '1e200' is beyond ±1e\+12"),
+    ("a\tb\tinf\n", r"bad.tsv: line 2: the label must be a finite number, got 'inf'"),
+    ("a\tb\t3.5\nc\td\t1_000\n", r"bad.tsv: line 3: the label must be a finite number, got '1_000'"),  # float() takes
+    ("a\tb\t\uff13.\uff15\n", r"bad.tsv: line 2: the label must be a finite number, got '\uff13.\uff15'"),  # them
 ])
 def test_regression_refuses_scores_that_overflow_or_are_not_plain_numbers(rows, expected, tmp_path, regression):
     from bertcli.errors import DataError
@@ -290,7 +290,7 @@ def test_multilabel_label_names_that_no_file_could_hold_are_refused(tmp_path, ti
     (tmp_path / "t.jsonl").write_text(json.dumps({"text": "a", "labels": [" A ", "", "A,B"]}) + "\n")
     recipe = write_recipe(tmp_path / "r.yaml", {"name": "multilabel"}, {"train": str(tmp_path / "t.jsonl")},
                           {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
-    with pytest.raises(DataError, match=r"t.jsonl:1: 'A,B' cannot be a label name"):
+    with pytest.raises(DataError, match=r"t.jsonl: line 1: 'A,B' cannot be a label name"):
         finetune(load_recipe(recipe), tmp_path / "run", resume=False, overwrite=False)
     for labels in (["a,b", "c"], ["", "c"], [" a", "c"]):
         with pytest.raises(RecipeError, match="cannot be a label name"):

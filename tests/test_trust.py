@@ -326,7 +326,7 @@ CASES = {
                                  r"weights hold NaN or infinite values"),
     # 6. checked before step 1: no run directory appears
     "eval labels the model never saw": (lambda h: ["finetune", recipe(h, eval="odd.tsv")], b"",
-                                        r"odd.tsv:3: label 'surprised' is not one"),
+                                        r"odd.tsv: line 3: label 'surprised' is not one"),
     # 9. bounded parsing and odd paths
     "YAML alias bomb": (lambda h: ["finetune", bomb(h)], b"", r"more than 100,000 values once aliases are expanded"),
     "20,000 nested brackets": (lambda h: ["finetune", recipe(h, extra="x: " + "[" * 20000 + "]" * 20000 + "\n")], b"",

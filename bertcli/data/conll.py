@@ -46,7 +46,7 @@ def read_ner(path: str | Path) -> list[Sentence]:
     def flush() -> None:
         nonlocal words, tags
         if words:
-            sentences.append(Sentence(tuple(words), tuple(to_bio(tags)), f"{path}:{start}"))
+            sentences.append(Sentence(tuple(words), tuple(to_bio(tags)), f"{path}: line {start}"))
         words, tags = [], []
 
     for number, line in enumerate(split_lines(text), start=1):
@@ -92,7 +92,7 @@ def _read_jsonl(path: str | Path, text: str) -> list[Sentence]:
         if bad is not None:
             raise DataError(f"{path}: line {number}: unknown tag {bad!r} (expected O, or B-/I-/E-/S- and a type)")
         if words:
-            sentences.append(Sentence(tuple(words), tuple(to_bio(tags)), f"{path}:{number}"))
+            sentences.append(Sentence(tuple(words), tuple(to_bio(tags)), f"{path}: line {number}"))
     if not sentences:
         raise DataError(f"{path}: no sentences")
     return sentences

@@ -96,7 +96,7 @@ class ClassifyTask(Task):
             if columns is None:
                 columns = self._columns(path, number, list(row))
             text_key, pair_key, label_key = columns
-            where = f"{path}:{number}"
+            where = f"{path}: line {number}"
             if pair_key is None and any(key in row for key in PAIR_COLUMNS):  # a JSON line names its own fields
                 found = next(key for key in PAIR_COLUMNS if key in row)
                 raise DataError(f"{where}: a text pair ({found!r}), but the first row has none, so the file was "

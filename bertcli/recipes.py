@@ -651,7 +651,8 @@ SHAPE_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "
 
 def _shape_problems(recipe: Recipe, given: set[str]) -> list[str]:
     """A model started from model.init has the checkpoint's shape: a shape the recipe gives (`given`) that
-    differs from it would be silently unused."""
+    differs from it would be silently unused. A value equal to the default is not one: a run's saved
+    recipe.yaml writes out every default, and is read again to resume the run."""
     from bertcli.config import read_config
     from bertcli.errors import CheckpointError
 
@@ -663,7 +664,8 @@ def _shape_problems(recipe: Recipe, given: set[str]) -> list[str]:
     except CheckpointError:
         return []  # said when the checkpoint is loaded
     problems = []
-    for key in sorted(given):
+    defaults = ModelConfig()
+    for key in sorted(k for k in given if getattr(m, k) != getattr(defaults, k)):
         has = len(m.init_layers) if key == "num_layers" and m.init_layers else raw.get(SHAPE_KEYS[key])
         if getattr(m, key) != has:
             problems.append(f"model.{key}: {getattr(m, key)}, but model.init ({m.init}) has {has}"

@@ -148,6 +148,9 @@ def test_a_shape_that_model_init_would_leave_unused_is_refused(tmp_path, files, 
             "model.max_position=512"]
     assert load_recipe(path, [f"model.init={minilm_dir}", *same]).model.hidden_size == 384
     assert load_recipe(path, ["model.hidden_size=768", "model.num_heads=12"]).model.hidden_size == 768  # from scratch
+    saved = tmp_path / "run-recipe.yaml"  # a run's recipe.yaml, every default written out, read to resume it
+    saved.write_text(dump_recipe(load_recipe(path, [f"model.init={minilm_dir}", "model.init_layers=[0,2,4]"])))
+    assert load_recipe(saved).model.hidden_size == 256
 
 
 def test_integers_are_read_as_written_in_decimal(tmp_path, files):

@@ -72,6 +72,21 @@ def test_instances_fit_the_window_and_label_both_ways(corpus, tiny_tokenizer_dir
         assert (swapped[:, B_END] <= swapped[:, A_START]).all()
 
 
+@pytest.mark.parametrize("objective", ["nsp", "sop", "none"])
+def test_a_paragraph_without_end_marks_is_packed_whole_not_cut_to_one_window(objective, tiny_tokenizer_dir, tmp_path):
+    """Lines without . ! or ? read as one sentence: Google's algorithm would truncate it to one sequence."""
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    words = "the film begins here and ends with number seven".split()
+    lines = [" ".join(words[(i + j) % len(words)] for j in range(12)) for i in range(40)]
+    (tmp_path / "c.txt").write_text("\n\n".join(["\n".join(lines)] * 3) + "\n", encoding="utf-8")
+    encode_corpus(tok, [tmp_path / "c.txt"], tmp_path / "s", show_progress=False)
+    shards = load_shards(tmp_path / "s", tok)
+    assert len(shards[0].sentences) == 4  # three documents of one sentence each
+    rows = make_instances(shards, 48, objective, 0.1, seed=1)
+    packed = (rows[:, A_END] - rows[:, A_START]).sum() + (rows[:, B_END] - rows[:, B_START]).sum()
+    assert packed >= 0.9 * len(shards[0].tokens) and (rows[:, A_END] - rows[:, A_START]).max() <= 48
+
+
 def test_masking_rule(corpus, tiny_tokenizer_dir, tmp_path):
     tok = load_tokenizer(tiny_tokenizer_dir)
     encode_corpus(tok, [corpus / "train.txt"], tmp_path / "s", show_progress=False)

@@ -27,7 +27,8 @@ from bertcli.scratch import locked_temp, swept
 # an instance: shard and [start, end) of segment A, shard and [start, end) of B (empty when none), label
 A_SHARD, A_START, A_END, B_SHARD, B_START, B_END, LABEL = range(7)
 CACHE_TOKENS = 1_000_000  # corpora with more tokens keep their sequences in the cache
-VERSION = 2  # of the algorithm: a change of what it makes changes the cache key (2: a generator per shard)
+VERSION = 3  # of the algorithm: a change of what it makes changes the cache key (2: a generator per shard;
+# 3: long sentences cut into pieces of the window)
 
 
 def sequences(shards: Sequence[Shard], max_seq_len: int, objective: str, short_seq_prob: float,
@@ -135,7 +136,7 @@ def _pack_shard(s: int) -> bytes:
     max_tokens = max_seq_len - (3 if pair else 2)
     out = array("q")
     doc_number = docs.base[s]
-    starts, bounds = _Window(shards[s].sentences), _Window(shards[s].documents)
+    starts, bounds = (_Window(a) for a in _cut_long(shards[s].sentences, shards[s].documents, max_tokens))
     for d in range(per_shard[s]):
         first, last = bounds[d], bounds[d + 1]  # sentence range
         target = max_tokens
@@ -158,6 +159,21 @@ def _pack_shard(s: int) -> bytes:
             i += 1
         doc_number += 1
     return out.tobytes()
+
+
+def _cut_long(sentences: np.ndarray, documents: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A shard's sentence offsets with each sentence of more than `size` tokens cut into pieces of `size`
+    (the last shorter), and its document offsets into those. Google's algorithm takes a sentence whole and
+    truncates a sequence to the window, which assumes short sentences: a paragraph without end marks (.!?)
+    read as one sentence would give one sequence and lose the rest."""
+    lengths = np.diff(sentences)
+    pieces = np.maximum(lengths - 1, 0) // size + 1
+    if (pieces == 1).all():
+        return sentences, documents
+    first = np.cumsum(pieces) - pieces  # each sentence's first piece
+    within = np.arange(int(pieces.sum())) - np.repeat(first, pieces)
+    cut = np.append(np.repeat(np.asarray(sentences[:-1]), pieces) + within * size, sentences[-1])
+    return cut, np.append(first, pieces.sum())[documents]
 
 
 def packing_workers() -> int:

@@ -15,6 +15,7 @@ from bertcli.config import (TRAINING_BYTES_PER_PARAMETER, BertConfig, check_memo
                             read_labels)
 from bertcli.distill import cls_loss, hidden_loss, layer_map, layer_outputs
 from bertcli.errors import BertcliError, CheckpointError
+from bertcli.inputs import digests, inputs_change
 from bertcli.recipes import Recipe, dump_recipe
 from bertcli.tasks import TASKS, check_segments, check_task_segments, load_task
 from bertcli.tasks.base import Task
@@ -57,6 +58,19 @@ def check_resumed_recipe(recipe: Recipe, out: Path) -> None:
         raise BertcliError(f"{out}: was run with another recipe ({change}); --resume continues it with its own "
                            f"(bertcli ... {out / 'recipe.yaml'} --out {out} --resume, with longer train.max_steps, "
                            "epochs or time_budget if you like), or start afresh with --overwrite or another --out")
+
+
+def check_resumed_inputs(out: Path, inputs: dict[str, str], tokenizer: WordPieceTokenizer) -> None:
+    """--resume continues on what the run read: the same data and checkpoints, by content (inputs.json), and
+    the tokenizer saved with its checkpoint; else its steps so far and those to come would differ unsaid."""
+    change = inputs_change(out, inputs)
+    if change is None and any((out / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        part = tokenizer_difference(load_tokenizer(out), tokenizer)
+        if part is not None:
+            change = f"its tokenizer ({tokenizer.source}) is not the one the run trained with: its {part} differs"
+    if change is not None:
+        raise BertcliError(f"{out}: {change}; --resume continues a run on what it read. Start afresh with "
+                           "--overwrite or another --out")
 
 
 def check_output_apart(recipe: Recipe, out: Path, source: Path | None, resume: bool) -> None:
@@ -198,7 +212,10 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     precheck(out, "run", resume, overwrite)
     if resume:
         check_resumed_recipe(recipe, out)
+    inputs = digests(recipe)
     task, train_examples, eval_examples, model, loaded, loss = prepare(recipe)
+    if resume:
+        check_resumed_inputs(out, inputs, task.tokenizer)
     features = task.encode(train_examples)
     with claim(out, "run", resume, overwrite):
         say(loaded)
@@ -215,7 +232,7 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
 
         job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features],
                   collate=task.collate, counts=task.counts, loss=loss,
-                  evaluate=evaluate if eval_examples else None, save=save, recipe=dump_recipe(recipe))
+                  evaluate=evaluate if eval_examples else None, save=save, recipe=dump_recipe(recipe), inputs=inputs)
         training_memory(keep_memory)
         metrics = fit(job, recipe.train, out, resume)
         write_metrics(out, metrics)
@@ -297,7 +314,10 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         precheck(out, "run", resume, overwrite)
     if resume:
         check_resumed_recipe(recipe, out)
+    inputs = digests(recipe)
     tokenizer = recipe_tokenizer(recipe)
+    if resume:
+        check_resumed_inputs(out, inputs, tokenizer)
     t, d = recipe.task, recipe.data
     task = PretrainTask(tokenizer, t, d.max_seq_len)
 
@@ -341,7 +361,8 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         save_checkpoint(directory, m, task.architecture, tokenizer, task=saved_task(task, d.max_seq_len))
 
     job = Job(model=model, features=instances, lengths=task.lengths(instances), collate=task.collate,
-              counts=task.counts, loss=task.loss, evaluate=evaluate_fn, save=save, recipe=dump_recipe(recipe))
+              counts=task.counts, loss=task.loss, evaluate=evaluate_fn, save=save, recipe=dump_recipe(recipe),
+              inputs=inputs)
     lock = None
     try:
         if rank == 0:  # rank 0 alone writes, and holds the directory's lock

@@ -39,8 +39,8 @@ _TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")  # an atomic write's temporary 
 _TOKENIZER = {"tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"}
 # what each kind of directory holds: bertcli writes these names and no others
 OWN = {
-    "run": _TOKENIZER | {"config.json", "model.safetensors", "recipe.yaml", "log.jsonl", "metrics.json", "resume.pt",
-            *GRAPHS},
+    "run": _TOKENIZER | {"config.json", "model.safetensors", "recipe.yaml", "inputs.json", "log.jsonl", "metrics.json",
+            "resume.pt", *GRAPHS},
     "tokenizer": _TOKENIZER,
     "shards": {"index.json"},
     "report": {"confusion.png", "loss.png", "eval.png"},

@@ -27,6 +27,7 @@ from typing import Any
 
 from bertcli.errors import BertcliError, Interrupted, RecipeError
 from bertcli.fileio import atomic_write_text, finite_json
+from bertcli.inputs import digests, inputs_change
 from bertcli.recipes import Recipe, load_recipe, recipe_change, recipe_to_dict
 from bertcli.rundir import check_apart, claim, marked_kind, precheck, resolved
 from bertcli.textio import is_stream
@@ -314,6 +315,9 @@ def _action(path: Path, out: Path, point: Point, resume: bool, overwrite: bool) 
     if change is not None:
         raise BertcliError(f"{path}: was run with another recipe ({change}); run it again with --overwrite, or "
                            "choose another --out")
+    change = inputs_change(path, digests(point.recipe))
+    if change is not None:  # its scores (or its steps so far) came from what the file held then
+        raise BertcliError(f"{path}: {change}; run it again with --overwrite, or choose another --out")
     if (path / "metrics.json").is_file():
         return "done"
     if (path / "resume.pt").is_file():
@@ -349,11 +353,11 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
     again = {path: path.is_dir() and any(path.iterdir()) for path in middles}
     for path in middles:  # refused now, before claiming `out` changes anything in it
         precheck(path, "suite", resume=again[path] and resume, overwrite=again[path] and overwrite)
+    if isinstance(found, dict):  # (relative paths from elsewhere name other files: said before what differs)
+        _check_directory(out, found.get("directory"), points)
     actions = [_action(out / p.name, out, p, resume and (out / p.name).exists(), overwrite) for p in points]
     kept = {p.name: finished_metrics(out / p.name, p) for p, a in zip(points, actions) if a == "done"}  # read now:
     # one that cannot be is refused before any run starts
-    if isinstance(found, dict):
-        _check_directory(out, found.get("directory"), points)
     check_runs(points, actions, stop)
     rows: list[dict] = []
     with contextlib.ExitStack() as held:

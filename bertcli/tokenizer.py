@@ -29,6 +29,7 @@ class WordPieceTokenizer:
         backend.no_truncation()
         self.backend = backend
         self.lowercase = lowercase
+        self.source = source  # the file it was read from
         ids = {tok: backend.token_to_id(tok) for tok in SPECIAL_TOKENS}
         missing = [tok for tok in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if ids[tok] is None]
         if missing:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from bertcli.data.batching import batch_order
 from bertcli.errors import BertcliError, Interrupted, NonFinite, first_line
+from bertcli.inputs import INPUTS
 from bertcli.fileio import OutputError, append_text, atomic_write, atomic_write_text, discard, finite_json, finite_number, publish
 from bertcli.recipes import TrainConfig, parse_duration
 from bertcli.rundir import STAGE_DIR
@@ -57,6 +58,7 @@ class Job:
     evaluate: Callable[[nn.Module], dict[str, float]] | None  # eval metrics, without the eval_ prefix
     save: Callable[[nn.Module, Path], None]  # write the checkpoint files (weights, config, tokenizer) into a directory
     recipe: str = ""  # the resolved recipe, written as recipe.yaml once the resume state (if any) has loaded
+    inputs: dict[str, str] = field(default_factory=dict)  # written beside it as inputs.json (bertcli/inputs.py)
 
 
 def example_seed(seed: int, epoch: int, index: int) -> int:
@@ -340,6 +342,7 @@ def _start(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> _Run:
         raise BertcliError(f"data.train: {len(job.features)} training sequences, fewer than one batch of {global_batch}")
     if rank == 0 and job.recipe:  # the run's files change only now, when nothing it reads can fail any more
         atomic_write_text(out / "recipe.yaml", job.recipe)
+        atomic_write_text(out / INPUTS, json.dumps(job.inputs, indent=1, sort_keys=True) + "\n")
     log = Log(out / "log.jsonl", pos.step if resume else None) if rank == 0 else None
     total = plan_steps(cfg, batches_per_epoch)
     progress, console = _progress(total, rank == 0)

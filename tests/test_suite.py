@@ -126,6 +126,17 @@ def test_an_interrupted_suite_resumes_without_running_finished_runs_again(recipe
                for n in ("sentiment", "similar"))
 
 
+def test_a_resumed_sweep_refuses_runs_whose_data_changed_since_they_ran(recipes, tmp_path):
+    """A finished run is kept by the same recipe; scored on what its eval file held then, it cannot be ranked
+    beside runs scored on what the file holds now."""
+    _suite(recipes[:1], tmp_path / "sweep", sweeps=["train.seed=1,2"])
+    reviews = tmp_path / "reviews.tsv"
+    reviews.write_text(reviews.read_text().replace("\tpos", "\tneg"), encoding="utf-8")
+    with pytest.raises(BertcliError, match=rf"seed=1: {re.escape(str(reviews))} has changed since the run began; "
+                                           "run it again with --overwrite"):
+        _suite(recipes[:1], tmp_path / "sweep", sweeps=["train.seed=1,2,3"], resume=True)
+
+
 def test_a_recipe_saved_when_model_dropout_was_always_written_still_matches(recipes, tmp_path):
     """Before model.dropout could be unset, every saved recipe.yaml said 0.1, which meant what unset means
     now (0.1 for a new model; ignored with model.init): a suite resumed across that change keeps its runs."""
@@ -268,9 +279,9 @@ def test_a_run_directory_that_is_a_symbolic_link_is_refused_even_on_resume(recip
 def test_names_and_sizes_a_suite_cannot_hold_are_refused_at_once(recipes, tmp_path):
     from bertcli.suite import MAX_NAME, plan
 
-    long_value = "0" * 300 + "2"  # a valid seed, too long for a file name as it is
-    points = plan(recipes[:1], [], [f"train.seed=1,{long_value}"])
-    assert len(points[1].name) <= MAX_NAME and points[1].name.startswith("seed=000")
+    long_value = "0." + "0" * 300 + "2"  # a valid learning rate, too long for a file name as it is
+    points = plan(recipes[:1], [], [f"train.lr=1e-3,{long_value}"])
+    assert len(points[1].name) <= MAX_NAME and points[1].name.startswith("lr=0.000")
     values = ",".join(map(str, range(1, 11)))
     axes = [f"{key}={values}" for key in ("train.seed", "train.max_steps", "train.batch_size", "train.log_every",
                                           "train.grad_accum", "train.eval_every", "train.save_every", "model.num_layers")]

@@ -990,3 +990,26 @@ def test_an_output_path_through_a_loop_of_symbolic_links_is_one_message(tmp_path
     for kind in ("run", "suite", "tokenizer"):
         with pytest.raises(BertcliError, match="symbolic links"):
             claim(tmp_path / "a" / "x", kind)
+
+
+def test_resume_refuses_data_or_a_tokenizer_that_changed_since_the_run_began(home, monkeypatch, capsys):
+    """recipe.yaml names the paths a run read; inputs.json what they held, and the run's checkpoint its
+    tokenizer: a resumed run would otherwise go on with other examples, or other token ids, unsaid."""
+    r, more = recipe(home), ["--resume", "--set", "train.max_steps=4"]
+    assert in_process(["finetune", r], monkeypatch, capsys)[0] == 0
+    assert str(home / "train.tsv") in json.loads((home / "out" / "inputs.json").read_text())
+    rows = (home / "train.tsv").read_text()
+    (home / "train.tsv").write_text(rows.replace("\tpos", "\tneg", 1))
+    code, _, err = in_process(["finetune", r, *more], monkeypatch, capsys)
+    assert code == 2 and f"{home / 'train.tsv'} has changed since the run began" in err, err
+    (home / "train.tsv").write_text(rows)
+    tokenizer = json.loads((home / "tok" / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[40:42]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # the same size, two words' ids swapped
+    (home / "tok" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    code, _, err = in_process(["finetune", r, *more], monkeypatch, capsys)
+    assert code == 2 and "is not the one the run trained with: its model differs" in err, err
+    shutil.copy(home / "out" / "tokenizer.json", home / "tok" / "tokenizer.json")
+    code, _, err = in_process(["finetune", r, *more], monkeypatch, capsys)
+    assert code == 0 and json.loads((home / "out" / "log.jsonl").read_text().splitlines()[-1])["step"] == 4, err

@@ -214,6 +214,15 @@ def test_a_large_corpus_packs_its_sequences_once_into_the_cache(text, tiny_token
     sequences.sequences(shards, 48, "nsp", 0.1, seed=4)  # another seed, another window: their own files
     sequences.sequences(shards, 64, "nsp", 0.1, seed=3)
     assert len(list(cached.parent.iterdir())) == 3
+    assert cached.stat().st_mode & 0o777 == 0o666 & ~_umask()  # kept for later runs: written as the user's files
+    expected, whole = np.array(made), cached.read_bytes()
+    del made, again  # (a file mapped in memory and then cut short ends the process in a bus error)
+    beyond = np.frombuffer(whole, dtype=np.int64).copy()
+    beyond[sequences.A_END] = len(shards[0].tokens) + 1  # the first row ends past its shard: an IndexError
+    for spoilt in (whole[:5 * 56], whole[:-56], beyond.tobytes(), b"", whole[:-1]):  # cut short, or edited
+        cached.write_bytes(spoilt)
+        again = np.array(sequences.sequences(load_shards(tmp_path / "s"), 48, "nsp", 0.1, seed=3))
+        assert (again == expected).all() and cached.read_bytes() == whole  # packed again
 
 
 @pytest.mark.parametrize("grown", [0, 1], ids=["finished-file", "file-being-read"])
@@ -307,3 +316,9 @@ def test_packing_workers_share_the_cores_among_a_machines_processes(monkeypatch)
     for local, workers in (("1", 16), ("8", 2), ("32", 1), ("", 16), ("x", 16), ("0", 16)):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
         assert sequences.packing_workers() == workers
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

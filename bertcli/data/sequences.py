@@ -22,6 +22,7 @@ import numpy as np
 
 from bertcli.data.corpus import Shard, cache_dir
 from bertcli.errors import DataError
+from bertcli.fileio import FILE_MODE
 from bertcli.scratch import locked_temp, swept
 
 # an instance: shard and [start, end) of segment A, shard and [start, end) of B (empty when none), label
@@ -42,8 +43,11 @@ def sequences(shards: Sequence[Shard], max_seq_len: int, objective: str, short_s
     path = cache_dir() / "sequences" / f"{key}.bin"
     if path.is_symlink() or (path.exists() and not path.is_file()):  # not bertcli's: left alone, nothing cached
         return make_instances(shards, max_seq_len, objective, short_seq_prob, seed)
-    if path.is_file() and path.stat().st_size % (7 * 8) == 0 and path.stat().st_size:
-        return np.memmap(path, dtype=np.int64, mode="r").reshape(-1, 7)
+    if path.is_file():
+        rows = _cached(path, shards)
+        if rows is not None:
+            return rows
+        sys.stderr.write(f"{path}: not whole, or not sequences of these shards (damaged or edited?): packed again\n")
     sys.stderr.write(f"packing {sum(len(s.tokens) for s in shards):,} tokens into sequences of up to {max_seq_len} "
                      f"(once: kept in {path.parent})\n")
     try:
@@ -55,6 +59,8 @@ def sequences(shards: Sequence[Shard], max_seq_len: int, objective: str, short_s
     try:
         with os.fdopen(fd, "wb") as sink:
             make_instances(shards, max_seq_len, objective, short_seq_prob, seed, sink=sink, workers=packing_workers())
+            sink.write(np.asarray([TRAILER, sink.tell() // ROW_BYTES, 0, 0, 0, 0, 0], dtype=np.int64).tobytes())
+            os.fchmod(sink.fileno(), FILE_MODE)  # a file kept for later runs: the user's umask, not a temporary's
             sink.flush()
             os.fsync(sink.fileno())
             os.replace(name, path)  # locked until renamed; another process making the same file wrote the same bytes
@@ -64,7 +70,35 @@ def sequences(shards: Sequence[Shard], max_seq_len: int, objective: str, short_s
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
-    return np.memmap(path, dtype=np.int64, mode="r").reshape(-1, 7)
+    return np.memmap(path, dtype=np.int64, mode="r").reshape(-1, 7)[:-1]
+
+
+ROW_BYTES = 7 * 8
+TRAILER = int.from_bytes(b"bertcli\x03", "little")  # the last row of a cache file: this, and how many rows precede
+
+
+def _cached(path: Path, shards: Sequence[Shard]) -> np.ndarray | None:
+    """The sequences of a cache file written whole (its trailer counts its rows) whose every row points
+    into these shards, or None: a file cut short or edited is packed again rather than trained on, and a
+    range beyond a shard would end the run in an IndexError."""
+    try:
+        rows = np.memmap(path, dtype=np.int64, mode="r")
+    except (OSError, ValueError):  # (an empty file cannot be mapped)
+        return None
+    if len(rows) % 7 or len(rows) < 14:
+        return None
+    rows = rows.reshape(-1, 7)
+    body = rows[:-1]
+    if rows[-1, 0] != TRAILER or rows[-1, 1] != len(body):
+        return None
+    sizes = np.asarray([len(s.tokens) for s in shards], dtype=np.int64)
+    a, b = body[:, A_SHARD], body[:, B_SHARD]
+    if not (((a >= 0) & (a < len(sizes)) & (b >= 0) & (b < len(sizes))).all()):
+        return None
+    fits = ((0 <= body[:, A_START]) & (body[:, A_START] < body[:, A_END]) & (body[:, A_END] <= sizes[a])
+            & (0 <= body[:, B_START]) & (body[:, B_START] <= body[:, B_END]) & (body[:, B_END] <= sizes[b])
+            & ((body[:, LABEL] == 0) | (body[:, LABEL] == 1)))
+    return body if fits.all() else None
 
 
 def make_instances(shards: Sequence[Shard], max_seq_len: int, objective: str, short_seq_prob: float,

@@ -340,11 +340,15 @@ def _start(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> _Run:
     batches_per_epoch = epoch_batches(len(job.features), global_batch, world)
     if batches_per_epoch == 0:
         raise BertcliError(f"data.train: {len(job.features)} training sequences, fewer than one batch of {global_batch}")
+    total = plan_steps(cfg, batches_per_epoch)
+    if total is not None and pos.step > total:  # its recipe.yaml would say fewer steps than its weights took
+        raise BertcliError(f"{out}: the run is at step {pos.step}, past the {total} steps the recipe now plans "
+                           "(train.max_steps, train.epochs): --resume trains a run further, not back; give it more "
+                           "steps, or start afresh with --overwrite")
     if rank == 0 and job.recipe:  # the run's files change only now, when nothing it reads can fail any more
         atomic_write_text(out / "recipe.yaml", job.recipe)
         atomic_write_text(out / INPUTS, json.dumps(job.inputs, indent=1, sort_keys=True) + "\n")
     log = Log(out / "log.jsonl", pos.step if resume else None) if rank == 0 else None
-    total = plan_steps(cfg, batches_per_epoch)
     progress, console = _progress(total, rank == 0)
     return _Run(job=job, cfg=cfg, out=out, rank=rank, world=world, device=device, precision=precision, model=model,
                 wrapped=wrapped, optimizer=optimizer, scaler=scaler, pos=pos, log=log, total=total,

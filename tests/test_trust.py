@@ -992,7 +992,7 @@ def test_an_output_path_through_a_loop_of_symbolic_links_is_one_message(tmp_path
             claim(tmp_path / "a" / "x", kind)
 
 
-def test_resume_refuses_data_or_a_tokenizer_that_changed_since_the_run_began(home, monkeypatch, capsys):
+def test_resume_refuses_data_or_a_tokenizer_that_changed_since_the_run_began_or_fewer_steps(home, monkeypatch, capsys):
     """recipe.yaml names the paths a run read; inputs.json what they held, and the run's checkpoint its
     tokenizer: a resumed run would otherwise go on with other examples, or other token ids, unsaid."""
     r, more = recipe(home), ["--resume", "--set", "train.max_steps=4"]
@@ -1013,3 +1013,7 @@ def test_resume_refuses_data_or_a_tokenizer_that_changed_since_the_run_began(hom
     shutil.copy(home / "out" / "tokenizer.json", home / "tok" / "tokenizer.json")
     code, _, err = in_process(["finetune", r, *more], monkeypatch, capsys)
     assert code == 0 and json.loads((home / "out" / "log.jsonl").read_text().splitlines()[-1])["step"] == 4, err
+    saved = (home / "out" / "recipe.yaml").read_text()
+    code, _, err = in_process(["finetune", r, "--resume", "--set", "train.max_steps=3"], monkeypatch, capsys)
+    assert code == 2 and "the run is at step 4, past the 3 steps the recipe now plans" in err, err
+    assert (home / "out" / "recipe.yaml").read_text() == saved  # (it said 3 steps beside weights of 4)

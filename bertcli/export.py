@@ -27,7 +27,8 @@ from pathlib import Path
 from bertcli import __version__
 from bertcli.errors import BertcliError, CheckpointError
 from bertcli.fileio import atomic_write
-from bertcli.onnx_engine import EXTRA, GRAPH, GRAPH_INT8, INPUTS, PRODUCER, SOURCES_KEY, bertcli_graph, fingerprint
+from bertcli.onnx_engine import (EXTRA, GRAPH, GRAPH_INT8, INPUTS, PRODUCER, SOURCES_KEY, bertcli_graph, fingerprint,
+                                 seal)
 from bertcli.tasks.base import Task
 
 OPSET = 20  # the first with a Gelu node: the exporter writes GELU as one node instead of five
@@ -242,13 +243,17 @@ def _check(graph, model, task: Task, cfg) -> float:
 
 
 def _save(model, path: Path) -> None:
-    import onnx
+    graph = seal(model.SerializeToString())
 
     def write(tmp: str) -> None:
-        onnx.save_model(model, tmp)
+        _write_graph(Path(tmp), graph)
         _check_replaceable(path)  # again, just before the rename: nothing of the user's arrived meanwhile
 
     atomic_write(path, write)  # (inside export's _writing stretch, with the line that says it)
+
+
+def _write_graph(path: Path, graph: bytes) -> None:
+    path.write_bytes(graph)
 
 
 def _quantize(graph: Path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -100,21 +101,42 @@ def stale(recorded: dict, model_dir: Path) -> str | None:
     return None
 
 
+SEAL_KEY = "bertcli_sha256"
+
+
+def _seal_entry(hexdigest: str) -> bytes:
+    """A ModelProto.metadata_props entry (field 14) {SEAL_KEY: hexdigest}, as protobuf encodes it: a field
+    appended to a message's bytes is read as part of it, so ONNX Runtime and onnx read the sealed graph whole."""
+    entry = b"\x0a" + bytes([len(SEAL_KEY)]) + SEAL_KEY.encode() + b"\x12" + bytes([len(hexdigest)]) + hexdigest.encode()
+    return b"\x72" + bytes([len(entry)]) + entry
+
+
+SEAL_BYTES = len(_seal_entry("0" * 64))
+
+
+def seal(graph: bytes) -> bytes:
+    """A serialized graph followed by the SHA-256 of its bytes, as the file bertcli export writes."""
+    return graph + _seal_entry(hashlib.sha256(graph).hexdigest())
+
+
 def bertcli_graph(path: Path) -> bool:
-    """Whether the file at `path` is a graph that bertcli export wrote, told from its first bytes without
-    onnx: a plain file (never a link) whose ModelProto names bertcli as its producer (field 2, written right
-    after the IR version). Graphs of other tools in a run directory are the user's."""
+    """Whether the file at `path` is, byte for byte, a graph that bertcli export wrote: a plain file (never a
+    link) that ends in the seal of what precedes it. A graph another tool wrote, or re-saved, or that was
+    edited since, is the user's: never run as the checkpoint's, replaced or removed."""
     try:
         if path.is_symlink() or not path.is_file():
             return False
         with open(path, "rb") as f:
-            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size - SEAL_BYTES
+            if size < 0:
+                return False
+            digest = hashlib.sha256()
+            while size > 0 and (block := f.read(min(size, 1 << 20))):
+                digest.update(block)
+                size -= len(block)
+            return size == 0 and f.read() == _seal_entry(digest.hexdigest())
     except OSError:
         return False
-    return PRODUCER_TAG in head
-
-
-PRODUCER_TAG = b"\x12" + bytes([len(PRODUCER)]) + PRODUCER.encode()  # ModelProto.producer_name = "bertcli"
 
 
 class OnnxModel:
@@ -155,6 +177,8 @@ class OnnxModel:
         """Why this graph does not answer for the checkpoint's weights now (None: it does)."""
         if not self.from_bertcli:
             return "it was not written by bertcli export"
+        if not bertcli_graph(self.path):
+            return "it is not the file bertcli export wrote (changed since, or saved again by another tool)"
         try:
             recorded = json.loads(self.metadata[SOURCES_KEY])
         except ValueError:

@@ -206,6 +206,16 @@ def test_a_graph_that_no_longer_matches_its_weights_is_never_run(classifier, tmp
     onnx_answers, said, _ = _predict(model, ["a fine film"], capsys)
     assert "engine onnx" in said
     _same(answers, onnx_answers)
+    import onnx
+
+    graph = onnx.load(model / "model.onnx")  # edited by hand, bertcli's record of the checkpoint kept
+    bias = next(t for t in graph.graph.initializer if "classifier" in t.name and len(t.dims) == 1)
+    bias.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias) + 5, bias.name))
+    onnx.save_model(graph, model / "model.onnx")
+    _, said, status = _predict(model, ["a fine film"], capsys)
+    assert status == 0 and "engine torch" in said and "not the file bertcli export wrote" in said
+    with pytest.raises(BertcliError, match=r"model.onnx: exists and is not a graph bertcli wrote; it is kept"):
+        export(model, say=lambda _: None)  # a graph of the user's now
 
 
 def test_files_bertcli_did_not_write_are_kept(classifier, tmp_path, capsys):
@@ -410,11 +420,11 @@ def test_a_signal_stops_an_export_and_leaves_nothing_half_written(classifier, tm
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module, function", [("onnxruntime.quantization", "quantize_dynamic"),
-                                              ("onnx", "save_model")], ids=["int8-step", "mid-write"])
+                                              ("bertcli.export", "_write_graph")], ids=["int8-step", "mid-write"])
 def test_a_sigterm_inside_the_export_leaves_the_graph_whole_and_no_scratch(classifier, tmp_path, module, function):
     """The signal comes while the int8 step's scratch directory holds its copies (quantize_dynamic made to wait
     after it has written them: the export ends at once), or while the fp32 graph's temporary file is written
-    (onnx.save_model made to wait: the export ends once it is in place). Either way exit 143, the fp32 graph
+    (its write made to wait: the export ends once it is in place). Either way exit 143, the fp32 graph
     whole, no int8 graph, no temporary file, and the scratch directory gone."""
     import shutil
     import signal

@@ -459,8 +459,11 @@ def _coerce(value: Any, hint: Any) -> Any:
             return (value,)
         if value is None:
             return ()
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if not isinstance(value, list):
             raise ValueError(f"expected an integer or a list of integers, got {_kind(value)}")
+        odd = [v for v in value if isinstance(v, bool) or not isinstance(v, int)]
+        if odd:
+            raise ValueError(f"expected an integer or a list of integers, got a list holding {_kind(odd[0])}")
         return tuple(value)
     if origin is tuple:
         if isinstance(value, str):

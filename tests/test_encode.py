@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -322,3 +323,12 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_an_empty_bertcli_cache_is_the_default_cache_not_the_current_directory(monkeypatch):
+    from bertcli.data.corpus import cache_dir
+
+    monkeypatch.setenv("BERTCLI_CACHE", "")
+    assert cache_dir() == Path.home() / ".cache" / "bertcli"
+    monkeypatch.setenv("BERTCLI_CACHE", "/some/where")
+    assert cache_dir() == Path("/some/where")

@@ -165,6 +165,17 @@ def test_integers_are_read_as_written_in_decimal(tmp_path, files):
                                   "train.batch_size: expected an integer, got a string ('0x20')"]
 
 
+def test_a_list_of_layers_names_the_item_that_is_not_a_layer_number(tmp_path, files, minilm_dir):
+    path, init = write(tmp_path, valid(files)), f"model.init={minilm_dir}"
+    for given, kind in (("[0, a]", "a string ('a')"), ("[true]", "a boolean (true)"), ("[0.5]", "a number (0.5)"),
+                        ("[null]", "nothing (null)")):
+        with pytest.raises(RecipeError) as err:
+            load_recipe(path, [init, f"model.init_layers={given}"])
+        assert err.value.problems == [f"model.init_layers: expected an integer or a list of integers, got a list "
+                                      f"holding {kind}"]
+    assert load_recipe(path, [init, "model.init_layers=[]"]).model.init_layers == ()  # every layer, as saved recipes say
+
+
 def test_durations():
     assert parse_duration("90s") == 90 and parse_duration("30m") == 1800 and parse_duration("1h30m") == 5400
     assert parse_duration("45") == 45

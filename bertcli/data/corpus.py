@@ -135,7 +135,8 @@ def _ascending(offsets: np.ndarray, step: int = 1 << 20) -> bool:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("BERTCLI_CACHE", Path.home() / ".cache" / "bertcli"))
+    """$BERTCLI_CACHE, or ~/.cache/bertcli where it is unset or empty (an empty one is not the current directory)."""
+    return Path(os.environ.get("BERTCLI_CACHE") or Path.home() / ".cache" / "bertcli")
 
 
 def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str | None = None) -> list[Shard]:

@@ -74,7 +74,8 @@ def read_config(directory: str | Path) -> tuple[BertConfig, dict[str, Any]]:
     """config.json -> (BertConfig, the raw dict). Keys that BertConfig lacks are kept in the dict."""
     path = Path(directory) / "config.json"
     if not Path(directory).is_dir():
-        raise CheckpointError(f"{directory}: checkpoint directory not found")
+        found = "is a file, not a checkpoint directory" if Path(directory).exists() else "checkpoint directory not found"
+        raise CheckpointError(f"{directory}: {found}")
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json (not a BERT checkpoint directory)")
     if path.stat().st_size > MAX_CONFIG_BYTES:

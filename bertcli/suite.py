@@ -166,6 +166,9 @@ def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[P
     from bertcli.runtime import device_for
 
     axes = parse_sweeps(sweeps)
+    both = next((k for k, _ in axes for item in overrides if item.partition("=")[0].strip() == k), None)
+    if both is not None:  # the sweep's values would win, and the --set go unused
+        raise BertcliError(f"{both} is given by both --set and --sweep: give it once")
     runs = len(sources) * math.prod(len(v) for _, v in axes)
     if runs > MAX_POINTS:
         raise BertcliError(f"--sweep: {runs:,} runs; at most {MAX_POINTS:,} in one suite")

@@ -142,7 +142,8 @@ def load_tokenizer(directory: str | Path) -> WordPieceTokenizer:
     """Load from `tokenizer.json`, or build BERT's pipeline around `vocab.txt`."""
     d = Path(directory)
     if not d.is_dir():
-        raise CheckpointError(f"{directory}: tokenizer directory not found")
+        found = "is a file, not a tokenizer directory" if d.exists() else "tokenizer directory not found"
+        raise CheckpointError(f"{directory}: {found}")
     lowercase = _read_lowercase(d)
     if (d / "tokenizer.json").is_file():
         try:

@@ -201,6 +201,10 @@ def test_inconsistent_checkpoints_are_user_errors(tiny_tokenizer_dir, tmp_path):
         load_checkpoint(d)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: is a file, not a checkpoint directory"):
+        load_checkpoint(d / "tokenizer.json")
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: is a file, not a tokenizer directory"):
+        load_tokenizer(d / "tokenizer.json")
 
 
 def test_with_dropout_sets_every_dropout_of_a_loaded_model_and_its_config(tiny_classifier_dir):

@@ -79,8 +79,13 @@ def tokenize_train(
                                     shown=", ".join(map(str, corpus)))
     with claim(out, "tokenizer", overwrite=overwrite):
         tokenizer.save(out)
-    _err(f"tokenizer: {tokenizer.vocab_size} tokens from {len(corpus)} file(s) in "
-         f"{time.perf_counter() - start:.1f}s -> {out}")
+    size, why = tokenizer.vocab_size, ""
+    if size > vocab_size:
+        why = f" (more than --vocab-size {vocab_size}: the special tokens and each character of the corpus are always in it)"
+    elif size < vocab_size:
+        why = (f" (fewer than --vocab-size {vocab_size}: the corpus has no more words and pieces seen often enough, "
+               "--min-frequency)")
+    _err(f"tokenizer: {size} tokens{why} from {len(corpus)} file(s) in {time.perf_counter() - start:.1f}s -> {out}")
 
 
 @tokenize_app.command("show", epilog='Example: echo "Hello world" | bertcli tokenize show --tokenizer tok/')

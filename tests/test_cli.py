@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -25,6 +26,7 @@ def test_tokenize_train_then_show_in_a_pipe(tmp_path):
     corpus.write_text(CORPUS * 5, encoding="utf-8")
     done = run_cli("tokenize", "train", "--corpus", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size", "200")
     assert done.returncode == 0, done.stderr
+    assert b"tokenizer: 200 tokens from 1 file(s)" in done.stderr
     done = run_cli("tokenize", "show", "--tokenizer", str(tmp_path / "tok"), stdin="Hello world\n\nquick fox".encode())
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.decode().splitlines()]
@@ -37,9 +39,11 @@ def test_tokenize_train_then_show_in_a_pipe(tmp_path):
     done = run_cli("tokenize", "train", "--corpus", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size", "150")
     assert done.returncode == 2 and b"--overwrite" in done.stderr
     assert (tmp_path / "tok" / "vocab.txt").read_bytes() == before
-    done = run_cli("tokenize", "train", "--corpus", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size", "150",
-                   "--overwrite")
+    done = run_cli("tokenize", "train", "--corpus", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size",
+                   "100000", "--overwrite")
     assert done.returncode == 0 and (tmp_path / "tok" / "vocab.txt").read_bytes() != before
+    said = re.search(rb"tokenizer: (\d+) tokens \(fewer than --vocab-size 100000: the corpus has no more", done.stderr)
+    assert said and int(said[1]) == len((tmp_path / "tok" / "vocab.txt").read_text().splitlines()), done.stderr
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
     done = run_cli("tokenize", "train", "--corpus", str(corpus), "--out", str(tmp_path / "mine"), "--overwrite")

@@ -73,6 +73,11 @@ def check_resumed_inputs(out: Path, inputs: dict[str, str], tokenizer: WordPiece
                            "--overwrite or another --out")
 
 
+def resumed_from(out: Path, resume: bool) -> str:
+    """What the model line adds on --resume: the weights that train on are the run's own."""
+    return f"; resumed: the run's own weights from {out / 'resume.pt'}" if resume and (out / "resume.pt").is_file() else ""
+
+
 def check_output_apart(recipe: Recipe, out: Path, source: Path | None, resume: bool) -> None:
     """`--out` must not be, hold or lie inside anything the run reads (--resume may read the
     run's own recipe.yaml back)."""
@@ -218,7 +223,7 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         check_resumed_inputs(out, inputs, task.tokenizer)
     features = task.encode(train_examples)
     with claim(out, "run", resume, overwrite):
-        say(loaded)
+        say(loaded + resumed_from(out, resume))
         say(f"data: {len(train_examples)} training examples ({len(features)} sequences), "
             f"{len(eval_examples)} for evaluation")
 
@@ -367,7 +372,7 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     try:
         if rank == 0:  # rank 0 alone writes, and holds the directory's lock
             lock = claim(out, "run", resume, overwrite)
-            say(loaded)
+            say(loaded + resumed_from(out, resume))
             say(f"data: {tokens} training tokens in {len(instances)} sequences of up to {d.max_seq_len}")
         if dist.is_initialized():
             dist.barrier()

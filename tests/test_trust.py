@@ -1013,6 +1013,7 @@ def test_resume_refuses_data_or_a_tokenizer_that_changed_since_the_run_began_or_
     shutil.copy(home / "out" / "tokenizer.json", home / "tok" / "tokenizer.json")
     code, _, err = in_process(["finetune", r, *more], monkeypatch, capsys)
     assert code == 0 and json.loads((home / "out" / "log.jsonl").read_text().splitlines()[-1])["step"] == 4, err
+    assert f"resumed: the run's own weights from {home / 'out' / 'resume.pt'}" in err.splitlines()[0]
     saved = (home / "out" / "recipe.yaml").read_text()
     code, _, err = in_process(["finetune", r, "--resume", "--set", "train.max_steps=3"], monkeypatch, capsys)
     assert code == 2 and "the run is at step 4, past the 3 steps the recipe now plans" in err, err

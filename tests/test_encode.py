@@ -332,3 +332,16 @@ def test_an_empty_bertcli_cache_is_the_default_cache_not_the_current_directory(m
     assert cache_dir() == Path.home() / ".cache" / "bertcli"
     monkeypatch.setenv("BERTCLI_CACHE", "/some/where")
     assert cache_dir() == Path("/some/where")
+
+
+def test_a_pipe_with_no_text_is_named_as_given_not_as_its_spool_file(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    import threading
+
+    from bertcli.data.corpus import shards_for
+
+    monkeypatch.setenv("BERTCLI_CACHE", str(tmp_path / "cache"))
+    fifo = tmp_path / "empty-pipe"
+    os.mkfifo(fifo)
+    threading.Thread(target=lambda: open(fifo, "wb").close(), daemon=True).start()  # a writer that writes nothing
+    with pytest.raises(DataError, match=rf"^{fifo}: no text to encode$"):
+        shards_for([str(fifo)], load_tokenizer(tiny_tokenizer_dir))

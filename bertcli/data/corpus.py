@@ -147,7 +147,8 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
     for p in paths:
         if Path(p).is_dir():
             shards.extend(load_shards(Path(p), tokenizer))
-    with spooled([Path(p) for p in paths if not Path(p).is_dir()]) as texts:
+    given = [Path(p) for p in paths if not Path(p).is_dir()]
+    with spooled(given) as texts:
         if texts:
             key = hashlib.sha256(json.dumps([tokenizer_sha256(tokenizer), segmenter or "none"] +
                                             [file_sha256(t) for t in texts]).encode())
@@ -163,8 +164,14 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
                 with claim(target, "shards", resume=partial, overwrite=not partial, wait=True,
                            complete_with="index.json", replacing="the shard cache") as mine:
                     if not mine.complete:  # else another process encoded the same text meanwhile
-                        encode_corpus(tokenizer, texts, target, segmenter=segmenter, resume=partial, strict=False,
-                                      again="run it again")
+                        try:
+                            encode_corpus(tokenizer, texts, target, segmenter=segmenter, resume=partial, strict=False,
+                                          again="run it again")
+                        except DataError as err:  # named by the path the user gave, not the spool file read
+                            message = str(err)
+                            for text, path in zip(texts, given):
+                                message = message.replace(str(text), str(path))
+                            raise DataError(message) from None
             shards.extend(load_shards(target, tokenizer))
     return shards
 

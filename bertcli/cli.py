@@ -56,7 +56,8 @@ def _err(message: str) -> None:
 @tokenize_app.command("train", epilog="Example: bertcli tokenize train --corpus corpus/*.txt --out tok/ --vocab-size 8000")
 def tokenize_train(
     corpus: List[Path] = typer.Option(..., "--corpus", help="Text file(s) to learn the vocabulary from (repeatable)."),
-    out: Path = typer.Option(..., "--out", help="Directory to write tokenizer.json, vocab.txt, tokenizer_config.json."),
+    out: Path = typer.Option(..., "--out", help="Directory to write tokenizer.json, vocab.txt, tokenizer_config.json, "
+                                          "special_tokens_map.json."),
     vocab_size: int = typer.Option(30522, "--vocab-size", min=6, max=2_000_000,
                                    help="Vocabulary size, special tokens included."),
     cased: bool = typer.Option(False, "--cased", help="Keep case and accents (default: lower-case, as bert-base-uncased)."),
@@ -81,7 +82,8 @@ def tokenize_train(
         tokenizer.save(out)
     size, why = tokenizer.vocab_size, ""
     if size > vocab_size:
-        why = f" (more than --vocab-size {vocab_size}: the special tokens and each character of the corpus are always in it)"
+        why = (f" (more than --vocab-size {vocab_size}: the special tokens and each character of the corpus are "
+               "always in it)")
     elif size < vocab_size:
         why = (f" (fewer than --vocab-size {vocab_size}: the corpus has no more words and pieces seen often enough, "
                "--min-frequency)")

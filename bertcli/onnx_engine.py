@@ -178,7 +178,8 @@ class OnnxModel:
         if not self.from_bertcli:
             return "it was not written by bertcli export"
         if not bertcli_graph(self.path):
-            return "it is not the file bertcli export wrote (changed since, or saved again by another tool)"
+            return ("it is not the file bertcli export wrote (changed since, saved again by another tool, or exported "
+                    "by a bertcli from before graphs were sealed: export again)")
         try:
             recorded = json.loads(self.metadata[SOURCES_KEY])
         except ValueError:

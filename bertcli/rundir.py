@@ -321,6 +321,7 @@ def refuse_inside_running_suite(out: Path) -> None:
 
 
 def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing: str = "--overwrite") -> None:
+    option = "--report" if kind == "report" else "--out"  # the option that names the directory
     if out.is_symlink() and not out.is_dir():
         raise BertcliError(f"{out}: is a symbolic link to nothing; name a directory")
     if out.exists() and not out.is_dir():
@@ -344,10 +345,10 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
         if resume or overwrite:
             flag = "--resume" if resume else replacing
             raise BertcliError(f"{out}: {flag} refused: the directory was not written by bertcli (it has no {MARKER} "
-                               f"marker), so bertcli will not touch it; choose another --out")
-        raise BertcliError(f"{out}: already exists and is not empty; choose another --out")
+                               f"marker), so bertcli will not touch it; choose another {option}")
+        raise BertcliError(f"{out}: already exists and is not empty; choose another {option}")
     if found != kind:
-        raise BertcliError(f"{out}: holds {WHAT[found]}, not {WHAT[kind]}; choose another --out")
+        raise BertcliError(f"{out}: holds {WHAT[found]}, not {WHAT[kind]}; choose another {option}")
     if not resume and not overwrite:
         stopped = kind == "shards" and "index.json" not in names  # an encode that did not finish
         again = " pass --resume to continue it or" if kind in ("run", "suite") or stopped else ""
@@ -359,7 +360,7 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
         flag = "--resume" if resume else replacing
         raise BertcliError(f"{out}: {flag} refused: it holds files bertcli did not write ({shown}); they are "
-                           "kept, and so is everything else: move them away, or choose another --out")
+                           f"kept, and so is everything else: move them away, or choose another {option}")
     if resume and kind == "run" and bare == [MARKER]:
         raise BertcliError(f"{out}: nothing to resume: the command before stopped before it wrote a file; run it "
                            "again without --resume")

@@ -358,7 +358,8 @@ CASES = {
         h, "metrics.json/mine.txt"), "--overwrite"], b"", r"--overwrite refused: .* did not write \(metrics.json\)"),
     "--report into a user's figures": (lambda h: ["evaluate", str(h / "model"), "--data", str(h / "train.tsv"),
                                                   "--report", str(h / "figures")], b"",
-                                       r"--report refused: the directory was not written by bertcli"),
+                                       r"--report refused: the directory was not written by bertcli .*; choose "
+                                       r"another --report$"),
     "bertcli_task.max_seq_len NaN": (lambda h: ["predict", spoil_task(h, max_seq_len=float("nan"))], b"x\n",
                                      r"bertcli_task.max_seq_len must be in 4\.\.128 .*got NaN"),
     "bertcli_task.max_seq_len -5": (lambda h: ["predict", spoil_task(h, max_seq_len=-5)], b"x\n",

@@ -22,7 +22,7 @@ from bertcli.errors import DataError
 from bertcli.jobs import pretrain
 from bertcli.recipes import load_recipe
 from bertcli.data.sequences import make_instances
-from bertcli.tasks.pretrain import A_END, A_START, B_END, B_START, LABEL, PretrainOptions, PretrainTask
+from bertcli.tasks.pretrain import A_END, A_START, B_END, B_START, LABEL, Instances, PretrainOptions, PretrainTask
 from bertcli.tokenizer import load_tokenizer
 from conftest import CORPUS, ROOT, STEPPING, run_cli, stepping_env, write_recipe
 
@@ -83,8 +83,15 @@ def test_a_paragraph_without_end_marks_is_packed_whole_not_cut_to_one_window(obj
     shards = load_shards(tmp_path / "s", tok)
     assert len(shards[0].sentences) == 4  # three documents of one sentence each
     rows = make_instances(shards, 48, objective, 0.1, seed=1)
-    packed = (rows[:, A_END] - rows[:, A_START]).sum() + (rows[:, B_END] - rows[:, B_START]).sum()
-    assert packed >= 0.9 * len(shards[0].tokens) and (rows[:, A_END] - rows[:, A_START]).max() <= 48
+    used = np.zeros(len(shards[0].tokens), dtype=bool)  # each document's own text, as A or as the B that follows
+    for row in rows:
+        used[row[A_START]:row[A_END]] = True
+        if objective == "sop" or row[LABEL] == 0:  # (NSP's label 1: B is another document's)
+            used[row[B_START]:row[B_END]] = True
+    assert used.mean() >= 0.9 and max(PretrainTask(tok, PretrainOptions(objective=objective), 48).lengths(
+        Instances(shards, rows))) <= 48
+    if objective != "none":
+        assert 0.3 <= rows[:, LABEL].mean() <= 0.7  # not every pair the random (NSP) or swapped (SOP) one
 
 
 def test_masking_rule(corpus, tiny_tokenizer_dir, tmp_path):

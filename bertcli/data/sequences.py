@@ -28,8 +28,8 @@ from bertcli.scratch import locked_temp, swept
 # an instance: shard and [start, end) of segment A, shard and [start, end) of B (empty when none), label
 A_SHARD, A_START, A_END, B_SHARD, B_START, B_END, LABEL = range(7)
 CACHE_TOKENS = 1_000_000  # corpora with more tokens keep their sequences in the cache
-VERSION = 3  # of the algorithm: a change of what it makes changes the cache key (2: a generator per shard;
-# 3: long sentences cut into pieces of the window)
+VERSION = 4  # of the algorithm: a change of what it makes changes the cache key (2: a generator per shard;
+# 4: long sentences cut into pieces of the window, or of half of it for pairs)
 
 
 def sequences(shards: Sequence[Shard], max_seq_len: int, objective: str, short_seq_prob: float,
@@ -92,13 +92,17 @@ def _cached(path: Path, shards: Sequence[Shard]) -> np.ndarray | None:
     if rows[-1, 0] != TRAILER or rows[-1, 1] != len(body):
         return None
     sizes = np.asarray([len(s.tokens) for s in shards], dtype=np.int64)
-    a, b = body[:, A_SHARD], body[:, B_SHARD]
-    if not (((a >= 0) & (a < len(sizes)) & (b >= 0) & (b < len(sizes))).all()):
-        return None
-    fits = ((0 <= body[:, A_START]) & (body[:, A_START] < body[:, A_END]) & (body[:, A_END] <= sizes[a])
-            & (0 <= body[:, B_START]) & (body[:, B_START] <= body[:, B_END]) & (body[:, B_END] <= sizes[b])
-            & ((body[:, LABEL] == 0) | (body[:, LABEL] == 1)))
-    return body if fits.all() else None
+    for start in range(0, len(body), 1 << 20):  # a million rows at a time: the checks' arrays stay small
+        rows = np.asarray(body[start:start + (1 << 20)])
+        a, b = rows[:, A_SHARD], rows[:, B_SHARD]
+        if not (((a >= 0) & (a < len(sizes)) & (b >= 0) & (b < len(sizes))).all()):
+            return None
+        fits = ((0 <= rows[:, A_START]) & (rows[:, A_START] < rows[:, A_END]) & (rows[:, A_END] <= sizes[a])
+                & (0 <= rows[:, B_START]) & (rows[:, B_START] <= rows[:, B_END]) & (rows[:, B_END] <= sizes[b])
+                & ((rows[:, LABEL] == 0) | (rows[:, LABEL] == 1)))
+        if not fits.all():
+            return None
+    return body
 
 
 def make_instances(shards: Sequence[Shard], max_seq_len: int, objective: str, short_seq_prob: float,
@@ -114,7 +118,10 @@ def make_instances(shards: Sequence[Shard], max_seq_len: int, objective: str, sh
     if not sum(per_shard):
         raise DataError("the pretraining corpus has no documents")
     global _JOB
-    _JOB = (shards, per_shard, max_seq_len, objective, short_seq_prob, seed)
+    pair = objective != "none"
+    piece = (max_seq_len - 2) // 2 if pair else max_seq_len - 2  # two pieces fill a pair's window: A and B
+    offsets = [_cut_long(s.sentences, s.documents, max(1, piece)) for s in shards]
+    _JOB = (offsets, per_shard, max_seq_len, objective, short_seq_prob, seed)
     pieces, total = [], 0
     try:
         for rows in _each_shard(len(shards), workers):
@@ -163,14 +170,14 @@ def _worker_start() -> None:
 
 def _pack_shard(s: int) -> bytes:
     """The rows of shard `s`'s documents, as int64 bytes."""
-    shards, per_shard, max_seq_len, objective, short_seq_prob, seed = _JOB
+    offsets, per_shard, max_seq_len, objective, short_seq_prob, seed = _JOB
     rng = random.Random(seed if s == 0 else f"{seed}:{s}")
     docs = _Documents(per_shard)
     pair = objective != "none"
     max_tokens = max_seq_len - (3 if pair else 2)
     out = array("q")
     doc_number = docs.base[s]
-    starts, bounds = (_Window(a) for a in _cut_long(shards[s].sentences, shards[s].documents, max_tokens))
+    starts, bounds = (_Window(a) for a in offsets[s])
     for d in range(per_shard[s]):
         first, last = bounds[d], bounds[d + 1]  # sentence range
         target = max_tokens
@@ -186,7 +193,7 @@ def _pack_shard(s: int) -> bytes:
                     if a[1] > a[0]:
                         out.extend((s, a[0], min(a[1], a[0] + max_tokens), s, 0, 0, 0))
                 else:
-                    i = _pair(out, rng, shards, starts, docs, doc_number, s, chunk_begin, chunk_end, target,
+                    i = _pair(out, rng, offsets, starts, docs, doc_number, s, chunk_begin, chunk_end, target,
                               max_tokens, objective, i)
                 chunk_begin, length = i + 1, 0
                 target = max_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_tokens)
@@ -199,7 +206,10 @@ def _cut_long(sentences: np.ndarray, documents: np.ndarray, size: int) -> tuple[
     """A shard's sentence offsets with each sentence of more than `size` tokens cut into pieces of `size`
     (the last shorter), and its document offsets into those. Google's algorithm takes a sentence whole and
     truncates a sequence to the window, which assumes short sentences: a paragraph without end marks (.!?)
-    read as one sentence would give one sequence and lose the rest."""
+    read as one sentence would give one sequence and lose the rest. (Offsets of any integer type, as shards
+    of other tools may hold them, are computed as int64.)"""
+    sentences = np.asarray(sentences, dtype=np.int64)
+    documents = np.asarray(documents, dtype=np.int64)
     lengths = np.diff(sentences)
     pieces = np.maximum(lengths - 1, 0) // size + 1
     if (pieces == 1).all():
@@ -251,9 +261,10 @@ class _Documents:
         return self.count
 
 
-def _pair(out, rng, shards, starts, docs, doc_number, s, begin, end, target, max_tokens, objective, i) -> int:
+def _pair(out, rng, offsets, starts, docs, doc_number, s, begin, end, target, max_tokens, objective, i) -> int:
     """Split sentences [begin, end) of shard `s` (`starts`: its offsets) into A and B (or A and a random B
-    for NSP); returns the sentence index to continue from (unused sentences go back to the document)."""
+    for NSP, from `offsets`: each shard's sentence and document offsets); returns the sentence index to
+    continue from (unused sentences go back to the document)."""
     count = end - begin
     a_split = begin + (rng.randint(1, count - 1) if count >= 2 else 1)
     a = [starts[begin], starts[a_split]]
@@ -266,7 +277,7 @@ def _pair(out, rng, shards, starts, docs, doc_number, s, begin, end, target, max
             if other != doc_number or len(docs) == 1:
                 break
         bs, bd = docs[other]
-        other_starts, other_docs = shards[bs].sentences, shards[bs].documents
+        other_starts, other_docs = offsets[bs]
         o_first, o_last = int(other_docs[bd]), int(other_docs[bd + 1])
         j = rng.randint(o_first, o_last - 1)
         base, offsets = j, other_starts[j:min(o_last, j + 64) + 1].tolist()  # one read, not one per sentence

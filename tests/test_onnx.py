@@ -168,8 +168,11 @@ def test_the_int8_graph_holds_int8_weights_and_stays_close(exported, capsys):
     fp32, _, _ = _predict(model, lines, capsys, engine="onnx")
     int8, said, status = _predict(model, lines, capsys, engine="onnx", int8=True)
     assert status == 0 and "model.int8.onnx" in said
-    assert [a["label"] for a in int8] == [a["label"] for a in fp32]
     assert max(abs(a["score"] - b["score"]) for a, b in zip(fp32, int8)) < 0.05
+    # the same label wherever fp32's is clear of the tolerance (LONG, neither positive nor negative, may sit near
+    # 0.5: its label flipped in one CI run)
+    clear = [(a["label"], b["label"]) for a, b in zip(fp32, int8) if a["score"] > 0.55]
+    assert len(clear) >= 2 and all(a == b for a, b in clear)
 
 
 def test_auto_runs_torch_without_an_export_and_onnx_insists(classifier, capsys):

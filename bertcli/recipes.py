@@ -237,8 +237,15 @@ def _plain_integer(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
     return int(text.replace("_", "")) if _DECIMAL.fullmatch(text) else text
 
 
+def _plain_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    """A float, but YAML 1.1's base 60 (1:30.5 read as 90.5) kept as written."""
+    text = loader.construct_scalar(node)
+    return text if ":" in text else loader.construct_yaml_float(node)
+
+
 _DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9_]*)")
 _BoundedLoader.add_constructor("tag:yaml.org,2002:int", _plain_integer)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:float", _plain_float)
 
 
 def _expanded_size(value: Any, seen: dict[int, int]) -> int:
@@ -734,6 +741,10 @@ def recipe_change(path: Path, recipe: Recipe, ignore: tuple[str, ...] = ()) -> s
         then["model.dropout"] = None  # saved before it could be unset: 0.1 then meant what unset means now
     for key, value in ADDED_KEYS.items():
         then.setdefault(key, value)
+    if now.get("model.init") is not None:  # a model from a checkpoint has its shape: these keys are not read
+        for key in SHAPE_KEYS:
+            then.pop(f"model.{key}", None)
+            now.pop(f"model.{key}", None)
     for key in sorted((set(then) | set(now)) - set(ignore)):
         if then.get(key) != now.get(key):
             return f"{key}: {json.dumps(then.get(key))} then, {json.dumps(now.get(key))} now"

@@ -153,12 +153,29 @@ def test_a_shape_that_model_init_would_leave_unused_is_refused(tmp_path, files, 
     assert load_recipe(saved).model.hidden_size == 256
 
 
+def test_shape_keys_beside_model_init_are_no_change_of_recipe(tmp_path, files, minilm_dir):
+    """A run saved with model.hidden_size: 768 beside model.init (before such a key was refused) resumes once the
+    key is left out: a model from a checkpoint never read it. From scratch it is the model's shape."""
+    import yaml
+
+    from bertcli.recipes import recipe_change, recipe_to_dict
+
+    (tmp_path / "run").mkdir()
+    for overrides, change in (([f"model.init={minilm_dir}"], None), ([], "model.hidden_size: 768 then, 256 now")):
+        recipe = load_recipe(write(tmp_path, valid(files)), overrides)
+        saved = recipe_to_dict(recipe)
+        saved["model"]["hidden_size"] = 768
+        (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(saved))
+        assert recipe_change(tmp_path / "run", recipe) == change
+
+
 def test_integers_are_read_as_written_in_decimal(tmp_path, files):
     """YAML 1.1 reads 01 and 010 as octal and 1:30 in base 60: labels keep the text they were given, and a
     number written so is refused rather than read as another number."""
-    text = valid(files).replace("{name: classify}", "{name: classify, labels: [01, 02, 010, '1:30', 1:45]}")
-    recipe = load_recipe(write(tmp_path, text), ["train.max_steps=100_000"])
-    assert recipe.task.labels == ("01", "02", "010", "1:30", "1:45") and recipe.train.max_steps == 100_000
+    text = valid(files).replace("{name: classify}", "{name: classify, labels: [01, 02, 010, '1:30', 1:45, 1:30.5]}")
+    recipe = load_recipe(write(tmp_path, text), ["train.max_steps=100_000", "train.lr=.5e-4"])
+    assert recipe.task.labels == ("01", "02", "010", "1:30", "1:45", "1:30.5") and recipe.train.max_steps == 100_000
+    assert recipe.train.lr == 5e-5
     with pytest.raises(RecipeError) as err:
         load_recipe(write(tmp_path, text), ["train.max_steps=010", "train.batch_size=0x20"])
     assert err.value.problems == ["train.max_steps: expected an integer, got a string ('010')",

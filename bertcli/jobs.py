@@ -15,7 +15,7 @@ from bertcli.config import (TRAINING_BYTES_PER_PARAMETER, BertConfig, check_memo
                             read_labels)
 from bertcli.distill import cls_loss, hidden_loss, layer_map, layer_outputs
 from bertcli.errors import BertcliError, CheckpointError
-from bertcli.inputs import digests, inputs_change
+from bertcli.inputs import inputs_change, records, saved_records
 from bertcli.recipes import Recipe, dump_recipe
 from bertcli.tasks import TASKS, check_segments, check_task_segments, load_task
 from bertcli.tasks.base import Task
@@ -60,17 +60,26 @@ def check_resumed_recipe(recipe: Recipe, out: Path) -> None:
                            "epochs or time_budget if you like), or start afresh with --overwrite or another --out")
 
 
-def check_resumed_inputs(out: Path, inputs: dict[str, str], tokenizer: WordPieceTokenizer) -> None:
-    """--resume continues on what the run read: the same data and checkpoints, by content (inputs.json), and
-    the tokenizer saved with its checkpoint; else its steps so far and those to come would differ unsaid."""
-    change = inputs_change(out, inputs)
-    if change is None and any((out / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
-        part = tokenizer_difference(load_tokenizer(out), tokenizer)
-        if part is not None:
-            change = f"its tokenizer ({tokenizer.source}) is not the one the run trained with: its {part} differs"
+def resumed_inputs(recipe: Recipe, out: Path, resume: bool) -> dict[str, dict]:
+    """The records of what the run reads (inputs.py); with --resume, checked against those the run began with:
+    --resume continues on the same data and checkpoints, or its steps so far and those to come would differ."""
+    saved = saved_records(out) if resume else None
+    inputs = records(recipe, saved)
+    change = inputs_change(saved, inputs)
     if change is not None:
         raise BertcliError(f"{out}: {change}; --resume continues a run on what it read. Start afresh with "
                            "--overwrite or another --out")
+    return inputs
+
+
+def check_resumed_tokenizer(out: Path, tokenizer: WordPieceTokenizer) -> None:
+    """--resume reads the ids of the tokenizer saved with the run's checkpoint."""
+    if any((out / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        part = tokenizer_difference(load_tokenizer(out), tokenizer)
+        if part is not None:
+            raise BertcliError(f"{out}: its tokenizer ({tokenizer.source}) is not the one the run trained with: its "
+                               f"{part} differs; --resume continues a run on what it read. Start afresh with "
+                               "--overwrite or another --out")
 
 
 def resumed_from(out: Path, resume: bool) -> str:
@@ -217,10 +226,10 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
     precheck(out, "run", resume, overwrite)
     if resume:
         check_resumed_recipe(recipe, out)
-    inputs = digests(recipe)
-    task, train_examples, eval_examples, model, loaded, loss = prepare(recipe)
+    inputs = resumed_inputs(recipe, out, resume)
     if resume:
-        check_resumed_inputs(out, inputs, task.tokenizer)
+        check_resumed_tokenizer(out, recipe_tokenizer(recipe))
+    task, train_examples, eval_examples, model, loaded, loss = prepare(recipe)
     features = task.encode(train_examples)
     with claim(out, "run", resume, overwrite):
         say(loaded + resumed_from(out, resume))
@@ -319,10 +328,10 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         precheck(out, "run", resume, overwrite)
     if resume:
         check_resumed_recipe(recipe, out)
-    inputs = digests(recipe)
+    inputs = resumed_inputs(recipe, out, resume)
     tokenizer = recipe_tokenizer(recipe)
     if resume:
-        check_resumed_inputs(out, inputs, tokenizer)
+        check_resumed_tokenizer(out, tokenizer)
     t, d = recipe.task, recipe.data
     task = PretrainTask(tokenizer, t, d.max_seq_len)
 

@@ -119,6 +119,9 @@ def seal(graph: bytes) -> bytes:
     return graph + _seal_entry(hashlib.sha256(graph).hexdigest())
 
 
+_SEALED: dict[tuple, bool] = {}  # (path, device, inode, size, mtime, ctime) -> sealed: a graph is hashed once a process
+
+
 def bertcli_graph(path: Path) -> bool:
     """Whether the file at `path` is, byte for byte, a graph that bertcli export wrote: a plain file (never a
     link) that ends in the seal of what precedes it. A graph another tool wrote, or re-saved, or that was
@@ -127,16 +130,38 @@ def bertcli_graph(path: Path) -> bool:
         if path.is_symlink() or not path.is_file():
             return False
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size - SEAL_BYTES
-            if size < 0:
-                return False
-            digest = hashlib.sha256()
-            while size > 0 and (block := f.read(min(size, 1 << 20))):
-                digest.update(block)
-                size -= len(block)
-            return size == 0 and f.read() == _seal_entry(digest.hexdigest())
+            info = os.fstat(f.fileno())
+            key = (str(path.resolve()), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+            if key not in _SEALED:
+                _SEALED[key] = _sealed(f, info.st_size)
+            return _SEALED[key]
     except OSError:
         return False
+
+
+def _sealed(f, size: int) -> bool:
+    if size < SEAL_BYTES:
+        return False
+    f.seek(size - SEAL_BYTES)
+    if not f.read(SEAL_BYTES).startswith(_seal_entry("0" * 64)[:-64]):  # no seal: nothing more to read
+        return False
+    f.seek(0)
+    digest, left = hashlib.sha256(), size - SEAL_BYTES
+    while left > 0 and (block := f.read(min(left, 1 << 20))):
+        digest.update(block)
+        left -= len(block)
+    return left == 0 and f.read() == _seal_entry(digest.hexdigest())
+
+
+def unsealed_bertcli_graph(path: Path) -> bool:
+    """A graph that names bertcli as its producer (its first bytes) but has no valid seal: exported by a
+    bertcli from before graphs were sealed, or edited since. bertcli cannot prove it wrote it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return b"\x12" + bytes([len(PRODUCER)]) + PRODUCER.encode() in head and not bertcli_graph(path)
 
 
 class OnnxModel:

@@ -28,9 +28,11 @@ from typing import Iterable
 from bertcli import __version__
 from bertcli.errors import BertcliError
 from bertcli.fileio import atomic_write_text
-from bertcli.onnx_engine import GRAPHS, bertcli_graph  # what bertcli export adds to a run: its own graphs only
+from bertcli.onnx_engine import GRAPHS, bertcli_graph, unsealed_bertcli_graph  # what bertcli export adds to a run: its own graphs only
 
 MARKER = ".bertcli-run"
+INPUTS = "inputs.json"  # a run's record of what it read (inputs.py)
+SIGNATURE = "bertcli_inputs"  # the key that makes an inputs.json bertcli's: a name alone does not
 LOCK = ".bertcli.lock"
 LOCK_TRIES = 25  # x 20 ms
 ELSEWHERE = "wait for it to end, or choose another --out"  # what to do when another process writes the directory
@@ -39,7 +41,7 @@ _TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")  # an atomic write's temporary 
 _TOKENIZER = {"tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"}
 # what each kind of directory holds: bertcli writes these names and no others
 OWN = {
-    "run": _TOKENIZER | {"config.json", "model.safetensors", "recipe.yaml", "inputs.json", "log.jsonl", "metrics.json",
+    "run": _TOKENIZER | {"config.json", "model.safetensors", "recipe.yaml", INPUTS, "log.jsonl", "metrics.json",
             "resume.pt", *GRAPHS},
     "tokenizer": _TOKENIZER,
     "shards": {"index.json"},
@@ -71,7 +73,20 @@ def _own_file(kind: str, entry: Path, staged: bool = False) -> bool:
         return False
     if entry.name in GRAPHS:  # names other tools give their graphs too: bertcli's say so inside
         return bertcli_graph(entry)
+    if entry.name == INPUTS:  # a name added later: in a directory of an older bertcli, it may be yours
+        return _inputs_file(entry)
     return entry.name == LOCK or _named(kind, entry.name, staged) or _temporary(kind, entry.name, staged)
+
+
+def _inputs_file(path: Path) -> bool:
+    """An inputs.json that bertcli wrote: a JSON object of its format, of a page at most."""
+    try:
+        if path.stat().st_size > 1 << 20:
+            return False
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and saved.get(SIGNATURE) == 1 and isinstance(saved.get("files"), dict)
 
 
 def _own_stage(kind: str, entry: Path) -> bool:
@@ -99,7 +114,7 @@ def is_own(kind: str, entry: Path) -> bool:
 
 def is_leftover(kind: str, entry: Path) -> bool:
     """What a process killed mid-write leaves: a staged checkpoint or an atomic write's temporary file."""
-    return _own_stage(kind, entry) or (_own_file(kind, entry) and _temporary(kind, entry.name))
+    return _own_stage(kind, entry) or (_temporary(kind, entry.name) and _own_file(kind, entry))
 
 
 def marked_kind(directory: Path) -> str | None:
@@ -354,9 +369,13 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
         again = " pass --resume to continue it or" if kind in ("run", "suite") or stopped else ""
         raise BertcliError(f"{out}: already exists;{again} pass --overwrite to replace it")
     # --resume rewrites bertcli's files (and its side directory); --overwrite removes them all
-    foreign = [p.name for p in sorted(out.iterdir())
-               if not is_own(kind, p) and (overwrite or p.name == STAGE_DIR or p.name in OWN[kind])]
+    # (--resume never writes a graph: one that is not bertcli's stays, and predict does not run it as the model's)
+    foreign = [p for p in sorted(out.iterdir()) if not is_own(kind, p) and (
+        overwrite or p.name == STAGE_DIR or (p.name in OWN[kind] and p.name not in GRAPHS))]
     if foreign:
+        foreign = [p.name + (" (a graph bertcli cannot prove it wrote: exported by a bertcli from before graphs were "
+                             "sealed, or edited since)" if p.name in GRAPHS and unsealed_bertcli_graph(p) else "")
+                   for p in foreign]
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
         flag = "--resume" if resume else replacing
         raise BertcliError(f"{out}: {flag} refused: it holds files bertcli did not write ({shown}); they are "

@@ -27,7 +27,7 @@ from typing import Any
 
 from bertcli.errors import BertcliError, Interrupted, RecipeError
 from bertcli.fileio import atomic_write_text, finite_json
-from bertcli.inputs import digests, inputs_change
+from bertcli.inputs import inputs_change, records, saved_records
 from bertcli.recipes import Recipe, load_recipe, recipe_change, recipe_to_dict
 from bertcli.rundir import check_apart, claim, marked_kind, precheck, resolved
 from bertcli.textio import is_stream
@@ -318,9 +318,11 @@ def _action(path: Path, out: Path, point: Point, resume: bool, overwrite: bool) 
     if change is not None:
         raise BertcliError(f"{path}: was run with another recipe ({change}); run it again with --overwrite, or "
                            "choose another --out")
-    change = inputs_change(path, digests(point.recipe))
+    saved = saved_records(path)
+    change = inputs_change(saved, records(point.recipe, saved))
     if change is not None:  # its scores (or its steps so far) came from what the file held then
-        raise BertcliError(f"{path}: {change}; run it again with --overwrite, or choose another --out")
+        raise BertcliError(f"{path}: {change}; move that run away to run it again (--overwrite runs every run of "
+                           "the suite again), or choose another --out")
     if (path / "metrics.json").is_file():
         return "done"
     if (path / "resume.pt").is_file():

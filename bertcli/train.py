@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from bertcli.data.batching import batch_order
 from bertcli.errors import BertcliError, Interrupted, NonFinite, first_line
-from bertcli.inputs import INPUTS
+from bertcli.inputs import INPUTS, inputs_file
 from bertcli.fileio import OutputError, append_text, atomic_write, atomic_write_text, discard, finite_json, finite_number, publish
 from bertcli.recipes import TrainConfig, parse_duration
 from bertcli.rundir import STAGE_DIR
@@ -58,7 +58,7 @@ class Job:
     evaluate: Callable[[nn.Module], dict[str, float]] | None  # eval metrics, without the eval_ prefix
     save: Callable[[nn.Module, Path], None]  # write the checkpoint files (weights, config, tokenizer) into a directory
     recipe: str = ""  # the resolved recipe, written as recipe.yaml once the resume state (if any) has loaded
-    inputs: dict[str, str] = field(default_factory=dict)  # written beside it as inputs.json (bertcli/inputs.py)
+    inputs: dict[str, dict] = field(default_factory=dict)  # written beside it as inputs.json (bertcli/inputs.py)
 
 
 def example_seed(seed: int, epoch: int, index: int) -> int:
@@ -347,7 +347,7 @@ def _start(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> _Run:
                            "steps, or start afresh with --overwrite")
     if rank == 0 and job.recipe:  # the run's files change only now, when nothing it reads can fail any more
         atomic_write_text(out / "recipe.yaml", job.recipe)
-        atomic_write_text(out / INPUTS, json.dumps(job.inputs, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(out / INPUTS, inputs_file(job.inputs))
     log = Log(out / "log.jsonl", pos.step if resume else None) if rank == 0 else None
     progress, console = _progress(total, rank == 0)
     return _Run(job=job, cfg=cfg, out=out, rank=rank, world=world, device=device, precision=precision, model=model,

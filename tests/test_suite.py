@@ -133,7 +133,7 @@ def test_a_resumed_sweep_refuses_runs_whose_data_changed_since_they_ran(recipes,
     reviews = tmp_path / "reviews.tsv"
     reviews.write_text(reviews.read_text().replace("\tpos", "\tneg"), encoding="utf-8")
     with pytest.raises(BertcliError, match=rf"seed=1: {re.escape(str(reviews))} has changed since the run began; "
-                                           "run it again with --overwrite"):
+                                           "move that run away to run it again"):
         _suite(recipes[:1], tmp_path / "sweep", sweeps=["train.seed=1,2,3"], resume=True)
 
 

@@ -998,7 +998,7 @@ def test_resume_refuses_data_or_a_tokenizer_that_changed_since_the_run_began_or_
     tokenizer: a resumed run would otherwise go on with other examples, or other token ids, unsaid."""
     r, more = recipe(home), ["--resume", "--set", "train.max_steps=4"]
     assert in_process(["finetune", r], monkeypatch, capsys)[0] == 0
-    assert str(home / "train.tsv") in json.loads((home / "out" / "inputs.json").read_text())
+    assert str(home / "train.tsv") in json.loads((home / "out" / "inputs.json").read_text())["files"]
     rows = (home / "train.tsv").read_text()
     (home / "train.tsv").write_text(rows.replace("\tpos", "\tneg", 1))
     code, _, err = in_process(["finetune", r, *more], monkeypatch, capsys)
@@ -1019,3 +1019,21 @@ def test_resume_refuses_data_or_a_tokenizer_that_changed_since_the_run_began_or_
     code, _, err = in_process(["finetune", r, "--resume", "--set", "train.max_steps=3"], monkeypatch, capsys)
     assert code == 2 and "the run is at step 4, past the 3 steps the recipe now plans" in err, err
     assert (home / "out" / "recipe.yaml").read_text() == saved  # (it said 3 steps beside weights of 4)
+
+
+def test_a_graph_or_inputs_json_bertcli_cannot_prove_it_wrote_is_kept(home, monkeypatch, capsys):
+    """A graph from a bertcli before graphs were sealed (or edited since), or an inputs.json not in bertcli's
+    format, may be the user's: --overwrite refuses, naming why; --resume, which writes no graph, goes on."""
+    r = recipe(home)
+    assert in_process(["finetune", r], monkeypatch, capsys)[0] == 0
+    legacy = b"\x08\x07\x12\x07bertcli\x1a\x050.1.0" + b"\x00" * 100  # names bertcli as its producer, no seal
+    (home / "out" / "model.onnx").write_bytes(legacy)
+    code, _, err = in_process(["finetune", r, "--resume", "--set", "train.max_steps=3"], monkeypatch, capsys)
+    assert code == 0 and (home / "out" / "model.onnx").read_bytes() == legacy, err
+    code, _, err = in_process(["finetune", r, "--overwrite"], monkeypatch, capsys)
+    assert code == 2 and "model.onnx (a graph bertcli cannot prove it wrote: exported by a bertcli from before" in err
+    (home / "out" / "model.onnx").unlink()
+    (home / "out" / "inputs.json").write_text('{"my": "notes"}')
+    code, _, err = in_process(["finetune", r, "--overwrite"], monkeypatch, capsys)
+    assert code == 2 and "it holds files bertcli did not write (inputs.json)" in err, err
+    assert (home / "out" / "inputs.json").read_text() == '{"my": "notes"}'

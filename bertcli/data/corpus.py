@@ -51,6 +51,19 @@ def file_sha256(path: Path, on_bytes: Callable[[int], None] = lambda size: None)
     return digest.hexdigest()
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, device, inode, size, mtime) -> SHA-256: a file is read once per process
+
+
+def cached_sha256(path: Path) -> str:
+    """file_sha256, once per version of a file in a process (a suite's runs, and a pretraining run's cache
+    key and its record of its inputs, name the same files)."""
+    info = path.stat()
+    key = (str(path.resolve()), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(path)
+    return _DIGESTS[key]
+
+
 def tokenizer_sha256(tokenizer: WordPieceTokenizer) -> str:
     return hashlib.sha256(tokenizer.backend.to_str().encode("utf-8")).hexdigest()
 
@@ -151,7 +164,7 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
     with spooled(given) as texts:
         if texts:
             key = hashlib.sha256(json.dumps([tokenizer_sha256(tokenizer), segmenter or "none"] +
-                                            [file_sha256(t) for t in texts]).encode())
+                                            [cached_sha256(t) for t in texts]).encode())
             target = cache_dir() / "shards" / key.hexdigest()[:32]
             if not (target / "index.json").is_file():
                 import sys

@@ -101,6 +101,9 @@ def _pretrain_recipe(tmp_path: Path, tokenizer: Path) -> Path:
                                                     "intermediate_size": 64, "max_position": 64, "dropout": 0.1})
 
 
+KILLS = 6  # each a process start (a few seconds): the suite's time on 2 cores is what bounds it
+
+
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
 def test_random_sigkills_then_resume_end_like_an_uninterrupted_run(command, tmp_path, tiny_tokenizer_dir):
     recipe = (_pretrain_recipe if command == "pretrain" else _classify_recipe)(tmp_path, tiny_tokenizer_dir)
@@ -111,12 +114,12 @@ def test_random_sigkills_then_resume_end_like_an_uninterrupted_run(command, tmp_
     for attempt in range(40):
         flag = ["--resume"] if (cut / "resume.pt").is_file() else (["--overwrite"] if cut.exists() else [])
         env = _env(tmp_path)
-        by_replace = kills < 8 and attempt % 3 != 2
+        by_replace = kills < KILLS and attempt % 3 != 2
         if by_replace:  # inside a write: the 1st-40th rename of this attempt (about 15 per checkpoint)
             env["KILL_AT_REPLACE"] = str(rng.randint(1, 40))
         proc = subprocess.Popen([sys.executable, "-c", DRIVER, command, str(recipe), "--out", str(cut), *flag],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if not by_replace and kills < 8:  # at a random moment once training has moved on 1-4 steps
+        if not by_replace and kills < KILLS:  # at a random moment once training has moved on 1-4 steps
             # (counted in log lines, not seconds: a fast machine must not finish the run first)
             log, target = cut / "log.jsonl", _log_lines(cut / "log.jsonl") + rng.randint(1, 4)
             deadline = time.time() + 120
@@ -132,7 +135,7 @@ def test_random_sigkills_then_resume_end_like_an_uninterrupted_run(command, tmp_
         in_checkpoint += by_replace
     else:
         pytest.fail("the run never finished")
-    assert kills >= 8 and in_checkpoint >= 4, (kills, in_checkpoint)
+    assert kills >= KILLS and in_checkpoint >= KILLS // 2, (kills, in_checkpoint)
     assert _training_log(cut) == _training_log(tmp_path / "whole")
     ours, theirs = _weights(cut), _weights(tmp_path / "whole")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

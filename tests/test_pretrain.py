@@ -24,7 +24,7 @@ from bertcli.recipes import load_recipe
 from bertcli.data.sequences import make_instances
 from bertcli.tasks.pretrain import A_END, A_START, B_END, B_START, LABEL, Instances, PretrainOptions, PretrainTask
 from bertcli.tokenizer import load_tokenizer
-from conftest import CORPUS, ROOT, STEPPING, run_cli, stepping_env, write_recipe
+from conftest import CORPUS, ROOT, run_cli, write_recipe
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -298,23 +298,6 @@ def test_predict_with_a_pretrained_model_fills_in_each_mask(pretrained):
 
 def _losses(run):
     return [(r["step"], r["loss"]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_logs_the_same_losses(corpus, tiny_tokenizer_dir, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BERTCLI_CACHE": str(tmp_path / "cache")}
-    recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=300, save_every=10,
-                                  log_every=1)
-    base = [sys.executable, "-m", "bertcli", "pretrain", str(recipe), "--set", "model.dropout=0.1"]
-    subprocess.run([*base, "--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True, timeout=300)
-    cut = [sys.executable, "-c", STEPPING, *base[3:], "--out", str(tmp_path / "cut")]
-    killed = subprocess.run(cut, env=stepping_env("SIGKILL", 25, BERTCLI_CACHE=str(tmp_path / "cache")),
-                            capture_output=True, timeout=300)  # killed as its 25th step begins, after two saves
-    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
-    assert _losses(tmp_path / "cut")[-1][0] == 24  # steps 21 to 24 were logged after the last save, at step 20
-    done = subprocess.run([*base, "--out", str(tmp_path / "cut"), "--resume"], env=env, capture_output=True, timeout=300)
-    assert done.returncode == 0, done.stderr.decode()
-    assert _losses(tmp_path / "cut") == _losses(tmp_path / "whole")
 
 
 def _distributed(corpus, tokenizer, tmp_path, steps: int) -> tuple[dict, list[str]]:

@@ -245,7 +245,7 @@ def test_suites_refuse_what_they_cannot_run(recipes, tmp_path, tiny_tokenizer_di
 @pytest.mark.slow
 def test_ctrl_c_in_a_suite_then_resume_finishes_it(recipes, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    long = ["--set", "train.max_steps=400", "--set", "train.eval_every=100"]
+    long = ["--set", "train.max_steps=12", "--set", "train.eval_every=4"]  # (the signal comes at a step, not a time)
     command = [sys.executable, "-m", "bertcli", "finetune", *map(str, recipes), "--out", str(tmp_path / "s"), *long]
     proc = subprocess.Popen([sys.executable, "-c", STEPPING, *command[3:]], env=stepping_env("SIGINT", 3),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # Ctrl-C at the first run's 3rd step

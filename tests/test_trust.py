@@ -665,7 +665,7 @@ def test_a_held_lock_is_refused_at_once_and_a_killed_holder_leaves_none(tmp_path
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_resumable_checkpoint(tmp_path, tiny_tokenizer_dir):
+def test_sigterm_saves_a_resumable_checkpoint(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
     (tmp_path / "train.tsv").write_text(rows(8))
     r = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
                      {"max_steps": 100000, "batch_size": 4}, tokenizer=tiny_tokenizer_dir)
@@ -683,11 +683,13 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, tiny_tokenizer_dir):
     assert (out / "resume.pt").is_file() and (out / "model.safetensors").is_file()
     saved = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".bertcli.lock"}
     for changed in ("train.lr=0.5", f"data.train={tmp_path / 'r.yaml'}", "model.dropout=0.3"):  # another run's
-        refused = run_cli("finetune", str(r), "--out", str(out), "--resume", "--set", changed)
-        assert refused.returncode == 2 and b"was run with another recipe" in refused.stderr, refused.stderr[-2000:]
+        code, _, err = in_process(["finetune", str(r), "--out", str(out), "--resume", "--set", changed], monkeypatch,
+                                  capsys)
+        assert code == 2 and "was run with another recipe" in err, err[-2000:]
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".bertcli.lock"} == saved
-    done = run_cli("finetune", str(r), "--out", str(out), "--resume", "--set", f"train.max_steps={step + 3}")
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    code, _, err = in_process(["finetune", str(r), "--out", str(out), "--resume", "--set", f"train.max_steps={step + 3}"],
+                              monkeypatch, capsys)
+    assert code == 0, err[-2000:]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records if "loss" in x] == list(range(1, step + 4))
 

@@ -185,9 +185,10 @@ def load_checkpoint(directory: str | Path, architecture: str | None = None, labe
     try:
         checkpoint_labels = read_labels(raw, source)
     except CheckpointError:
-        if whole or labels is None:
+        if whole:
             raise
-        checkpoint_labels = []  # fine-tuning to labels of its own makes a new head: the old one's names go unread
+        checkpoint_labels = []  # fine-tuning makes a head of its own: the old one's names go unread (its shapes
+        # are still compared with the head being made)
     use_labels = list(labels) if labels is not None else checkpoint_labels
     tokenizer = load_tokenizer(directory)
     check_tokenizer(tokenizer, cfg, str(directory))

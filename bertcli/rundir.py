@@ -28,7 +28,7 @@ from typing import Iterable
 from bertcli import __version__
 from bertcli.errors import BertcliError
 from bertcli.fileio import atomic_write_text
-from bertcli.onnx_engine import GRAPHS, bertcli_graph, unsealed_bertcli_graph  # what bertcli export adds to a run: its own graphs only
+from bertcli.onnx_engine import GRAPHS, bertcli_graph, unsealed_bertcli_graph  # export adds its own graphs alone
 
 MARKER = ".bertcli-run"
 INPUTS = "inputs.json"  # a run's record of what it read (inputs.py)
@@ -370,12 +370,11 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
         raise BertcliError(f"{out}: already exists;{again} pass --overwrite to replace it")
     # --resume rewrites bertcli's files (and its side directory); --overwrite removes them all
     # (--resume never writes a graph: one that is not bertcli's stays, and predict does not run it as the model's)
-    foreign = [p for p in sorted(out.iterdir()) if not is_own(kind, p) and (
-        overwrite or p.name == STAGE_DIR or (p.name in OWN[kind] and p.name not in GRAPHS))]
+    foreign = [p.name + (" (a graph bertcli cannot prove it wrote: exported by a bertcli from before graphs were "
+                         "sealed, or edited since)" if p.name in GRAPHS and unsealed_bertcli_graph(p) else "")
+               for p in sorted(out.iterdir()) if not is_own(kind, p) and (
+                   overwrite or p.name == STAGE_DIR or (p.name in OWN[kind] and p.name not in GRAPHS))]
     if foreign:
-        foreign = [p.name + (" (a graph bertcli cannot prove it wrote: exported by a bertcli from before graphs were "
-                             "sealed, or edited since)" if p.name in GRAPHS and unsealed_bertcli_graph(p) else "")
-                   for p in foreign]
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
         flag = "--resume" if resume else replacing
         raise BertcliError(f"{out}: {flag} refused: it holds files bertcli did not write ({shown}); they are "

@@ -93,13 +93,13 @@ def _cached(path: Path, shards: Sequence[Shard]) -> np.ndarray | None:
         return None
     sizes = np.asarray([len(s.tokens) for s in shards], dtype=np.int64)
     for start in range(0, len(body), 1 << 20):  # a million rows at a time: the checks' arrays stay small
-        rows = np.asarray(body[start:start + (1 << 20)])
-        a, b = rows[:, A_SHARD], rows[:, B_SHARD]
+        part = np.asarray(body[start:start + (1 << 20)])
+        a, b = part[:, A_SHARD], part[:, B_SHARD]
         if not (((a >= 0) & (a < len(sizes)) & (b >= 0) & (b < len(sizes))).all()):
             return None
-        fits = ((0 <= rows[:, A_START]) & (rows[:, A_START] < rows[:, A_END]) & (rows[:, A_END] <= sizes[a])
-                & (0 <= rows[:, B_START]) & (rows[:, B_START] <= rows[:, B_END]) & (rows[:, B_END] <= sizes[b])
-                & ((rows[:, LABEL] == 0) | (rows[:, LABEL] == 1)))
+        fits = ((0 <= part[:, A_START]) & (part[:, A_START] < part[:, A_END]) & (part[:, A_END] <= sizes[a])
+                & (0 <= part[:, B_START]) & (part[:, B_START] <= part[:, B_END]) & (part[:, B_END] <= sizes[b])
+                & ((part[:, LABEL] == 0) | (part[:, LABEL] == 1)))
         if not fits.all():
             return None
     return body

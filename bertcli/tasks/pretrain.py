@@ -234,7 +234,8 @@ class PretrainTask(Task):
             batch = self.collate(rows, [EVAL_SEED + start + i for i in range(len(rows))])
             batch = {k: v.to(device) for k, v in batch.items()}
             mlm_logits, targets, sentence_logits = self.forward(model, batch)
-            if not (bool(mlm_logits.isfinite().all()) and (self.objective == "none" or bool(sentence_logits.isfinite().all()))):
+            scored = (mlm_logits,) if self.objective == "none" else (mlm_logits, sentence_logits)
+            if not all(bool(t.isfinite().all()) for t in scored):
                 raise NonFinite(NON_FINITE)
             loss_sum += float(F.cross_entropy(mlm_logits, targets, reduction="sum"))
             correct += float((mlm_logits.argmax(-1) == targets).sum())

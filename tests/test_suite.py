@@ -285,8 +285,12 @@ def test_names_and_sizes_a_suite_cannot_hold_are_refused_at_once(recipes, tmp_pa
     values = ",".join(map(str, range(1, 11)))
     axes = [f"{key}={values}" for key in ("train.seed", "train.max_steps", "train.batch_size", "train.log_every",
                                           "train.grad_accum", "train.eval_every", "train.save_every", "model.num_layers")]
-    with pytest.raises(BertcliError, match="train.lr is given by both --set and --sweep: give it once"):
+    with pytest.raises(BertcliError, match="train.lr is given by both --set and --sweep: one would replace"):
         plan(recipes[:1], ["train.lr=1e-3"], ["train.lr=2e-5,3e-5"])
+    for sets, sweep in [("train={lr: 1e-3}", "train.lr=2e-5,3e-5"), ("train.lr=1e-3", "train={lr: 2e-5},{lr: 3e-5}")]:
+        with pytest.raises(BertcliError, match=r"train(\.lr)? \(by --set\) and train(\.lr)? \(by --sweep\)"):
+            plan(recipes[:1], [sets], [sweep])  # a section and a key in it: one replaces the other
+    assert [p.recipe.train.seed for p in plan(recipes[:1], ["train.seed=3"], ["train.lr=2e-5,3e-5"])] == [3, 3]
     with pytest.raises(BertcliError, match="100,000,000 runs; at most 1,000"):  # (the grid itself would not fit)
         plan(recipes[:1], [], axes)
     odd = tmp_path / "suite.json.yaml"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -139,6 +140,17 @@ def saved_task(task, max_seq_len: int) -> dict:
     return {"name": task.name, "max_seq_len": max_seq_len, **task.saved_options()}
 
 
+def saved_recipe(recipe: Recipe, cfg: BertConfig) -> str:
+    """The run's recipe.yaml: beside model.init, the model's shape is the checkpoint's (what trains), not
+    bertcli's defaults, so that the file says what the run is and reads again as a recipe anywhere."""
+    if recipe.model.init:
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(
+            recipe.model, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+            max_position=cfg.max_position_embeddings))
+    return dump_recipe(recipe)
+
+
 def training_memory(keep: bool) -> None:
     """Training on a CPU keeps freed memory in the process (allocator.py), once the data and the model are
     loaded (what they freed is given back first). It is a setting of the whole process: the commands ask for
@@ -246,7 +258,7 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
 
         job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features],
                   collate=task.collate, counts=task.counts, loss=loss,
-                  evaluate=evaluate if eval_examples else None, save=save, recipe=dump_recipe(recipe), inputs=inputs)
+                  evaluate=evaluate if eval_examples else None, save=save, recipe=saved_recipe(recipe, model.config), inputs=inputs)
         training_memory(keep_memory)
         metrics = fit(job, recipe.train, out, resume)
         write_metrics(out, metrics)
@@ -375,7 +387,7 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         save_checkpoint(directory, m, task.architecture, tokenizer, task=saved_task(task, d.max_seq_len))
 
     job = Job(model=model, features=instances, lengths=task.lengths(instances), collate=task.collate,
-              counts=task.counts, loss=task.loss, evaluate=evaluate_fn, save=save, recipe=dump_recipe(recipe),
+              counts=task.counts, loss=task.loss, evaluate=evaluate_fn, save=save, recipe=saved_recipe(recipe, model.config),
               inputs=inputs)
     lock = None
     try:

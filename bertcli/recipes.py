@@ -154,7 +154,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     mentions = [re.compile(rf"(?<![\w.]){re.escape(key)}(?!\w)") for key in failed]
     checks = _check_values(recipe, task_known=not failed & {"task", "task.name"})
     model = raw.get("model")
-    checks += _shape_problems(recipe, {k for k in SHAPE_KEYS if k in model} if isinstance(model, dict) else set())
+    checks += _shape_problems(recipe, {k for k in SHAPE_KEYS if k in model} if isinstance(model, dict) else set(),
+                              saved=_run_recipe(Path(path)))
     problems.extend(p for p in checks if not any(m.search(p) for m in mentions))
     try:  # the recipe itself may have come from a pipe too
         read_once([Path(path), *(Path(p) for p in (*recipe.data.train, *recipe.data.eval))])
@@ -659,10 +660,17 @@ SHAPE_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "
               "intermediate_size": "intermediate_size", "max_position": "max_position_embeddings"}
 
 
-def _shape_problems(recipe: Recipe, given: set[str]) -> list[str]:
+def _run_recipe(path: Path) -> bool:
+    """Whether `path` is the recipe.yaml that bertcli saved in a run directory (one it marked)."""
+    from bertcli.rundir import marked_kind
+
+    return path.name == "recipe.yaml" and marked_kind(path.parent) == "run"
+
+
+def _shape_problems(recipe: Recipe, given: set[str], saved: bool = False) -> list[str]:
     """A model started from model.init has the checkpoint's shape: a shape the recipe gives (`given`) that
-    differs from it would be silently unused. A value equal to the default is not one: a run's saved
-    recipe.yaml writes out every default, and is read again to resume the run."""
+    differs from it would be silently unused. In a run's `saved` recipe.yaml a default value is not one:
+    bertcli writes out every default there, and reads the file again to resume the run."""
     from bertcli.config import read_config
     from bertcli.errors import CheckpointError
 
@@ -675,7 +683,7 @@ def _shape_problems(recipe: Recipe, given: set[str]) -> list[str]:
         return []  # said when the checkpoint is loaded
     problems = []
     defaults = ModelConfig()
-    for key in sorted(k for k in given if getattr(m, k) != getattr(defaults, k)):
+    for key in sorted(k for k in given if not (saved and getattr(m, k) == getattr(defaults, k))):
         has = len(m.init_layers) if key == "num_layers" and m.init_layers else raw.get(SHAPE_KEYS[key])
         if getattr(m, key) != has:
             problems.append(f"model.{key}: {getattr(m, key)}, but model.init ({m.init}) has {has}"

@@ -8,6 +8,7 @@ import pytest
 
 from bertcli.errors import RecipeError
 from bertcli.recipes import dump_recipe, load_recipe, parse_duration
+from bertcli.rundir import MARKER
 from conftest import ROOT
 
 
@@ -148,9 +149,24 @@ def test_a_shape_that_model_init_would_leave_unused_is_refused(tmp_path, files, 
             "model.max_position=512"]
     assert load_recipe(path, [f"model.init={minilm_dir}", *same]).model.hidden_size == 384
     assert load_recipe(path, ["model.hidden_size=768", "model.num_heads=12"]).model.hidden_size == 768  # from scratch
-    saved = tmp_path / "run-recipe.yaml"  # a run's recipe.yaml, every default written out, read to resume it
+    with pytest.raises(RecipeError, match=r"model.hidden_size: 256, but .* has 384"):  # bertcli's default, given
+        load_recipe(path, [f"model.init={minilm_dir}", "model.hidden_size=256", "model.num_heads=4"])
+    run = tmp_path / "run"  # a run's recipe.yaml, every default written out, read to resume it
+    run.mkdir()
+    saved = run / "recipe.yaml"
     saved.write_text(dump_recipe(load_recipe(path, [f"model.init={minilm_dir}", "model.init_layers=[0,2,4]"])))
+    with pytest.raises(RecipeError, match=r"model.hidden_size: 256, but .* has 384"):  # unless bertcli marked the run
+        load_recipe(saved)
+    (run / MARKER).write_text('{"kind": "run"}')
     assert load_recipe(saved).model.hidden_size == 256
+    from bertcli.config import BertConfig
+    from bertcli.jobs import saved_recipe
+
+    # what a run saves now: the shape it trains, which reads again as a recipe anywhere
+    student = BertConfig(hidden_size=384, num_hidden_layers=3, num_attention_heads=12, intermediate_size=1536)
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(saved_recipe(load_recipe(path, [f"model.init={minilm_dir}", "model.init_layers=[0,2,4]"]), student))
+    assert (load_recipe(copy).model.hidden_size, load_recipe(copy).model.num_layers) == (384, 3)
 
 
 def test_shape_keys_beside_model_init_are_no_change_of_recipe(tmp_path, files, minilm_dir):

@@ -8,6 +8,7 @@ whole past MAX_LINE_BYTES.
 from __future__ import annotations
 
 import io
+import json
 import os
 import select
 from pathlib import Path
@@ -18,6 +19,19 @@ from bertcli.errors import DataError
 MAX_LINE_BYTES = 1 << 20  # one example per line: a longer line means the wrong file, or one without line breaks
 _PIECE = 1 << 16
 MAX_SKIPPED_BYTES = 64 << 20  # an over-long line is skipped as it streams by, up to here
+
+
+def load_json(text: str) -> object:
+    """json.loads, refusing a lone surrogate escape (`"\\ud800"`): JSON lets it be written, but it is no
+    character, and no text can hold it (a tokenizer, UTF-8 output). ValueError or RecursionError."""
+    value = json.loads(text)
+    if "\\u" in text:  # (text read as UTF-8 holds no surrogate but an escaped one)
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"a lone surrogate escape (\\u{ord(err.object[err.start]):04x}), which is no "
+                             "character") from None
+    return value
 
 
 class TooLong(int):

@@ -184,6 +184,16 @@ CASES = {
     "a key twice in a recipe": ({}, lambda h: ["finetune", recipe(h, extra="train: {lr: 1}\n")], b"",
                                 r"YAML syntax error at line 6, column 1: 'train' is given twice in one mapping "
                                 r"\(first at line 4\)"),
+    "a lone surrogate escape on stdin": ({}, lambda h: ["predict", str(h / "model")], b'{"text": "ok"}\n{"text": "\\ud800"}\n',
+                                         r"stdin: line 2: .*cannot be read \(a lone surrogate escape \(\\ud800\)"),
+    "a lone surrogate escape in data": ({"x.jsonl": '{"text": "a\\udc00", "label": "pos"}\n'},
+                                        lambda h: ["evaluate", str(h / "model"), "--data", str(h / "x.jsonl")], b"",
+                                        r"x.jsonl: line 1: cannot be read as JSON \(a lone surrogate escape"),
+    "a pair under a name predict does not read": ({}, lambda h: ["predict", str(h / "model")],
+                                                  b'{"text": "good", "text_b": "bad"}\n',
+                                                  r"stdin: line 1: .* 'text_pair', not 'text_b'"),
+    "a JSON line cut short on stdin": ({}, lambda h: ["predict", str(h / "model")], b'{"text": "good"\n',
+                                       r"stdin: line 1: a line starting with \{\" is read as a JSON line"),
     "pickle that runs code": ({}, lambda h: ["predict", plant_pickle(h)], b"x\n", "pytorch_model.bin"),
 }
 

@@ -168,7 +168,7 @@ def test_malformed_tables_name_file_and_line(tmp_path, tiny_tokenizer_dir):
     assert ClassifyTask(load_tokenizer(tiny_tokenizer_dir), named, 32).read(wrong)[0].label == "1"
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"text": "good", "label": 1}\n{"text": "bad"\n', encoding="utf-8")
-    with pytest.raises(DataError, match="d.jsonl: line 2: not valid JSON"):
+    with pytest.raises(DataError, match="d.jsonl: line 2: cannot be read as JSON"):
         task.read(jsonl)
     binary = tmp_path / "b.tsv"
     binary.write_bytes(b"sentence\tlabel\ngo\x00od\t1\n")

@@ -142,6 +142,8 @@ def test_regression_learns_the_scores_of_sentence_pairs(regression):
     assert metrics["eval_pearson"] > 0.95 and metrics["eval_spearman"] > 0.9
     m = evaluate(d / "run", d / "train.tsv")
     assert m["task"] == "regression" and m["mse"] < 0.3
+    (d / "pairs.jsonl").write_text("".join(json.dumps({"text": a, "text_pair": b, "label": s}) + "\n" for a, b, s in PAIRS))
+    assert evaluate(d / "run", d / "pairs.jsonl")["mse"] == m["mse"]  # predict's own JSON lines, pairs and all
     lines = [json.dumps({"text": a, "text_pair": b}) for a, b, _ in PAIRS] + [""]
     done = run_cli("predict", str(d / "run"), stdin=("\n".join(lines) + "\n").encode())
     assert done.returncode == 0, done.stderr

@@ -9,14 +9,13 @@ alternative answer missing while another is found is only counted)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bertcli.data.tables import read_jsonl, read_text
 from bertcli.errors import DataError
-from bertcli.textio import split_lines
+from bertcli.textio import load_json, split_lines
 
 
 MAX_UNLOCATED = 0.05  # CMRC 2018 dev has 2.0% of answers absent from their context; far more means a broken file
@@ -128,7 +127,7 @@ def _question_first(text: str) -> bool:
     """Whether the first line of `text` is a JSON object with a question: a JSON line, not a SQuAD file."""
     first = next((line for line in split_lines(text) if line.strip()), "")
     try:
-        row = json.loads(first)
+        row = load_json(first)
     except (ValueError, RecursionError):
         return False
     return isinstance(row, dict) and "question" in row
@@ -147,7 +146,7 @@ def _read_squad(path: str | Path) -> tuple[list[QaExample], ReadReport]:
             examples.append(_example(row, row["context"], where, report))
         return examples, report
     try:
-        doc = json.loads(text)
+        doc = load_json(text)
     except (ValueError, RecursionError) as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
     data = doc.get("data") if isinstance(doc, dict) else None

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from bertcli.errors import DataError
-from bertcli.textio import MAX_LINE_BYTES, decode_text, line_too_long, split_lines
+from bertcli.textio import MAX_LINE_BYTES, decode_text, line_too_long, load_json, split_lines
 
 
 MAX_DOCUMENT_BYTES = 4 << 30  # a whole-file format (SQuAD JSON) read into memory: SQuAD v2 train is 40 MB
@@ -79,9 +78,9 @@ def read_jsonl(path: str | Path, text: str) -> Iterator[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = load_json(line)
         except (ValueError, RecursionError) as err:
-            raise DataError(f"{path}: line {number}: not valid JSON ({err})") from None
+            raise DataError(f"{path}: line {number}: cannot be read as JSON ({err})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {number}: expected a JSON object")
         yield number, row

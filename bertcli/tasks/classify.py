@@ -4,8 +4,8 @@ and differ in what a label is, the loss and the decoding."""
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
@@ -14,14 +14,19 @@ from bertcli.data.tables import read_rows
 from bertcli.errors import DataError
 from bertcli.metrics import classification_metrics
 from bertcli.tasks.base import Task, TaskOptions, kl_sum, unique_labels
+from bertcli.textio import load_json
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
 TEXT_COLUMNS = ("sentence", "text", "text_a", "sentence1", "review", "content")
-PAIR_COLUMNS = ("text_b", "sentence2")
+PAIR_COLUMNS = ("text_b", "sentence2", "text_pair")  # text_pair: predict's own JSON lines
 # GLUE's pair layouts whose first column is not a text column above: (text, pair), found together
 PAIR_LAYOUTS = (("question", "sentence"), ("question1", "question2"))
+# predict's JSON lines say `text` and `text_pair`: another of the names above would be a text left unread
+OTHER_NAMES = sorted({*TEXT_COLUMNS, *PAIR_COLUMNS, *(name for layout in PAIR_LAYOUTS for name in layout)}
+                     - {"text", "text_pair"})
+_JSON_START = re.compile(r'\{\s*"')
 
 
 @dataclass(frozen=True)
@@ -193,12 +198,21 @@ class ClassifyTask(Task):
         return kl_sum(logits, teacher, temperature) / counts["examples"]  # each example's label distribution
 
     def parse_input(self, text: str, where: str) -> Example:
+        """A line of text, or a JSON line {"text": ..., "text_pair": ...}: a line that starts with `{"` is
+        read as JSON (a text that starts so is written as a JSON line)."""
         if text.startswith("{"):
             try:
-                row = json.loads(text)
-            except (ValueError, RecursionError):
+                row = load_json(text)
+            except (ValueError, RecursionError) as err:
+                if _JSON_START.match(text):
+                    raise DataError(f"{where}: a line starting with {{\" is read as a JSON line, and this one cannot "
+                                    f"be read ({err}); a text that starts so is written as {{\"text\": ...}}") from None
                 row = None
             if isinstance(row, dict):
+                other = next((name for name in OTHER_NAMES if name in row), None)
+                if other is not None:
+                    raise DataError(f"{where}: a JSON line gives its text as 'text' and a pair's second text as "
+                                    f"'text_pair', not {other!r}")
                 if not isinstance(row.get("text"), str):
                     raise DataError(f"{where}: a JSON line needs a string field 'text'")
                 pair = row.get("text_pair")
@@ -207,6 +221,8 @@ class ClassifyTask(Task):
                 if pair is not None and self.segments < 2:
                     raise DataError(f"{where}: a text pair, but the model has {self.segments} token type "
                                     "(type_vocab_size): it reads single texts only")
+                if pair is not None and pair.strip() and not row["text"].strip():
+                    raise DataError(f"{where}: 'text' is empty and 'text_pair' is not: a pair's first text comes first")
                 return Example(row["text"], pair, None, where)
         return Example(text, None, None, where)
 

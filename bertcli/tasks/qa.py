@@ -4,7 +4,6 @@ start/end pairs no longer than `max_answer_len`, and a no-answer score for SQuAD
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -17,6 +16,7 @@ from bertcli.data.windows import best_window, spans
 from bertcli.errors import DataError
 from bertcli.metrics import squad_metrics, squad_v2_metrics
 from bertcli.tasks.base import Task, TaskOptions, kl_sum, positive
+from bertcli.textio import load_json
 from bertcli.tokenizer import WordPieceTokenizer
 
 if TYPE_CHECKING:
@@ -173,9 +173,9 @@ class QaTask(Task):
         if not text.strip():
             return QaExample(where, "", "", (), True, where)
         try:
-            row = json.loads(text)
-        except (ValueError, RecursionError):
-            raise DataError(f"{where}: expected a JSON line {{\"question\": ..., \"context\": ...}}") from None
+            row = load_json(text)
+        except (ValueError, RecursionError) as err:
+            raise DataError(f"{where}: expected a JSON line {{\"question\": ..., \"context\": ...}} ({err})") from None
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("context"), str):
             raise DataError(f"{where}: expected string fields 'question' and 'context'")
         return QaExample(str(row.get("id", where)), row["question"], row["context"], (), False, where)

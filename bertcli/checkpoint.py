@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -147,6 +148,11 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> Loa
     if trunk_missing:
         raise CheckpointError(f"{source}: encoder weights missing from the checkpoint: {_short(trunk_missing)}")
     unexpected = [k for k in state if k not in own]
+    beyond = [k for k in unexpected if k.removeprefix("bert.").startswith(("embeddings.", "encoder."))]
+    if beyond:  # (a pooler is left unread by the token heads, which have none)
+        layers = getattr(getattr(model, "config", None), "num_hidden_layers", "?")
+        raise CheckpointError(f"{source}: weights disagree with config.json: the checkpoint holds encoder weights that a "
+                              f"model of its config (num_hidden_layers {layers}) has no place for: {_short(beyond)}")
     integers = [f"{k} ({state[k].dtype})" for k, v in own.items()
                 if k in state and v.is_floating_point() and not state[k].is_floating_point()]
     if integers:
@@ -205,6 +211,9 @@ def load_checkpoint(directory: str | Path, architecture: str | None = None, labe
     if needed:
         raise CheckpointError(f"{directory}: weights of its {architecture} model missing from the checkpoint: "
                               f"{_short(needed)}; it cannot answer without them (fine-tune it to train them)")
+    if whole and report.unexpected:  # (fine-tuning says them in its model line)
+        sys.stderr.write(f"{directory}: weights its {architecture} model does not read, left unused: "
+                         f"{_short(report.unexpected)}\n")
     model.eval()
     return Checkpoint(model, cfg, tokenizer, architecture, use_labels, report)
 

@@ -193,6 +193,11 @@ def test_inconsistent_checkpoints_are_user_errors(tiny_tokenizer_dir, tmp_path):
     (d / "config.json").write_text(json.dumps({**config, "vocab_size": 10}))
     with pytest.raises(CheckpointError, match="tokenizer has"):
         load_checkpoint(d)
+    (d / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))  # of 2: a smaller model, silently
+    for whole in (True, False):
+        with pytest.raises(CheckpointError, match=r"the checkpoint holds encoder weights that a model of its config "
+                                                  r"\(num_hidden_layers 1\) has no place for: bert.encoder.layer.1."):
+            load_checkpoint(d, whole=whole)
     (d / "config.json").write_text("{broken")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(d)
@@ -205,6 +210,20 @@ def test_inconsistent_checkpoints_are_user_errors(tiny_tokenizer_dir, tmp_path):
         load_checkpoint(d / "tokenizer.json")
     with pytest.raises(CheckpointError, match=r"tokenizer.json: is a file, not a tokenizer directory"):
         load_tokenizer(d / "tokenizer.json")
+
+
+def test_weights_a_model_does_not_read_are_said(tiny_classifier_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "ck"
+    shutil.copytree(tiny_classifier_dir, d)
+    state = load_file(d / "model.safetensors")
+    save_file({**state, "evil.weight": torch.zeros(2)}, d / "model.safetensors", metadata={"format": "pt"})
+    load_checkpoint(d)
+    assert f"{d}: weights its BertForSequenceClassification model does not read, left unused: evil.weight" \
+        in capsys.readouterr().err
 
 
 def test_with_dropout_sets_every_dropout_of_a_loaded_model_and_its_config(tiny_classifier_dir):

@@ -54,10 +54,16 @@ def check_outputs(out: Path | None, report: Path | None, inputs: list[Path]) -> 
         precheck(report, "report", overwrite=True, replacing="--report")
 
 
+SEAL = "bertcli_sha256"  # the SHA-256 of the file's other content, as write_json writes it
+
+
 def _written_here(path: Path) -> bool:
-    """Whether `path` holds what write_json writes (a JSON object with task, data and inference_precision,
-    or precision as bertcli 0.1 named it)."""
+    """Whether `path` holds what write_json wrote: its seal matches the rest. A file of bertcli's from before
+    the seal is one that reads as nothing else would: a task's name, the data, and the precision it ran in
+    (`inference_precision`, or `precision` as bertcli 0.1 named it)."""
     import json
+
+    from bertcli.tasks import TASKS
 
     try:
         if path.stat().st_size > 64 << 20:
@@ -65,11 +71,26 @@ def _written_here(path: Path) -> bool:
         found = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(found, dict) and {"task", "data"} <= set(found) and bool({"inference_precision", "precision"} & set(found))
+    if not isinstance(found, dict):
+        return False
+    if SEAL in found:
+        seal = found.pop(SEAL)
+        return seal == _seal(found)
+    precision = found.get("inference_precision", found.get("precision"))
+    return found.get("task") in TASKS and isinstance(found.get("data"), str) and precision in ("fp32", "bf16", "fp16")
+
+
+def _seal(metrics: dict) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(finite_json(metrics, indent=2, ensure_ascii=False).encode("utf-8")).hexdigest()
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 def write_json(path: Path, metrics: dict) -> None:
-    atomic_write_text(path, finite_json(metrics, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, finite_json({**metrics, SEAL: _seal(metrics)}, indent=2, ensure_ascii=False) + "\n")
 
 
 def render(metrics: dict) -> str:

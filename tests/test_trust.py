@@ -828,6 +828,12 @@ def test_resume_keeps_what_only_looks_like_leftovers_and_skips_foreign_log_lines
     code, _, err = in_process(["evaluate", str(run), "--data", str(home / "train.tsv"), "--out", str(home / "m.json")],
                               monkeypatch, capsys)
     assert code == 0 and json.loads((home / "m.json").read_text())["task"] == "classify", err  # and its own --out
+    edited = (home / "m.json").read_text().replace('"classify"', '"my notes"')
+    for mine in ('{"task": "my notes", "data": "x", "precision": 0.9}', edited):  # alike in keys, but the user's
+        (home / "m.json").write_text(mine)
+        code, _, err = in_process(["evaluate", str(run), "--data", str(home / "train.tsv"), "--out", str(home / "m.json")],
+                                  monkeypatch, capsys)
+        assert code == 2 and "is not an earlier `bertcli evaluate --out`" in err and (home / "m.json").read_text() == mine
 
 
 def test_a_signal_during_the_final_evaluation_stops_it_with_the_run_saved(home, monkeypatch, capsys):

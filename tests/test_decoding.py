@@ -79,5 +79,8 @@ def test_qa_answer_offsets_on_unseen_contexts_across_windows(minilm_dir):
                 for n, c in enumerate(contexts, 1)]
     answers = task.predict(SpanOracle(scores, 2), examples, batch_size=4)
     for context, answer in zip(contexts, answers):
-        assert answer["answer"] == "Denver Broncos"
+        assert answer["answer"] == "Denver Broncos" and "truncated" not in answer
         assert context[answer["start"]:answer["end"]] == "Denver Broncos"
+    long = task.parse_input(f'{{"question": "Who won the game, in the end?", "context": "{contexts[1]}"}}', "line 4")
+    [answer] = task.predict(SpanOracle(scores, 2), [long], batch_size=4)  # read on its first 4 tokens, and said
+    assert (answer["answer"], answer["start"], answer["truncated"]) == ("Denver Broncos", 0, True)

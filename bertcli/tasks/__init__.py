@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,7 @@ def load_task(model_dir: str | Path) -> tuple[BertConfig, Task]:
     """The task a checkpoint directory was saved for, with its tokenizer, labels and saved options, checked
     as evaluate and predict need them; torch is not imported (the weights are read by whoever runs them)."""
     from bertcli.config import check_tokenizer, read_config, read_labels
+    from bertcli.errors import CheckpointError, DataError
     from bertcli.tokenizer import load_tokenizer
 
     cfg, raw = read_config(model_dir)
@@ -94,7 +96,12 @@ def load_task(model_dir: str | Path) -> tuple[BertConfig, Task]:
     options, max_seq_len = saved_task_options(raw, cls, cfg, source)
     tokenizer = load_tokenizer(model_dir)
     check_tokenizer(tokenizer, cfg, str(model_dir))
-    task = cls(tokenizer, options, max_seq_len, labels)
+    try:
+        task = cls(tokenizer, options, max_seq_len, labels)
+    except DataError as err:  # said of a recipe's keys: here they are the checkpoint's
+        text = re.sub(r"(?<![\w.])(?:data|task)\.", "bertcli_task.", str(err))
+        raise CheckpointError(f"{source}: {text} (the window and options it answers with, saved by the run that "
+                              "trained it; set them in config.json's bertcli_task)") from None
     check_task_segments(task, cfg, str(model_dir))
     return cfg, task
 

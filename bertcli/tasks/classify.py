@@ -134,7 +134,8 @@ class ClassifyTask(Task):
             found = next((c for c in candidates if c in names), None)
             if found is None and required:
                 raise DataError(f"{path}: line {number}: no {what} column (looked for {', '.join(candidates)}); "
-                                f"columns: {', '.join(names)}; set task.{what.replace(' ', '_')}_column")
+                                f"columns: {', '.join(names)}; name one so, or set task.{what.replace(' ', '_')}_column "
+                                "in the recipe that trains on it")
             return found
 
         o = self.options

@@ -41,6 +41,7 @@ class Encoded:
     context: list[int]
     offsets: list[tuple[int, int]]  # character span of each context token
     windows: list[tuple[int, int]]  # [start, end) over context tokens
+    cut: bool = False  # the question was longer than max_query_len tokens, and is read on its first ones
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ class QaTask(Task):
         for q, c in zip(questions, contexts):
             qids = q.ids[:self.max_query_len]
             room = self.max_seq_len - len(qids) - 3
-            out.append(Encoded(qids, c.ids, c.offsets, spans(len(c.ids), room, max(1, min(self.doc_stride, room)))))
+            out.append(Encoded(qids, c.ids, c.offsets, spans(len(c.ids), room, max(1, min(self.doc_stride, room))),
+                               len(q.ids) > len(qids)))
         return out
 
     def _feature(self, enc: Encoded, start: int, end: int) -> dict:
@@ -206,7 +208,8 @@ class QaTask(Task):
             logits = {job: (start.tolist(), end.tolist()) for job, (start, end) in zip(jobs, outputs)}
             for k, enc in enumerate(encoded):
                 windows = [logits[(k, w)] for w in range(len(enc.windows))]
-                results[part[k]] = self._best_span(examples[part[k]], enc, windows)
+                span = self._best_span(examples[part[k]], enc, windows)
+                results[part[k]] = span._replace(answer={**span.answer, "truncated": True}) if enc.cut else span
         return results
 
     def _best_span(self, example: QaExample, enc: Encoded, window_logits: list[tuple[list[float], list[float]]]) -> Span:

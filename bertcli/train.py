@@ -10,6 +10,7 @@ resumable checkpoint on Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -123,7 +124,14 @@ def save_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimi
     is needed: the loop reseeds from the step number.)"""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "position": [pos.step, pos.epoch, pos.batch, pos.tokens, pos.elapsed]}
-    atomic_write(out / RESUME_FILE, lambda tmp: torch.save(state, tmp))
+    def write(tmp: str) -> None:
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as err:  # torch's own writer reports a full disk (or a size limit) so, not as OSError
+            raise OSError(errno.EIO, f"writing {RESUME_FILE} failed ({first_line(err)[:200]}); the disk may be full, "
+                          "or a file size limit (ulimit -f) reached") from None
+
+    atomic_write(out / RESUME_FILE, write)
 
 
 def read_resume_state(out: Path) -> dict:
@@ -178,6 +186,7 @@ class Log:
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
         self.last = ""
+        self.evaluated: set[int] = set()  # the steps whose evaluation the kept lines hold
         if resume_step is None:
             atomic_write(path, lambda tmp: Path(tmp).write_text("", encoding="utf-8"))
         elif path.exists():
@@ -185,6 +194,7 @@ class Log:
             kept = [line for line in lines if line and _record_step(line) <= resume_step]
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept), encoding="utf-8"))
             self.last = kept[-1] if kept else ""
+            self.evaluated = {int(_record_step(line)) for line in kept if '"eval_' in line}
 
     def write(self, record: dict) -> None:
         line = finite_json(record)
@@ -217,8 +227,9 @@ def _progress(total: int | None, enabled: bool):
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM (how schedulers such as SLURM, Kubernetes and systemd stop a job)
     during training sets a flag that the loop reads after each step (a KeyboardInterrupt raised at a
-    random point can be swallowed, e.g. inside a finalizer). A second signal interrupts at once,
-    except while the resumable checkpoint is being written (`saving`); once the final checkpoint is
+    random point can be swallowed, e.g. inside a finalizer). A second signal interrupts at once (an
+    evaluation; a step once it ends, `held`), except while the resumable checkpoint is being written
+    (`saving`); once the final checkpoint is
     written (`urgent`), the first signal interrupts the final evaluation at once. A request made inside
     another (a suite's, around its runs) starts with the signal that one already caught: a Ctrl-C
     while a run was being prepared stops it after its first step."""
@@ -229,6 +240,8 @@ class StopRequest:
         self.signum: int | None = None
         self.saving = False
         self.urgent = False
+        self.holding = False
+        self.pending = False  # a second signal came while holding
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
@@ -242,7 +255,22 @@ class StopRequest:
         self.signum = self.signum or signum
         if self.saving:
             return  # the checkpoint that the first signal asked for is being written: let it finish
+        if self.holding:
+            self.pending = self.pending or not first
+            return
         if self.urgent or not first:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self):
+        """A second signal waits until the block ends (a training step: its update and its count, which a
+        checkpoint must find agreeing), and then interrupts."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
             raise KeyboardInterrupt
 
     def is_set(self) -> bool:
@@ -491,21 +519,24 @@ def _train(run: _Run, ctrl_c: StopRequest) -> None:
     cfg, pos = run.cfg, run.pos
     done = run.total is not None and pos.step >= run.total
     bar = run.progress.add_task("train", total=run.total, completed=pos.step, info="")
+    if not done and _evaluation_missing(run):
+        _evaluate(run)
     while not done:
         order = [b for b in batch_order(run.job.lengths, run.global_batch, seed=cfg.seed + pos.epoch,
                                         group=50 if cfg.group_by_length else 0) if len(b) >= run.world]
         while pos.batch < len(order) and not done:
             group = order[pos.batch:pos.batch + cfg.grad_accum]
-            loss, tokens, skipped = _step(run, group)
-            pos.step += 1
-            pos.batch += len(group)
-            pos.tokens += tokens
-            run.window.loss += 0.0 if skipped else loss
-            run.window.steps += 0 if skipped else 1
-            run.window.tokens += tokens
-            if pos.step % cfg.log_every == 0 or pos.step == 1:
-                _log(run, bar, len(order))
-            run.progress.update(bar, completed=pos.step)
+            with ctrl_c.held():  # the weights, the optimizer, the position and the log agree at every step's end
+                loss, tokens, skipped = _step(run, group)
+                pos.step += 1
+                pos.batch += len(group)
+                pos.tokens += tokens
+                run.window.loss += 0.0 if skipped else loss
+                run.window.steps += 0 if skipped else 1
+                run.window.tokens += tokens
+                if pos.step % cfg.log_every == 0 or pos.step == 1:
+                    _log(run, bar, len(order))
+                run.progress.update(bar, completed=pos.step)
             out_of_time = run.budget is not None and time.perf_counter() - run.start >= run.budget
             out_of_time, stop = (bool(v) for v in _global_sum([float(out_of_time), float(ctrl_c.is_set())],
                                                               run.world, run.device))  # all ranks agree
@@ -519,6 +550,16 @@ def _train(run: _Run, ctrl_c: StopRequest) -> None:
         if pos.batch >= len(order):
             pos.epoch += 1
             pos.batch = 0
+
+
+def _evaluation_missing(run: _Run) -> bool:
+    """On resume at a step that evaluates, whether its evaluation is missing from the log: a second signal
+    stopped it, and the checkpoint was saved after the step."""
+    cfg, step = run.cfg, run.pos.step
+    if not (cfg.eval_every and step and step % cfg.eval_every == 0 and run.job.evaluate is not None):
+        return False
+    missing = run.writer and step not in run.log.evaluated
+    return bool(_global_sum([float(missing)], run.world, run.device)[0])
 
 
 def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]:

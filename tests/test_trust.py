@@ -836,6 +836,53 @@ def test_resume_keeps_what_only_looks_like_leftovers_and_skips_foreign_log_lines
         assert code == 2 and "is not an earlier `bertcli evaluate --out`" in err and (home / "m.json").read_text() == mine
 
 
+def test_a_second_signal_never_splits_a_step_and_resume_ends_as_an_uninterrupted_run(home, monkeypatch, capsys):
+    """Ctrl-C twice (or SIGINT then SIGTERM) stops at once, but never between a step's update and its count,
+    which the checkpoint must find agreeing; a mid-run evaluation it stops is redone by --resume."""
+    import torch
+
+    from bertcli.tasks.classify import ClassifyTask
+
+    def log(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+                for line in (run / "log.jsonl").read_text().splitlines()]
+
+    r = recipe(home, eval="train.tsv")
+    sets = ["--set", "train.max_steps=6", "--set", "train.eval_every=2"]
+    code, _, err = in_process(["finetune", r, "--out", str(home / "ref"), *sets], monkeypatch, capsys)
+    assert code == 0, err
+
+    def twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    real_update, real_evaluate, calls = torch.amp.GradScaler.step, ClassifyTask.evaluate, []
+
+    def update_then_signals(self, optimizer, *args, **kwargs):  # the weights are step 3's, the count still 2
+        result = real_update(self, optimizer, *args, **kwargs)
+        calls.append("update")
+        if calls.count("update") == 3:
+            twice()
+        return result
+
+    def signals_in_evaluation(self, model, examples, batch_size):
+        twice()  # in step 2's evaluation
+        return real_evaluate(self, model, examples, batch_size)
+
+    for name, target, attribute, patch, stopped in (
+            ("update", torch.amp.GradScaler, "step", update_then_signals, 3),
+            ("evaluation", ClassifyTask, "evaluate", signals_in_evaluation, 2)):
+        run = home / name
+        with monkeypatch.context() as patched:
+            patched.setattr(target, attribute, patch)
+            code, _, err = in_process(["finetune", r, "--out", str(run), *sets], monkeypatch, capsys)
+        assert code == 130 and f"SIGINT at step {stopped}: saved to" in err, err
+        code, _, err = in_process(["finetune", r, "--out", str(run), "--resume", *sets], monkeypatch, capsys)
+        assert code == 0, err
+        assert log(run) == log(home / "ref"), name
+        assert json.loads((run / "metrics.json").read_text()) == json.loads((home / "ref" / "metrics.json").read_text())
+
+
 def test_a_signal_during_the_final_evaluation_stops_it_with_the_run_saved(home, monkeypatch, capsys):
     from bertcli.tasks.classify import ClassifyTask
 

@@ -629,6 +629,10 @@ def _check_values(recipe: Recipe, task_known: bool) -> list[str]:
             problems.append(f"model.teacher: {task.name} does not learn from a teacher (classify, ner and qa do)")
     if not 0 <= t.distill_alpha <= 1:
         problems.append(f"train.distill_alpha: must be in [0, 1], got {t.distill_alpha}")
+    defaults = TrainConfig()
+    for key in ("distill_alpha", "distill_temperature"):  # (a saved recipe writes the defaults out)
+        if m.teacher is None and getattr(t, key) != getattr(defaults, key):
+            problems.append(f"train.{key}: weighs the teacher's distributions (model.teacher), which is not set")
     if not 0.1 <= t.distill_temperature <= 100:  # below 0.1 the teacher's distributions are its argmax, and T^2
         # scales the term to nothing (1e-30) or the logits / T overflow (1e-300)
         problems.append(f"train.distill_temperature: must be at least 0.1 and at most 100, got {t.distill_temperature}")

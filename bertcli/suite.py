@@ -225,7 +225,7 @@ def _runs_as(recipe: Recipe) -> str:
     """What a suite's run of the recipe does, to tell runs apart however their values are written: the
     files it reads by the files they are (train.tsv, ./train.tsv), a time budget in seconds (30m, 1800s);
     the recipe's `output` is not one (a suite names each run's directory)."""
-    from bertcli.jobs import recipe_inputs
+    from bertcli.jobs import NEW_MODEL_DROPOUT, recipe_inputs
     from bertcli.recipes import parse_duration
 
     runs = recipe_to_dict(recipe)
@@ -234,6 +234,8 @@ def _runs_as(recipe: Recipe) -> str:
     runs["reads"] = [(key, str(resolved(path))) for key, path in recipe_inputs(recipe, None)[1:] if path]
     if runs["train"]["time_budget"] is not None:
         runs["train"]["time_budget"] = parse_duration(runs["train"]["time_budget"])
+    if recipe.model.init is None and recipe.model.dropout is None:
+        runs["model"]["dropout"] = NEW_MODEL_DROPOUT  # unset, a model from scratch gets BERT's
     return json.dumps(runs, sort_keys=True, default=str)
 
 

@@ -176,6 +176,19 @@ def test_malformed_tables_name_file_and_line(tmp_path, tiny_tokenizer_dir):
         task.read(binary)
 
 
+def test_a_label_the_model_does_not_know_is_said_in_one_short_message(tiny_tokenizer_dir):
+    """A label column that holds the texts makes thousands of labels: the message names a few of them."""
+    from bertcli.tasks.classify import ClassifyOptions, ClassifyTask, Example
+    from bertcli.tokenizer import load_tokenizer
+
+    labels = [f"a sentence that was read as a label, number {i}" + " very long" * 20 for i in range(3000)]
+    task = ClassifyTask(load_tokenizer(tiny_tokenizer_dir), ClassifyOptions(), 32, labels)
+    with pytest.raises(DataError) as err:
+        task.check_labels([Example("x", None, "an unknown" + " label" * 10_000, "dev.tsv: line 2")])
+    assert str(err.value).startswith("dev.tsv: line 2: label 'an unknown label label") and len(str(err.value)) < 1500
+    assert "and 2,990 more); 1 unknown label(s)" in str(err.value)
+
+
 def test_tables_that_would_be_misread_are_refused_and_glue_layouts_are_read(tmp_path, tiny_tokenizer_dir):
     from bertcli.data.conll import read_ner
     from bertcli.tasks.classify import ClassifyOptions, ClassifyTask

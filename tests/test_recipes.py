@@ -169,6 +169,18 @@ def test_a_shape_that_model_init_would_leave_unused_is_refused(tmp_path, files, 
     assert (load_recipe(copy).model.hidden_size, load_recipe(copy).model.num_layers) == (384, 3)
 
 
+def test_distillation_weights_without_a_teacher_are_refused(tmp_path, files):
+    """train.distill_alpha and distill_temperature weigh the teacher's distributions: without model.teacher they
+    would be silently unused (a sweep over them ran the same run twice). Their defaults pass: a saved recipe
+    writes them out."""
+    path = write(tmp_path, valid(files))
+    for key, value in (("distill_alpha", 0.9), ("distill_temperature", 10)):
+        with pytest.raises(RecipeError, match=rf"train.{key}: weighs the teacher's distributions \(model.teacher\), "
+                                              "which is not set"):
+            load_recipe(path, [f"train.{key}={value}"])
+    assert load_recipe(path, ["train.distill_alpha=0.5", "train.distill_temperature=2"]).model.teacher is None
+
+
 def test_shape_keys_beside_model_init_are_no_change_of_recipe(tmp_path, files, minilm_dir):
     """A run saved with model.hidden_size: 768 beside model.init (before such a key was refused) resumes once the
     key is left out: a model from a checkpoint never read it. From scratch it is the model's shape."""

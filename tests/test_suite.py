@@ -409,7 +409,7 @@ def test_sweep_values_written_differently_that_give_the_same_recipe_are_refused(
     for sweep in (f"data.train={data},[{data}]",  # one file, and a list of that one file
                   f"data.train={data},{data.parent}/./{data.name},{tmp_path / 'link.tsv'}",
                   "train.time_budget=30m,1800s", "output=a,b", "train.lr=1e-3,0.001", "train.lr=1e-3,1e-3",
-                  "train.weight_decay=0,0.0"):
+                  "train.weight_decay=0,0.0", "model.dropout=null,0.1"):  # (unset: BERT's 0.1 from scratch)
         with pytest.raises(BertcliError, match="give the same recipe"):
             plan(recipes[:1], [], [sweep])
     assert len(plan(recipes[:1], [], ["train.time_budget=30m,31m"])) == 2

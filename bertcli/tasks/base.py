@@ -88,6 +88,16 @@ def kl_sum(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
                     reduction="sum", log_target=True) * temperature ** 2
 
 
+def named(names: Sequence[str], limit: int = 10, width: int = 60) -> str:
+    """Names for a message, cut to fit one: at most `limit` of them, each of at most `width` characters
+    (a wrong label column makes every text a label)."""
+    def cut(name: str) -> str:
+        return name if len(name) <= width else name[:width - 3] + "..."
+
+    more = f" and {len(names) - limit:,} more" if len(names) > limit else ""
+    return ", ".join(cut(n) for n in names[:limit]) + more
+
+
 def unique_labels(labels: Sequence[str]) -> list[str]:
     return ["task.labels: label names must be unique"] if len(set(labels)) != len(labels) else []
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 from bertcli.data.tables import read_rows
 from bertcli.errors import DataError
 from bertcli.metrics import classification_metrics
-from bertcli.tasks.base import Task, TaskOptions, kl_sum, unique_labels
+from bertcli.tasks.base import Task, TaskOptions, kl_sum, named, unique_labels
 from bertcli.textio import load_json
 
 if TYPE_CHECKING:
@@ -163,8 +163,8 @@ class ClassifyTask(Task):
         unknown = sorted({e.label for e in examples} - set(self.labels))
         if unknown:
             first = next(e for e in examples if e.label in unknown)
-            raise DataError(f"{first.where}: label {first.label!r} is not one the model knows "
-                            f"({', '.join(self.labels)}); {len(unknown)} unknown label(s): {', '.join(unknown[:10])}")
+            raise DataError(f"{first.where}: label {named([repr(first.label)])} is not one the model knows "
+                            f"({named(self.labels)}); {len(unknown):,} unknown label(s): {named(unknown)}")
 
     def _encode_texts(self, examples: Sequence[Example]):
         paired = next((e for e in examples if e.pair is not None), None)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from bertcli.errors import DataError
 from bertcli.metrics import multilabel_metrics
-from bertcli.tasks.base import TaskOptions, unique_labels
+from bertcli.tasks.base import TaskOptions, named, unique_labels
 from bertcli.tasks.classify import ClassifyTask, Example, column_problems, label_order
 
 if TYPE_CHECKING:
@@ -86,7 +86,8 @@ class MultiLabelTask(ClassifyTask):
         for e in examples:
             unknown = [name for name in e.label if name not in known]
             if unknown:
-                raise DataError(f"{e.where}: label {unknown[0]!r} is not one the model knows ({', '.join(self.labels)})")
+                raise DataError(f"{e.where}: label {named([repr(unknown[0])])} is not one the model knows "
+                                f"({named(self.labels)})")
 
     def target(self, label: tuple[str, ...], index: dict[str, int]) -> list[int]:
         chosen = {index[name] for name in label}

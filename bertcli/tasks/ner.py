@@ -13,7 +13,7 @@ from bertcli.data.conll import Sentence, read_ner
 from bertcli.data.windows import best_window, spans
 from bertcli.errors import DataError
 from bertcli.metrics import entity_metrics, get_entities
-from bertcli.tasks.base import Task, TaskOptions, kl_sum, unique_labels
+from bertcli.tasks.base import Task, TaskOptions, kl_sum, named, unique_labels
 from bertcli.tokenizer import WordPieceTokenizer
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class NerTask(Task):
             unknown = [t for t in e.tags if t not in known]
             if unknown:
                 raise DataError(f"{e.where}: the sentence from this line has the tag {unknown[0]!r} (tags read as "
-                                f"BIO), which is not one the model knows ({', '.join(self.labels)})")
+                                f"BIO), which is not one the model knows ({named(self.labels)})")
 
     def _pieces(self, word_lists: Sequence[Sequence[str]]) -> list[Pieces]:
         if not word_lists:

@@ -2,7 +2,8 @@
 model.init's weights, the teacher's) in inputs.json, so that --resume, and a suite or sweep that keeps its
 finished runs, can tell that one changed since the run began: its steps so far, or its scores, came from
 the old one. recipe.yaml says which paths a run read; this says what they held. A file whose size, inode
-and modification time are those recorded is not read again."""
+and times are those recorded is not read again (the change time, ctime, is set by the system on every write
+and cannot be set back, as `touch` sets the modification time)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # the first found is the o
 def records(recipe: Recipe, saved: dict[str, dict] | None = None) -> dict[str, dict]:
     """Each input file the recipe names, by the path it names (a shard directory's index.json, which holds
     each shard's own SHA-256; a checkpoint's config.json and the weights file it loads) -> its size, inode,
-    modification time and SHA-256; the SHA-256 is `saved`'s where the rest is the same. A pipe, read once,
+    times and SHA-256; the SHA-256 is `saved`'s where the rest is the same. A pipe, read once,
     has none."""
     found: dict[str, dict] = {}
     named = [(p, Path(p) / "index.json" if Path(p).is_dir() else Path(p)) for p in (*recipe.data.train, *recipe.data.eval)]
@@ -46,7 +47,7 @@ def _stat(path: Path) -> dict | None:
         return None  # (the recipe's checks name a missing file)
     if not stat.S_ISREG(info.st_mode):
         return None
-    return {"bytes": info.st_size, "inode": info.st_ino, "mtime_ns": info.st_mtime_ns}
+    return {"bytes": info.st_size, "inode": info.st_ino, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns}
 
 
 def saved_records(run: Path) -> dict[str, dict] | None:

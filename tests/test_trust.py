@@ -1054,8 +1054,9 @@ def test_resume_refuses_data_or_a_tokenizer_that_changed_since_the_run_began_or_
     r, more = recipe(home), ["--resume", "--set", "train.max_steps=4"]
     assert in_process(["finetune", r], monkeypatch, capsys)[0] == 0
     assert str(home / "train.tsv") in json.loads((home / "out" / "inputs.json").read_text())["files"]
-    rows = (home / "train.tsv").read_text()
-    (home / "train.tsv").write_text(rows.replace("\tpos", "\tneg", 1))
+    rows, was = (home / "train.tsv").read_text(), (home / "train.tsv").stat()
+    (home / "train.tsv").write_text(rows.replace("\tpos", "\tneg", 1))  # in place, the same size
+    os.utime(home / "train.tsv", ns=(was.st_atime_ns, was.st_mtime_ns))  # and its time set back (touch -r)
     code, _, err = in_process(["finetune", r, *more], monkeypatch, capsys)
     assert code == 2 and f"{home / 'train.tsv'} has changed since the run began" in err, err
     (home / "train.tsv").write_text(rows)

@@ -51,14 +51,14 @@ def file_sha256(path: Path, on_bytes: Callable[[int], None] = lambda size: None)
     return digest.hexdigest()
 
 
-_DIGESTS: dict[tuple, str] = {}  # (path, device, inode, size, mtime) -> SHA-256: a file is read once per process
+_DIGESTS: dict[tuple, str] = {}  # (path, device, inode, size, mtime, ctime) -> SHA-256: a file is read once a process
 
 
 def cached_sha256(path: Path) -> str:
     """file_sha256, once per version of a file in a process (a suite's runs, and a pretraining run's cache
     key and its record of its inputs, name the same files)."""
     info = path.stat()
-    key = (str(path.resolve()), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    key = (str(path.resolve()), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
     if key not in _DIGESTS:
         _DIGESTS[key] = file_sha256(path)
     return _DIGESTS[key]
@@ -83,7 +83,7 @@ def _identity(index_sha256: str, stem: Path) -> str:
         path = Path(f"{stem}.{suffix}")
         if path.is_file():
             info = path.stat()
-            digest.update(f"{suffix}:{info.st_size}:{info.st_mtime_ns}:{info.st_ino}".encode())
+            digest.update(f"{suffix}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:{info.st_ino}".encode())
     return f"{stem.name}:{digest.hexdigest()}"
 
 

@@ -368,6 +368,10 @@ def _start(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> _Run:
     batches_per_epoch = epoch_batches(len(job.features), global_batch, world)
     if batches_per_epoch == 0:
         raise BertcliError(f"data.train: {len(job.features)} training sequences, fewer than one batch of {global_batch}")
+    if cfg.grad_accum > batches_per_epoch:  # a step ends with its epoch: it would be smaller than asked, unsaid
+        raise BertcliError(f"train.grad_accum: {cfg.grad_accum}, but an epoch has {batches_per_epoch} batch(es) of "
+                           f"{global_batch} ({len(job.features)} training sequences), and a step ends with its "
+                           f"epoch: at most {batches_per_epoch}, or a smaller train.batch_size")
     total = plan_steps(cfg, batches_per_epoch)
     if total is not None and pos.step > total:  # its recipe.yaml would say fewer steps than its weights took
         raise BertcliError(f"{out}: the run is at step {pos.step}, past the {total} steps the recipe now plans "

@@ -66,6 +66,9 @@ def test_gradient_accumulation_equals_one_larger_batch(tmp_path, tiny_tokenizer_
     assert len(moved) > 10  # the steps changed the weights...
     for k in one:  # ...and the same way both times
         assert torch.allclose(one[k], two[k], atol=2e-5), k
+    with pytest.raises(BertcliError, match=r"train.grad_accum: 3, but an epoch has 2 batch\(es\) of 4 \(8 training "
+                                           r"sequences\), and a step ends with its epoch: at most 2"):
+        _train(tmp_path, tiny_tokenizer_dir, "three", batch_size=4, grad_accum=3, max_steps=1)  # a step of 8, not 12
 
 
 @pytest.mark.slow

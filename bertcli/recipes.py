@@ -209,7 +209,15 @@ class _BoundedLoader(yaml.SafeLoader):
         second `train:` section would drop the first. (A key merged in by `<<` may still be given.)"""
         first: dict[Any, int] = {}
         for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            if key_node.tag == "tag:yaml.org,2002:merge":  # one per mapping (a second would win silently)
+                key, line = ("<<",), key_node.start_mark.line + 1  # (not the text "<<", which a quoted key is)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"'<<' is given twice in one mapping (first at line {first[key]}): merge several "
+                        "mappings with one, <<: [*a, *b]", key_node.start_mark)
+                first[key] = line
                 continue
             key, line = self.construct_object(key_node), key_node.start_mark.line + 1
             if key in first:

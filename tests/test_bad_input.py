@@ -194,6 +194,9 @@ CASES = {
                                                   r"stdin: line 1: .* 'text_pair', not 'text_b'"),
     "a JSON line cut short on stdin": ({}, lambda h: ["predict", str(h / "model")], b'{"text": "good"\n',
                                        r"stdin: line 1: a line starting with \{\" is read as a JSON line"),
+    "a merge key twice in a recipe": ({"m.yaml": "task: {name: classify}\ntrain:\n  <<: {max_steps: 2}\n  <<: {max_steps: 3}\n"},
+                                      lambda h: ["finetune", str(h / "m.yaml")], b"",
+                                      r"line 4, column 3: '<<' is given twice in one mapping \(first at line 3\)"),
     "pickle that runs code": ({}, lambda h: ["predict", plant_pickle(h)], b"x\n", "pytorch_model.bin"),
 }
 

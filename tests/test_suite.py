@@ -179,7 +179,7 @@ def test_a_recipe_saved_before_a_key_existed_matches_that_key_at_the_value_that_
         del saved[part][name]
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
     assert recipe_change(tmp_path, recipe) is None
-    assert recipe_change(tmp_path, load_recipe(recipes[0], ["train.distill_alpha=0.9"])) == "train.distill_alpha: 0.5 then, 0.9 now"
+    assert recipe_change(tmp_path, load_recipe(recipes[0], ["train.compile=true"])) == "train.compile: false then, true now"
 
 
 def test_a_run_that_fails_ends_itself_alone_and_the_suite_with_exit_2(recipes, tmp_path):

@@ -228,9 +228,9 @@ class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM (how schedulers such as SLURM, Kubernetes and systemd stop a job)
     during training sets a flag that the loop reads after each step (a KeyboardInterrupt raised at a
     random point can be swallowed, e.g. inside a finalizer). A second signal interrupts at once (an
-    evaluation; a step once it ends, `held`), except while the resumable checkpoint is being written
-    (`saving`); once the final checkpoint is
-    written (`urgent`), the first signal interrupts the final evaluation at once. A request made inside
+    evaluation), but not a step (`held`: the loop stops after it, as for the first) nor the resumable
+    checkpoint being written (`saving`); once the final checkpoint is written (`urgent`), the first
+    signal interrupts the final evaluation at once. A request made inside
     another (a suite's, around its runs) starts with the signal that one already caught: a Ctrl-C
     while a run was being prepared stops it after its first step."""
 
@@ -241,7 +241,6 @@ class StopRequest:
         self.saving = False
         self.urgent = False
         self.holding = False
-        self.pending = False  # a second signal came while holding
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
@@ -256,22 +255,19 @@ class StopRequest:
         if self.saving:
             return  # the checkpoint that the first signal asked for is being written: let it finish
         if self.holding:
-            self.pending = self.pending or not first
-            return
+            return  # a step: the loop stops at its end, as every process agrees (the first signal's flag)
         if self.urgent or not first:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def held(self):
-        """A second signal waits until the block ends (a training step: its update and its count, which a
-        checkpoint must find agreeing), and then interrupts."""
+        """A second signal does not interrupt the block (a training step: its update and its count, which a
+        checkpoint must find agreeing); the loop stops after it, as for the first."""
         self.holding = True
         try:
             yield
         finally:
             self.holding = False
-        if self.pending:
-            raise KeyboardInterrupt
 
     def is_set(self) -> bool:
         return self.signum is not None

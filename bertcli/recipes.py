@@ -154,8 +154,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     mentions = [re.compile(rf"(?<![\w.]){re.escape(key)}(?!\w)") for key in failed]
     checks = _check_values(recipe, task_known=not failed & {"task", "task.name"})
     model = raw.get("model")
+    # a run's saved recipe.yaml writes every key out: what the user gave is only what they --set on it
+    given = {item.partition("=")[0].strip() for item in overrides} if _run_recipe(Path(path)) else None
     checks += _shape_problems(recipe, {k for k in SHAPE_KEYS if k in model} if isinstance(model, dict) else set(),
-                              saved=_run_recipe(Path(path)))
+                              given)
+    checks += _teacher_problems(recipe, given)
     problems.extend(p for p in checks if not any(m.search(p) for m in mentions))
     try:  # the recipe itself may have come from a pipe too
         read_once([Path(path), *(Path(p) for p in (*recipe.data.train, *recipe.data.eval))])
@@ -637,10 +640,6 @@ def _check_values(recipe: Recipe, task_known: bool) -> list[str]:
             problems.append(f"model.teacher: {task.name} does not learn from a teacher (classify, ner and qa do)")
     if not 0 <= t.distill_alpha <= 1:
         problems.append(f"train.distill_alpha: must be in [0, 1], got {t.distill_alpha}")
-    defaults = TrainConfig()
-    for key in ("distill_alpha", "distill_temperature"):  # (a saved recipe writes the defaults out)
-        if m.teacher is None and getattr(t, key) != getattr(defaults, key):
-            problems.append(f"train.{key}: weighs the teacher's distributions (model.teacher), which is not set")
     if not 0.1 <= t.distill_temperature <= 100:  # below 0.1 the teacher's distributions are its argmax, and T^2
         # scales the term to nothing (1e-30) or the logits / T overflow (1e-300)
         problems.append(f"train.distill_temperature: must be at least 0.1 and at most 100, got {t.distill_temperature}")
@@ -679,24 +678,42 @@ def _run_recipe(path: Path) -> bool:
     return path.name == "recipe.yaml" and marked_kind(path.parent) == "run"
 
 
-def _shape_problems(recipe: Recipe, given: set[str], saved: bool = False) -> list[str]:
-    """A model started from model.init has the checkpoint's shape: a shape the recipe gives (`given`) that
-    differs from it would be silently unused. In a run's `saved` recipe.yaml a default value is not one:
-    bertcli writes out every default there, and reads the file again to resume the run."""
+def _given(key: str, given: set[str] | None) -> bool:
+    """Whether the user gave `key`: in a run's saved recipe.yaml (`given`: the keys --set on it), which writes
+    out every default, only by --set (its section or the key itself)."""
+    return given is None or any(key == g or key.startswith(f"{g}.") for g in given)
+
+
+def _teacher_problems(recipe: Recipe, given: set[str] | None) -> list[str]:
+    """Settings of distillation without model.teacher would be silently unused (their defaults pass: a run's
+    saved recipe.yaml writes them out, and so does one of a run from before they were refused)."""
+    problems, defaults = [], TrainConfig()
+    for key in ("distill_alpha", "distill_temperature"):
+        value = getattr(recipe.train, key)
+        if recipe.model.teacher is None and value != getattr(defaults, key) and _given(f"train.{key}", given) \
+                and not (key == "distill_alpha" and not 0 <= value <= 1):  # (said already)
+            problems.append(f"train.{key}: a setting of distillation from model.teacher, which is not set")
+    return problems
+
+
+def _shape_problems(recipe: Recipe, shape: set[str], given: set[str] | None) -> list[str]:
+    """A model started from model.init has the checkpoint's shape: a shape the recipe gives (`shape`) that
+    differs from it would be silently unused. In a run's saved recipe.yaml (`given`: see _given) a default
+    value is not one: bertcli wrote out every default there, and reads the file again to resume the run."""
     from bertcli.config import read_config
     from bertcli.errors import CheckpointError
 
     m = recipe.model
-    if m.init is None or not given:
+    if m.init is None or not shape:
         return []
     try:
-        _, raw = read_config(m.init)
+        cfg, _ = read_config(m.init)
     except CheckpointError:
         return []  # said when the checkpoint is loaded
     problems = []
     defaults = ModelConfig()
-    for key in sorted(k for k in given if not (saved and getattr(m, k) == getattr(defaults, k))):
-        has = len(m.init_layers) if key == "num_layers" and m.init_layers else raw.get(SHAPE_KEYS[key])
+    for key in sorted(k for k in shape if _given(f"model.{k}", given) or getattr(m, k) != getattr(defaults, k)):
+        has = len(m.init_layers) if key == "num_layers" and m.init_layers else getattr(cfg, SHAPE_KEYS[key])
         if getattr(m, key) != has:
             problems.append(f"model.{key}: {getattr(m, key)}, but model.init ({m.init}) has {has}"
                             + (" (model.init_layers)" if key == "num_layers" and m.init_layers else "")
@@ -765,6 +782,10 @@ def recipe_change(path: Path, recipe: Recipe, ignore: tuple[str, ...] = ()) -> s
         for key in SHAPE_KEYS:
             then.pop(f"model.{key}", None)
             now.pop(f"model.{key}", None)
+    if then.get("model.teacher") is None and now.get("model.teacher") is None:  # nor these without a teacher
+        for key in ("train.distill_alpha", "train.distill_temperature"):
+            then.pop(key, None)
+            now.pop(key, None)
     for key in sorted((set(then) | set(now)) - set(ignore)):
         if then.get(key) != now.get(key):
             return f"{key}: {json.dumps(then.get(key))} then, {json.dumps(now.get(key))} now"

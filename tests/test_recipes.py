@@ -159,6 +159,8 @@ def test_a_shape_that_model_init_would_leave_unused_is_refused(tmp_path, files, 
         load_recipe(saved)
     (run / MARKER).write_text('{"kind": "run"}')
     assert load_recipe(saved).model.hidden_size == 256
+    with pytest.raises(RecipeError, match=r"model.hidden_size: 256, but .* has 384"):  # given again by --set: refused
+        load_recipe(saved, ["model.hidden_size=256"])
     from bertcli.config import BertConfig
     from bertcli.jobs import saved_recipe
 
@@ -173,12 +175,30 @@ def test_distillation_weights_without_a_teacher_are_refused(tmp_path, files):
     """train.distill_alpha and distill_temperature weigh the teacher's distributions: without model.teacher they
     would be silently unused (a sweep over them ran the same run twice). Their defaults pass: a saved recipe
     writes them out."""
+    import yaml
+
+    from bertcli.recipes import recipe_change, recipe_to_dict
+
     path = write(tmp_path, valid(files))
     for key, value in (("distill_alpha", 0.9), ("distill_temperature", 10)):
-        with pytest.raises(RecipeError, match=rf"train.{key}: weighs the teacher's distributions \(model.teacher\), "
-                                              "which is not set"):
+        with pytest.raises(RecipeError) as err:
             load_recipe(path, [f"train.{key}={value}"])
+        assert err.value.problems == [f"train.{key}: a setting of distillation from model.teacher, which is not set"]
     assert load_recipe(path, ["train.distill_alpha=0.5", "train.distill_temperature=2"]).model.teacher is None
+    with pytest.raises(RecipeError) as err:  # out of range: said once
+        load_recipe(path, ["train.distill_alpha=2"])
+    assert err.value.problems == ["train.distill_alpha: must be in [0, 1], got 2.0"]
+    # a run saved before this was refused, with alpha 0.7, resumes with its own recipe.yaml, or with the default
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MARKER).write_text('{"kind": "run"}')
+    saved = recipe_to_dict(load_recipe(path))
+    saved["train"]["distill_alpha"] = 0.7
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    assert load_recipe(run / "recipe.yaml").train.distill_alpha == 0.7
+    assert recipe_change(run, load_recipe(path)) is None
+    with pytest.raises(RecipeError, match="train.distill_alpha: a setting of distillation"):  # unless --set on it
+        load_recipe(run / "recipe.yaml", ["train.distill_alpha=0.8"])
 
 
 def test_shape_keys_beside_model_init_are_no_change_of_recipe(tmp_path, files, minilm_dir):

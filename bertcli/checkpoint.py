@@ -148,8 +148,8 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> Loa
     if trunk_missing:
         raise CheckpointError(f"{source}: encoder weights missing from the checkpoint: {_short(trunk_missing)}")
     unexpected = [k for k in state if k not in own]
-    beyond = [k for k in unexpected if k.removeprefix("bert.").startswith(("embeddings.", "encoder."))]
-    if beyond:  # (a pooler is left unread by the token heads, which have none)
+    beyond = [k for k in unexpected if k.removeprefix("bert.").startswith("encoder.")]
+    if beyond:  # (a pooler is left unread by the token heads, which have none; other names are said on stderr)
         layers = getattr(getattr(model, "config", None), "num_hidden_layers", "?")
         raise CheckpointError(f"{source}: weights disagree with config.json: the checkpoint holds encoder weights that a "
                               f"model of its config (num_hidden_layers {layers}) has no place for: {_short(beyond)}")

@@ -128,6 +128,8 @@ def save_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimi
         try:
             torch.save(state, tmp)
         except RuntimeError as err:  # torch's own writer reports a full disk (or a size limit) so, not as OSError
+            if not any(sign in str(err) for sign in ("unexpected pos", "failed writing", "write failed")):
+                raise
             raise OSError(errno.EIO, f"writing {RESUME_FILE} failed ({first_line(err)[:200]}); the disk may be full, "
                           "or a file size limit (ulimit -f) reached") from None
 
@@ -224,20 +226,27 @@ def _progress(total: int | None, enabled: bool):
                     disable=not (enabled and console.is_terminal)), console
 
 
+class Abandoned(BaseException):
+    """A third signal: training stops at once, and nothing is saved (the run's last checkpoint is kept)."""
+
+
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM (how schedulers such as SLURM, Kubernetes and systemd stop a job)
     during training sets a flag that the loop reads after each step (a KeyboardInterrupt raised at a
     random point can be swallowed, e.g. inside a finalizer). A second signal interrupts at once (an
-    evaluation), but not a step (`held`: the loop stops after it, as for the first) nor the resumable
-    checkpoint being written (`saving`); once the final checkpoint is written (`urgent`), the first
+    evaluation), but not a step (`held`: the loop stops after it, as for the first), nor anything in a
+    distributed run (not `alone`: its processes stop together), nor the resumable checkpoint being written
+    (`saving`); where a second was held, a third stops at once without saving (Abandoned); once the final checkpoint is written (`urgent`), the first
     signal interrupts the final evaluation at once. A request made inside
     another (a suite's, around its runs) starts with the signal that one already caught: a Ctrl-C
     while a run was being prepared stops it after its first step."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, alone: bool = True):
         self.signum: int | None = None
+        self.count = 0  # signals caught
+        self.alone = alone  # one process: a second signal may interrupt it (not with others in step with it)
         self.saving = False
         self.urgent = False
         self.holding = False
@@ -248,15 +257,20 @@ class StopRequest:
             outer = getattr(self._previous.get(signal.SIGINT), "__self__", None)
             if isinstance(outer, StopRequest):
                 self.signum = outer.signum
+                self.count = outer.count
 
     def _handle(self, signum, frame) -> None:
-        first = self.signum is None
+        self.count += 1
         self.signum = self.signum or signum
         if self.saving:
             return  # the checkpoint that the first signal asked for is being written: let it finish
-        if self.holding:
-            return  # a step: the loop stops at its end, as every process agrees (the first signal's flag)
-        if self.urgent or not first:
+        if self.urgent:
+            raise KeyboardInterrupt
+        if self.holding or not self.alone:
+            if self.count >= 3:
+                raise Abandoned  # a step that will not end (a first compile, a stuck collective): stop unsaved
+            return  # the loop stops at the step's end, where every process agrees (the first signal's flag)
+        if self.count > 1:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
@@ -517,7 +531,8 @@ def _train(run: _Run, ctrl_c: StopRequest) -> None:
     """Steps until max_steps, epochs or the time budget ends the run, with the evaluations and
     checkpoints that eval_every and save_every ask for. A signal ends it after the current step."""
     cfg, pos = run.cfg, run.pos
-    done = run.total is not None and pos.step >= run.total
+    done = (run.total is not None and pos.step >= run.total) or (  # (resumed: its time may have run out already;
+        run.budget is not None and pos.elapsed >= run.budget)  # every process has the same elapsed)
     bar = run.progress.add_task("train", total=run.total, completed=pos.step, info="")
     if not done and _evaluation_missing(run):
         _evaluate(run)
@@ -547,9 +562,10 @@ def _train(run: _Run, ctrl_c: StopRequest) -> None:
                 _evaluate(run)
             if cfg.save_every and pos.step % cfg.save_every == 0 and not done:
                 _checkpoint(run)
-        if pos.batch >= len(order):
-            pos.epoch += 1
-            pos.batch = 0
+        with ctrl_c.held():  # (a checkpoint between the two would skip an epoch)
+            if pos.batch >= len(order):
+                pos.epoch += 1
+                pos.batch = 0
 
 
 def _evaluation_missing(run: _Run) -> bool:
@@ -570,7 +586,7 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
     run = _start(job, cfg, out, resume)
     run.model.train()
     saved = False
-    ctrl_c = StopRequest()
+    ctrl_c = StopRequest(alone=run.world == 1)
     try:
         with run.progress:
             _train(run, ctrl_c)
@@ -589,6 +605,12 @@ def fit(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> dict[str, float]
         again = "evaluate it" if saved else "continue"
         raise Interrupted(f"{signal.Signals(signum).name} at step {run.pos.step}: saved to {out}; {again} with --resume",
                           128 + signum) from None
+    except Abandoned:
+        ctrl_c.release()
+        signum = ctrl_c.signum or signal.SIGINT
+        raise Interrupted(f"{signal.Signals(signum).name}: a third signal, so stopped at once in step {run.pos.step + 1}, "
+                          f"with nothing saved; {out} keeps the last checkpoint it saved (if any), which --resume "
+                          "continues", 128 + signum) from None
     except RuntimeError as err:
         if cfg.compile and isinstance(err, torch._dynamo.exc.BackendCompilerFailed):
             raise BertcliError(f"train.compile: torch.compile failed on this machine ({first_line(err)}); "

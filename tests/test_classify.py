@@ -189,6 +189,24 @@ def test_a_label_the_model_does_not_know_is_said_in_one_short_message(tiny_token
     assert "and 2,990 more); 1 unknown label(s)" in str(err.value)
 
 
+def test_predict_reads_text_and_text_pair_and_refuses_them_under_other_names(tiny_tokenizer_dir):
+    from bertcli.tasks.classify import ClassifyOptions, ClassifyTask
+    from bertcli.tokenizer import load_tokenizer
+
+    task = ClassifyTask(load_tokenizer(tiny_tokenizer_dir), ClassifyOptions(), 32, ["a", "b"])
+    task.segments = 2
+    read = task.parse_input('{"text": "good", "text_pair": "bad", "review": "the line\'s own data", "id": 7}', "line 1")
+    assert (read.text, read.pair) == ("good", "bad")
+    assert task.parse_input('{braces} are "fun"', "line 2").text == '{braces} are "fun"'  # not JSON-like: a text
+    for line, message in (('{"text": "good", "sentence2": "bad"}', "not 'sentence2'"),
+                          ('{"review": "good"}', "not 'review'"),
+                          ('{"text": "", "text_pair": "bad"}', "'text' is empty and 'text_pair' is not"),
+                          ('{"text": "good"', "a line starting with {\" is read as a JSON line")):
+        with pytest.raises(DataError) as err:
+            task.parse_input(line, "line 3")
+        assert message in str(err.value)
+
+
 def test_tables_that_would_be_misread_are_refused_and_glue_layouts_are_read(tmp_path, tiny_tokenizer_dir):
     from bertcli.data.conll import read_ner
     from bertcli.tasks.classify import ClassifyOptions, ClassifyTask

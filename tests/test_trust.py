@@ -828,12 +828,18 @@ def test_resume_keeps_what_only_looks_like_leftovers_and_skips_foreign_log_lines
     code, _, err = in_process(["evaluate", str(run), "--data", str(home / "train.tsv"), "--out", str(home / "m.json")],
                               monkeypatch, capsys)
     assert code == 0 and json.loads((home / "m.json").read_text())["task"] == "classify", err  # and its own --out
-    edited = (home / "m.json").read_text().replace('"classify"', '"my notes"')
+    ours = json.loads((home / "m.json").read_text())
+    edited = json.dumps({**ours, "accuracy": 0.99})  # bertcli's, but changed since: its seal no longer fits
     for mine in ('{"task": "my notes", "data": "x", "precision": 0.9}', edited):  # alike in keys, but the user's
         (home / "m.json").write_text(mine)
         code, _, err = in_process(["evaluate", str(run), "--data", str(home / "train.tsv"), "--out", str(home / "m.json")],
                                   monkeypatch, capsys)
         assert code == 2 and "is not an earlier `bertcli evaluate --out`" in err and (home / "m.json").read_text() == mine
+    del ours["bertcli_sha256"]  # as bertcli wrote it before the seal: replaced
+    (home / "m.json").write_text(json.dumps(ours))
+    code, _, err = in_process(["evaluate", str(run), "--data", str(home / "train.tsv"), "--out", str(home / "m.json")],
+                              monkeypatch, capsys)
+    assert code == 0 and "bertcli_sha256" in json.loads((home / "m.json").read_text()), err
 
 
 def test_a_second_signal_never_splits_a_step_and_resume_ends_as_an_uninterrupted_run(home, monkeypatch, capsys):
@@ -848,7 +854,7 @@ def test_a_second_signal_never_splits_a_step_and_resume_ends_as_an_uninterrupted
                 for line in (run / "log.jsonl").read_text().splitlines()]
 
     r = recipe(home, eval="train.tsv")
-    sets = ["--set", "train.max_steps=6", "--set", "train.eval_every=2"]
+    sets = ["--set", "train.max_steps=6", "--set", "train.eval_every=2", "--set", "train.save_every=2"]
     code, _, err = in_process(["finetune", r, "--out", str(home / "ref"), *sets], monkeypatch, capsys)
     assert code == 0, err
 
@@ -865,18 +871,29 @@ def test_a_second_signal_never_splits_a_step_and_resume_ends_as_an_uninterrupted
             twice()
         return result
 
+    def update_then_three_signals(self, optimizer, *args, **kwargs):  # a step that would not end: nothing saved
+        result = real_update(self, optimizer, *args, **kwargs)
+        calls.append("three")
+        if calls.count("three") == 3:
+            twice()
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
     def signals_in_evaluation(self, model, examples, batch_size):
         twice()  # in step 2's evaluation
         return real_evaluate(self, model, examples, batch_size)
 
     for name, target, attribute, patch, stopped in (
             ("update", torch.amp.GradScaler, "step", update_then_signals, 3),
-            ("evaluation", ClassifyTask, "evaluate", signals_in_evaluation, 2)):
+            ("evaluation", ClassifyTask, "evaluate", signals_in_evaluation, 2),
+            ("three", torch.amp.GradScaler, "step", update_then_three_signals, None)):
         run = home / name
         with monkeypatch.context() as patched:
             patched.setattr(target, attribute, patch)
             code, _, err = in_process(["finetune", r, "--out", str(run), *sets], monkeypatch, capsys)
-        assert code == 130 and f"SIGINT at step {stopped}: saved to" in err, err
+        said = f"SIGINT at step {stopped}: saved to" if stopped else \
+            f"SIGINT: a third signal, so stopped at once in step 3, with nothing saved; {run} keeps the last checkpoint"
+        assert code == 130 and said in err, err
         code, _, err = in_process(["finetune", r, "--out", str(run), "--resume", *sets], monkeypatch, capsys)
         assert code == 0, err
         assert log(run) == log(home / "ref"), name

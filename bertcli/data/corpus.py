@@ -83,7 +83,7 @@ def _identity(index_sha256: str, stem: Path) -> str:
         path = Path(f"{stem}.{suffix}")
         if path.is_file():
             info = path.stat()
-            digest.update(f"{suffix}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:{info.st_ino}".encode())
+            digest.update(f"{suffix}:{info.st_size}:{info.st_mtime_ns}:{info.st_ino}".encode())
     return f"{stem.name}:{digest.hexdigest()}"
 
 

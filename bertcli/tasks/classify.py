@@ -23,9 +23,10 @@ TEXT_COLUMNS = ("sentence", "text", "text_a", "sentence1", "review", "content")
 PAIR_COLUMNS = ("text_b", "sentence2", "text_pair")  # text_pair: predict's own JSON lines
 # GLUE's pair layouts whose first column is not a text column above: (text, pair), found together
 PAIR_LAYOUTS = (("question", "sentence"), ("question1", "question2"))
-# predict's JSON lines say `text` and `text_pair`: another of the names above would be a text left unread
-OTHER_NAMES = sorted({*TEXT_COLUMNS, *PAIR_COLUMNS, *(name for layout in PAIR_LAYOUTS for name in layout)}
-                     - {"text", "text_pair"})
+# predict's JSON lines say `text` and `text_pair`: a pair under another name would be left unread (and a text
+# under another name, where `text` is missing; beside it, such a field may be the line's own data)
+OTHER_PAIRS = sorted({*PAIR_COLUMNS, *(layout[1] for layout in PAIR_LAYOUTS)} - {"text_pair"})
+OTHER_TEXTS = sorted({*TEXT_COLUMNS, *(layout[0] for layout in PAIR_LAYOUTS)} - {"text"})
 _JSON_START = re.compile(r'\{\s*"')
 
 
@@ -210,7 +211,8 @@ class ClassifyTask(Task):
                                     f"be read ({err}); a text that starts so is written as {{\"text\": ...}}") from None
                 row = None
             if isinstance(row, dict):
-                other = next((name for name in OTHER_NAMES if name in row), None)
+                other = next((name for name in (*OTHER_PAIRS, *(() if "text" in row else OTHER_TEXTS)) if name in row),
+                             None)
                 if other is not None:
                     raise DataError(f"{where}: a JSON line gives its text as 'text' and a pair's second text as "
                                     f"'text_pair', not {other!r}")

@@ -150,9 +150,9 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> Loa
     unexpected = [k for k in state if k not in own]
     beyond = [k for k in unexpected if k.removeprefix("bert.").startswith("encoder.")]
     if beyond:  # (a pooler is left unread by the token heads, which have none; other names are said on stderr)
-        layers = getattr(getattr(model, "config", None), "num_hidden_layers", "?")
-        raise CheckpointError(f"{source}: weights disagree with config.json: the checkpoint holds encoder weights that a "
-                              f"model of its config (num_hidden_layers {layers}) has no place for: {_short(beyond)}")
+        raise CheckpointError(f"{source}: weights disagree with config.json: the checkpoint holds encoder weights that "
+                              f"a model of its config (num_hidden_layers {model.config.num_hidden_layers}) has no place "
+                              f"for: {_short(beyond)}")
     integers = [f"{k} ({state[k].dtype})" for k, v in own.items()
                 if k in state and v.is_floating_point() and not state[k].is_floating_point()]
     if integers:

@@ -75,18 +75,18 @@ def _written_here(path: Path) -> bool:
         return False
     if SEAL in found:
         seal = found.pop(SEAL)
-        return seal == _seal(found)
+        try:
+            return isinstance(seal, str) and seal == _seal(found)
+        except RecursionError:
+            return False
     precision = found.get("inference_precision", found.get("precision"))
     return found.get("task") in TASKS and isinstance(found.get("data"), str) and precision in ("fp32", "bf16", "fp16")
 
 
-def _seal(metrics: dict) -> str | None:
+def _seal(metrics: dict) -> str:
     import hashlib
 
-    try:
-        return hashlib.sha256(finite_json(metrics, indent=2, ensure_ascii=False).encode("utf-8")).hexdigest()
-    except (ValueError, TypeError, RecursionError):
-        return None
+    return hashlib.sha256(finite_json(metrics, indent=2, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def write_json(path: Path, metrics: dict) -> None:

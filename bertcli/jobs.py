@@ -258,7 +258,8 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
 
         job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features],
                   collate=task.collate, counts=task.counts, loss=loss,
-                  evaluate=evaluate if eval_examples else None, save=save, recipe=saved_recipe(recipe, model.config), inputs=inputs)
+                  evaluate=evaluate if eval_examples else None, save=save, recipe=saved_recipe(recipe, model.config),
+                  inputs=inputs)
         training_memory(keep_memory)
         metrics = fit(job, recipe.train, out, resume)
         write_metrics(out, metrics)
@@ -387,8 +388,8 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
         save_checkpoint(directory, m, task.architecture, tokenizer, task=saved_task(task, d.max_seq_len))
 
     job = Job(model=model, features=instances, lengths=task.lengths(instances), collate=task.collate,
-              counts=task.counts, loss=task.loss, evaluate=evaluate_fn, save=save, recipe=saved_recipe(recipe, model.config),
-              inputs=inputs)
+              counts=task.counts, loss=task.loss, evaluate=evaluate_fn, save=save,
+              recipe=saved_recipe(recipe, model.config), inputs=inputs)
     lock = None
     try:
         if rank == 0:  # rank 0 alone writes, and holds the directory's lock

@@ -158,7 +158,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     given = {item.partition("=")[0].strip() for item in overrides} if _run_recipe(Path(path)) else None
     checks += _shape_problems(recipe, {k for k in SHAPE_KEYS if k in model} if isinstance(model, dict) else set(),
                               given)
-    checks += _teacher_problems(recipe, given)
+    checks += [p for p in _teacher_problems(recipe, given) if not any(c.startswith(p.split(" ")[0]) for c in checks)]
     problems.extend(p for p in checks if not any(m.search(p) for m in mentions))
     try:  # the recipe itself may have come from a pipe too
         read_once([Path(path), *(Path(p) for p in (*recipe.data.train, *recipe.data.eval))])
@@ -686,12 +686,12 @@ def _given(key: str, given: set[str] | None) -> bool:
 
 def _teacher_problems(recipe: Recipe, given: set[str] | None) -> list[str]:
     """Settings of distillation without model.teacher would be silently unused (their defaults pass: a run's
-    saved recipe.yaml writes them out, and so does one of a run from before they were refused)."""
+    saved recipe.yaml writes them out, and so does one of a run from before they were refused). A key whose
+    value is refused already is not named twice (by load_recipe)."""
     problems, defaults = [], TrainConfig()
     for key in ("distill_alpha", "distill_temperature"):
         value = getattr(recipe.train, key)
-        if recipe.model.teacher is None and value != getattr(defaults, key) and _given(f"train.{key}", given) \
-                and not (key == "distill_alpha" and not 0 <= value <= 1):  # (said already)
+        if recipe.model.teacher is None and value != getattr(defaults, key) and _given(f"train.{key}", given):
             problems.append(f"train.{key}: a setting of distillation from model.teacher, which is not set")
     return problems
 

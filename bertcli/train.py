@@ -236,10 +236,10 @@ class StopRequest:
     random point can be swallowed, e.g. inside a finalizer). A second signal interrupts at once (an
     evaluation), but not a step (`held`: the loop stops after it, as for the first), nor anything in a
     distributed run (not `alone`: its processes stop together), nor the resumable checkpoint being written
-    (`saving`); where a second was held, a third stops at once without saving (Abandoned); once the final checkpoint is written (`urgent`), the first
-    signal interrupts the final evaluation at once. A request made inside
-    another (a suite's, around its runs) starts with the signal that one already caught: a Ctrl-C
-    while a run was being prepared stops it after its first step."""
+    (`saving`); where a second was held, a third stops at once without saving (Abandoned). Once the final
+    checkpoint is written (`urgent`), the first signal interrupts the final evaluation at once. A request
+    made inside another (a suite's, around its runs) starts with the signal that one already caught: a
+    Ctrl-C while a run was being prepared stops it after its first step."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -186,8 +186,9 @@ def test_distillation_weights_without_a_teacher_are_refused(tmp_path, files):
         assert err.value.problems == [f"train.{key}: a setting of distillation from model.teacher, which is not set"]
     assert load_recipe(path, ["train.distill_alpha=0.5", "train.distill_temperature=2"]).model.teacher is None
     with pytest.raises(RecipeError) as err:  # out of range: said once
-        load_recipe(path, ["train.distill_alpha=2"])
-    assert err.value.problems == ["train.distill_alpha: must be in [0, 1], got 2.0"]
+        load_recipe(path, ["train.distill_alpha=2", "train.distill_temperature=1000"])
+    assert err.value.problems == ["train.distill_alpha: must be in [0, 1], got 2.0",
+                                  "train.distill_temperature: must be at least 0.1 and at most 100, got 1000.0"]
     # a run saved before this was refused, with alpha 0.7, resumes with its own recipe.yaml, or with the default
     run = tmp_path / "run"
     run.mkdir()

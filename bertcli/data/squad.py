@@ -148,7 +148,7 @@ def _read_squad(path: str | Path) -> tuple[list[QaExample], ReadReport]:
     try:
         doc = load_json(text)
     except (ValueError, RecursionError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+        raise DataError(f"{path}: cannot be read as JSON ({err})") from None
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected SQuAD JSON with a top-level 'data' list")

@@ -140,9 +140,12 @@ def saved_task(task, max_seq_len: int) -> dict:
     return {"name": task.name, "max_seq_len": max_seq_len, **task.saved_options()}
 
 
-def saved_recipe(recipe: Recipe, cfg: BertConfig) -> str:
+def saved_recipe(recipe: Recipe, cfg: BertConfig, out: Path) -> str:
     """The run's recipe.yaml: beside model.init, the model's shape is the checkpoint's (what trains), not
-    bertcli's defaults, so that the file says what the run is and reads again as a recipe anywhere."""
+    bertcli's defaults, so that the file says what the run is and reads again as a recipe anywhere; its
+    `output` is the run's directory (not the recipe's, which --out replaced), so that `bertcli finetune
+    runs/x/recipe.yaml --resume` continues this run and no other."""
+    recipe = dataclasses.replace(recipe, output=str(out))
     if recipe.model.init:
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(
             recipe.model, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers,
@@ -258,7 +261,8 @@ def finetune(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
 
         job = Job(model=model, features=features, lengths=[len(f["input_ids"]) for f in features],
                   collate=task.collate, counts=task.counts, loss=loss,
-                  evaluate=evaluate if eval_examples else None, save=save, recipe=saved_recipe(recipe, model.config),
+                  evaluate=evaluate if eval_examples else None, save=save,
+                  recipe=saved_recipe(recipe, model.config, out),
                   inputs=inputs)
         training_memory(keep_memory)
         metrics = fit(job, recipe.train, out, resume)
@@ -389,7 +393,7 @@ def pretrain(recipe: Recipe, out: Path | None, resume: bool, overwrite: bool, so
 
     job = Job(model=model, features=instances, lengths=task.lengths(instances), collate=task.collate,
               counts=task.counts, loss=task.loss, evaluate=evaluate_fn, save=save,
-              recipe=saved_recipe(recipe, model.config), inputs=inputs)
+              recipe=saved_recipe(recipe, model.config, out), inputs=inputs)
     lock = None
     try:
         if rank == 0:  # rank 0 alone writes, and holds the directory's lock

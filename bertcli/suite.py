@@ -318,7 +318,7 @@ def _action(path: Path, out: Path, point: Point, resume: bool, overwrite: bool) 
         precheck(path, "run")  # refuses, saying what is there
     if marked_kind(path) != "run":
         precheck(path, "run", resume=True)  # refuses: not a run of bertcli's
-    change = recipe_change(path, point.recipe)
+    change = recipe_change(path, point.recipe, ignore=("output",))  # the suite names it
     if change is not None:
         raise BertcliError(f"{path}: was run with another recipe ({change}); run it again with --overwrite, or "
                            "choose another --out")
@@ -528,7 +528,7 @@ def render(summary: dict) -> str:
 
     terminal = sys.stdout is not None and sys.stdout.isatty()
     buffer = io.StringIO()
-    console = Console(file=buffer, force_terminal=terminal, width=shutil.get_terminal_size().columns if terminal else 120)
+    console = Console(file=buffer, force_terminal=terminal, markup=False, width=shutil.get_terminal_size().columns if terminal else 120)
     rows, best = summary["runs"], summary["best"]
     groups = list(dict.fromkeys(r["group"] for r in rows))
     swept = any(r["values"] for r in rows)

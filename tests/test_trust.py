@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bertcli.errors import BertcliError
 from bertcli.rundir import LOCK, MARKER
@@ -1092,6 +1093,35 @@ def test_resume_refuses_data_or_a_tokenizer_that_changed_since_the_run_began_or_
     code, _, err = in_process(["finetune", r, "--resume", "--set", "train.max_steps=3"], monkeypatch, capsys)
     assert code == 2 and "the run is at step 4, past the 3 steps the recipe now plans" in err, err
     assert (home / "out" / "recipe.yaml").read_text() == saved  # (it said 3 steps beside weights of 4)
+
+
+def test_a_runs_saved_recipe_resumes_that_run_and_no_other(home, monkeypatch, capsys):
+    """A run's recipe.yaml says the directory the run went to (--out), not the recipe's `output`: resumed
+    by its own recipe.yaml without --out, it continues that run, not the one at the recipe's `output`."""
+    r = recipe(home)
+    assert in_process(["finetune", r], monkeypatch, capsys)[0] == 0  # the recipe's output: home/out
+    assert in_process(["finetune", r, "--out", str(home / "other")], monkeypatch, capsys)[0] == 0
+    saved = home / "other" / "recipe.yaml"
+    assert yaml.safe_load(saved.read_text())["output"] == str(home / "other")
+    before = (home / "out" / "log.jsonl").read_text()
+    code, _, err = in_process(["finetune", str(saved), "--resume", "--set", "train.max_steps=3"], monkeypatch, capsys)
+    assert code == 0 and json.loads((home / "other" / "log.jsonl").read_text().splitlines()[-1])["step"] == 3, err
+    assert (home / "out" / "log.jsonl").read_text() == before
+
+
+def test_training_lines_are_whole_and_user_text_is_not_markup(home, monkeypatch, capsys):
+    """stderr that is not a terminal (a file, a pipe, a scheduler's log) gets each training line whole, so that
+    `grep eval_f1 log` finds the numbers; and a label that looks like rich's markup is shown as it is."""
+    (home / "odd.tsv").write_text("sentence\tlabel\n" + "a fine film\t[/]\na dull film\t[bold]no\n" * 8)
+    r = recipe(home, train="odd.tsv", eval="odd.tsv", extra="")
+    monkeypatch.setenv("COLUMNS", "40")  # rich's width where it is not a terminal (80 when unset)
+    code, _, err = in_process(["finetune", r], monkeypatch, capsys)
+    assert code == 0, err
+    final = json.loads((home / "out" / "metrics.json").read_text())
+    line = next(x for x in err.splitlines() if x.startswith("step 2: eval_"))
+    assert len(line) > 40 and all(key in line for key in final if key.startswith("eval_")), err
+    code, out, err = in_process(["evaluate", str(home / "out"), "--data", str(home / "odd.tsv")], monkeypatch, capsys)
+    assert code == 0 and "[/]" in out and "[bold]no" in out, err
 
 
 def test_a_graph_or_inputs_json_bertcli_cannot_prove_it_wrote_is_kept(home, monkeypatch, capsys):

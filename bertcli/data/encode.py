@@ -442,7 +442,7 @@ class _Bar:
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                    TransferSpeedColumn)
 
-        console = Console(stderr=True)
+        console = Console(stderr=True, markup=False)
         self.progress = Progress(TextColumn("encoding"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                                  TimeRemainingColumn(), console=console, disable=not (show and console.is_terminal))
         regular = all(f.is_file() for f in files)

@@ -120,9 +120,14 @@ def _encode(tokenizer, text, out, *extra, stop=None, stop_at=3):
 
 
 @pytest.mark.parametrize("stop, code", [("SIGKILL", -9), ("SIGTERM", 143), ("SIGINT", 130)])
-def test_a_stopped_encode_continues_with_resume_from_its_last_shard(stop, code, text, tiny_tokenizer_dir, tmp_path):
+def test_a_stopped_encode_continues_with_resume_from_its_last_shard(stop, code, text, tiny_tokenizer_dir, tmp_path,
+                                                                   monkeypatch):
     tok = load_tokenizer(tiny_tokenizer_dir)
     encode_corpus(tok, [text], tmp_path / "whole", show_progress=False)
+    with monkeypatch.context() as small:
+        for name, value in SMALL.items():
+            small.setattr(encode, name, value)
+        straight = encode_corpus(tok, [text], tmp_path / "straight", show_progress=False)  # never stopped
     out = tmp_path / "out"
     stopped = _encode(tiny_tokenizer_dir, text, out, stop=stop)
     assert stopped.returncode == code, stopped.stderr.decode()
@@ -140,6 +145,8 @@ def test_a_stopped_encode_continues_with_resume_from_its_last_shard(stop, code, 
     assert not stage.exists() and not (out / "progress.json").exists()
     assert _flat(out) == _flat(tmp_path / "whole")
     index = json.loads((out / "index.json").read_text())
+    assert index["shards"] == straight["shards"]  # cut where the encode that was never stopped cut: the same shards
+    assert all((out / n).read_bytes() == (tmp_path / "straight" / n).read_bytes() for n in os.listdir(out) if n[0] == "0")
     assert index["sources"][0]["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
     finished = _encode(tiny_tokenizer_dir, text, out, "--resume")
     assert finished.returncode == 2 and b"nothing to resume: its encode finished" in finished.stderr
@@ -261,6 +268,25 @@ def test_text_without_blank_lines_is_split_into_documents_and_shards(tiny_tokeni
     index = encode_corpus(load_tokenizer(tiny_tokenizer_dir), [tmp_path / "one.txt"], tmp_path / "one",
                           show_progress=False)
     assert index["documents"] == 1 and "were split" not in capfd.readouterr().err  # it ended there: nothing split
+
+
+@pytest.mark.parametrize("blank_lines", [True, False], ids=["documents", "text-without-blank-lines"])
+def test_where_shards_and_documents_end_depends_on_the_text_not_on_the_blocks(blank_lines, text, tiny_tokenizer_dir,
+                                                                              tmp_path, monkeypatch):
+    """A resumed encode reads its blocks from the last shard's end, not from where an encode that was never
+    stopped read them: shards and long documents end at the same bytes whatever the blocks."""
+    for name, value in {**SMALL, "DOCUMENT_CHARS": 2000}.items():
+        monkeypatch.setattr(encode, name, value)
+    lines = CORPUS.strip().split("\n")
+    source = text if blank_lines else tmp_path / "flat.txt"
+    if not blank_lines:
+        source.write_text("\n".join(lines[i % len(lines)] for i in range(400)) + "\n", encoding="utf-8")
+    tok, made = load_tokenizer(tiny_tokenizer_dir), []
+    for size in (700, 1000, 4096):
+        monkeypatch.setattr(encode, "READ_BYTES", size)
+        index = encode_corpus(tok, [source], tmp_path / str(size), show_progress=False)
+        made.append(([r["bytes"] for r in index["shards"]], _flat(tmp_path / str(size))))
+    assert len(made[0][0]) > 2 and made[0] == made[1] == made[2]
 
 
 def test_overwrite_keeps_a_users_file_named_as_bertcli_names_its_progress_record(text, tiny_tokenizer_dir, tmp_path):

@@ -36,7 +36,7 @@ DOCUMENT_CHARS = 1 << 20  # a document runs no longer: text without blank lines 
 READ_BYTES = 1 << 20
 BATCH_SENTENCES = 20_000  # sentences per call of the tokenizer (which spreads them over all cores)
 PROGRESS = "progress.json"
-_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
+_BLANK_LINE = re.compile(rb"^[ \t\r\f\v]*\n", re.MULTILINE)
 _SUFFIXES = ("tokens.bin", "sentences.npy", "documents.npy", "words.bin")
 
 
@@ -69,7 +69,9 @@ def segmenter_for(name: str | None):
 
 class _Reader:
     """A text file's documents (lists of sentences), read in blocks from byte `offset`, line `line` on.
-    `on_bytes` sees every byte once, in order. A line over MAX_CORPUS_LINE_BYTES is never held whole."""
+    `on_bytes` sees every byte once, in order. A line over MAX_CORPUS_LINE_BYTES is never held whole.
+    Where documents and shards end depends on the text alone, never on where a block of it falls, so that
+    an encode resumed from a shard's end cuts exactly where one that was never stopped did."""
 
     def __init__(self, f: BinaryIO, name: str, offset: int, line: int, on_bytes: Callable[[bytes], None]):
         self.f, self.name, self.offset, self.line, self.on_bytes = f, name, offset, line, on_bytes
@@ -77,59 +79,78 @@ class _Reader:
         self.long_documents = 0  # cut at DOCUMENT_CHARS where text went on without a blank line
         self.cut_long = False  # the last document was cut there: counted if a line of text comes next
 
-    def read(self, cut: bool) -> list[list[str]]:
-        """The documents that the next block of text ends. With `cut`, reading stops after the first blank
-        line in the block, and `self.cut` says whether what was read ends at a document boundary (nothing of
-        a document left over), where a shard may end."""
+    def read(self, cut_at: int) -> list[list[str]]:
+        """The documents that the next block of text ends. Reading stops at the first end of a line at or
+        after byte `cut_at` of the file where no document is open (after a blank line, or where a long
+        document was split), and `self.cut` says whether it did: a shard may end there."""
         self.cut = False
         data = self.f.read(READ_BYTES)
         if not data:
             self.done = True
             rest, self.carry = self.carry, b""
             return self._documents(rest, final=True)
-        data = self.carry + data
-        blank = _BLANK_LINE.search(data) if cut else None
-        end = blank.end() if blank else data.rfind(b"\n") + 1
+        data = self.carry + data  # (it starts a line: a block is used up to its last line break)
+        end = data.rfind(b"\n") + 1
+        first = None  # the first line that ends at or after cut_at
+        if end and cut_at - self.offset <= end:
+            first = data.rfind(b"\n", 0, max(0, cut_at - self.offset - 1)) + 1
+            blank = _BLANK_LINE.search(data, first, end)
+            end = blank.end() if blank else end
         self.carry = data[end:]
         if len(self.carry) > MAX_CORPUS_LINE_BYTES and b"\n" not in self.carry:
             number = self.line + data.count(b"\n", 0, end) + 1
             raise DataError(f"{self.name}: line {number}: over "
                             f"{MAX_CORPUS_LINE_BYTES:,} bytes without a line break; is this a text file?")
-        documents = self._documents(data[:end], final=False) if end else []
-        self.cut = cut and end > 0 and not self.lines
+        documents = self._documents(data[:end], final=False, first=first) if end else []
+        self.cut = first is not None and end > 0 and not self.lines
         return documents
 
-    def _documents(self, raw: bytes, final: bool) -> list[list[str]]:
+    def _documents(self, raw: bytes, final: bool, first: int | None = None) -> list[list[str]]:
+        """The documents `raw` ends. Given `first` (a byte of `raw` where a line starts), it stops after
+        the first line from there on where a long document is split, and what follows goes back to `carry`."""
         text = decode_text(raw, self.name, self.offset, first_line=self.line + 1)
         if self.offset == 0:
             text = text.removeprefix("\ufeff")
-        self.on_bytes(raw)
-        self.offset += len(raw)
-        self.line += raw.count(b"\n")
         lines = text.split("\n")
         if not final:
             lines.pop()  # what follows the block's last line break: nothing
-        documents = []
-        for line in lines:
+        eligible = raw.count(b"\n", 0, first) if first is not None else len(lines)
+        documents, used = [], len(raw)
+        for number, line in enumerate(lines):
             line = line.strip()
             self.long_documents += bool(line) and self.cut_long  # text went on: the cut split a document
             self.cut_long = False  # (a blank line or the end next: the document ended there anyway)
             if line:
                 self.lines.append(line)
                 self.chars += len(line)
+                if self.chars >= DOCUMENT_CHARS:
+                    self.cut_long = True  # a document this long is split at the end of the line
+                    documents.append(self._end_document())
+                    if number >= eligible:  # a shard may end here: the rest is read again
+                        used = _line_end(raw, first, number - eligible)
+                        break
             elif self.lines:
                 documents.append(self._end_document())
-        if self.chars >= DOCUMENT_CHARS and not final:  # a document this long is split where the block ends
-            self.cut_long = True
-            documents.append(self._end_document())
         if final and self.lines:
             documents.append(self._end_document())
+        self.carry = raw[used:] + self.carry
+        raw = raw[:used]
+        self.on_bytes(raw)
+        self.offset += len(raw)
+        self.line += raw.count(b"\n")
         return [d for d in documents if d]
 
     def _end_document(self) -> list[str]:
         sentences = split_sentences(" ".join(self.lines))
         self.lines, self.chars = [], 0
         return sentences
+
+
+def _line_end(raw: bytes, start: int, lines: int) -> int:
+    """The byte after the line break that ends the `lines`-th line (from 0) from byte `start` on."""
+    for _ in range(lines + 1):
+        start = raw.index(b"\n", start) + 1
+    return start
 
 
 class _ShardWriter:
@@ -412,7 +433,7 @@ def _encode_file(tokenizer, number: int, path: Path, stage: Path, dtype, segment
                 if writer is None:
                     writer = _ShardWriter(stage / f"{len(records):05d}", tokenizer, dtype, segment, reader.offset)
                     shard_digest = hashlib.sha256()
-                writer.add(reader.read(cut=reader.offset - writer.start >= SHARD_TEXT_BYTES))
+                writer.add(reader.read(cut_at=writer.start + SHARD_TEXT_BYTES))
                 if (reader.cut or reader.done) and writer.documents:
                     records.append({"file": number, "path": str(path), "eof": reader.done,
                                     **writer.finish(reader.offset, shard_digest.hexdigest())})

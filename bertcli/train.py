@@ -44,6 +44,8 @@ class Position:
     batch: int = 0  # batches of the current epoch already consumed
     tokens: int = 0
     elapsed: float = 0.0  # seconds of training before this process
+    window_loss: float = 0.0  # the losses summed since the last log line (a resumed run's next line averages them too)
+    window_steps: int = 0
 
 
 @dataclass
@@ -123,7 +125,8 @@ def save_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimi
     the optimizer always belong to the same step. Loaded with weights_only=True. (No RNG state
     is needed: the loop reseeds from the step number.)"""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "position": [pos.step, pos.epoch, pos.batch, pos.tokens, pos.elapsed]}
+             "position": [pos.step, pos.epoch, pos.batch, pos.tokens, pos.elapsed],
+             "window": [pos.window_loss, pos.window_steps]}
     def write(tmp: str) -> None:
         try:
             torch.save(state, tmp)
@@ -157,9 +160,34 @@ def apply_resume_state(state: dict, path: Path, model: nn.Module, optimizer: tor
             raise ValueError(f"the position {counts} is not four counts of 0 or more")
         if not finite_number(elapsed) or elapsed < 0:
             raise ValueError(f"the elapsed time {elapsed!r} is not a number of seconds")
+        window_loss, window_steps = state.get("window", (0.0, 0))  # (a run saved before it was kept)
+        if not (finite_number(window_loss) and isinstance(window_steps, int) and window_steps >= 0):
+            raise ValueError(f"the log window {[window_loss, window_steps]!r} is not a loss and a count")
+        broken = _not_finite(state)
+        if broken:
+            raise ValueError(f"{broken} holds NaN or infinite values")
     except Exception as err:  # a resume file from a different recipe
         raise BertcliError(f"{path}: cannot resume from it ({str(err).splitlines()[0][:200]})") from None
-    return Position(step, epoch, batch, tokens, float(elapsed))
+    return Position(step, epoch, batch, tokens, float(elapsed), float(window_loss), window_steps)
+
+
+def _not_finite(state: dict) -> str | None:
+    """The first weight, optimizer statistic or setting of a resume state that is NaN or infinite: training
+    from it would fail steps later, blaming the learning rate."""
+    values = [(f"weight {k}", v) for k, v in state["model"].items()]
+    values += [(f"optimizer state {k} of parameter {p}", v) for p, kv in state["optimizer"]["state"].items()
+               for k, v in kv.items()]
+    values += [(f"optimizer setting {k}", v) for group in state["optimizer"]["param_groups"] for k, v in group.items()
+               if k != "params"]
+    values += [(f"scaler {k}", v) for k, v in state["scaler"].items()]
+    for name, value in values:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if isinstance(item, torch.Tensor) and item.is_floating_point() and not bool(torch.isfinite(item).all()):
+                return name
+            if isinstance(item, float) and not math.isfinite(item):
+                return name
+    return None
 
 
 def load_resume_state(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, rank: int = 0,
@@ -396,7 +424,7 @@ def _start(job: Job, cfg: TrainConfig, out: Path, resume: bool) -> _Run:
                 wrapped=wrapped, optimizer=optimizer, scaler=scaler, pos=pos, log=log, total=total,
                 budget=parse_duration(cfg.time_budget) if cfg.time_budget else None,
                 start=time.perf_counter() - pos.elapsed, batches_per_epoch=batches_per_epoch, progress=progress,
-                console=console, window=_Window(time.perf_counter()))
+                console=console, window=_Window(time.perf_counter(), loss=pos.window_loss, steps=pos.window_steps))
 
 
 def _micro_batches(run: _Run, group: Sequence[Sequence[int]]) -> tuple[list[dict[str, Tensor]], dict[str, int]]:
@@ -504,6 +532,7 @@ def _checkpoint(run: _Run, alone: bool = False) -> None:
     began = time.perf_counter()
     pos, out = run.pos, run.out
     pos.elapsed = began - run.start
+    pos.window_loss, pos.window_steps = run.window.loss, run.window.steps
     broken = next((name for name, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
     if broken is not None:
         raise BertcliError(f"{broken} holds NaN or infinite values at step {pos.step}: the training diverged; "

@@ -142,14 +142,26 @@ def _resume_own(run: str) -> list[str]:
     return ["finetune", f"{run}/recipe.yaml", "--out", run, "--resume"]
 
 
-def spoil_resume(home: Path, position: list) -> str:
+def spoil_resume(home: Path, position: list | None = None, edit=None) -> str:
+    """The model run's resume.pt with another position, or edited by `edit(state)`."""
     import torch
 
     run = home / "model"
     state = torch.load(run / "resume.pt", weights_only=True)
-    state["position"] = position
+    if position is not None:
+        state["position"] = position
+    if edit is not None:
+        edit(state)
     torch.save(state, run / "resume.pt")
     return str(run)
+
+
+def _first_weight(state: dict) -> None:
+    next(iter(state["model"].values())).view(-1)[0] = float("nan")
+
+
+def _adam_moment(state: dict) -> None:
+    next(iter(state["optimizer"]["state"].values()))["exp_avg"].view(-1)[3] = float("inf")
 
 
 def fifo_twice(home: Path) -> list[str]:
@@ -393,6 +405,19 @@ CASES = {
                                             r"resume.pt: cannot resume from it"),
     "resume.pt with negative counts": (lambda h: _resume_own(spoil_resume(h, [-5, -3, -7, 0, 0.0])), b"",
                                        r"resume.pt: cannot resume from it"),
+    "resume.pt with a NaN weight": (lambda h: _resume_own(spoil_resume(h, edit=_first_weight)), b"",
+                                    r"resume.pt: cannot resume from it \(weight bert.embeddings.word_embeddings.weight "
+                                    r"holds NaN or infinite values\)"),
+    "resume.pt with an infinite Adam moment": (lambda h: _resume_own(spoil_resume(h, edit=_adam_moment)), b"",
+                                               r"resume.pt: cannot resume from it \(optimizer state exp_avg of parameter"),
+    "resume.pt with eps NaN": (lambda h: _resume_own(spoil_resume(h, edit=lambda s: s["optimizer"]["param_groups"][0]
+                                                                  .__setitem__("eps", float("nan")))), b"",
+                               r"resume.pt: cannot resume from it \(optimizer setting eps holds NaN"),
+    "resume.pt with betas inf": (lambda h: _resume_own(spoil_resume(h, edit=lambda s: s["optimizer"]["param_groups"][0]
+                                                                    .__setitem__("betas", (0.9, float("inf"))))), b"",
+                                 r"resume.pt: cannot resume from it \(optimizer setting betas holds NaN"),
+    "resume.pt with a window of text": (lambda h: _resume_own(spoil_resume(h, edit=lambda s: s.__setitem__(
+        "window", ["x", 1]))), b"", r"resume.pt: cannot resume from it \(the log window"),
     "tokenize train on /dev/zero": (lambda h: ["tokenize", "train", "--corpus", "/dev/zero", "--out", str(h / "t")], b"",
                                     r"/dev/zero: NUL byte"),
     "tokenize train with --min-frequency -1": (lambda h: ["tokenize", "train", "--corpus", str(h / "corpus.txt"), "--out",
@@ -855,7 +880,8 @@ def test_a_second_signal_never_splits_a_step_and_resume_ends_as_an_uninterrupted
                 for line in (run / "log.jsonl").read_text().splitlines()]
 
     r = recipe(home, eval="train.tsv")
-    sets = ["--set", "train.max_steps=6", "--set", "train.eval_every=2", "--set", "train.save_every=2"]
+    sets = ["--set", "train.max_steps=6", "--set", "train.eval_every=2", "--set", "train.save_every=2",
+            "--set", "train.log_every=4"]  # stopped at step 3, the line of step 4 averages steps 2 to 4 all the same
     code, _, err = in_process(["finetune", r, "--out", str(home / "ref"), *sets], monkeypatch, capsys)
     assert code == 0, err
 

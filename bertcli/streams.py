@@ -64,8 +64,9 @@ def guard() -> Closed:
 
 
 class Messages(io.TextIOBase):
-    """stderr that a closed reader cannot stop: a training run piped into `| head` keeps training.
-    On the first broken pipe the descriptor is pointed at /dev/null and the writes go on there."""
+    """stderr that a closed reader, or a full disk under its file, cannot stop: a training run piped into
+    `| head`, or a scheduler's log on a full disk, keeps training and saving (its exit code still tells how
+    it ended). On the first such failure the descriptor is pointed at /dev/null and the writes go on there."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -73,15 +74,22 @@ class Messages(io.TextIOBase):
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._silence()
+        except OSError as err:
+            self._lost(err)
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._silence()
+        except OSError as err:
+            self._lost(err)
+
+    def _lost(self, err: OSError) -> None:
+        from bertcli.fileio import STORAGE_ERRORS
+
+        if not isinstance(err, BrokenPipeError) and err.errno not in STORAGE_ERRORS:
+            raise err
+        self._silence()
 
     def _silence(self) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)

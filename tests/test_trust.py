@@ -989,6 +989,10 @@ def test_closed_and_broken_standard_streams(model, tmp_path, tiny_tokenizer_dir)
     assert done.returncode == 0 and (tmp_path / "piped" / "resume.pt").is_file()
     records = [json.loads(line) for line in (tmp_path / "piped" / "log.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 30
+    if Path("/dev/full").exists():  # messages to a file on a full disk (a scheduler's log): the run goes on too
+        done = shell(f"{py} finetune {r} --out {tmp_path / 'full'} 2>/dev/full")
+        assert done.returncode == 0 and (tmp_path / "full" / "model.safetensors").is_file()
+        assert shell(f"{py} finetune {tmp_path / 'none.yaml'} 2>/dev/full").returncode == 2
     done = shell(f"{py} evaluate {model} --data {tmp_path / 'train.tsv'} --out {tmp_path / 'm.json'} "
                  f"--report {tmp_path / 'figs'} | head -1; exit ${{PIPESTATUS[0]}}")
     assert done.returncode == 0 and (tmp_path / "m.json").is_file() and (tmp_path / "figs" / "confusion.png").is_file()

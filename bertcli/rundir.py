@@ -207,7 +207,8 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise BertcliError(f"{out}: cannot create the output directory: {err.strerror}") from None
+        what = "the output directory" if replacing == "--overwrite" else replacing
+        raise BertcliError(f"{out}: cannot create {what}: {err.strerror}") from None
     fd = _take_lock(out, wait)
     try:
         if complete_with and marked_kind(out) == kind and (out / complete_with).is_file():

@@ -18,7 +18,7 @@ from bertcli.data import encode
 from bertcli.data.corpus import load_shards
 from bertcli.data.sequences import _pack_shard
 from bertcli.data.encode import encode_corpus
-from bertcli.errors import DataError
+from bertcli.errors import BertcliError, DataError
 from bertcli.tokenizer import load_tokenizer
 from conftest import CORPUS, ROOT, run_cli
 
@@ -268,6 +268,29 @@ def test_text_without_blank_lines_is_split_into_documents_and_shards(tiny_tokeni
     index = encode_corpus(load_tokenizer(tiny_tokenizer_dir), [tmp_path / "one.txt"], tmp_path / "one",
                           show_progress=False)
     assert index["documents"] == 1 and "were split" not in capfd.readouterr().err  # it ended there: nothing split
+
+
+def test_a_damaged_shard_cache_is_encoded_again_and_a_foreign_file_in_it_kept(text, tiny_tokenizer_dir, tmp_path,
+                                                                             monkeypatch, capfd):
+    """A shard of bertcli's cache cut short (a disk, a hand) would stop every later run on the same text: it is
+    encoded again, once; a file bertcli did not write there is never removed for it."""
+    from bertcli.data.corpus import shards_for
+
+    monkeypatch.setenv("BERTCLI_CACHE", str(tmp_path / "cache"))
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    first = [np.asarray(s.tokens).tolist() for s in shards_for([str(text)], tok)]
+    (cached,) = (tmp_path / "cache").glob("shards/*/00000.tokens.bin")
+    with open(cached, "r+b") as f:
+        f.truncate(100)
+    capfd.readouterr()
+    assert [np.asarray(s.tokens).tolist() for s in shards_for([str(text)], tok)] == first
+    assert "in bertcli's shard cache: its text is encoded again" in capfd.readouterr().err
+    with open(cached, "r+b") as f:
+        f.truncate(100)
+    (cached.parent / "notes.txt").write_text("mine")
+    with pytest.raises(BertcliError, match="notes.txt"):
+        shards_for([str(text)], tok)
+    assert (cached.parent / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("blank_lines", [True, False], ids=["documents", "text-without-blank-lines"])

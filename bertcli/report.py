@@ -1,5 +1,5 @@
 """`bertcli evaluate --report DIR`: PNG figures of an evaluation and of its training run.
-Needs matplotlib (pip install 'bertcli[report]')."""
+Needs matplotlib (pip install -e '.[report]')."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def write_report(directory: Path, metrics: dict, model_dir: Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise BertcliError("--report needs matplotlib: pip install 'bertcli[report]'") from None
+        raise BertcliError("--report needs matplotlib: pip install -e '.[report]' in bertcli's clone") from None
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     confusion = metrics.get("confusion")

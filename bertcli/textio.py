@@ -11,6 +11,7 @@ import io
 import json
 import os
 import select
+import stat
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -51,6 +52,24 @@ def read_once(paths: list[Path]) -> None:
             if path.resolve() in seen:
                 raise DataError(f"{path}: a pipe named twice; it can be read only once")
             seen.add(path.resolve())
+
+
+def distinct_files(paths: list[Path]) -> None:
+    """The same file named twice in one list (`--corpus a.txt ./a.txt`, a link to it, a glob and its file)
+    would count its text twice, unsaid (DataError)."""
+    seen: dict[tuple[int, int], Path] = {}
+    for path in paths:
+        try:
+            info = path.stat()
+        except OSError:
+            continue  # (said where it is read)
+        if not stat.S_ISREG(info.st_mode):
+            continue  # a pipe: read_once
+        first = seen.get((info.st_dev, info.st_ino))
+        if first is not None:
+            raise DataError(f"{path}: the same file as {first}, named before it; each file is read once (to count "
+                            "a text twice, copy it)")
+        seen[(info.st_dev, info.st_ino)] = path
 
 
 def line_too_long(where: str, size: int) -> DataError:

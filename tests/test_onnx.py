@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 for _module in ("onnx", "onnxscript", "onnxruntime"):
-    pytest.importorskip(_module, reason=f"{_module} is not installed (pip install 'bertcli[onnx]')")
+    pytest.importorskip(_module, reason=f"{_module} is not installed (pip install -e '.[onnx]')")
 
 from bertcli.errors import BertcliError, CheckpointError  # noqa: E402
 from bertcli.export import export  # noqa: E402

@@ -167,7 +167,8 @@ def test_a_shape_that_model_init_would_leave_unused_is_refused(tmp_path, files, 
     # what a run saves now: the shape it trains, which reads again as a recipe anywhere
     student = BertConfig(hidden_size=384, num_hidden_layers=3, num_attention_heads=12, intermediate_size=1536)
     copy = tmp_path / "copy.yaml"
-    copy.write_text(saved_recipe(load_recipe(path, [f"model.init={minilm_dir}", "model.init_layers=[0,2,4]"]), student))
+    student_recipe = load_recipe(path, [f"model.init={minilm_dir}", "model.init_layers=[0,2,4]"])
+    copy.write_text(saved_recipe(student_recipe, student, tmp_path / "run"))
     assert (load_recipe(copy).model.hidden_size, load_recipe(copy).model.num_layers) == (384, 3)
 
 

@@ -156,6 +156,11 @@ def spoil_resume(home: Path, position: list | None = None, edit=None) -> str:
     return str(run)
 
 
+def linked(home: Path, name: str) -> str:
+    (home / f"link-to-{name}").symlink_to(home / name)
+    return str(home / f"link-to-{name}")
+
+
 def _first_weight(state: dict) -> None:
     next(iter(state["model"].values())).view(-1)[0] = float("nan")
 
@@ -418,6 +423,16 @@ CASES = {
                                  r"resume.pt: cannot resume from it \(optimizer setting betas holds NaN"),
     "resume.pt with a window of text": (lambda h: _resume_own(spoil_resume(h, edit=lambda s: s.__setitem__(
         "window", ["x", 1]))), b"", r"resume.pt: cannot resume from it \(the log window"),
+    "tokenize encode of one file twice": (lambda h: ["tokenize", "encode", "--tokenizer", str(h / "tok"), "--corpus",
+                                                     str(h / "corpus.txt"), "--corpus", str(h / "." / "corpus.txt"),
+                                                     "--out", str(h / "s")], b"",
+                                         r"corpus.txt: the same file as .*corpus.txt, named before it"),
+    "tokenize train of a file and a link to it": (lambda h: ["tokenize", "train", "--corpus", str(h / "corpus.txt"),
+                                                             "--corpus", linked(h, "corpus.txt"), "--out", str(h / "t")],
+                                                 b"", r"the same file as .*corpus.txt, named before it"),
+    "a recipe training on one file twice": (lambda h: ["finetune", recipe(h), "--set",
+                                                       f"data.train=[{h / 'train.tsv'},{h / '.' / 'train.tsv'}]"], b"",
+                                            r"data: .*train.tsv: the same file as"),
     "tokenize train on /dev/zero": (lambda h: ["tokenize", "train", "--corpus", "/dev/zero", "--out", str(h / "t")], b"",
                                     r"/dev/zero: NUL byte"),
     "tokenize train with --min-frequency -1": (lambda h: ["tokenize", "train", "--corpus", str(h / "corpus.txt"), "--out",

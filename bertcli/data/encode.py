@@ -62,7 +62,7 @@ def segmenter_for(name: str | None):
     try:
         import jieba
     except ImportError:
-        raise DataError("the jieba segmenter is not installed: pip install 'bertcli[zh]'") from None
+        raise DataError("the jieba segmenter is not installed: pip install -e '.[zh]' in bertcli's clone") from None
     jieba.setLogLevel(60)
     return jieba.tokenize
 

@@ -33,7 +33,7 @@ class PretrainOptions(TaskOptions):
     mask_prob: float = 0.15  # share of the tokens predicted
     whole_word_mask: bool = False  # mask every piece of a word together
     short_seq_prob: float = 0.1  # share of sequences packed to a shorter, random length
-    segmenter: Literal["none", "jieba"] = "none"  # words for Chinese whole-word masking (pip install 'bertcli[zh]')
+    segmenter: Literal["none", "jieba"] = "none"  # words for Chinese whole-word masking (pip install -e '.[zh]')
     # [CLS] A [SEP] B [SEP] with a few tokens for each sentence
     min_seq_len: ClassVar[int] = 8
     command: ClassVar[str] = "pretrain"

@@ -281,12 +281,16 @@ class PretrainTask(Task):
         encodings = self.tokenizer.encode_truncated([examples[i] for i in real], self.max_seq_len)
         outputs = self.run(model, [{"input_ids": e.ids, "token_type_ids": e.type_ids} for e in encodings], batch_size)
         for line, enc, (scores, ids) in zip(real, encodings, outputs):
-            filled, masks = list(enc.ids), []
+            text, masks, shift = examples[line], [], 0
             for p in (p for p, token in enumerate(enc.ids) if token == self.tokenizer.mask_id):
                 masks.append([{"token": self.tokenizer.backend.id_to_token(int(t)), "score": round(float(s), 6)}
                               for s, t in zip(scores[p], ids[p])])
-                filled[p] = int(ids[p][0])
-            results[line] = {"text": self.tokenizer.backend.decode(filled), "masks": masks}
+                start, end = enc.offsets[p]  # the [MASK] in the line, replaced there: the rest stays as written
+                best = masks[-1][0]["token"]
+                best = best[2:] if best.startswith("##") else best  # a word piece joins the text before it
+                text = text[:start + shift] + best + text[end + shift:]
+                shift += len(best) - (end - start)
+            results[line] = {"text": text, "masks": masks}
             if enc.overflowing:
                 results[line]["truncated"] = True  # longer than max_seq_len: masks past it are not filled
         return results

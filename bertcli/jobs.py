@@ -85,7 +85,8 @@ def check_resumed_tokenizer(out: Path, tokenizer: WordPieceTokenizer) -> None:
 
 def resumed_from(out: Path, resume: bool) -> str:
     """What the model line adds on --resume: the weights that train on are the run's own."""
-    return f"; resumed: the run's own weights from {out / 'resume.pt'}" if resume and (out / "resume.pt").is_file() else ""
+    return (f"; then, resumed, every weight (the head's too) from the run's own {out / 'resume.pt'}"
+            if resume and (out / "resume.pt").is_file() else "")
 
 
 def check_output_apart(recipe: Recipe, out: Path, source: Path | None, resume: bool) -> None:
@@ -283,8 +284,8 @@ def load_teacher(recipe: Recipe, task: Task, student: BertConfig):
                               f"{', '.join(task.labels[:10])}: a teacher names the same labels in the same order")
     part = tokenizer_difference(task.tokenizer, ck.tokenizer)
     if part is not None:
-        raise CheckpointError(f"model.teacher: {source} has another tokenizer ({part}) than the student; the "
-                              "teacher reads the student's token ids, so both need the same one")
+        raise CheckpointError(f"model.teacher: {source} has another tokenizer than the student (its {part} "
+                              "differs); the teacher reads the student's token ids, so both need the same one")
     if recipe.data.max_seq_len > ck.config.max_position_embeddings:
         raise CheckpointError(f"model.teacher: {source} reads at most {ck.config.max_position_embeddings} tokens, "
                               f"data.max_seq_len is {recipe.data.max_seq_len}")

@@ -166,9 +166,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         distinct_files([Path(p) for p in recipe.data.train])
     except DataError as err:
         problems.append(f"data: {err}")
-    if problems:
-        raise RecipeError(source, problems)
+    if problems:  # (a problem may be one of --set's: the header says so)
+        raise RecipeError(source + (" with --set " + ", ".join(_set_keys(overrides)) if overrides else ""), problems)
     return recipe
+
+
+def _set_keys(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    keys = [item.partition("=")[0].strip() for item in overrides]
+    return keys[:6] + [f"and {len(keys) - 6} more"] if len(keys) > 6 else keys
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -315,7 +320,8 @@ def read_yaml(path: Path, source: str) -> dict[str, Any]:
         problem = getattr(err, "problem", None) or str(err)
         if mark is None:
             raise RecipeError(source, [f"YAML refused: {problem}"]) from None
-        raise RecipeError(source, [f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"]) from None
+        what = "line" if isinstance(err, yaml.constructor.ConstructorError) else "YAML syntax error at line"  # (ours)
+        raise RecipeError(source, [f"{what} {mark.line + 1}, column {mark.column + 1}: {problem}"]) from None
     if raw is None:
         raise RecipeError(source, ["the recipe is empty"])
     if not isinstance(raw, dict):

@@ -349,7 +349,8 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
     bare = [n for n in names if n != LOCK or not _own_lock(out)]
     if not bare:  # missing or empty (a lock alone: killed before its marker)
         if resume:
-            raise BertcliError(f"{out}: nothing to resume" + (" (no resume.pt)" if kind == "run" else ""))
+            what = "no such directory" if not out.exists() else "the directory is empty"
+            raise BertcliError(f"{out}: nothing to resume ({what}); run it without --resume, or name the run with --out")
         return
     if bare == [MARKER] and marked_kind(out) == kind and not resume:
         return  # bertcli's marker and lock alone: a command that failed before it wrote a file left nothing to keep

@@ -169,8 +169,10 @@ def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[P
     both = next(((s, k) for k, _ in axes for s in (item.partition("=")[0].strip() for item in overrides)
                  if s == k or s.startswith(f"{k}.") or k.startswith(f"{s}.")), None)
     if both is not None:  # one would silently replace the other (a section replaces every key in it)
-        given = both[0] if both[0] == both[1] else f"{both[0]} (by --set) and {both[1]} (by --sweep)"
-        raise BertcliError(f"{given} is given by both --set and --sweep: one would replace the other; give it once")
+        if both[0] == both[1]:
+            raise BertcliError(f"{both[0]} is given by both --set and --sweep: one would replace the other; give it once")
+        raise BertcliError(f"--set {both[0]} and --sweep {both[1]} overlap (a section given whole replaces every key "
+                           "in it): one would replace the other; give each key once")
     runs = len(sources) * math.prod(len(v) for _, v in axes)
     if runs > MAX_POINTS:
         raise BertcliError(f"--sweep: {runs:,} runs; at most {MAX_POINTS:,} in one suite")

@@ -135,7 +135,9 @@ def tokenizer_difference(a: WordPieceTokenizer, b: WordPieceTokenizer) -> str | 
     """The first part of their pipelines in which two tokenizers differ (normalizer, pre_tokenizer, or
     model: the vocabulary), or None when they give the same ids for the same text."""
     mine, theirs = (json.loads(t.backend.to_str()) for t in (a, b))
-    return next((part for part in ("normalizer", "pre_tokenizer", "model") if mine.get(part) != theirs.get(part)), None)
+    parts = {"normalizer": "normalizer (lower-casing, accents)", "pre_tokenizer": "pre-tokenizer (how text splits "
+             "into words)", "model": "vocabulary"}
+    return next((name for part, name in parts.items() if mine.get(part) != theirs.get(part)), None)
 
 
 def load_tokenizer(directory: str | Path) -> WordPieceTokenizer:

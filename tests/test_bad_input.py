@@ -121,7 +121,7 @@ CASES = {
     "ragged tsv": ({"x.tsv": ROWS + "no label\n"}, lambda h: ["finetune", recipe(h, train="x.tsv")], b"",
                    r"x.tsv: line 6: 1 columns, but the header has 2"),
     "csv missing column": ({"x.csv": "words,label\nok,pos\n"}, lambda h: ["finetune", recipe(h, train="x.csv")], b"",
-                           r"x.csv: line \d: no text column"),
+                           r"x.csv: line 1 \(the header\): no text column"),
     "one label only": ({"x.tsv": "sentence\tlabel\ngood\tpos\nfine\tpos\n"},
                        lambda h: ["finetune", recipe(h, train="x.tsv")], b"", "x.tsv: every example has the label 'pos'"),
     "conll column count": ({"x.conll": "a\tO\nb\tX\tO\n"}, lambda h: ["finetune", recipe(h, "ner", "x.conll")], b"",
@@ -182,7 +182,7 @@ CASES = {
                                                       str(Path(os.environ["BERTCLI_CACHE"]) / "run")], b"",
                                          r"the output directory lies inside the input shard cache \(BERTCLI_CACHE\)"),
     "a key twice in a recipe": ({}, lambda h: ["finetune", recipe(h, extra="train: {lr: 1}\n")], b"",
-                                r"YAML syntax error at line 6, column 1: 'train' is given twice in one mapping "
+                                r"- line 6, column 1: 'train' is given twice in one mapping "
                                 r"\(first at line 4\)"),
     "a lone surrogate escape on stdin": ({}, lambda h: ["predict", str(h / "model")], b'{"text": "ok"}\n{"text": "\\ud800"}\n',
                                          r"stdin: line 2: .*cannot be read \(a lone surrogate escape \(\\ud800\)"),

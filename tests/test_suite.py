@@ -288,7 +288,7 @@ def test_names_and_sizes_a_suite_cannot_hold_are_refused_at_once(recipes, tmp_pa
     with pytest.raises(BertcliError, match="train.lr is given by both --set and --sweep: one would replace"):
         plan(recipes[:1], ["train.lr=1e-3"], ["train.lr=2e-5,3e-5"])
     for sets, sweep in [("train={lr: 1e-3}", "train.lr=2e-5,3e-5"), ("train.lr=1e-3", "train={lr: 2e-5},{lr: 3e-5}")]:
-        with pytest.raises(BertcliError, match=r"train(\.lr)? \(by --set\) and train(\.lr)? \(by --sweep\)"):
+        with pytest.raises(BertcliError, match=r"--set train(\.lr)? and --sweep train(\.lr)? overlap"):
             plan(recipes[:1], [sets], [sweep])  # a section and a key in it: one replaces the other
     assert [p.recipe.train.seed for p in plan(recipes[:1], ["train.seed=3"], ["train.lr=2e-5,3e-5"])] == [3, 3]
     with pytest.raises(BertcliError, match="100,000,000 runs; at most 1,000"):  # (the grid itself would not fit)

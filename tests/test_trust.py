@@ -1129,11 +1129,12 @@ def test_resume_refuses_data_or_a_tokenizer_that_changed_since_the_run_began_or_
     vocab[a], vocab[b] = vocab[b], vocab[a]  # the same size, two words' ids swapped
     (home / "tok" / "tokenizer.json").write_text(json.dumps(tokenizer))
     code, _, err = in_process(["finetune", r, *more], monkeypatch, capsys)
-    assert code == 2 and "is not the one the run trained with: its model differs" in err, err
+    assert code == 2 and "is not the one the run trained with: its vocabulary differs" in err, err
     shutil.copy(home / "out" / "tokenizer.json", home / "tok" / "tokenizer.json")
     code, _, err = in_process(["finetune", r, *more], monkeypatch, capsys)
     assert code == 0 and json.loads((home / "out" / "log.jsonl").read_text().splitlines()[-1])["step"] == 4, err
-    assert f"resumed: the run's own weights from {home / 'out' / 'resume.pt'}" in err.splitlines()[0]
+    assert f"then, resumed, every weight (the head's too) from the run's own {home / 'out' / 'resume.pt'}" in \
+        err.splitlines()[0]
     saved = (home / "out" / "recipe.yaml").read_text()
     code, _, err = in_process(["finetune", r, "--resume", "--set", "train.max_steps=3"], monkeypatch, capsys)
     assert code == 2 and "the run is at step 4, past the 3 steps the recipe now plans" in err, err

@@ -111,11 +111,12 @@ def stray_carriage_return(path: str | Path, number: int) -> DataError:
                      "\\r\\n (a file with old Mac line endings? `tr '\\r' '\\n'` converts it)")
 
 
-def read_rows(path: str | Path, columns: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
+def read_rows(path: str | Path, columns: Sequence[str] = (), header_line: dict | None = None
+              ) -> Iterator[tuple[int, dict]]:
     """(line number, row) pairs. `.jsonl`/`.json` hold one JSON object per line (so does a pipe whose text
     starts with `{`); `.csv` is comma-separated with quoting; anything else is tab-separated without
-    quoting (GLUE). The first
-    row names the columns, or `columns` does for a file without a header row."""
+    quoting (GLUE). The first row names the columns (its line number goes into `header_line["line"]`, for
+    messages about them), or `columns` does for a file without a header row."""
     text = read_text(path)
     suffix = Path(path).suffix.lower()
     if json_lines(path, text):
@@ -141,6 +142,8 @@ def read_rows(path: str | Path, columns: Sequence[str] = ()) -> Iterator[tuple[i
             if twice:
                 raise DataError(f"{path}: line {number}: the header names {', '.join(map(repr, twice))} more than "
                                 "once; each column needs a name of its own")
+            if header_line is not None:
+                header_line["line"] = number
             continue
         if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue

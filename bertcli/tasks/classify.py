@@ -97,10 +97,11 @@ class ClassifyTask(Task):
 
     def read(self, path: str | Path) -> list[Example]:
         examples = []
-        columns = None
-        for number, row in read_rows(path, self.options.columns):
-            if columns is None:
-                columns = self._columns(path, number, list(row))
+        columns, header = None, {}
+        for number, row in read_rows(path, self.options.columns, header):
+            if columns is None:  # named by the header row, where a file has one
+                columns = self._columns(path, f"line {header['line']} (the header)" if header else f"line {number}",
+                                        list(row))
             text_key, pair_key, label_key = columns
             where = f"{path}: line {number}"
             if pair_key is None and any(key in row for key in PAIR_COLUMNS):  # a JSON line names its own fields
@@ -126,15 +127,15 @@ class ClassifyTask(Task):
             raise DataError(f"{where}: the label must be a non-empty string or integer, got {value!r}")
         return str(value).strip()
 
-    def _columns(self, path, number: int, names: list[str]) -> tuple[str, str | None, str]:
+    def _columns(self, path, line: str, names: list[str]) -> tuple[str, str | None, str]:
         def pick(explicit: str | None, candidates: tuple[str, ...], what: str, required: bool) -> str | None:
             if explicit is not None:
                 if explicit not in names:
-                    raise DataError(f"{path}: line {number}: no column {explicit!r} ({what}); columns: {', '.join(names)}")
+                    raise DataError(f"{path}: {line}: no column {explicit!r} ({what}); columns: {', '.join(names)}")
                 return explicit
             found = next((c for c in candidates if c in names), None)
             if found is None and required:
-                raise DataError(f"{path}: line {number}: no {what} column (looked for {', '.join(candidates)}); "
+                raise DataError(f"{path}: {line}: no {what} column (looked for {', '.join(candidates)}); "
                                 f"columns: {', '.join(names)}; name one so, or set task.{what.replace(' ', '_')}_column "
                                 "in the recipe that trains on it")
             return found

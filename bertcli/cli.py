@@ -96,22 +96,36 @@ def tokenize_train(
 def tokenize_show(
     tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer or checkpoint directory."),
 ) -> None:
-    """Print tokens, ids and character offsets for each stdin line, one JSON line each."""
+    """Print tokens, ids and character offsets for each stdin line, one JSON line each (a line that cannot be
+    read, as predict does: an {"error": ...} line in its place, and exit code 2 at the end)."""
     import json
 
-    from bertcli.textio import read_lines
+    from bertcli.errors import DataError
+    from bertcli.textio import TooLong, decode_text, line_too_long, raw_lines
     from bertcli.tokenizer import load_tokenizer
 
     _require_stdout("tokenize show")
     tok = load_tokenizer(tokenizer)
     if sys.stdin is None:
         raise BertcliError("stdin is closed: pipe the text in")
+    failures, offset = [], 0
     with _streaming():
-        for _, text in read_lines(sys.stdin.buffer, "stdin"):
-            enc = tok.encode(text)
-            sys.stdout.write(json.dumps({"tokens": enc.tokens, "ids": enc.ids,
-                                         "offsets": [list(o) for o in enc.offsets]}, ensure_ascii=False) + "\n")
+        for number, raw in enumerate(raw_lines(sys.stdin.buffer, "stdin"), start=1):
+            start, offset = offset, offset + (raw if isinstance(raw, TooLong) else len(raw)) + 1
+            try:
+                if isinstance(raw, TooLong):
+                    raise line_too_long(f"stdin: line {number}", raw)
+                text = decode_text(raw, "stdin", start, number)
+                enc = tok.encode((text.removeprefix("\ufeff") if number == 1 else text).removesuffix("\r"))
+                answer = {"tokens": enc.tokens, "ids": enc.ids, "offsets": [list(o) for o in enc.offsets]}
+            except DataError as err:
+                failures.append(str(err))
+                answer = {"error": str(err)}
+            sys.stdout.write(json.dumps(answer, ensure_ascii=False) + "\n")
             sys.stdout.flush()
+    if failures:
+        raise BertcliError(f"{len(failures)} of {number} input line(s) could not be read and were answered with an "
+                           f"error object; the first: {failures[0]}")
 
 
 @tokenize_app.command("encode", epilog="Example: bertcli tokenize encode --tokenizer tok/ --corpus corpus/*.txt --out shards/")

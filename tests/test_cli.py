@@ -52,9 +52,14 @@ def test_tokenize_train_then_show_in_a_pipe(tmp_path):
 
 
 def test_invalid_utf8_on_stdin_names_line_and_byte(tiny_tokenizer_dir):
-    done = run_cli("tokenize", "show", "--tokenizer", str(tiny_tokenizer_dir), stdin=b"fine\nbad \xff byte\n")
-    assert done.returncode == 2
-    assert b"stdin: line 2: not UTF-8 text (byte offset 9)" in done.stderr and b"Traceback" not in done.stderr
+    """As predict: a line that cannot be read gets an error line in its place (the lines stay aligned with the
+    input), the rest are answered, and the exit code is 2."""
+    done = run_cli("tokenize", "show", "--tokenizer", str(tiny_tokenizer_dir), stdin=b"fine\nbad \xff byte\nok\x00\nend\r\n")
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+    first, bad, nul, end = [json.loads(line) for line in done.stdout.splitlines()]
+    assert bad == {"error": "stdin: line 2: not UTF-8 text (byte offset 9)"} and "line 3: NUL byte" in nul["error"]
+    assert first["tokens"][1:-1] and end["offsets"][-2][1] == 3  # (the \r is the line ending's, not text)
+    assert b"2 of 4 input line(s) could not be read" in done.stderr
 
 
 def test_bad_recipe_is_one_message_with_exit_2(tmp_path, tiny_tokenizer_dir):

@@ -105,7 +105,8 @@ def render(metrics: dict) -> str:
 
     terminal = sys.stdout is not None and sys.stdout.isatty()
     buffer = io.StringIO()
-    console = Console(file=buffer, force_terminal=terminal, markup=False, width=shutil.get_terminal_size().columns if terminal else 100)
+    console = Console(file=buffer, force_terminal=terminal, markup=False, emoji=False,  # the user's text as it is
+                      width=shutil.get_terminal_size().columns if terminal else 100)
     console.print(f"{metrics['task']} on {metrics['data']}", highlight=False)
     head = Table()
     head.add_column("metric")

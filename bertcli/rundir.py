@@ -23,7 +23,7 @@ import re
 import stat
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from bertcli import __version__
 from bertcli.errors import BertcliError
@@ -186,7 +186,7 @@ class Claim:
 
 
 def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, wait: bool = False,
-          complete_with: str | None = None, replacing: str = "--overwrite") -> Claim:
+          complete_with: str | Callable[[Path], bool] | None = None, replacing: str = "--overwrite") -> Claim:
     """Make `out` this process's output directory of `kind` ("run", "tokenizer" or "shards").
 
     - A missing or empty directory is created and marked.
@@ -195,8 +195,9 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
       anything bertcli does not write there.
     - Leftovers of a killed writer are removed, in a marked directory only.
     `wait` blocks on another writer's lock (for bertcli's own cache) instead of refusing; with
-    `complete_with`, a marked directory found holding that file once the lock is held is kept as it is
-    (another process finished the same work meanwhile) and the claim says `complete`. `replacing`
+    `complete_with`, a marked directory found holding that file (or for which that function says True) once
+    the lock is held is kept as it is (another process finished the same work meanwhile) and the claim says
+    `complete`. `replacing`
     names what asked to replace the directory, in messages."""
     if resume and overwrite:
         raise BertcliError("--resume and --overwrite exclude each other")
@@ -211,7 +212,8 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
         raise BertcliError(f"{out}: cannot create {what}: {err.strerror}") from None
     fd = _take_lock(out, wait)
     try:
-        if complete_with and marked_kind(out) == kind and (out / complete_with).is_file():
+        if complete_with and marked_kind(out) == kind and (
+                complete_with(out) if callable(complete_with) else (out / complete_with).is_file()):
             return Claim(out, fd, complete=True)
         _check_state(out, kind, resume, overwrite, replacing)  # again: another writer may have been here meanwhile
         if marked_kind(out) is None:

@@ -170,7 +170,8 @@ def plan(sources: list[Path], overrides: list[str], sweeps: list[str]) -> list[P
                  if s == k or s.startswith(f"{k}.") or k.startswith(f"{s}.")), None)
     if both is not None:  # one would silently replace the other (a section replaces every key in it)
         if both[0] == both[1]:
-            raise BertcliError(f"{both[0]} is given by both --set and --sweep: one would replace the other; give it once")
+            raise BertcliError(f"{both[0]} is given by both --set and --sweep: one would replace the other; give it "
+                               "once")
         raise BertcliError(f"--set {both[0]} and --sweep {both[1]} overlap (a section given whole replaces every key "
                            "in it): one would replace the other; give each key once")
     runs = len(sources) * math.prod(len(v) for _, v in axes)
@@ -530,7 +531,8 @@ def render(summary: dict) -> str:
 
     terminal = sys.stdout is not None and sys.stdout.isatty()
     buffer = io.StringIO()
-    console = Console(file=buffer, force_terminal=terminal, markup=False, width=shutil.get_terminal_size().columns if terminal else 120)
+    console = Console(file=buffer, force_terminal=terminal, markup=False, emoji=False,  # the user's text as it is
+                      width=shutil.get_terminal_size().columns if terminal else 120)
     rows, best = summary["runs"], summary["best"]
     groups = list(dict.fromkeys(r["group"] for r in rows))
     swept = any(r["values"] for r in rows)

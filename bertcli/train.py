@@ -248,7 +248,8 @@ def _progress(total: int | None, enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    console = Console(stderr=True, quiet=not enabled, markup=False, soft_wrap=True)  # user text as it is; a log line whole
+    # the user's text as it is (no markup, no emoji codes), and each log line whole (a file or a pipe: not wrapped)
+    console = Console(stderr=True, quiet=not enabled, markup=False, emoji=False, soft_wrap=True)
     return Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
                     disable=not (enabled and console.is_terminal)), console

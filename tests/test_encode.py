@@ -4,6 +4,7 @@ stopped midway (SIGKILL, SIGTERM) continued with --resume from its last finished
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -285,6 +286,12 @@ def test_a_damaged_shard_cache_is_encoded_again_and_a_foreign_file_in_it_kept(te
     capfd.readouterr()
     assert [np.asarray(s.tokens).tolist() for s in shards_for([str(text)], tok)] == first
     assert "in bertcli's shard cache: its text is encoded again" in capfd.readouterr().err
+    index = (cached.parent / "index.json").stat().st_ino
+    with monkeypatch.context() as busy:  # a shard that cannot be read now is not damaged: nothing encoded again
+        busy.setattr(np, "memmap", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EMFILE, "Too many open files")))
+        with pytest.raises(DataError, match="cannot read the shard \\(Too many open files\\)"):
+            shards_for([str(text)], tok)
+    assert (cached.parent / "index.json").stat().st_ino == index
     with open(cached, "r+b") as f:
         f.truncate(100)
     (cached.parent / "notes.txt").write_text("mine")
@@ -293,19 +300,22 @@ def test_a_damaged_shard_cache_is_encoded_again_and_a_foreign_file_in_it_kept(te
     assert (cached.parent / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("blank_lines", [True, False], ids=["documents", "text-without-blank-lines"])
-def test_where_shards_and_documents_end_depends_on_the_text_not_on_the_blocks(blank_lines, text, tiny_tokenizer_dir,
+@pytest.mark.parametrize("kind", ["documents", "text-without-blank-lines", "ideographic-spaces"])
+def test_where_shards_and_documents_end_depends_on_the_text_not_on_the_blocks(kind, text, tiny_tokenizer_dir,
                                                                               tmp_path, monkeypatch):
     """A resumed encode reads its blocks from the last shard's end, not from where an encode that was never
-    stopped read them: shards and long documents end at the same bytes whatever the blocks."""
+    stopped read them: shards and long documents end at the same bytes whatever the blocks (a line of U+3000,
+    as in Chinese novels, ends a document, and a shard only where the blocks do not matter)."""
     for name, value in {**SMALL, "DOCUMENT_CHARS": 2000}.items():
         monkeypatch.setattr(encode, name, value)
     lines = CORPUS.strip().split("\n")
-    source = text if blank_lines else tmp_path / "flat.txt"
-    if not blank_lines:
+    source = text if kind == "documents" else tmp_path / "other.txt"
+    if kind == "text-without-blank-lines":
         source.write_text("\n".join(lines[i % len(lines)] for i in range(400)) + "\n", encoding="utf-8")
+    if kind == "ideographic-spaces":
+        source.write_text(text.read_text(encoding="utf-8").replace("\n\n\n", "\n\u3000\u3000\n"), encoding="utf-8")
     tok, made = load_tokenizer(tiny_tokenizer_dir), []
-    for size in (700, 1000, 4096):
+    for size in (300, 700, 1000):
         monkeypatch.setattr(encode, "READ_BYTES", size)
         index = encode_corpus(tok, [source], tmp_path / str(size), show_progress=False)
         made.append(([r["bytes"] for r in index["shards"]], _flat(tmp_path / str(size))))

@@ -1158,7 +1158,7 @@ def test_a_runs_saved_recipe_resumes_that_run_and_no_other(home, monkeypatch, ca
 def test_training_lines_are_whole_and_user_text_is_not_markup(home, monkeypatch, capsys):
     """stderr that is not a terminal (a file, a pipe, a scheduler's log) gets each training line whole, so that
     `grep eval_f1 log` finds the numbers; and a label that looks like rich's markup is shown as it is."""
-    (home / "odd.tsv").write_text("sentence\tlabel\n" + "a fine film\t[/]\na dull film\t[bold]no\n" * 8)
+    (home / "odd.tsv").write_text("sentence\tlabel\n" + "a fine film\t[/]\na dull film\t:smile:\n" * 8)
     r = recipe(home, train="odd.tsv", eval="odd.tsv", extra="")
     monkeypatch.setenv("COLUMNS", "40")  # rich's width where it is not a terminal (80 when unset)
     code, _, err = in_process(["finetune", r], monkeypatch, capsys)
@@ -1167,7 +1167,7 @@ def test_training_lines_are_whole_and_user_text_is_not_markup(home, monkeypatch,
     line = next(x for x in err.splitlines() if x.startswith("step 2: eval_"))
     assert len(line) > 40 and all(key in line for key in final if key.startswith("eval_")), err
     code, out, err = in_process(["evaluate", str(home / "out"), "--data", str(home / "odd.tsv")], monkeypatch, capsys)
-    assert code == 0 and "[/]" in out and "[bold]no" in out, err
+    assert code == 0 and "[/]" in out and ":smile:" in out, err  # (rich would make it an emoji)
 
 
 def test_a_graph_or_inputs_json_bertcli_cannot_prove_it_wrote_is_kept(home, monkeypatch, capsys):

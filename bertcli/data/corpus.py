@@ -87,6 +87,11 @@ def _identity(index_sha256: str, stem: Path) -> str:
     return f"{stem.name}:{digest.hexdigest()}"
 
 
+class DamagedShards(DataError):
+    """A shard directory whose files do not hold what its index says (missing, cut short, out of order): bertcli's
+    own cache encodes its text again. A file that cannot be read now (too many open files, no memory) is not one."""
+
+
 def load_shards(directory: Path, tokenizer: WordPieceTokenizer | None = None) -> list[Shard]:
     index_path = directory / "index.json"
     if not index_path.is_file():
@@ -103,7 +108,7 @@ def load_shards(directory: Path, tokenizer: WordPieceTokenizer | None = None) ->
             raise ValueError(f"token ids of dtype {dtype}, expected uint8, uint16 or uint32")
         count = len(index["shards"])
     except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{index_path}: not a valid shard index ({err})") from None
+        raise DamagedShards(f"{index_path}: not a valid shard index ({err})") from None
     if tokenizer is not None and index.get("tokenizer_sha256") != tokenizer_sha256(tokenizer):
         raise DataError(f"{directory}: encoded with a different tokenizer than this model's; encode the text again")
     index_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -119,11 +124,15 @@ def open_shard(stem: Path, dtype, identity: str = "") -> Shard:
                       np.load(f"{stem}.sentences.npy", allow_pickle=False, mmap_mode="r"),
                       np.load(f"{stem}.documents.npy", allow_pickle=False, mmap_mode="r"),
                       np.memmap(words, dtype=np.uint8, mode="r") if words.is_file() else None, identity)
-    except (OSError, ValueError) as err:
-        raise DataError(f"{stem}: damaged shard ({err}); encode the text again") from None
+    except FileNotFoundError as err:
+        raise DamagedShards(f"{stem}: damaged shard ({err.filename} is missing); encode the text again") from None
+    except ValueError as err:  # (numpy's: a file cut short, or not an array)
+        raise DamagedShards(f"{stem}: damaged shard ({err}); encode the text again") from None
+    except OSError as err:
+        raise DataError(f"{stem}: cannot read the shard ({err.strerror})") from None
     problem = _shard_problem(shard)
     if problem:
-        raise DataError(f"{stem}: damaged shard ({problem}); encode the text again")
+        raise DamagedShards(f"{stem}: damaged shard ({problem}); encode the text again")
     return shard
 
 
@@ -173,7 +182,7 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
                 try:
                     cached = load_shards(target, tokenizer)
                     break
-                except DataError as err:  # bertcli's own cache, damaged (a disk, a hand): encoded again, once
+                except DamagedShards as err:  # bertcli's own cache, damaged (a disk, a hand): encoded again, once
                     if damaged is not None:
                         raise
                     damaged = err
@@ -195,8 +204,15 @@ def _encode_into_cache(texts: list[Path], given: list[Path], target: Path, token
     partial = not again and (target / STAGE_DIR / PROGRESS).is_file()  # an encode stopped midway: continued
     sys.stderr.write(f"encoding {len(texts)} text file(s) into {target}"
                      f"{' (continuing where it stopped)' if partial else ''}\n")
+    def whole(directory: Path) -> bool:  # (another process may have encoded it again meanwhile)
+        try:
+            load_shards(directory, tokenizer)
+        except DamagedShards:
+            return False
+        return True
+
     with claim(target, "shards", resume=partial, overwrite=not partial, wait=True,
-               complete_with=None if again else "index.json", replacing="the shard cache") as mine:
+               complete_with=whole if again else "index.json", replacing="the shard cache") as mine:
         if not mine.complete:  # else another process encoded the same text meanwhile
             try:
                 encode_corpus(tokenizer, texts, target, segmenter=segmenter, resume=partial, strict=False,

@@ -32,7 +32,7 @@ from bertcli.textio import decode_text, read_once
 from bertcli.tokenizer import WordPieceTokenizer
 
 SHARD_TEXT_BYTES = 64 << 20  # text per shard (cut at the next document boundary)
-DOCUMENT_CHARS = 1 << 20  # a document runs no longer: text without blank lines is cut at the next block's end
+DOCUMENT_CHARS = 1 << 20  # a document runs no longer: text without blank lines is cut at the end of that line
 READ_BYTES = 1 << 20
 BATCH_SENTENCES = 20_000  # sentences per call of the tokenizer (which spreads them over all cores)
 PROGRESS = "progress.json"
@@ -75,7 +75,7 @@ class _Reader:
 
     def __init__(self, f: BinaryIO, name: str, offset: int, line: int, on_bytes: Callable[[bytes], None]):
         self.f, self.name, self.offset, self.line, self.on_bytes = f, name, offset, line, on_bytes
-        self.carry, self.lines, self.chars, self.cut, self.done = b"", [], 0, False, False
+        self.carry, self.lines, self.chars, self.cut, self.done, self.broke = b"", [], 0, False, False, False
         self.long_documents = 0  # cut at DOCUMENT_CHARS where text went on without a blank line
         self.cut_long = False  # the last document was cut there: counted if a line of text comes next
 
@@ -91,7 +91,7 @@ class _Reader:
             return self._documents(rest, final=True)
         data = self.carry + data  # (it starts a line: a block is used up to its last line break)
         end = data.rfind(b"\n") + 1
-        first = None  # the first line that ends at or after cut_at
+        first = blank = None  # the first line that ends at or after cut_at, and the first blank line from there
         if end and cut_at - self.offset <= end:
             first = data.rfind(b"\n", 0, max(0, cut_at - self.offset - 1)) + 1
             blank = _BLANK_LINE.search(data, first, end)
@@ -101,8 +101,11 @@ class _Reader:
             number = self.line + data.count(b"\n", 0, end) + 1
             raise DataError(f"{self.name}: line {number}: over "
                             f"{MAX_CORPUS_LINE_BYTES:,} bytes without a line break; is this a text file?")
+        self.broke = False
         documents = self._documents(data[:end], final=False, first=first) if end else []
-        self.cut = first is not None and end > 0 and not self.lines
+        # a shard ends only at a place found from `first` on: a line of other blanks (U+3000) ends a document
+        # too, but at a block's end where blocks happened to fall
+        self.cut = (blank is not None or self.broke) and not self.lines
         return documents
 
     def _documents(self, raw: bytes, final: bool, first: int | None = None) -> list[list[str]]:
@@ -127,7 +130,7 @@ class _Reader:
                     self.cut_long = True  # a document this long is split at the end of the line
                     documents.append(self._end_document())
                     if number >= eligible:  # a shard may end here: the rest is read again
-                        used = _line_end(raw, first, number - eligible)
+                        used, self.broke = _line_end(raw, first, number - eligible), True
                         break
             elif self.lines:
                 documents.append(self._end_document())
@@ -463,7 +466,7 @@ class _Bar:
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                    TransferSpeedColumn)
 
-        console = Console(stderr=True, markup=False)
+        console = Console(stderr=True, markup=False, emoji=False)
         self.progress = Progress(TextColumn("encoding"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                                  TimeRemainingColumn(), console=console, disable=not (show and console.is_terminal))
         regular = all(f.is_file() for f in files)

@@ -110,6 +110,29 @@ def test_predict_gives_character_offsets_into_the_line(trained):
         assert line[e["start"]:e["end"]] == e["text"] and 0 < e["score"] <= 1
 
 
+@pytest.mark.parametrize("line, words", [
+    ("P. Simmons won in Chester-le-Street .", ["P.", "Simmons", "won", "in", "Chester-le-Street", "."]),
+    ("U.S. officials met H. Morris, (in D.C.) at 3.5%!", ["U.S.", "officials", "met", "H.", "Morris", ",", "(", "in",
+                                                         "D.C.", ")", "at", "3.5", "%", "!"]),
+    ("李明在北京。", ["李", "明", "在", "北", "京", "。"]),
+    ("Chloe\u0301 met Jose\u0301.", ["Chloe\u0301", "met", "Jose\u0301", "."]),
+    ('"quoted" ... don\'t', ['"', "quoted", '"', ".", ".", ".", "don't"]),
+])
+def test_predict_cuts_a_line_into_words_as_conll_and_msra_cut_theirs(line, words, tiny_tokenizer_dir):
+    """A tagger learns its tags on the data's words (CoNLL keeps `P.` and `Chester-le-Street` whole, MSRA has a
+    word per character): predict cuts a raw line so too, not at every punctuation mark as BERT's pre-tokenizer
+    does (that gave `P`, `.`, `Chester`, `-` ... each a word of its own, tagged where no word was in training)."""
+    from bertcli.tasks.ner import NerOptions, NerTask
+    from bertcli.tokenizer import load_tokenizer
+
+    task = NerTask(load_tokenizer(tiny_tokenizer_dir), NerOptions(), 64, ["O", "B-PER", "I-PER"])
+    parsed = task.parse_input(line, "stdin: line 1")
+    assert list(parsed.words) == words and all(line[s:e] == w for (s, e), w in zip(parsed.char_spans, words))
+    assert task.parse_input(json.dumps({"text": line, "id": 7}), "stdin: line 1").words == parsed.words  # JSON line
+    with pytest.raises(DataError, match="a JSON line needs a string field 'text'"):
+        task.parse_input('{"sentence": "P. Simmons"}', "stdin: line 1")
+
+
 def test_a_tagger_whose_outputs_overflow_answers_each_line_with_an_error(trained, tmp_path):
     """Its NaN scores would read as "O" everywhere, an answer of no entities: each line gets an error instead,
     and evaluate scores nothing."""

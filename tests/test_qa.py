@@ -171,3 +171,22 @@ def test_best_window_by_bisection_equals_the_scan_it_replaces():
         length, size = rng.randint(1, 300), rng.randint(1, 40)
         windows = spans(length, size, rng.randint(1, size))
         assert [best_window(p, windows) for p in range(length)] == [scan(p, windows) for p in range(length)]
+
+
+def test_an_answer_ends_after_the_accents_of_its_last_letter(tiny_tokenizer_dir):
+    """The uncased normalizer drops an accent written as a combining mark (NFD text), and the last token's offsets
+    end before it: the answer is 'José', not 'Jose' (which scores 0 against the gold answer)."""
+    from bertcli.data.squad import QaExample
+    from bertcli.tasks.qa import QaOptions, QaTask
+    from bertcli.tokenizer import load_tokenizer
+
+    context = "The winner was Jose\u0301 and nobody else."
+    task = QaTask(load_tokenizer(tiny_tokenizer_dir), QaOptions(max_query_len=16), 64)
+    example = QaExample("1", "Who won?", context, ())
+    (enc,) = task._encode([example])
+    first = len(enc.question) + 2
+    jose = [i for i, (s, e) in enumerate(enc.offsets) if s >= context.index("Jose") and e <= context.index(" and")]
+    starts, ends = [0.0] * (first + len(enc.context) + 1), [0.0] * (first + len(enc.context) + 1)
+    starts[first + jose[0]], ends[first + jose[-1]] = 10.0, 10.0  # the model points at Jose's tokens
+    span = task._best_span(example, enc, [(starts, ends)])
+    assert span.answer["answer"] == "Jose\u0301" and context[span.answer["start"]:span.answer["end"]] == "Jose\u0301"

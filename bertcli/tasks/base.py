@@ -8,12 +8,14 @@ loader reads every task's options class, and `bertcli --help` and recipe errors 
 from __future__ import annotations
 
 import dataclasses
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
 
-from bertcli.errors import NonFinite
+from bertcli.errors import DataError, NonFinite
+from bertcli.textio import load_json
 from bertcli.tokenizer import WordPieceTokenizer
 
 if TYPE_CHECKING:
@@ -258,3 +260,21 @@ def _finite(values) -> bool:
     import torch
 
     return not values.is_floating_point() or bool(torch.isfinite(values).all())
+
+
+_JSON_START = re.compile(r'\{\s*"')
+
+
+def json_line(text: str, where: str) -> dict | None:
+    """predict's line as a JSON object, where it is one; None for text. A line that starts with `{"` is read as
+    JSON, and one that cannot be is an error (a text that starts so is written as {"text": ...})."""
+    if not text.startswith("{"):
+        return None
+    try:
+        row = load_json(text)
+    except (ValueError, RecursionError) as err:
+        if _JSON_START.match(text):
+            raise DataError(f"{where}: a line starting with {{\" is read as a JSON line, and this one cannot be read "
+                            f"({err}); a text that starts so is written as {{\"text\": ...}}") from None
+        return None
+    return row if isinstance(row, dict) else None

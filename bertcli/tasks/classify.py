@@ -5,7 +5,6 @@ and differ in what a label is, the loss and the decoding."""
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
@@ -13,8 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 from bertcli.data.tables import read_rows
 from bertcli.errors import DataError
 from bertcli.metrics import classification_metrics
-from bertcli.tasks.base import Task, TaskOptions, kl_sum, named, unique_labels
-from bertcli.textio import load_json
+from bertcli.tasks.base import Task, TaskOptions, json_line, kl_sum, named, unique_labels
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -27,7 +25,6 @@ PAIR_LAYOUTS = (("question", "sentence"), ("question1", "question2"))
 # under another name, where `text` is missing; beside it, such a field may be the line's own data)
 OTHER_PAIRS = sorted({*PAIR_COLUMNS, *(layout[1] for layout in PAIR_LAYOUTS)} - {"text_pair"})
 OTHER_TEXTS = sorted({*TEXT_COLUMNS, *(layout[0] for layout in PAIR_LAYOUTS)} - {"text"})
-_JSON_START = re.compile(r'\{\s*"')
 
 
 @dataclass(frozen=True)
@@ -203,31 +200,24 @@ class ClassifyTask(Task):
     def parse_input(self, text: str, where: str) -> Example:
         """A line of text, or a JSON line {"text": ..., "text_pair": ...}: a line that starts with `{"` is
         read as JSON (a text that starts so is written as a JSON line)."""
-        if text.startswith("{"):
-            try:
-                row = load_json(text)
-            except (ValueError, RecursionError) as err:
-                if _JSON_START.match(text):
-                    raise DataError(f"{where}: a line starting with {{\" is read as a JSON line, and this one cannot "
-                                    f"be read ({err}); a text that starts so is written as {{\"text\": ...}}") from None
-                row = None
-            if isinstance(row, dict):
-                other = next((name for name in (*OTHER_PAIRS, *(() if "text" in row else OTHER_TEXTS)) if name in row),
-                             None)
-                if other is not None:
-                    raise DataError(f"{where}: a JSON line gives its text as 'text' and a pair's second text as "
-                                    f"'text_pair', not {other!r}")
-                if not isinstance(row.get("text"), str):
-                    raise DataError(f"{where}: a JSON line needs a string field 'text'")
-                pair = row.get("text_pair")
-                if pair is not None and not isinstance(pair, str):
-                    raise DataError(f"{where}: 'text_pair' must be a string")
-                if pair is not None and self.segments < 2:
-                    raise DataError(f"{where}: a text pair, but the model has {self.segments} token type "
-                                    "(type_vocab_size): it reads single texts only")
-                if pair is not None and pair.strip() and not row["text"].strip():
-                    raise DataError(f"{where}: 'text' is empty and 'text_pair' is not: a pair's first text comes first")
-                return Example(row["text"], pair, None, where)
+        row = json_line(text, where)
+        if row is not None:
+            other = next((name for name in (*OTHER_PAIRS, *(() if "text" in row else OTHER_TEXTS)) if name in row),
+                         None)
+            if other is not None:
+                raise DataError(f"{where}: a JSON line gives its text as 'text' and a pair's second text as "
+                                f"'text_pair', not {other!r}")
+            if not isinstance(row.get("text"), str):
+                raise DataError(f"{where}: a JSON line needs a string field 'text'")
+            pair = row.get("text_pair")
+            if pair is not None and not isinstance(pair, str):
+                raise DataError(f"{where}: 'text_pair' must be a string")
+            if pair is not None and self.segments < 2:
+                raise DataError(f"{where}: a text pair, but the model has {self.segments} token type "
+                                "(type_vocab_size): it reads single texts only")
+            if pair is not None and pair.strip() and not row["text"].strip():
+                raise DataError(f"{where}: 'text' is empty and 'text_pair' is not: a pair's first text comes first")
+            return Example(row["text"], pair, None, where)
         return Example(text, None, None, where)
 
     def predict(self, model: nn.Module, examples: Sequence[Example], batch_size: int, blank: bool = True) -> list[dict]:

@@ -5,6 +5,8 @@ prediction time, and each word takes its prediction from the window where it has
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Sequence
@@ -13,7 +15,7 @@ from bertcli.data.conll import Sentence, read_ner
 from bertcli.data.windows import best_window, spans
 from bertcli.errors import DataError
 from bertcli.metrics import entity_metrics, get_entities
-from bertcli.tasks.base import Task, TaskOptions, kl_sum, named, unique_labels
+from bertcli.tasks.base import Task, TaskOptions, json_line, kl_sum, named, unique_labels
 from bertcli.tokenizer import WordPieceTokenizer
 
 if TYPE_CHECKING:
@@ -48,6 +50,38 @@ class TextInput:
     words: tuple[str, ...]
     char_spans: tuple[tuple[int, int], ...]
     where: str
+
+
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ceaf\U0002f800-\U0002fa1f"
+_PIECE = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")  # a CJK character alone, or a run of other text between spaces
+_ABBREVIATION = re.compile(r"(?:[^\W\d_]\.)+")  # U.S., P.
+
+
+def _punctuation(char: str) -> bool:
+    """BERT's punctuation: Unicode's, and the ASCII symbols ($, +, <, =, >, ^, `, |, ~)."""
+    return unicodedata.category(char).startswith("P") or char in "$+<=>^`|~"
+
+
+def input_words(text: str) -> list[tuple[int, int]]:
+    """The character spans of a raw line's words, as CoNLL-2003 and MSRA cut theirs (the words a tagger learns
+    from): at spaces, each CJK character alone, and punctuation at a word's start or end alone, but for the
+    periods of an abbreviation (`U.S.`, `P.`); a hyphen, an apostrophe or a period inside a word stays in it
+    (`Chester-le-Street`, `3.5`), and so do combining marks (`José` in NFD)."""
+    spans = []
+    for piece in _PIECE.finditer(text):
+        start, end = piece.span()
+        lead = start
+        while lead < end - 1 and _punctuation(text[lead]):
+            spans.append((lead, lead + 1))
+            lead += 1
+        trail = end
+        while trail > lead + 1 and _punctuation(text[trail - 1]):
+            trail -= 1
+        while trail < end and text[trail] == "." and _ABBREVIATION.fullmatch(text, lead, trail + 1):
+            trail += 1
+        spans.append((lead, trail))
+        spans.extend((i, i + 1) for i in range(trail, end))
+    return spans
 
 
 class NerTask(Task):
@@ -155,13 +189,14 @@ class NerTask(Task):
         return results
 
     def parse_input(self, text: str, where: str) -> TextInput:
-        enc = self.tokenizer.backend.encode(text, add_special_tokens=False)
-        groups: dict[int, list[int]] = {}
-        for (start, end), word in zip(enc.offsets, enc.word_ids):
-            if word is not None:
-                span = groups.setdefault(word, [start, end])
-                span[0], span[1] = min(span[0], start), max(span[1], end)
-        char_spans = tuple(tuple(groups[w]) for w in sorted(groups))
+        """A line of text, or a JSON line {"text": ...} (a line that starts with `{"`), cut into words as the
+        training data's are (`input_words`)."""
+        row = json_line(text, where)
+        if row is not None:
+            if not isinstance(row.get("text"), str):
+                raise DataError(f"{where}: a JSON line needs a string field 'text'")
+            text = row["text"]
+        char_spans = tuple(input_words(text))
         return TextInput(text, tuple(text[s:e] for s, e in char_spans), char_spans, where)
 
     def predict(self, model: nn.Module, examples: Sequence, batch_size: int) -> list[dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, NamedTuple, Sequence
@@ -238,6 +239,8 @@ class QaTask(Task):
         top = max(scores)
         total = sum(math.exp(x - top) for x in scores)
         char_start, char_end = enc.offsets[s_tok][0], enc.offsets[e_tok][1]
+        while char_end < len(example.context) and unicodedata.category(example.context[char_end]).startswith("M"):
+            char_end += 1  # a combining mark the normalizer dropped (an accent, in NFD text) is the answer's too
         text = example.context[char_start:char_end]
         margin = null - best_score
         if self.with_no_answer and margin > self.threshold:

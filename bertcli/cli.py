@@ -101,7 +101,7 @@ def tokenize_show(
     import json
 
     from bertcli.errors import DataError
-    from bertcli.textio import TooLong, decode_text, line_too_long, raw_lines
+    from bertcli.textio import TooLong, decoded_line, raw_lines
     from bertcli.tokenizer import load_tokenizer
 
     _require_stdout("tokenize show")
@@ -113,10 +113,7 @@ def tokenize_show(
         for number, raw in enumerate(raw_lines(sys.stdin.buffer, "stdin"), start=1):
             start, offset = offset, offset + (raw if isinstance(raw, TooLong) else len(raw)) + 1
             try:
-                if isinstance(raw, TooLong):
-                    raise line_too_long(f"stdin: line {number}", raw)
-                text = decode_text(raw, "stdin", start, number)
-                enc = tok.encode((text.removeprefix("\ufeff") if number == 1 else text).removesuffix("\r"))
+                enc = tok.encode(decoded_line(raw, "stdin", start, number))
                 answer = {"tokens": enc.tokens, "ids": enc.ids, "offsets": [list(o) for o in enc.offsets]}
             except DataError as err:
                 failures.append(str(err))

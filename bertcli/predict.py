@@ -20,7 +20,7 @@ from bertcli.errors import BertcliError, CheckpointError, DataError, NonFinite
 from bertcli.fileio import all_finite, finite_json
 from bertcli.tasks import load_task
 from bertcli.tasks.base import Task
-from bertcli.textio import TooLong, decode_text, line_too_long, raw_lines
+from bertcli.textio import TooLong, decoded_line, raw_lines
 
 if TYPE_CHECKING:
     import torch
@@ -160,14 +160,8 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
             answered += 1
             where = f"{source}: line {answered}"
             start, offset = offset, offset + (raw if isinstance(raw, TooLong) else len(raw)) + 1  # +1: its \n
-            if isinstance(raw, TooLong):
-                answers.append({"error": str(line_too_long(where, raw))})
-                continue
             try:
-                text = decode_text(raw, source, start, answered)
-                if answered == 1:
-                    text = text.removeprefix("\ufeff")
-                examples.append(task.parse_input(text.removesuffix("\r"), where))
+                examples.append(task.parse_input(decoded_line(raw, source, start, answered), where))
                 answers.append(None)
             except DataError as err:
                 answers.append({"error": str(err)})

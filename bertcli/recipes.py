@@ -155,8 +155,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     mentions = [re.compile(rf"(?<![\w.]){re.escape(key)}(?!\w)") for key in failed]
     checks = _check_values(recipe, task_known=not failed & {"task", "task.name"})
     model = raw.get("model")
+    set_keys = [item.partition("=")[0].strip() for item in overrides]
     # a run's saved recipe.yaml writes every key out: what the user gave is only what they --set on it
-    given = {item.partition("=")[0].strip() for item in overrides} if _run_recipe(Path(path)) else None
+    given = set(set_keys) if _run_recipe(Path(path)) else None
     checks += _shape_problems(recipe, {k for k in SHAPE_KEYS if k in model} if isinstance(model, dict) else set(),
                               given)
     checks += [p for p in _teacher_problems(recipe, given) if not any(c.startswith(p.split(" ")[0]) for c in checks)]
@@ -167,13 +168,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except DataError as err:
         problems.append(f"data: {err}")
     if problems:  # (a problem may be one of --set's: the header says so)
-        raise RecipeError(source + (" with --set " + ", ".join(_set_keys(overrides)) if overrides else ""), problems)
+        shown = set_keys[:6] + ([f"and {len(set_keys) - 6} more"] if len(set_keys) > 6 else [])
+        raise RecipeError(source + (" with --set " + ", ".join(shown) if overrides else ""), problems)
     return recipe
-
-
-def _set_keys(overrides: list[str] | tuple[str, ...]) -> list[str]:
-    keys = [item.partition("=")[0].strip() for item in overrides]
-    return keys[:6] + [f"and {len(keys) - 6} more"] if len(keys) > 6 else keys
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

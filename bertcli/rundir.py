@@ -208,7 +208,7 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        what = "the output directory" if replacing == "--overwrite" else replacing
+        what = "bertcli's cache directory" if wait else "the output directory"  # (only the cache waits)
         raise BertcliError(f"{out}: cannot create {what}: {err.strerror}") from None
     fd = _take_lock(out, wait)
     try:

@@ -169,15 +169,11 @@ def decode_text(data: bytes, source: str, offset: int = 0, line: int | None = No
     raise DataError(f"{where}: not UTF-8 text (byte offset {offset + at})")
 
 
-def read_lines(stream: BinaryIO, source: str) -> Iterator[tuple[int, str]]:
-    """Yield (line number from 1, text without its line ending) as lines arrive.
-    Invalid UTF-8, NUL bytes and over-long lines raise DataError naming the line (and byte offset)."""
-    offset = 0
-    for number, raw in enumerate(raw_lines(stream, source), start=1):
-        if isinstance(raw, TooLong):
-            raise line_too_long(f"{source}: line {number}", raw)
-        text = decode_text(raw, source, offset, number)
-        offset += len(raw) + 1
-        if number == 1:
-            text = text.removeprefix("\ufeff")
-        yield number, text.rstrip("\r")
+def decoded_line(raw: bytes | TooLong, source: str, start: int, number: int) -> str:
+    """Line `number` of a stream (from raw_lines), which starts at byte `start`, as text: without a \r ending,
+    and the first without its byte-order mark. Invalid UTF-8, a NUL byte or an over-long line raise DataError
+    naming the line (and byte offset)."""
+    if isinstance(raw, TooLong):
+        raise line_too_long(f"{source}: line {number}", raw)
+    text = decode_text(raw, source, start, number)
+    return (text.removeprefix("\ufeff") if number == 1 else text).removesuffix("\r")

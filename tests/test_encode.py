@@ -287,6 +287,10 @@ def test_a_damaged_shard_cache_is_encoded_again_and_a_foreign_file_in_it_kept(te
     assert [np.asarray(s.tokens).tolist() for s in shards_for([str(text)], tok)] == first
     assert "in bertcli's shard cache: its text is encoded again" in capfd.readouterr().err
     index = (cached.parent / "index.json").stat().st_ino
+    from bertcli.data.corpus import _encode_into_cache
+
+    _encode_into_cache([text], [text], cached.parent, tok, None, again=True)  # mended meanwhile: kept as it is
+    assert (cached.parent / "index.json").stat().st_ino == index
     with monkeypatch.context() as busy:  # a shard that cannot be read now is not damaged: nothing encoded again
         busy.setattr(np, "memmap", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EMFILE, "Too many open files")))
         with pytest.raises(DataError, match="cannot read the shard \\(Too many open files\\)"):

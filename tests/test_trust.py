@@ -424,14 +424,16 @@ CASES = {
     "resume.pt with a window of text": (lambda h: _resume_own(spoil_resume(h, edit=lambda s: s.__setitem__(
         "window", ["x", 1]))), b"", r"resume.pt: cannot resume from it \(the log window"),
     "tokenize encode of one file twice": (lambda h: ["tokenize", "encode", "--tokenizer", str(h / "tok"), "--corpus",
-                                                     str(h / "corpus.txt"), "--corpus", str(h / "." / "corpus.txt"),
+                                                     str(h / "corpus.txt"), "--corpus",
+                                                     str(h / "project" / ".." / "corpus.txt"),  # another name
                                                      "--out", str(h / "s")], b"",
                                          r"corpus.txt: the same file as .*corpus.txt, named before it"),
     "tokenize train of a file and a link to it": (lambda h: ["tokenize", "train", "--corpus", str(h / "corpus.txt"),
                                                              "--corpus", linked(h, "corpus.txt"), "--out", str(h / "t")],
                                                  b"", r"the same file as .*corpus.txt, named before it"),
     "a recipe training on one file twice": (lambda h: ["finetune", recipe(h), "--set",
-                                                       f"data.train=[{h / 'train.tsv'},{h / '.' / 'train.tsv'}]"], b"",
+                                                       f"data.train=[{h / 'train.tsv'},{linked(h, 'train.tsv')}]"],
+                                            b"",
                                             r"data: .*train.tsv: the same file as"),
     "tokenize train on /dev/zero": (lambda h: ["tokenize", "train", "--corpus", "/dev/zero", "--out", str(h / "t")], b"",
                                     r"/dev/zero: NUL byte"),

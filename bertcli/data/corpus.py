@@ -175,20 +175,16 @@ def shards_for(paths: list[str], tokenizer: WordPieceTokenizer, segmenter: str |
             key = hashlib.sha256(json.dumps([tokenizer_sha256(tokenizer), segmenter or "none"] +
                                             [cached_sha256(t) for t in texts]).encode())
             target = cache_dir() / "shards" / key.hexdigest()[:32]
-            damaged = None
-            for _ in range(2):
-                if damaged is not None or not (target / "index.json").is_file():
-                    _encode_into_cache(texts, given, target, tokenizer, segmenter, again=damaged is not None)
-                try:
-                    cached = load_shards(target, tokenizer)
-                    break
-                except DamagedShards as err:  # bertcli's own cache, damaged (a disk, a hand): encoded again, once
-                    if damaged is not None:
-                        raise
-                    damaged = err
-                    import sys
+            if not (target / "index.json").is_file():
+                _encode_into_cache(texts, given, target, tokenizer, segmenter, again=False)
+            try:
+                cached = load_shards(target, tokenizer)
+            except DamagedShards as err:  # bertcli's own cache, damaged (a disk, a hand): encoded again, once
+                import sys
 
-                    sys.stderr.write(f"{err}\n(in bertcli's shard cache: its text is encoded again)\n")
+                sys.stderr.write(f"{err}\n(in bertcli's shard cache: its text is encoded again)\n")
+                _encode_into_cache(texts, given, target, tokenizer, segmenter, again=True)
+                cached = load_shards(target, tokenizer)
             shards.extend(cached)
     return shards
 

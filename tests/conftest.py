@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -69,6 +70,40 @@ def run_cli(*args: str, stdin: bytes = b"", cwd: Path | None = None, timeout: fl
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "bertcli", *args], input=stdin, capture_output=True,
                           cwd=cwd, env=env, timeout=timeout)
+
+
+def in_process(argv: list[str], monkeypatch, capsys, stdin: bytes = b"") -> tuple[int, str, str]:
+    """`bertcli ARGV` through the real entry point, in this process: (exit code, stdout, stderr)."""
+    from bertcli.cli import main
+
+    capsys.readouterr()  # this command's output alone
+    monkeypatch.setattr(sys, "argv", ["bertcli", *argv])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    code = 0
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """run_cli's twin in this process: the same entry point and the same answer, without an interpreter and
+    torch to start (seconds a call). For a command whose test is not about the process itself (its signals,
+    descriptors and environment: those start one with run_cli)."""
+
+    def run(*args: str, stdin: bytes = b"", cwd: Path | None = None) -> subprocess.CompletedProcess:
+        here = Path.cwd()
+        os.chdir(cwd or here)
+        try:
+            code, out, err = in_process(list(args), monkeypatch, capsys, stdin)
+        finally:
+            os.chdir(here)
+        return subprocess.CompletedProcess(["bertcli", *args], code, out.encode(), err.encode())
+
+    return run
 
 
 # `python -c STEPPING ARGS` runs bertcli ARGS in that process, which sends itself the signal named by

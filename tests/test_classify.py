@@ -48,10 +48,10 @@ def test_tiny_model_overfits_its_training_batch(trained):
         assert (d / "run" / name).is_file()
 
 
-def test_predict_answers_every_line_in_order(trained):
+def test_predict_answers_every_line_in_order(trained, cli):
     d, _, _ = trained
     lines = [t for t, _ in ROWS] + ["", json.dumps({"text": "i loved it"})]
-    done = run_cli("predict", str(d / "run"), stdin=("\n".join(lines) + "\n").encode())
+    done = cli("predict", str(d / "run"), stdin=("\n".join(lines) + "\n").encode())
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line) for line in done.stdout.decode().splitlines()]
     assert len(answers) == len(lines)
@@ -92,9 +92,9 @@ def test_reader_closing_the_pipe_early_ends_predict_quietly(trained):
 
 
 @pytest.mark.slow
-def test_unreadable_line_gets_an_error_answer_and_exit_2(trained):
+def test_unreadable_line_gets_an_error_answer_and_exit_2(trained, cli):
     d, _, _ = trained
-    done = run_cli("predict", str(d / "run"), stdin=b"i loved it\nbad \xff\ni hated it\n")
+    done = cli("predict", str(d / "run"), stdin=b"i loved it\nbad \xff\ni hated it\n")
     answers = [json.loads(line) for line in done.stdout.decode().splitlines()]
     assert done.returncode == 2 and len(answers) == 3
     assert answers[0]["label"] == "pos" and answers[2]["label"] == "neg"
@@ -102,52 +102,52 @@ def test_unreadable_line_gets_an_error_answer_and_exit_2(trained):
     assert b"1 of 3 input line(s)" in done.stderr and b"Traceback" not in done.stderr
 
 
-def test_predict_refuses_a_batch_size_that_would_read_without_bound(tmp_path):
-    done = run_cli("predict", str(tmp_path), "--batch-size", "100000", stdin=b"good\n")  # before any model is read
+def test_predict_refuses_a_batch_size_that_would_read_without_bound(tmp_path, cli):
+    done = cli("predict", str(tmp_path), "--batch-size", "100000", stdin=b"good\n")  # before any model is read
     assert done.returncode == 2 and b"100000 is not in the range 1<=x<=4096" in done.stderr, done.stderr
 
 
 @pytest.mark.slow
-def test_ten_megabyte_line_is_refused_by_name(trained, tmp_path):
+def test_ten_megabyte_line_is_refused_by_name(trained, tmp_path, cli):
     """On stdin it gets an error answer in its place (never held whole); in a data file, exit 2."""
     d, _, _ = trained
     huge = b"word " * 2_000_000 + b"\n"
-    done = run_cli("predict", str(d / "run"), stdin=b"i loved it\n" + huge + b"i hated it\n")
+    done = cli("predict", str(d / "run"), stdin=b"i loved it\n" + huge + b"i hated it\n")
     answers = [json.loads(line) for line in done.stdout.decode().splitlines()]
     assert done.returncode == 2 and len(answers) == 3 and b"Traceback" not in done.stderr
     assert answers[0]["label"] == "pos" and answers[2]["label"] == "neg"
     assert "stdin: line 2: the line is 10,000,000 bytes long, over the limit" in answers[1]["error"]
     data = tmp_path / "big.tsv"
     data.write_bytes(b"sentence\tlabel\ngood\tpos\n" + huge.rstrip() + b"\tpos\n")
-    done = run_cli("evaluate", str(d / "run"), "--data", str(data))
+    done = cli("evaluate", str(d / "run"), "--data", str(data))
     assert done.returncode == 2 and b"big.tsv: line 3: the line is 10,000,003 bytes long" in done.stderr
 
 
 @pytest.mark.slow
-def test_evaluate_cli_table_json_and_unknown_labels(trained, tmp_path):
+def test_evaluate_cli_table_json_and_unknown_labels(trained, tmp_path, cli):
     d, train, _ = trained
-    done = run_cli("evaluate", str(d / "run"), "--data", str(train), "--out", str(tmp_path / "m.json"))
+    done = cli("evaluate", str(d / "run"), "--data", str(train), "--out", str(tmp_path / "m.json"))
     assert done.returncode == 0, done.stderr
     assert b"accuracy" in done.stdout and b"confusion" in done.stdout
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["accuracy"] == 1.0 and metrics["confusion"]["pos"]["pos"] == 5
     other = tmp_path / "other.tsv"
     other.write_text("sentence\tlabel\nfine\tpos\nodd\tsurprised\n", encoding="utf-8")
-    done = run_cli("evaluate", str(d / "run"), "--data", str(other))
+    done = cli("evaluate", str(d / "run"), "--data", str(other))
     assert done.returncode == 2 and b"other.tsv: line 3: label 'surprised' is not one the model knows" in done.stderr
 
 
 @pytest.mark.slow
-def test_existing_output_is_never_replaced_silently(trained, tmp_path):
+def test_existing_output_is_never_replaced_silently(trained, tmp_path, cli):
     d, _, _ = trained
     recipe = d / "recipe.yaml"
     before = (d / "run" / "model.safetensors").read_bytes()
-    done = run_cli("finetune", str(recipe), "--out", str(d / "run"))
+    done = cli("finetune", str(recipe), "--out", str(d / "run"))
     assert done.returncode == 2 and b"--overwrite" in done.stderr
     assert (d / "run" / "model.safetensors").read_bytes() == before
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
-    done = run_cli("finetune", str(recipe), "--out", str(tmp_path / "mine"), "--overwrite")
+    done = cli("finetune", str(recipe), "--out", str(tmp_path / "mine"), "--overwrite")
     assert done.returncode == 2 and (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 
 
@@ -281,17 +281,17 @@ def test_json_lines_through_a_pipe_are_read_as_json_lines(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_report_writes_figures(trained, tmp_path):
+def test_evaluate_report_writes_figures(trained, tmp_path, cli):
     pytest.importorskip("matplotlib")
     d, train, _ = trained
-    done = run_cli("evaluate", str(d / "run"), "--data", str(train), "--report", str(tmp_path / "report"))
+    done = cli("evaluate", str(d / "run"), "--data", str(train), "--report", str(tmp_path / "report"))
     assert done.returncode == 0, done.stderr
     for name in ("confusion.png", "loss.png", "eval.png"):
         assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
-def test_predict_int8_quantizes_and_keeps_the_answers(trained):
+def test_predict_int8_quantizes_and_keeps_the_answers(trained, cli):
     from bertcli.jobs import load_for_task
     from bertcli.predict import quantize_int8
 
@@ -299,8 +299,8 @@ def test_predict_int8_quantizes_and_keeps_the_answers(trained):
     model = quantize_int8(load_for_task(d / "run")[0].model)
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
     lines = ("\n".join(t for t, _ in ROWS) + "\n").encode()
-    runs = {name: run_cli("predict", str(d / "run"), *flags, stdin=lines)
-            for name, flags in [("fp32", ["--precision", "fp32"]), ("bf16", ["--precision", "bf16"]), ("int8", ["--int8"])]}
+    runs = {name: cli("predict", str(d / "run"), "--precision", name, stdin=lines) for name in ("fp32", "bf16")}
+    runs["int8"] = run_cli("predict", str(d / "run"), "--int8", stdin=lines)  # its own process: its warnings are seen
     assert runs["int8"].returncode == 0, runs["int8"].stderr
     assert b"Warning" not in runs["int8"].stderr
     answers = {name: [json.loads(x) for x in done.stdout.decode().splitlines()] for name, done in runs.items()}

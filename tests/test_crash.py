@@ -101,7 +101,7 @@ def _pretrain_recipe(tmp_path: Path, tokenizer: Path) -> Path:
                                                     "intermediate_size": 64, "max_position": 64, "dropout": 0.1})
 
 
-KILLS = 6  # each a process start (a few seconds): the suite's time on 2 cores is what bounds it
+KILLS = 4  # each a process start (a few seconds): the suite's time on 2 cores is what bounds it
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
@@ -162,11 +162,11 @@ def _limit_file_size(limit: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
-def test_a_write_the_disk_refuses_keeps_the_previous_checkpoint(tmp_path, tiny_tokenizer_dir):
+def test_a_write_the_disk_refuses_keeps_the_previous_checkpoint(cli, tmp_path, tiny_tokenizer_dir):
     """A file-size limit (RLIMIT_FSIZE) makes every large write fail as a full disk does."""
     recipe = _classify_recipe(tmp_path, tiny_tokenizer_dir)
     run = tmp_path / "run"
-    first = run_cli("finetune", str(recipe), "--out", str(run), "--set", "train.max_steps=6")
+    first = cli("finetune", str(recipe), "--out", str(run), "--set", "train.max_steps=6")
     assert first.returncode == 0, first.stderr.decode()[-2000:]
     before = _digest(run)
     weights = (run / "model.safetensors").stat().st_size
@@ -208,9 +208,9 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
-def test_full_disk_and_read_only_directory(tmp_path, tiny_tokenizer_dir, tmpfs):
+def test_full_disk_and_read_only_directory(tmp_path, tiny_tokenizer_dir, tmpfs, cli):
     recipe = _classify_recipe(tmp_path, tiny_tokenizer_dir)
-    first = run_cli("finetune", str(recipe), "--out", str(tmp_path / "run"), "--set", "train.max_steps=6")
+    first = cli("finetune", str(recipe), "--out", str(tmp_path / "run"), "--set", "train.max_steps=6")
     assert first.returncode == 0, first.stderr.decode()[-2000:]
     size = sum(p.stat().st_size for p in (tmp_path / "run").iterdir())
     model = (tmp_path / "run" / "model.safetensors").stat().st_size
@@ -218,7 +218,7 @@ def test_full_disk_and_read_only_directory(tmp_path, tiny_tokenizer_dir, tmpfs):
     run = disk / "run"
     shutil.copytree(tmp_path / "run", run)
     before = _digest(run)
-    full = run_cli("finetune", str(recipe), "--out", str(run), "--resume", "--set", "train.max_steps=12")
+    full = cli("finetune", str(recipe), "--out", str(run), "--resume", "--set", "train.max_steps=12")
     err = full.stderr.decode()
     assert full.returncode == 2 and "No space left on device" in err and "Traceback" not in err, err[-2000:]
     after = _digest(run)
@@ -226,22 +226,22 @@ def test_full_disk_and_read_only_directory(tmp_path, tiny_tokenizer_dir, tmpfs):
     assert not _leftovers(run)
 
     readonly = tmpfs(1 << 20, readonly=True)
-    fresh = run_cli("finetune", str(recipe), "--out", str(readonly / "run"))
+    fresh = cli("finetune", str(recipe), "--out", str(readonly / "run"))
     assert fresh.returncode == 2 and "cannot create the output directory: Read-only file system" in fresh.stderr.decode()
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-    frozen = run_cli("finetune", str(recipe), "--out", str(run), "--resume", "--set", "train.max_steps=12")
+    frozen = cli("finetune", str(recipe), "--out", str(run), "--resume", "--set", "train.max_steps=12")
     err = frozen.stderr.decode()
     assert frozen.returncode == 2 and "Read-only file system" in err and "Traceback" not in err, err[-2000:]
     assert _digest(run) == after
 
 
-def test_predict_to_a_full_disk_says_so(tmp_path):
+def test_predict_to_a_full_disk_says_so(cli, tmp_path):
     """stdout on a full device (/dev/full): one clear line, exit 2."""
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full")
     trained = tmp_path / "run"
     recipe = _classify_recipe(tmp_path, _tokenizer(tmp_path))
-    assert run_cli("finetune", str(recipe), "--out", str(trained), "--set", "train.max_steps=3").returncode == 0
+    assert cli("finetune", str(recipe), "--out", str(trained), "--set", "train.max_steps=3").returncode == 0
     with open("/dev/full", "w") as full:
         done = subprocess.run([sys.executable, "-m", "bertcli", "predict", str(trained)], input=b"great film\n" * 50,
                               stdout=full, stderr=subprocess.PIPE, env=_env(tmp_path), timeout=120)

@@ -16,7 +16,7 @@ from bertcli.tasks.classify import ClassifyOptions, ClassifyTask
 from bertcli.tasks.ner import NerOptions, NerTask
 from bertcli.tasks.qa import QaOptions, QaTask
 from bertcli.tokenizer import load_tokenizer
-from conftest import REVIEWS, run_cli, write_recipe
+from conftest import REVIEWS, write_recipe
 
 
 def _kl(student, teacher, t):
@@ -74,7 +74,7 @@ def test_distilled_loss_mixes_the_soft_and_the_task_loss_and_the_teacher_gets_no
     assert all(p.grad is None for p in teacher.parameters()) and student.classifier.weight.grad is not None
 
 
-def test_a_student_from_every_other_layer_distilled_from_its_teacher(tiny_classifier_dir, tmp_path):
+def test_a_student_from_every_other_layer_distilled_from_its_teacher(tiny_classifier_dir, tmp_path, cli):
     (tmp_path / "train.tsv").write_text(REVIEWS, encoding="utf-8")
     recipe = write_recipe(tmp_path / "student.yaml", {"name": "classify"},
                           {"train": str(tmp_path / "train.tsv"), "eval": str(tmp_path / "train.tsv"), "max_seq_len": 16},
@@ -89,7 +89,7 @@ def test_a_student_from_every_other_layer_distilled_from_its_teacher(tiny_classi
     # the student's layer 0 started as the teacher's layer 1 (3 small steps move it only a little)
     start, moved = before["bert.encoder.layer.1.output.dense.weight"], after["bert.encoder.layer.0.output.dense.weight"]
     assert (moved - start).abs().max() < 0.05 < (moved - before["bert.encoder.layer.0.output.dense.weight"]).abs().max()
-    done = run_cli("predict", str(tmp_path / "student"), stdin=b"i loved it\n")
+    done = cli("predict", str(tmp_path / "student"), stdin=b"i loved it\n")
     assert done.returncode == 0 and json.loads(done.stdout)["label"] in ("neg", "pos")
 
 
@@ -170,13 +170,13 @@ def test_hidden_loss_pairs_the_real_tokens_of_packed_rows(tiny_classifier_dir):
     ("distill_hidden", 2.0, "+ 2 x its layers 1"),  # the student's one layer learns the teacher's last
     ("distill_cls", 10.0, "+ 10 x its [CLS] vectors at layers 1"),
 ])
-def test_a_student_distilled_from_the_teachers_layers(tiny_classifier_dir, tmp_path, key, weight, said):
+def test_a_student_distilled_from_the_teachers_layers(tiny_classifier_dir, tmp_path, key, weight, said, cli):
     (tmp_path / "train.tsv").write_text(REVIEWS, encoding="utf-8")
     recipe = write_recipe(tmp_path / "student.yaml", {"name": "classify"},
                           {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
                           {"max_steps": 3, key: weight},
                           model={"init": str(tiny_classifier_dir), "init_layers": [0], "teacher": str(tiny_classifier_dir)})
-    done = run_cli("finetune", str(recipe), "--out", str(tmp_path / "student"))
+    done = cli("finetune", str(recipe), "--out", str(tmp_path / "student"))
     assert done.returncode == 0, done.stderr
     assert said.encode() in done.stderr
     finetune(load_recipe(recipe, [f"train.{key}=0"]), tmp_path / "plain", resume=False, overwrite=False)

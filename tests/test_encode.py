@@ -21,7 +21,7 @@ from bertcli.data.sequences import _pack_shard
 from bertcli.data.encode import encode_corpus
 from bertcli.errors import BertcliError, DataError
 from bertcli.tokenizer import load_tokenizer
-from conftest import CORPUS, ROOT, run_cli
+from conftest import CORPUS, ROOT
 
 SMALL = {"SHARD_TEXT_BYTES": 3000, "READ_BYTES": 700}  # many shards and blocks out of a few kB
 
@@ -153,7 +153,7 @@ def test_a_stopped_encode_continues_with_resume_from_its_last_shard(stop, code, 
     assert finished.returncode == 2 and b"nothing to resume: its encode finished" in finished.stderr
 
 
-def test_resume_refuses_text_that_changed_and_keeps_what_it_had(text, tiny_tokenizer_dir, tmp_path):
+def test_resume_refuses_text_that_changed_and_keeps_what_it_had(text, tiny_tokenizer_dir, tmp_path, cli):
     changed = tmp_path / "corpus.txt"
     changed.write_bytes(text.read_bytes())
     out = tmp_path / "out"
@@ -165,8 +165,8 @@ def test_resume_refuses_text_that_changed_and_keeps_what_it_had(text, tiny_token
     refused = _encode(tiny_tokenizer_dir, changed, out, "--resume")
     assert refused.returncode == 2 and b"bytes 0-" in refused.stderr and b"the file changed" in refused.stderr
     assert {p.name: p.read_bytes() for p in (out / ".saving").iterdir()} == finished  # (the half-written third: gone)
-    other = run_cli("tokenize", "encode", "--tokenizer", str(tiny_tokenizer_dir), "--corpus", str(text), "--out",
-                    str(out), "--resume", "--segmenter", "none")
+    other = cli("tokenize", "encode", "--tokenizer", str(tiny_tokenizer_dir), "--corpus", str(text), "--out",
+                str(out), "--resume", "--segmenter", "none")
     assert other.returncode == 0, other.stderr.decode()  # the original text continues where it stopped
 
 
@@ -326,13 +326,13 @@ def test_where_shards_and_documents_end_depends_on_the_text_not_on_the_blocks(ki
     assert len(made[0][0]) > 2 and made[0] == made[1] == made[2]
 
 
-def test_overwrite_keeps_a_users_file_named_as_bertcli_names_its_progress_record(text, tiny_tokenizer_dir, tmp_path):
+def test_overwrite_keeps_a_users_file_named_as_bertcli_names_its_progress_record(text, tiny_tokenizer_dir, tmp_path, cli):
     out = tmp_path / "out"
-    assert run_cli("tokenize", "encode", "--tokenizer", str(tiny_tokenizer_dir), "--corpus", str(text), "--out",
-                   str(out)).returncode == 0
+    assert cli("tokenize", "encode", "--tokenizer", str(tiny_tokenizer_dir), "--corpus", str(text), "--out",
+               str(out)).returncode == 0
     (out / "progress.json").write_text("mine")
-    again = run_cli("tokenize", "encode", "--tokenizer", str(tiny_tokenizer_dir), "--corpus", str(text), "--out",
-                    str(out), "--overwrite")
+    again = cli("tokenize", "encode", "--tokenizer", str(tiny_tokenizer_dir), "--corpus", str(text), "--out",
+                str(out), "--overwrite")
     assert again.returncode == 2 and b"progress.json" in again.stderr and (out / "progress.json").read_text() == "mine"
 
 

@@ -11,7 +11,7 @@ from bertcli.errors import DataError
 from bertcli.evaluate import evaluate
 from bertcli.jobs import finetune
 from bertcli.recipes import load_recipe
-from conftest import overflow, run_cli, write_recipe
+from conftest import overflow, write_recipe
 
 CONLL = """-DOCSTART- -X- -X- O
 
@@ -97,10 +97,10 @@ def test_tiny_model_overfits_entities(trained):
 
 
 @pytest.mark.slow
-def test_predict_gives_character_offsets_into_the_line(trained):
+def test_predict_gives_character_offsets_into_the_line(trained, cli):
     d, _ = trained
     line = "  Mary Smith works for Acme Corp in London ."
-    done = run_cli("predict", str(d / "run"), stdin=(line + "\n\n").encode())
+    done = cli("predict", str(d / "run"), stdin=(line + "\n\n").encode())
     assert done.returncode == 0, done.stderr
     first, blank = [json.loads(x) for x in done.stdout.decode().splitlines()]
     assert blank == {"entities": []}

@@ -24,7 +24,7 @@ from bertcli.recipes import load_recipe
 from bertcli.data.sequences import make_instances
 from bertcli.tasks.pretrain import A_END, A_START, B_END, B_START, LABEL, Instances, PretrainOptions, PretrainTask
 from bertcli.tokenizer import load_tokenizer
-from conftest import CORPUS, ROOT, run_cli, write_recipe
+from conftest import CORPUS, ROOT, write_recipe
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -230,10 +230,10 @@ def test_pretraining_on_from_a_checkpoint_takes_model_dropout_or_keeps_its_own(p
         assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == expected
 
 
-def test_evaluate_scores_a_pretrained_model_on_text_as_training_did(pretrained, corpus, tmp_path):
+def test_evaluate_scores_a_pretrained_model_on_text_as_training_did(pretrained, corpus, tmp_path, cli):
     work, metrics = pretrained
-    done = run_cli("evaluate", str(work / "run"), "--data", str(corpus / "eval.txt"), "--precision", "fp32",
-                   "--out", str(tmp_path / "m.json"))
+    done = cli("evaluate", str(work / "run"), "--data", str(corpus / "eval.txt"), "--precision", "fp32",
+               "--out", str(tmp_path / "m.json"))
     assert done.returncode == 0, done.stderr.decode()
     found = json.loads((tmp_path / "m.json").read_text())
     assert found["task"] == "pretrain"
@@ -267,14 +267,14 @@ def test_a_pretrained_model_without_its_sentence_head_fills_masks_but_is_not_sco
         predict.run(model, io.BytesIO(b"the [MASK] begins here .\n"), "stdin", io.StringIO(), precision="fp32")
 
 
-def test_predict_with_a_pretrained_model_fills_in_each_mask(pretrained):
+def test_predict_with_a_pretrained_model_fills_in_each_mask(pretrained, cli):
     import torch
 
     from bertcli.checkpoint import load_checkpoint
 
     work, _ = pretrained
     lines = ["The [MASK] begins  here, isn't it ?", "[MASK] ends with [MASK] 7 !", "no mask here", " "]
-    done = run_cli("predict", str(work / "run"), "--precision", "fp32", stdin="\n".join(lines).encode() + b"\n")
+    done = cli("predict", str(work / "run"), "--precision", "fp32", stdin="\n".join(lines).encode() + b"\n")
     assert done.returncode == 2 and b"1 of 4 input line(s)" in done.stderr
     first, second, third, blank = [json.loads(line) for line in done.stdout.decode().splitlines()]
     assert "no [MASK] in the line" in third["error"] and blank == {"text": None, "masks": []}
@@ -384,9 +384,10 @@ def test_two_nodes_under_torchrun_match_one_process(corpus, tiny_tokenizer_dir, 
 def test_a_killed_node_ends_the_run_with_a_checkpoint_that_resumes(corpus, tiny_tokenizer_dir, tmp_path):
     """Two agents (static rendezvous: node 0 holds rank 0 and the store) writing to one output directory, as
     machines that share a file system do; node 1 is killed mid-run. Node 0's process says so and saves the last
-    step both finished (exit 75); the two nodes resume from it, and the run's losses are those of the same two
-    nodes never stopped."""
-    env, common = _distributed(corpus, tiny_tokenizer_dir, tmp_path, steps=300)
+    step both finished (exit 75); the two nodes resume from it, and the run's losses are those of one process
+    with the same global batch, never stopped."""
+    steps = 150  # node 1 is killed at step 5: the margin for a busy machine
+    env, common = _one_process(corpus, tiny_tokenizer_dir, tmp_path, steps=steps)
 
     def agents(out: str, *extra: str) -> list[subprocess.Popen]:
         port = str(_free_port())
@@ -397,10 +398,6 @@ def test_a_killed_node_ends_the_run_with_a_checkpoint_that_resumes(corpus, tiny_
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
                 for n in range(2)]
 
-    whole = agents("whole")
-    for agent in whole:
-        agent.communicate(timeout=240)
-    assert [agent.returncode for agent in whole] == [0, 0]
     first = agents("shared")
     log = tmp_path / "shared" / "log.jsonl"
     deadline = time.time() + 240
@@ -413,16 +410,16 @@ def test_a_killed_node_ends_the_run_with_a_checkpoint_that_resumes(corpus, tiny_
     err = first[0].communicate(timeout=240)[1].decode()
     first[1].wait()
     stopped = _losses(tmp_path / "shared")[-1][0]
-    if stopped == 300:
+    if stopped == steps:
         pytest.skip("the run ended before node 1 was killed")
     assert first[0].returncode != 0 and "another process of this distributed run went away after step" in err, err[-3000:]
     assert "saved to" in err and (tmp_path / "shared" / "resume.pt").is_file()
     again = agents("shared", "--resume")
     errors = [agent.communicate(timeout=240)[1].decode()[-3000:] for agent in again]
     assert [agent.returncode for agent in again] == [0, 0], errors
-    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "shared")
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 301))
-    assert np.allclose([x for _, x in a], [x for _, x in b], rtol=1e-5, atol=1e-6)
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "shared")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, steps + 1))
+    assert np.allclose([x for _, x in a], [x for _, x in b], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -504,7 +501,7 @@ def test_chinese_whole_word_masking_with_jieba(tmp_path, tiny_tokenizer_dir):
                 assert masked[p] == masked[p - 1], "a word was masked in part"
 
 
-def test_shards_edited_by_hand_are_refused_with_a_message(corpus, tiny_tokenizer_dir, tmp_path):
+def test_shards_edited_by_hand_are_refused_with_a_message(corpus, tiny_tokenizer_dir, tmp_path, cli):
     """An index that is not an object, token ids of a type bertcli never writes (read as floats they would
     train on noise), and ids beyond the tokenizer's: each one message and exit 2, never a traceback."""
     tok = load_tokenizer(tiny_tokenizer_dir)
@@ -521,7 +518,7 @@ def test_shards_edited_by_hand_are_refused_with_a_message(corpus, tiny_tokenizer
     tokens[:] = tok.vocab_size + 7  # (each id is checked as a batch reads it)
     tokens.flush()
     recipe = tiny_pretrain_recipe(tmp_path / "r.yaml", corpus, tiny_tokenizer_dir, max_steps=2)
-    done = run_cli("pretrain", str(recipe), "--set", f"data.train={tmp_path / 's'}", "--out", str(tmp_path / "run"))
+    done = cli("pretrain", str(recipe), "--set", f"data.train={tmp_path / 's'}", "--out", str(tmp_path / "run"))
     err = done.stderr.decode()
     assert done.returncode == 2 and "Traceback" not in err
     assert f"token id {tok.vocab_size + 7} at tokens" in err and "encode the text again" in err

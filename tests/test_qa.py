@@ -12,7 +12,7 @@ from bertcli.errors import DataError
 from bertcli.evaluate import evaluate
 from bertcli.jobs import finetune
 from bertcli.recipes import load_recipe
-from conftest import run_cli, write_recipe
+from conftest import write_recipe
 
 CONTEXTS = [
     ("The quick brown fox jumps over the lazy dog near the river.",
@@ -92,16 +92,16 @@ def test_answers_do_not_depend_on_how_many_questions_go_through_together(trained
 
 
 @pytest.mark.slow
-def test_predict_answers_with_offsets(trained):
+def test_predict_answers_with_offsets(trained, cli):
     d, _ = trained
     context, qas = CONTEXTS[1]
     lines = [json.dumps({"question": qas[0][0], "context": context}), ""]
-    done = run_cli("predict", str(d / "run"), stdin=("\n".join(lines) + "\n").encode())
+    done = cli("predict", str(d / "run"), stdin=("\n".join(lines) + "\n").encode())
     assert done.returncode == 0, done.stderr
     answer, blank = [json.loads(x) for x in done.stdout.decode().splitlines()]
     assert answer["answer"] == "the doctor" and context[answer["start"]:answer["end"]] == "the doctor"
     assert 0 < answer["score"] <= 1 and blank["answer"] == ""
-    done = run_cli("predict", str(d / "run"), stdin=b"not json\n")
+    done = cli("predict", str(d / "run"), stdin=b"not json\n")
     assert done.returncode == 2 and b"expected a JSON line" in done.stdout
 
 

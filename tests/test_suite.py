@@ -17,7 +17,7 @@ import yaml
 
 from bertcli.errors import BertcliError, Interrupted
 from bertcli.rundir import LOCK, MARKER
-from conftest import REVIEWS, ROOT, STEPPING, run_cli, stepping_env, write_recipe
+from conftest import REVIEWS, ROOT, STEPPING, stepping_env, write_recipe
 
 SIMILAR = ("sentence1\tsentence2\tscore\n" + "the film is good\tthe film is fine\t4.5\n"
            "a dull plot\ti loved it\t0.5\ni hated it\ti hated it\t5.0\nthe plot\ta film\t1.0\n")
@@ -182,8 +182,8 @@ def test_a_recipe_saved_before_a_key_existed_matches_that_key_at_the_value_that_
     assert recipe_change(tmp_path, load_recipe(recipes[0], ["train.compile=true"])) == "train.compile: false then, true now"
 
 
-def test_a_run_that_fails_ends_itself_alone_and_the_suite_with_exit_2(recipes, tmp_path):
-    done = run_cli("finetune", str(recipes[0]), "--out", str(tmp_path / "sweep"), "--sweep", "train.lr=1e-3,1e12")
+def test_a_run_that_fails_ends_itself_alone_and_the_suite_with_exit_2(recipes, tmp_path, cli):
+    done = cli("finetune", str(recipes[0]), "--out", str(tmp_path / "sweep"), "--sweep", "train.lr=1e-3,1e12")
     assert done.returncode == 2, done.stderr.decode()[-2000:]
     assert b"1 of 2 runs failed" in done.stderr and b"lr=1e12" in done.stderr
     summary = json.loads((tmp_path / "sweep" / "suite.json").read_text())
@@ -217,13 +217,13 @@ def test_nothing_is_run_or_touched_when_one_run_s_directory_is_not_bertcli_s(rec
     (["--sweep", "train.lrr=1,2"], "train.lrr: unknown key (did you mean 'train.lr'?) (--sweep train.lrr=1)"),
     (["--sweep", "train.lr=-1,2"], "train.lr: must be greater than 0"),
 ])
-def test_a_bad_sweep_is_one_message_and_exit_2_before_any_run(recipes, tmp_path, args, message):
-    done = run_cli("finetune", str(recipes[0]), "--out", str(tmp_path / "s"), *args)
+def test_a_bad_sweep_is_one_message_and_exit_2_before_any_run(recipes, tmp_path, args, message, cli):
+    done = cli("finetune", str(recipes[0]), "--out", str(tmp_path / "s"), *args)
     assert done.returncode == 2 and message in done.stderr.decode(), done.stderr.decode()[-2000:]
     assert b"Traceback" not in done.stderr and not (tmp_path / "s").exists()
 
 
-def test_suites_refuse_what_they_cannot_run(recipes, tmp_path, tiny_tokenizer_dir):
+def test_suites_refuse_what_they_cannot_run(recipes, tmp_path, tiny_tokenizer_dir, cli):
     (tmp_path / "corpus.txt").write_text("the film is good.\n\nthe plot is dull.\n")
     pretraining = write_recipe(tmp_path / "pt.yaml", {"name": "pretrain"}, {"train": str(tmp_path / "corpus.txt")},
                                {"max_steps": 1}, tokenizer=tiny_tokenizer_dir)
@@ -237,7 +237,7 @@ def test_suites_refuse_what_they_cannot_run(recipes, tmp_path, tiny_tokenizer_di
         ([str(recipes[0]), str(pretraining), "--out", str(tmp_path / "s")],
          "is trained by `bertcli pretrain`; a suite holds fine-tuning recipes"),
     ]:
-        done = run_cli("finetune", *args)
+        done = cli("finetune", *args)
         assert done.returncode == 2 and message in done.stderr.decode(), (args, done.stderr.decode()[-2000:])
     assert not (tmp_path / "s").exists()
 

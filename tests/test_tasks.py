@@ -21,7 +21,7 @@ from bertcli.recipes import load_recipe
 from bertcli.tasks import TASKS
 from bertcli.tasks.base import TaskOptions
 from bertcli.tokenizer import load_tokenizer
-from conftest import ROOT, run_cli, write_recipe
+from conftest import ROOT, write_recipe
 
 PAIRS = [("the film is wonderful", "the film is great", 4.8), ("a dull plot", "a boring plot", 4.0),
          ("the cast shines", "the dog sleeps", 0.4), ("i loved it", "i hated it", 1.2),
@@ -137,7 +137,7 @@ def regression(tmp_path_factory, tiny_tokenizer_dir):
     return _trained(d, "regression", "train.tsv", tiny_tokenizer_dir, max_steps=120, lr=3e-3)
 
 
-def test_regression_learns_the_scores_of_sentence_pairs(regression):
+def test_regression_learns_the_scores_of_sentence_pairs(regression, cli):
     d, metrics = regression
     assert metrics["eval_pearson"] > 0.95 and metrics["eval_spearman"] > 0.9
     m = evaluate(d / "run", d / "train.tsv")
@@ -145,7 +145,7 @@ def test_regression_learns_the_scores_of_sentence_pairs(regression):
     (d / "pairs.jsonl").write_text("".join(json.dumps({"text": a, "text_pair": b, "label": s}) + "\n" for a, b, s in PAIRS))
     assert evaluate(d / "run", d / "pairs.jsonl")["mse"] == m["mse"]  # predict's own JSON lines, pairs and all
     lines = [json.dumps({"text": a, "text_pair": b}) for a, b, _ in PAIRS] + [""]
-    done = run_cli("predict", str(d / "run"), stdin=("\n".join(lines) + "\n").encode())
+    done = cli("predict", str(d / "run"), stdin=("\n".join(lines) + "\n").encode())
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line) for line in done.stdout.decode().splitlines()]
     assert answers[-1] == {"value": None}
@@ -173,13 +173,13 @@ def multilabel(tmp_path_factory, tiny_tokenizer_dir):
     return _trained(d, "multilabel", "train.jsonl", tiny_tokenizer_dir, max_steps=300, lr=1e-2)
 
 
-def test_multilabel_learns_several_labels_per_text(multilabel):
+def test_multilabel_learns_several_labels_per_text(multilabel, cli):
     d, metrics = multilabel
     assert metrics["eval_micro_f1"] == 1.0 and metrics["eval_exact_match"] == 1.0
     config = json.loads((d / "run" / "config.json").read_text())
     assert config["id2label"] == {"0": "animal", "1": "criticism", "2": "film", "3": "plot", "4": "praise"}
-    done = run_cli("predict", str(d / "run"), "--precision", "fp32",  # bf16 could tip a probability near 0.5
-                   stdin=("\n".join(t for t, _ in TAGGED) + "\n").encode())
+    done = cli("predict", str(d / "run"), "--precision", "fp32",  # bf16 could tip a probability near 0.5
+               stdin=("\n".join(t for t, _ in TAGGED) + "\n").encode())
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line) for line in done.stdout.decode().splitlines()]
     assert [",".join(a["labels"]) for a in answers] == [",".join(sorted(tags.split(","))) if tags else ""
@@ -328,18 +328,18 @@ def test_moved_data_keys_say_which_task_has_them(tmp_path, tiny_tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_evaluate_output_keeps_the_run_precision_beside_multilabel_metrics(multilabel, tmp_path):
+def test_evaluate_output_keeps_the_run_precision_beside_multilabel_metrics(multilabel, tmp_path, cli):
     d, _ = multilabel
-    done = run_cli("evaluate", str(d / "run"), "--data", str(d / "train.tsv"), "--out", str(tmp_path / "m.json"),
-                   "--precision", "fp32")
+    done = cli("evaluate", str(d / "run"), "--data", str(d / "train.tsv"), "--out", str(tmp_path / "m.json"),
+               "--precision", "fp32")
     assert done.returncode == 0, done.stderr
     out = json.loads((tmp_path / "m.json").read_text())
     assert out["inference_precision"] == "fp32" and 0 <= out["micro_precision"] <= 1
 
 
-def test_blank_lines_get_an_empty_answer_and_eval_rows_with_empty_text_are_scored(multilabel, tmp_path):
+def test_blank_lines_get_an_empty_answer_and_eval_rows_with_empty_text_are_scored(multilabel, tmp_path, cli):
     d, _ = multilabel
-    done = run_cli("predict", str(d / "run"), stdin=b"the fox jumps\n\n")
+    done = cli("predict", str(d / "run"), stdin=b"the fox jumps\n\n")
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line) for line in done.stdout.decode().splitlines()]
     assert answers[0]["labels"] == ["animal"] and answers[1] == {"labels": None, "scores": {}}

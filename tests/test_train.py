@@ -14,7 +14,7 @@ from bertcli.jobs import finetune
 from bertcli.recipes import TrainConfig, load_recipe
 from bertcli.data.batching import batch_order
 from bertcli.train import epoch_batches, lr_at, plan_steps
-from conftest import run_cli, write_recipe
+from conftest import write_recipe
 
 EIGHT = "sentence\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in [
     ("the film is wonderful", "pos"), ("a dull and boring plot", "neg"), ("i loved it", "pos"), ("i hated it", "neg"),
@@ -115,11 +115,11 @@ def test_time_budget_alone_ends_a_run(tmp_path, tiny_tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_predict_reads_input_file_and_flags_truncation(tmp_path, tiny_classifier_dir):
+def test_predict_reads_input_file_and_flags_truncation(tmp_path, tiny_classifier_dir, cli):
     long = " ".join(["wonderful"] * 40)  # past the model's 16 tokens
     (tmp_path / "in.txt").write_text(f"i loved it\n{long}\n", encoding="utf-8")
-    from_file = run_cli("predict", str(tiny_classifier_dir), "--input", str(tmp_path / "in.txt"))
-    from_stdin = run_cli("predict", str(tiny_classifier_dir), stdin=(tmp_path / "in.txt").read_bytes())
+    from_file = cli("predict", str(tiny_classifier_dir), "--input", str(tmp_path / "in.txt"))
+    from_stdin = cli("predict", str(tiny_classifier_dir), stdin=(tmp_path / "in.txt").read_bytes())
     assert from_file.returncode == 0, from_file.stderr
     assert from_file.stdout == from_stdin.stdout
     short, truncated = [json.loads(line) for line in from_file.stdout.decode().splitlines()]

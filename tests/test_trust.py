@@ -6,7 +6,6 @@ after."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -23,7 +22,7 @@ import yaml
 
 from bertcli.errors import BertcliError
 from bertcli.rundir import LOCK, MARKER
-from conftest import REVIEWS, ROOT, overflow, run_cli, write_recipe
+from conftest import REVIEWS, ROOT, in_process, overflow, run_cli, write_recipe
 
 HEADER, BODY = REVIEWS.split("\n", 1)
 ROWS = HEADER + "\n" + BODY * 4
@@ -82,21 +81,6 @@ def recipe(home: Path, task: str = "classify", train: str = "train.tsv", extra: 
             f"train: {{max_steps: 2, batch_size: 4, precision: fp32, log_every: 1}}\noutput: {home / 'out'}\n{extra}")
     (home / name).write_text(text, encoding="utf-8")
     return str(home / name)
-
-
-def in_process(argv: list[str], monkeypatch, capsys, stdin: bytes = b"") -> tuple[int, str, str]:
-    """`bertcli ARGV` through the real entry point, in this process: (exit code, stdout, stderr)."""
-    from bertcli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["bertcli", *argv])
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-    code = 0
-    try:
-        main()
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def spoil_config(home: Path, **changes) -> str:
@@ -655,7 +639,7 @@ main()
 
 
 @pytest.mark.slow
-def test_two_runs_into_one_out_one_refused_the_other_resumes(tmp_path, tiny_tokenizer_dir):
+def test_two_runs_into_one_out_one_refused_the_other_resumes(tmp_path, tiny_tokenizer_dir, cli):
     (tmp_path / "train.tsv").write_text(rows(8))
     r = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
                      {"max_steps": 150, "batch_size": 4, "save_every": 50}, tokenizer=tiny_tokenizer_dir)
@@ -676,34 +660,34 @@ def test_two_runs_into_one_out_one_refused_the_other_resumes(tmp_path, tiny_toke
     assert f"another bertcli process (pid {winner.pid}) is writing" in loser, loser
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records if "loss" in x] == list(range(1, 151))  # one run's log, not two interleaved
-    done = run_cli("finetune", str(r), "--out", str(out), "--resume", "--set", "train.max_steps=155")
+    done = cli("finetune", str(r), "--out", str(out), "--resume", "--set", "train.max_steps=155")
     assert done.returncode == 0, done.stderr.decode()[-2000:]
-    done = run_cli("predict", str(out), stdin=b"i loved it\n")
+    done = cli("predict", str(out), stdin=b"i loved it\n")
     assert done.returncode == 0 and json.loads(done.stdout)["label"] in ("pos", "neg")
 
 
 @pytest.mark.slow
-def test_a_held_lock_is_refused_at_once_and_a_killed_holder_leaves_none(tmp_path, tiny_tokenizer_dir):
+def test_a_held_lock_is_refused_at_once_and_a_killed_holder_leaves_none(tmp_path, tiny_tokenizer_dir, cli):
     import fcntl
 
     (tmp_path / "train.tsv").write_text(ROWS)
     r = write_recipe(tmp_path / "r.yaml", {"name": "classify"}, {"train": str(tmp_path / "train.tsv"), "max_seq_len": 16},
                      {"max_steps": 2, "batch_size": 4}, tokenizer=tiny_tokenizer_dir)
     out = tmp_path / "run"
-    assert run_cli("finetune", str(r), "--out", str(out)).returncode == 0
+    assert cli("finetune", str(r), "--out", str(out)).returncode == 0
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
                                f"fd = os.open({str(out / LOCK)!r}, os.O_RDWR)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
                                "os.pwrite(fd, b'4242\\n', 0)\nprint('locked', flush=True)\ntime.sleep(120)"],
                               stdout=subprocess.PIPE)
     assert holder.stdout.readline() == b"locked\n"
-    done = run_cli("finetune", str(r), "--out", str(out), "--resume", "--set", "train.max_steps=4")
+    done = cli("finetune", str(r), "--out", str(out), "--resume", "--set", "train.max_steps=4")
     assert done.returncode == 2 and b"another bertcli process (pid 4242) is writing" in done.stderr
     holder.kill()
     holder.wait()
     fd = os.open(out / LOCK, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel released it with the process
     os.close(fd)
-    done = run_cli("finetune", str(r), "--out", str(out), "--resume", "--set", "train.max_steps=4")
+    done = cli("finetune", str(r), "--out", str(out), "--resume", "--set", "train.max_steps=4")
     assert done.returncode == 0, done.stderr.decode()[-2000:]
 
 
@@ -828,7 +812,7 @@ def test_fifos_are_read_once_as_streams(home, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_files_honour_the_umask_and_lines_split_on_newline_only(tmp_path, tiny_tokenizer_dir):
+def test_files_honour_the_umask_and_lines_split_on_newline_only(tmp_path, tiny_tokenizer_dir, cli):
     sep = "\u2028"
     rows = f"sentence\tlabel\nthe film{sep}is wonderful\tpos\nboring\x1cplot\tneg\ni loved it\tpos\ni hated it\tneg\n"
     (tmp_path / "train.tsv").write_text(rows, encoding="utf-8")
@@ -841,9 +825,9 @@ def test_files_honour_the_umask_and_lines_split_on_newline_only(tmp_path, tiny_t
     assert b"data: 4 training examples" in done.stderr  # not 6: the separators stayed inside their cells
     for p in out.iterdir():
         assert p.stat().st_mode & 0o777 == 0o640, p
-    done = run_cli("predict", str(out), stdin=f"one{sep}line\nsecond\x85line\n".encode())
+    done = cli("predict", str(out), stdin=f"one{sep}line\nsecond\x85line\n".encode())
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 2
-    done = run_cli("tokenize", "show", "--tokenizer", str(out), stdin=f"one{sep}line\n".encode())
+    done = cli("tokenize", "show", "--tokenizer", str(out), stdin=f"one{sep}line\n".encode())
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 1
 
 
@@ -1065,7 +1049,7 @@ def test_a_second_signal_while_the_checkpoint_is_written_waits_for_it(home, monk
     assert (home / "out" / "resume.pt").is_file() and (home / "out" / "model.safetensors").is_file()
 
 
-def test_finetune_under_torchrun_is_refused_before_any_process_writes(tiny_classifier_dir, tmp_path, monkeypatch):
+def test_finetune_under_torchrun_is_refused_before_any_process_writes(tiny_classifier_dir, tmp_path, monkeypatch, cli):
     """torchrun spreads pretrain; finetune runs in one process. Each of torchrun's processes used to claim --out,
     so one failed on the other's lock while the first trained alone: now each says why, exit 2, nothing written."""
     (tmp_path / "train.tsv").write_text(ROWS, encoding="utf-8")
@@ -1073,11 +1057,11 @@ def test_finetune_under_torchrun_is_refused_before_any_process_writes(tiny_class
                           {"max_steps": 1}, model={"init": str(tiny_classifier_dir)})
     monkeypatch.setenv("WORLD_SIZE", "2")
     for extra in ([], [str(recipe)], ["--sweep", "train.lr=1e-5,2e-5"]):  # one run, a suite, a sweep
-        done = run_cli("finetune", str(recipe), *extra, "--out", str(tmp_path / "out"))
+        done = cli("finetune", str(recipe), *extra, "--out", str(tmp_path / "out"))
         assert done.returncode == 2 and b"finetune runs in one process; under torchrun (WORLD_SIZE=2)" in done.stderr
         assert not (tmp_path / "out").exists()
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: a plain run
-    assert run_cli("finetune", str(recipe), "--out", str(tmp_path / "out")).returncode == 0
+    assert cli("finetune", str(recipe), "--out", str(tmp_path / "out")).returncode == 0
 
 
 def test_a_directory_holding_only_bertcli_s_marker_and_lock_is_taken_again_as_new(tmp_path):

@@ -168,7 +168,8 @@ def test_the_int8_graph_holds_int8_weights_and_stays_close(exported, capsys):
     fp32, _, _ = _predict(model, lines, capsys, engine="onnx")
     int8, said, status = _predict(model, lines, capsys, engine="onnx", int8=True)
     assert status == 0 and "model.int8.onnx" in said
-    assert max(abs(a["score"] - b["score"]) for a, b in zip(fp32, int8)) < 0.05
+    # (within 0.005: with one int8 range for every value, not the 7 bits that CPUs without VNNI need, 0.01-0.25 off)
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(fp32, int8)) < 0.005
     # the same label wherever fp32's is clear of the tolerance (LONG, neither positive nor negative, may sit near
     # 0.5: its label flipped in one CI run)
     clear = [(a["label"], b["label"]) for a, b in zip(fp32, int8) if a["score"] > 0.55]

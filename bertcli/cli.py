@@ -203,9 +203,11 @@ def finetune(recipes: List[Path] = typer.Argument(..., help="YAML recipe(s) (see
         raise BertcliError("a suite or sweep needs --out DIR: each run goes into a sub-directory of it")
     points = plan(list(recipes), set_ or [], sweep or [])
     summary = run_suite(points, out, resume, overwrite, keep_memory=True)
-    with _streaming():
+    try:
         sys.stdout.write(render(summary))
         sys.stdout.flush()
+    except BrokenPipeError:
+        drop_stdout()  # the reader went away (`| head -1`): the exit code still says whether every run succeeded
     if summary.get("failed"):
         first = next(r for r in summary["runs"] if "error" in r)
         raise BertcliError(f"{summary['failed']} of {len(summary['runs'])} runs failed (the table has the others); "

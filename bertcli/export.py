@@ -10,7 +10,7 @@ checked against the model's on a batch of rows of different lengths before anyth
 activations quantized per batch as they arrive), with a scale per output column of each weight
 (`per_channel`): on MiniLM fine-tuned on SST-2, dev accuracy 0.9060 against 0.9002 in fp32, where one
 scale per matrix, the default, gave 0.8888 (-1.1 points) at about the same speed. The weights use 7 bits
-(`reduce_range`): on a CPU without VNNI, 8 bits overflow the int16 sums and a tiny model's outputs were up to
+(`reduce_range`): on a CPU without VNNI, 8 bits saturate the int16 pair sums (vpmaddubsw) and a tiny model's outputs were up to
 0.25 off, 0.002 with 7.
 
 Both graphs are written into the checkpoint directory, each atomically, and each records in its

@@ -191,6 +191,16 @@ def test_a_run_that_fails_ends_itself_alone_and_the_suite_with_exit_2(recipes, t
     assert b"lr=1e-3" in done.stdout  # the table of the others
 
 
+@pytest.mark.slow
+def test_a_failed_run_ends_the_suite_with_exit_2_when_the_tables_reader_is_gone(recipes, tmp_path):
+    """`| true` (or `| head -1`): the table cannot be written, and the exit code still says a run failed."""
+    command = (f"{sys.executable} -m bertcli finetune {recipes[0]} --out {tmp_path / 's'} --sweep train.lr=1e-3,1e12 "
+               "2>/dev/null | true; exit ${PIPESTATUS[0]}")
+    done = subprocess.run(["bash", "-c", command], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert done.returncode == 2
+    assert "error" in json.loads((tmp_path / "s" / "suite.json").read_text())["runs"][1]
+
+
 def test_nothing_is_run_or_touched_when_one_run_s_directory_is_not_bertcli_s(recipes, tmp_path):
     out = tmp_path / "suite"
     _suite(recipes[:1], out, sweeps=["train.seed=1"])

@@ -4,6 +4,10 @@
 leaves either the old file or the new one. `publish` moves a whole staged directory of files
 into place by renames alone (which need no space), so a full disk met while writing a
 checkpoint leaves the previous checkpoint exactly as it was.
+
+In a directory this process holds (rundir.claim), every temporary name is noted in the directory's
+lock file before it is made and struck off once it is gone (`Notes`): the next writer removes a killed
+one's leftovers by that note alone, never by a name, which could be a file of the user's.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ import errno
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +49,69 @@ def _file_mode() -> int:
 
 
 FILE_MODE = _file_mode()
+
+
+class Notes:
+    """The lock file of a directory this process holds: its pid on the first line, then the temporary entries
+    being written there (an atomic write's file, a checkpoint's side directory). Written before an entry is
+    made, so that a process killed while writing it leaves the proof that bertcli made it."""
+
+    def __init__(self, fd: int, carried: list[str]):
+        self._fd, self.names = fd, list(carried)
+        self._save()
+
+    def _save(self) -> None:
+        text = (f"{os.getpid()}\n" + "".join(f"{name}\n" for name in self.names)).encode()
+        try:
+            os.pwrite(self._fd, text, 0)
+            os.ftruncate(self._fd, len(text))
+        except OSError:
+            pass  # a full disk: what is not noted is never removed (only the next writer's clean-up is lost)
+
+    def add(self, name: str) -> None:
+        if name not in self.names:
+            self.names.append(name)
+            self._save()
+
+    def done(self, name: str) -> None:
+        if name in self.names:
+            self.names.remove(name)
+            self._save()
+
+
+_HELD: dict[tuple[int, int], Notes] = {}  # the directories this process holds, by (device, inode)
+
+
+def _key(directory: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def hold_notes(directory: Path, notes: Notes | None) -> None:
+    """Note this process's temporary entries in `directory` with `notes` (None: it holds the directory no more)."""
+    key = _key(directory)
+    if key is not None:
+        if notes is None:
+            _HELD.pop(key, None)
+        else:
+            _HELD[key] = notes
+
+
+def note(path: Path) -> None:
+    """`path` is about to be made by bertcli, and may be left behind (a directory this process holds alone)."""
+    notes = _HELD.get(_key(path.parent))
+    if notes is not None:
+        notes.add(path.name)
+
+
+def unnote(path: Path) -> None:
+    """`path` is gone, or is no longer temporary."""
+    notes = _HELD.get(_key(path.parent))
+    if notes is not None:
+        notes.done(path.name)
 
 
 def finite_number(value) -> bool:
@@ -81,11 +148,18 @@ def finite_json(value, **options) -> str:
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` to produce the file, then move it over `path` in one rename."""
     path = Path(path)
-    tmp = None
+    tmp, made = None, False
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        while not made:
+            tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+            note(Path(tmp))  # before it exists: a kill from here on leaves a file the next writer may remove
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                made = True
+            except FileExistsError:  # (a name already taken: another)
+                unnote(Path(tmp))
         try:
-            os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; the file gets what open() would give it
+            os.fchmod(fd, FILE_MODE)  # made 0600; the file gets what open() would give it
         finally:
             os.close(fd)
         write(tmp)
@@ -93,11 +167,14 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
-        if tmp is not None and os.path.exists(tmp):
+        if made and os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(err, OSError) and err.errno in STORAGE_ERRORS:
             raise storage_error(path, err) from None
         raise
+    finally:
+        if tmp is not None:
+            unnote(Path(tmp))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

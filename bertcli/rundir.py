@@ -9,6 +9,8 @@ holding anything else is refused with the names of what it holds, and nothing in
 One process writes a directory at a time: it holds an advisory lock (`fcntl.flock`) on
 `.bertcli.lock` for as long as it runs. The kernel drops the lock when the process dies, however it
 dies, so a SIGKILL never leaves a stale lock; a second writer exits at once, naming the holder's pid.
+The lock file also notes the temporary entries its holder is writing (fileio.Notes): a killed writer's
+leftovers are the entries noted there, never files found by their names alone.
 
 An output that is, contains or lies inside one of the command's inputs is refused before anything
 is touched (`check_apart`).
@@ -27,7 +29,7 @@ from typing import Callable, Iterable
 
 from bertcli import __version__
 from bertcli.errors import BertcliError
-from bertcli.fileio import atomic_write_text
+from bertcli.fileio import Notes, atomic_write_text, hold_notes
 from bertcli.onnx_engine import GRAPHS, bertcli_graph, unsealed_bertcli_graph  # export adds its own graphs alone
 
 MARKER = ".bertcli-run"
@@ -60,22 +62,26 @@ def _named(kind: str, name: str, staged: bool = False) -> bool:
             or (kind == "shards" and _SHARD_FILE.fullmatch(name) is not None))
 
 
-def _temporary(kind: str, name: str, staged: bool = False) -> bool:
+ANY = None  # `noted` of a side directory's files: the directory itself was noted, so all its temporary files are
+
+
+def _temporary(kind: str, name: str, staged: bool, noted: frozenset[str] | None) -> bool:
+    """An atomic write's temporary file that bertcli noted in the lock file (fileio.Notes) as it made it."""
     match = _TEMP.fullmatch(name)
-    return match is not None and _named(kind, match.group(1), staged)
+    return match is not None and (noted is ANY or name in noted) and _named(kind, match.group(1), staged)
 
 
-def _own_file(kind: str, entry: Path, staged: bool = False) -> bool:
+def _own_file(kind: str, entry: Path, staged: bool = False, noted: frozenset[str] | None = frozenset()) -> bool:
     """A regular file under a name bertcli writes there (`staged`: in the side directory, where some names are
-    bertcli's that are not elsewhere). bertcli never makes a symbolic link, so a link, whatever its name, is the
-    user's."""
+    bertcli's that are not elsewhere), or a temporary one that the lock file notes (`noted`). bertcli never
+    makes a symbolic link, so a link, whatever its name, is the user's."""
     if entry.is_symlink() or not entry.is_file():
         return False
     if entry.name in GRAPHS:  # names other tools give their graphs too: bertcli's say so inside
         return bertcli_graph(entry)
     if entry.name == INPUTS:  # a name added later: in a directory of an older bertcli, it may be yours
         return _inputs_file(entry)
-    return entry.name == LOCK or _named(kind, entry.name, staged) or _temporary(kind, entry.name, staged)
+    return entry.name == LOCK or _named(kind, entry.name, staged) or _temporary(kind, entry.name, staged, noted)
 
 
 def _inputs_file(path: Path) -> bool:
@@ -89,13 +95,14 @@ def _inputs_file(path: Path) -> bool:
     return isinstance(saved, dict) and saved.get(SIGNATURE) == 1 and isinstance(saved.get("files"), dict)
 
 
-def _own_stage(kind: str, entry: Path) -> bool:
-    """The side directory of a write killed midway, holding only files bertcli writes (one that
-    vanishes while it is looked at was being published by bertcli)."""
-    if entry.name != STAGE_DIR or entry.is_symlink() or not (entry.is_dir() or not entry.exists()):
+def _own_stage(kind: str, entry: Path, noted: frozenset[str]) -> bool:
+    """The side directory of a write killed midway, noted in the lock file, holding only files bertcli writes (one
+    that vanishes while it is looked at was being published by bertcli)."""
+    if entry.name != STAGE_DIR or entry.name not in noted or entry.is_symlink() or not (
+            entry.is_dir() or not entry.exists()):
         return False
     try:
-        return all(_own_file(kind, child, staged=True) and child.name != LOCK for child in entry.iterdir())
+        return all(_own_file(kind, child, staged=True, noted=ANY) and child.name != LOCK for child in entry.iterdir())
     except FileNotFoundError:
         return True
     except OSError:
@@ -108,13 +115,36 @@ def _own_nested(kind: str, entry: Path) -> bool:
     return kind in NESTED and not entry.is_symlink() and entry.is_dir() and marked_kind(entry) in NESTED[kind]
 
 
-def is_own(kind: str, entry: Path) -> bool:
-    return _own_file(kind, entry) or _own_stage(kind, entry) or _own_nested(kind, entry)
+def is_own(kind: str, entry: Path, noted: frozenset[str]) -> bool:
+    return _own_file(kind, entry, noted=noted) or _own_stage(kind, entry, noted) or _own_nested(kind, entry)
 
 
-def is_leftover(kind: str, entry: Path) -> bool:
-    """What a process killed mid-write leaves: a staged checkpoint or an atomic write's temporary file."""
-    return _own_stage(kind, entry) or (_temporary(kind, entry.name) and _own_file(kind, entry))
+def is_leftover(kind: str, entry: Path, noted: frozenset[str]) -> bool:
+    """What a process killed mid-write leaves: a staged checkpoint or an atomic write's temporary file, each
+    noted in the lock file as it was made."""
+    return _own_stage(kind, entry, noted) or (_temporary(kind, entry.name, False, noted)
+                                              and _own_file(kind, entry, noted=noted))
+
+
+def _noted(directory: Path) -> frozenset[str]:
+    """The temporary entries that the lock file notes (those of its last holder, or of the holder now)."""
+    if not _own_lock(directory):
+        return frozenset()
+    try:
+        fd = os.open(directory / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return frozenset()
+    try:
+        return _notes_in(os.pread(fd, 1 << 20, 0))
+    except OSError:
+        return frozenset()
+    finally:
+        os.close(fd)
+
+
+def _notes_in(content: bytes) -> frozenset[str]:
+    lines = content.decode("utf-8", "replace").split("\n")[1:]  # (the first is the pid)
+    return frozenset(line for line in lines if line and "/" not in line and line not in (".", ".."))
 
 
 def marked_kind(directory: Path) -> str | None:
@@ -168,13 +198,18 @@ def check_apart(out: Path, inputs: Iterable[tuple[str, str | Path | None]], own:
 class Claim:
     """The lock on an output directory, held until `release` (or the process ends)."""
 
-    def __init__(self, directory: Path, fd: int, complete: bool = False):
+    def __init__(self, directory: Path, fd: int, complete: bool = False, notes: Notes | None = None):
         self.directory = directory
         self.complete = complete  # `claim(..., complete_with=NAME)` found NAME: the work is already done
         self._fd: int | None = fd
+        self._notes = notes  # (a directory without the marker has no lock file: nothing is noted there)
+        if notes is not None:
+            hold_notes(directory, notes)
 
     def release(self) -> None:
         if self._fd is not None:
+            if self._notes is not None:
+                hold_notes(self.directory, None)
             os.close(self._fd)  # closing the last descriptor drops the flock
             self._fd = None
 
@@ -210,29 +245,35 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
     except OSError as err:
         what = "bertcli's cache directory" if wait else "the output directory"  # (only the cache waits)
         raise BertcliError(f"{out}: cannot create {what}: {err.strerror}") from None
-    fd = _take_lock(out, wait)
+    fd, noted = _take_lock(out, wait)
     try:
         if complete_with and marked_kind(out) == kind and (
                 complete_with(out) if callable(complete_with) else (out / complete_with).is_file()):
-            return Claim(out, fd, complete=True)
-        _check_state(out, kind, resume, overwrite, replacing)  # again: another writer may have been here meanwhile
-        if marked_kind(out) is None:
-            atomic_write_text(out / MARKER, json.dumps({"kind": kind, "bertcli_version": __version__}) + "\n")
+            return Claim(out, fd, complete=True, notes=Notes(fd, sorted(noted)))
+        _check_state(out, kind, resume, overwrite, replacing, noted)  # again: another writer may have been here
         for entry in sorted(out.iterdir()):
             if kind == "shards" and resume and entry.name == STAGE_DIR:
                 continue  # the finished shards of an encode stopped midway, which the encoder checks and continues
-            if is_leftover(kind, entry) or (overwrite and entry.name not in (MARKER, LOCK) and is_own(kind, entry)
-                                            and not _own_nested(kind, entry)):
+            if is_leftover(kind, entry, noted) or (overwrite and entry.name not in (MARKER, LOCK)
+                                                   and is_own(kind, entry, noted) and not _own_nested(kind, entry)):
                 _remove(kind, entry)
+        held = Claim(out, fd, notes=Notes(fd, sorted(n for n in noted if os.path.lexists(out / n))))
     except BaseException:
         os.close(fd)
         raise
-    return Claim(out, fd)
+    try:
+        if marked_kind(out) is None:
+            atomic_write_text(out / MARKER, json.dumps({"kind": kind, "bertcli_version": __version__}) + "\n")
+    except BaseException:
+        held.release()
+        raise
+    return held
 
 
-def _take_lock(directory: Path, wait: bool, instead: str = ELSEWHERE) -> int:
-    """Open the directory's lock file, check it is bertcli's, lock it (see _lock) and write this process's pid
-    into it; returns the descriptor that holds the lock."""
+def _take_lock(directory: Path, wait: bool, instead: str = ELSEWHERE) -> tuple[int, frozenset[str]]:
+    """Open the directory's lock file, check it is bertcli's and lock it (see _lock); returns the descriptor that
+    holds the lock and what the last holder noted in it (its temporary entries, fileio.Notes), which the caller
+    writes over with this process's pid and notes."""
     try:
         fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
     except OSError as err:
@@ -247,11 +288,10 @@ def _take_lock(directory: Path, wait: bool, instead: str = ELSEWHERE) -> int:
         os.close(fd)
         raise
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        noted = _notes_in(os.pread(fd, 1 << 20, 0))
     except OSError:
-        pass  # the pid only names the holder in another process's message (a full disk refuses it)
-    return fd
+        noted = frozenset()
+    return fd, noted
 
 
 def hold(directory: Path) -> Claim:
@@ -272,15 +312,15 @@ def hold(directory: Path) -> Claim:
             raise
         return Claim(directory, fd)
     refuse_inside_running_suite(directory)
-    held = Claim(directory, _take_lock(directory, wait=False, instead="wait for it to end"))
+    fd, noted = _take_lock(directory, wait=False, instead="wait for it to end")
     try:
         for entry in sorted(directory.iterdir()):
-            if is_leftover(kind, entry):  # of a killed writer (a killed export's graph half written)
+            if is_leftover(kind, entry, noted):  # of a killed writer (a killed export's graph half written)
                 _remove(kind, entry)
+        return Claim(directory, fd, notes=Notes(fd, sorted(n for n in noted if os.path.lexists(directory / n))))
     except BaseException:
-        held.release()
+        os.close(fd)
         raise
-    return held
 
 
 def precheck(out: Path, kind: str, resume: bool = False, overwrite: bool = False, replacing: str = "--overwrite") -> None:
@@ -315,7 +355,7 @@ def _holder(directory: Path) -> int:
     except OSError:
         return 0
     try:
-        return int(os.pread(fd, 32, 0).strip() or b"0")
+        return int(os.pread(fd, 32, 0).split(b"\n")[0].strip() or b"0")  # (notes follow the pid's line)
     except (OSError, ValueError):
         return 0
     finally:
@@ -338,7 +378,11 @@ def refuse_inside_running_suite(out: Path) -> None:
                                "is running; wait for it to end, or choose another --out") from None
 
 
-def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing: str = "--overwrite") -> None:
+def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing: str = "--overwrite",
+                 noted: frozenset[str] | None = None) -> None:
+    """What makes `out` unfit for the command, refused with what to do. `noted`: the lock file's notes, read from
+    it when not given (claim gives those it found before it wrote its own)."""
+    noted = _noted(out) if noted is None else noted
     option = "--report" if kind == "report" else "--out"  # the option that names the directory
     if out.is_symlink() and not out.is_dir():
         raise BertcliError(f"{out}: is a symbolic link to nothing; name a directory")
@@ -358,7 +402,7 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
         return  # bertcli's marker and lock alone: a command that failed before it wrote a file left nothing to keep
     found = marked_kind(out)
     if found is None and resume and kind == "run" and "resume.pt" in names and all(
-            is_own(kind, p) for p in out.iterdir()):
+            is_own(kind, p, noted) for p in out.iterdir()):
         return  # a run of a bertcli from before the marker, holding only a run's files: adopted (claim marks it)
     if found is None:
         if resume or overwrite:
@@ -376,7 +420,7 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
     # (--resume never writes a graph: one that is not bertcli's stays, and predict does not run it as the model's)
     foreign = [p.name + (" (a graph bertcli cannot prove it wrote: exported by a bertcli from before graphs were "
                          "sealed, or edited since)" if p.name in GRAPHS and unsealed_bertcli_graph(p) else "")
-               for p in sorted(out.iterdir()) if not is_own(kind, p) and (
+               for p in sorted(out.iterdir()) if not is_own(kind, p, noted) and (
                    overwrite or p.name == STAGE_DIR or (p.name in OWN[kind] and p.name not in GRAPHS))]
     if foreign:
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
@@ -407,7 +451,7 @@ def _lock(fd: int, out: Path, wait: bool, instead: str = ELSEWHERE) -> None:
                                "locks, so bertcli cannot make sure it is the only writer; write the run on a "
                                "local disk") from None
     try:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").split("\n")[0].strip() or "unknown"
     except OSError:  # a directory's own descriptor (hold): no pid written in it
         holder = "unknown"
     raise BertcliError(f"{out}: another bertcli process (pid {holder}) is writing this directory; {instead}")
@@ -420,7 +464,7 @@ def _remove(kind: str, entry: Path) -> None:
     try:
         if entry.name == STAGE_DIR and entry.is_dir() and not entry.is_symlink():
             for child in entry.iterdir():
-                if _own_file(kind, child, staged=True) and child.name != LOCK:
+                if _own_file(kind, child, staged=True, noted=ANY) and child.name != LOCK:
                     child.unlink()
             entry.rmdir()
         else:

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from bertcli.data.batching import batch_order
 from bertcli.errors import BertcliError, Interrupted, NonFinite, first_line
 from bertcli.inputs import INPUTS, inputs_file
-from bertcli.fileio import OutputError, append_text, atomic_write, atomic_write_text, discard, finite_json, finite_number, publish
+from bertcli.fileio import (OutputError, append_text, atomic_write, atomic_write_text, discard, finite_json, finite_number,
+                            note, publish, unnote)
 from bertcli.recipes import TrainConfig, parse_duration
 from bertcli.rundir import STAGE_DIR
 from bertcli.runtime import autocast, device_for, resolve_precision
@@ -541,17 +542,20 @@ def _checkpoint(run: _Run, alone: bool = False) -> None:
                            f"this step; the last good checkpoint in {out} (if any) is kept")
     if run.writer:
         stage = out / STAGE_DIR
-        discard(stage)
+        discard(stage)  # (one of this process's, from a save a signal stopped)
+        note(stage)  # before it exists: a killed writer's is the next one's to remove
         try:
             stage.mkdir()
             run.job.save(run.model, stage)
             save_resume_state(stage, run.model, run.optimizer, run.scaler, pos)
         except (OSError, OutputError) as err:
             discard(stage)
+            unnote(stage)
             reason = err.reason if isinstance(err, OutputError) else err.strerror
             raise BertcliError(f"{out}: cannot save the checkpoint of step {pos.step}: {reason}. The previous "
                                f"checkpoint in {out} is intact") from None
         publish(stage, out, last=RESUME_FILE)
+        unnote(stage)
     if run.world > 1 and not alone:
         dist.barrier()
     run.window.paused += time.perf_counter() - began

@@ -20,6 +20,7 @@ from bertcli.export import export  # noqa: E402
 from bertcli.jobs import finetune  # noqa: E402
 from bertcli.predict import run  # noqa: E402
 from bertcli.recipes import load_recipe  # noqa: E402
+from bertcli.rundir import LOCK  # noqa: E402
 
 from conftest import ROOT, overflow, run_cli, write_recipe  # noqa: E402
 from test_ner import CONLL  # noqa: E402
@@ -241,6 +242,13 @@ def test_files_bertcli_did_not_write_are_kept(classifier, tmp_path, capsys):
     with pytest.raises(BertcliError, match=r"exists and is not a graph bertcli wrote"):
         export(model, say=lambda _: None)
     assert (model / "model.onnx").is_symlink()
+    # files named as bertcli names its temporary ones, which no bertcli process noted making: the user's
+    (model / "model.onnx").unlink()
+    mine = [".model.onnx.original.tmp", ".config.json.20241207.tmp", ".vocab.txt.mycopy_1.tmp"]
+    for name in mine:
+        (model / name).write_text("mine")
+    export(model, say=lambda _: None)
+    assert all((model / name).read_text() == "mine" for name in mine)
 
 
 def test_export_waits_for_no_one_and_refuses_a_run_being_written(classifier, tmp_path):
@@ -328,6 +336,8 @@ def test_overwrite_and_leftovers_touch_only_bertcli_graphs(classifier, tmp_path)
     (model / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch: a graph another exporter wrote")
     leftover = model / ".model.int8.onnx.abcd1234.tmp"
     leftover.write_bytes(b"half a graph")
+    lock = model / LOCK  # where the export killed while writing it noted it (a pid, then the names)
+    lock.write_text(lock.read_text().split("\n")[0] + f"\n{leftover.name}\n")
     recipe = load_recipe(classifier.parent / "recipe.yaml")
     with pytest.raises(BertcliError, match=r"--overwrite refused: it holds files bertcli did not write \(model.onnx\)"):
         finetune(recipe, model, resume=False, overwrite=True)

@@ -494,7 +494,28 @@ def test_overwrite_removes_only_a_marked_run_of_bertcli_files(home, monkeypatch,
     assert tree(home) == before
     (run / "my-notes.txt").unlink()
     (run / ".saving").mkdir()
-    (run / ".saving" / "config.json").write_text("{}")  # a killed run's staged checkpoint: bertcli's own
+    (run / ".saving" / "config.json").write_text("{}")  # named as bertcli names a staged checkpoint, but the user's
+    (run / ".model.safetensors.original.tmp").write_text("mine")  # and as it names an atomic write's file
+    before = tree(home)
+    code, _, err = in_process(["finetune", r, "--overwrite"], monkeypatch, capsys)
+    assert code == 2 and "it holds files bertcli did not write (.model.safetensors.original.tmp, .saving)" in err
+    assert tree(home) == before
+    shutil.rmtree(run / ".saving")
+    (run / ".model.safetensors.original.tmp").unlink()
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed  # as SIGKILL would, with the checkpoint staged and not yet published
+
+    import bertcli.train as train
+
+    monkeypatch.setattr(train, "publish", killed)
+    with pytest.raises(Killed):
+        in_process(["finetune", r, "--resume", "--set", "train.max_steps=9"], monkeypatch, capsys)
+    monkeypatch.undo()  # (in_process sets sys.argv and sys.stdin again)
+    assert (run / ".saving" / "model.safetensors").is_file()  # a killed run's staged checkpoint: bertcli's own
     old_log = (run / "log.jsonl").read_text()
     code, _, err = in_process(["finetune", r, "--overwrite", "--set", "train.max_steps=3"], monkeypatch, capsys)
     assert code == 0, err

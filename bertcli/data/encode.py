@@ -26,7 +26,7 @@ import numpy as np
 from bertcli.data.corpus import (FORMAT, MAX_CORPUS_LINE_BYTES, file_sha256, open_shard, split_sentences,
                                  tokenizer_sha256)
 from bertcli.errors import DataError, Interrupted
-from bertcli.fileio import atomic_write_text, discard, publish
+from bertcli.fileio import atomic_write_text, discard, note, publish, unnote
 from bertcli.rundir import STAGE_DIR
 from bertcli.textio import decode_text, read_once
 from bertcli.tokenizer import WordPieceTokenizer
@@ -360,6 +360,7 @@ def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, s
     if not records:
         sources = []
         discard(stage)
+        note(stage)  # (it stays noted while it exists: --resume continues it, and --overwrite removes it)
         stage.mkdir(parents=True)
     kept = len(records)
     bar = _Bar(show_progress, files)
@@ -376,6 +377,7 @@ def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, s
         except BaseException as err:
             if len(records) == 0:
                 discard(stage)
+                unnote(stage)
             if isinstance(err, KeyboardInterrupt):
                 signum = stopped.signum or signal.SIGINT
                 done = sum(r["bytes"][1] - r["bytes"][0] for r in records)
@@ -389,6 +391,7 @@ def encode_corpus(tokenizer: WordPieceTokenizer, files: list[Path], out: Path, s
     (stage / PROGRESS).unlink()
     atomic_write_text(stage / "index.json", json.dumps(index, indent=2) + "\n")
     publish(stage, out, last="index.json")
+    unnote(stage)
     return index
 
 

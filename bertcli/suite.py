@@ -354,7 +354,7 @@ def run_suite(points: list[Point], out: Path, resume: bool, overwrite: bool, kee
 
 
 def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep_memory: bool, stop) -> dict:
-    from bertcli.jobs import finetune, recipe_inputs, say
+    from bertcli.jobs import recipe_inputs
 
     check_apart(out, [item for p in points for item in recipe_inputs(p.recipe, p.source)])
     precheck(out, "suite", resume, overwrite)
@@ -376,40 +376,56 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
         held.enter_context(claim(out, "suite", resume, overwrite))
         for path in middles:
             held.enter_context(claim(path, "suite", resume=again[path] and resume, overwrite=again[path] and overwrite))
-        for number, (point, action) in enumerate(zip(points, actions), start=1):
-            if stop.is_set():
-                _write_summary(out, points, rows)
-                raise Interrupted(f"{signal.Signals(stop.signum).name} before {point.name}\nsuite: {number - 1} of "
-                                  f"{len(points)} runs finished; the same command with --resume continues it",
-                                  128 + stop.signum)
-            path = out / point.name
-            verb = {"new": "running", "resume": "resuming", "overwrite": "running again", "done": "finished before, kept"}
-            say(f"[{number}/{len(points)}] {point.name}: {verb[action]}")
-            row = {"name": point.name, "recipe": str(point.source), "group": point.group, "values": point.values,
-                   "headline": list(point.recipe.task.headline_metrics())}
-            if action == "done":
-                row.update(metrics=kept[point.name], seconds=earlier.get(point.name, {}).get("seconds"))
-            else:
-                start = time.perf_counter()
-                try:
-                    row["metrics"] = finetune(point.recipe, path, resume=action == "resume",
-                                              overwrite=action == "overwrite", source=point.source,
-                                              keep_memory=keep_memory)
-                except Interrupted as err:
-                    _write_summary(out, points, rows)
-                    raise Interrupted(f"{err}\nsuite: {number - 1} of {len(points)} runs finished; the same command "
-                                      "with --resume continues it", err.exit_code) from None
-                except BertcliError as err:  # one run's failure (a diverged learning rate, say) ends only that run
-                    say(f"{point.name}: failed: {err}")
-                    row.update(metrics={}, error=str(err))
-                row["seconds"] = time.perf_counter() - start
-            row["score"] = score(point, row["metrics"])
-            rows.append(row)
-            summary = _write_summary(out, points, rows)
+        try:
+            _run_each(points, actions, out, rows, earlier, kept, keep_memory, stop)
+        except KeyboardInterrupt:  # a second signal, between runs or while one is prepared: the suite stops now
+            _write_summary(out, points, rows)
+            name = signal.Signals(stop.signum or signal.SIGINT).name
+            raise Interrupted(f"{name} again, between runs: stopped at once\nsuite: {len(rows)} of {len(points)} runs "
+                              "finished; the same command with --resume continues it",
+                              128 + (stop.signum or signal.SIGINT)) from None
+    summary = _write_summary(out, points, rows)
     failed = [r for r in rows if "error" in r]
     if failed:
         summary["failed"] = len(failed)
     return summary
+
+
+def _run_each(points: list[Point], actions: list[str], out: Path, rows: list[dict], earlier: dict, kept: dict,
+              keep_memory: bool, stop) -> None:
+    """Run the points one after another, adding each one's row to `rows` and writing suite.json after each."""
+    from bertcli.jobs import finetune, say
+
+    for number, (point, action) in enumerate(zip(points, actions), start=1):
+        if stop.is_set():
+            _write_summary(out, points, rows)
+            raise Interrupted(f"{signal.Signals(stop.signum).name} before {point.name}\nsuite: {number - 1} of "
+                              f"{len(points)} runs finished; the same command with --resume continues it",
+                              128 + stop.signum)
+        path = out / point.name
+        verb = {"new": "running", "resume": "resuming", "overwrite": "running again", "done": "finished before, kept"}
+        say(f"[{number}/{len(points)}] {point.name}: {verb[action]}")
+        row = {"name": point.name, "recipe": str(point.source), "group": point.group, "values": point.values,
+               "headline": list(point.recipe.task.headline_metrics())}
+        if action == "done":
+            row.update(metrics=kept[point.name], seconds=earlier.get(point.name, {}).get("seconds"))
+        else:
+            start = time.perf_counter()
+            try:
+                row["metrics"] = finetune(point.recipe, path, resume=action == "resume",
+                                          overwrite=action == "overwrite", source=point.source,
+                                          keep_memory=keep_memory)
+            except Interrupted as err:
+                _write_summary(out, points, rows)
+                raise Interrupted(f"{err}\nsuite: {number - 1} of {len(points)} runs finished; the same command "
+                                  "with --resume continues it", err.exit_code) from None
+            except BertcliError as err:  # one run's failure (a diverged learning rate, say) ends only that run
+                say(f"{point.name}: failed: {err}")
+                row.update(metrics={}, error=str(err))
+            row["seconds"] = time.perf_counter() - start
+        row["score"] = score(point, row["metrics"])
+        rows.append(row)
+        _write_summary(out, points, rows)
 
 
 def check_runs(points: list[Point], actions: list[str], stop) -> None:

@@ -191,6 +191,30 @@ def test_a_run_that_fails_ends_itself_alone_and_the_suite_with_exit_2(recipes, t
     assert b"lr=1e-3" in done.stdout  # the table of the others
 
 
+
+def test_a_second_sigterm_between_runs_ends_the_suite_as_the_first_would(recipes, tmp_path, monkeypatch, cli):
+    """Schedulers send SIGTERM more than once: the second, between runs, stops the suite at once, with 143, the
+    line that says how to continue, and suite.json holding the run that finished."""
+    import bertcli.suite as suite
+
+    write, calls = suite._write_summary, []
+
+    def twice_terminated(*args):
+        calls.append(1)
+        if len(calls) == 1:  # the first run's row is being written
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return write(*args)
+
+    monkeypatch.setattr(suite, "_write_summary", twice_terminated)
+    done = cli("finetune", *map(str, recipes), "--out", str(tmp_path / "s"))
+    err = done.stderr.decode()
+    assert done.returncode == 143 and "SIGTERM again, between runs" in err and "--resume continues it" in err, err
+    assert [r["name"] for r in json.loads((tmp_path / "s" / "suite.json").read_text())["runs"]] == ["sentiment"]
+    monkeypatch.setattr(suite, "_write_summary", write)
+    done = cli("finetune", *map(str, recipes), "--out", str(tmp_path / "s"), "--resume")
+    assert done.returncode == 0 and b"finished before, kept" in done.stderr, done.stderr.decode()[-2000:]
+
 @pytest.mark.slow
 def test_a_failed_run_ends_the_suite_with_exit_2_when_the_tables_reader_is_gone(recipes, tmp_path):
     """`| true` (or `| head -1`): the table cannot be written, and the exit code still says a run failed."""

@@ -29,8 +29,8 @@ from pathlib import Path
 from bertcli import __version__
 from bertcli.errors import BertcliError, CheckpointError
 from bertcli.fileio import atomic_write
-from bertcli.onnx_engine import (EXTRA, GRAPH, GRAPH_INT8, INPUTS, PRODUCER, SOURCES_KEY, bertcli_graph, fingerprint,
-                                 seal)
+from bertcli.onnx_engine import (EXTRA, GRAPH, GRAPH_INT8, INPUTS, INT8_KEY, INT8_WEIGHTS, PRODUCER, SOURCES_KEY,
+                                 bertcli_graph, fingerprint, seal)
 from bertcli.tasks.base import Task
 
 OPSET = 20  # the first with a Gelu node: the exporter writes GELU as one node instead of five
@@ -49,7 +49,7 @@ def _stamp(model, record: dict, task: str, kind: str) -> None:
     model.producer_name, model.producer_version = PRODUCER, __version__
     del model.metadata_props[:]
     for key, value in ((SOURCES_KEY, json.dumps(record, sort_keys=True)), ("bertcli_task", task),
-                       ("bertcli_graph", kind)):
+                       ("bertcli_graph", kind), *([(INT8_KEY, INT8_WEIGHTS)] if kind == "int8" else [])):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
 

@@ -57,21 +57,39 @@ class Notes:
     made, so that a process killed while writing it leaves the proof that bertcli made it."""
 
     def __init__(self, fd: int, carried: list[str]):
-        self._fd, self.names = fd, list(carried)
+        self._fd: int | None = fd
+        self.names = list(carried)
+        self._length = 0
         self._save()
 
-    def _save(self) -> None:
+    def _save(self, sync: bool = False) -> None:
+        if self._fd is None:
+            return
         text = (f"{os.getpid()}\n" + "".join(f"{name}\n" for name in self.names)).encode()
-        try:
-            os.pwrite(self._fd, text, 0)
+        try:  # (padded with blank lines to the old length first: a kill before the truncation leaves no old name)
+            os.pwrite(self._fd, text + b"\n" * max(0, self._length - len(text)), 0)
             os.ftruncate(self._fd, len(text))
+            self._length = len(text)
+            if sync:
+                os.fsync(self._fd)  # the note reaches the disk before the entry it names is made
         except OSError:
             pass  # a full disk: what is not noted is never removed (only the next writer's clean-up is lost)
 
     def add(self, name: str) -> None:
         if name not in self.names:
             self.names.append(name)
+            self._save(sync=True)
+
+    def forget_gone(self, directory: Path) -> None:
+        """Strike off the names of entries that are no longer there (the last holder's, removed or published)."""
+        kept = [name for name in self.names if os.path.lexists(directory / name)]
+        if kept != self.names:
+            self.names = kept
             self._save()
+
+    def close(self) -> None:
+        """Write no more (the descriptor is about to be closed)."""
+        self._fd = None
 
     def done(self, name: str) -> None:
         if name in self.names:
@@ -90,14 +108,19 @@ def _key(directory: Path) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
-def hold_notes(directory: Path, notes: Notes | None) -> None:
-    """Note this process's temporary entries in `directory` with `notes` (None: it holds the directory no more)."""
+def hold_notes(directory: Path, notes: Notes) -> tuple[int, int] | None:
+    """Note this process's temporary entries in `directory` with `notes`; returns the key to `release_notes` with."""
     key = _key(directory)
     if key is not None:
-        if notes is None:
-            _HELD.pop(key, None)
-        else:
-            _HELD[key] = notes
+        _HELD[key] = notes
+    return key
+
+
+def release_notes(key: tuple[int, int] | None, notes: Notes) -> None:
+    """`notes` are written no more (its directory may have moved since: it is found by the key it was held by)."""
+    notes.close()
+    if key is not None and _HELD.get(key) is notes:
+        del _HELD[key]
 
 
 def note(path: Path) -> None:

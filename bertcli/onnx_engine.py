@@ -31,6 +31,7 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # as checkpoint.read_weights looks for them
 PRODUCER = "bertcli"
 SOURCES_KEY = "bertcli_sources"  # metadata: JSON {file name: {bytes, inode, mtime_ns, ctime_ns, sha256}}
+INT8_KEY, INT8_WEIGHTS = "bertcli_int8_weights", "7-bit"  # metadata: int8 graphs with 8-bit weights saturate here
 EXTRA = "pip install -e '.[onnx]' in bertcli's clone"
 # ONNX Runtime fusions that make these graphs slower on CPU, left out (unknown names are ignored). Measured on
 # MiniLM (SST-2, 3,488 sentences sorted by length, batches of 32, model time, medians of 3 interleaved runs):
@@ -211,6 +212,9 @@ class OnnxModel:
             return "its record of the checkpoint is not valid JSON"
         if not isinstance(recorded, dict):
             return "its record of the checkpoint is not bertcli's"
+        if self.metadata.get("bertcli_graph") == "int8" and self.metadata.get(INT8_KEY) != INT8_WEIGHTS:
+            return ("its int8 weights use all 8 bits, which saturate on CPUs without VNNI (outputs up to 0.25 off the "
+                    "model's): export --int8 again")
         return stale(recorded, model_dir)
 
     def __call__(self, rows: Sequence[dict], pad_id: int) -> tuple[np.ndarray, ...]:

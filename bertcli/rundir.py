@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 
 from bertcli import __version__
 from bertcli.errors import BertcliError
-from bertcli.fileio import Notes, atomic_write_text, hold_notes
+from bertcli.fileio import Notes, atomic_write_text, hold_notes, release_notes
 from bertcli.onnx_engine import GRAPHS, bertcli_graph, unsealed_bertcli_graph  # export adds its own graphs alone
 
 MARKER = ".bertcli-run"
@@ -126,6 +126,13 @@ def is_leftover(kind: str, entry: Path, noted: frozenset[str]) -> bool:
                                               and _own_file(kind, entry, noted=noted))
 
 
+def _unproven_leftover(kind: str, entry: Path) -> bool:
+    """Shaped as a killed writer's leftover, and not noted: a bertcli's from before leftovers were noted (or a note
+    lost with the machine's power), or the user's. Refused, never removed, and said so."""
+    return _own_stage(kind, entry, frozenset({STAGE_DIR})) or (_temporary(kind, entry.name, False, ANY)
+                                                               and _own_file(kind, entry, noted=ANY))
+
+
 def _noted(directory: Path) -> frozenset[str]:
     """The temporary entries that the lock file notes (those of its last holder, or of the holder now)."""
     if not _own_lock(directory):
@@ -203,13 +210,12 @@ class Claim:
         self.complete = complete  # `claim(..., complete_with=NAME)` found NAME: the work is already done
         self._fd: int | None = fd
         self._notes = notes  # (a directory without the marker has no lock file: nothing is noted there)
-        if notes is not None:
-            hold_notes(directory, notes)
+        self._key = hold_notes(directory, notes) if notes is not None else None
 
     def release(self) -> None:
         if self._fd is not None:
             if self._notes is not None:
-                hold_notes(self.directory, None)
+                release_notes(self._key, self._notes)
             os.close(self._fd)  # closing the last descriptor drops the flock
             self._fd = None
 
@@ -247,9 +253,15 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
         raise BertcliError(f"{out}: cannot create {what}: {err.strerror}") from None
     fd, noted = _take_lock(out, wait)
     try:
+        held = Claim(out, fd, notes=Notes(fd, sorted(noted)))  # this pid, the last holder's notes kept until done
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
         if complete_with and marked_kind(out) == kind and (
                 complete_with(out) if callable(complete_with) else (out / complete_with).is_file()):
-            return Claim(out, fd, complete=True, notes=Notes(fd, sorted(noted)))
+            held.complete = True
+            return held
         _check_state(out, kind, resume, overwrite, replacing, noted)  # again: another writer may have been here
         for entry in sorted(out.iterdir()):
             if kind == "shards" and resume and entry.name == STAGE_DIR:
@@ -257,11 +269,7 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
             if is_leftover(kind, entry, noted) or (overwrite and entry.name not in (MARKER, LOCK)
                                                    and is_own(kind, entry, noted) and not _own_nested(kind, entry)):
                 _remove(kind, entry)
-        held = Claim(out, fd, notes=Notes(fd, sorted(n for n in noted if os.path.lexists(out / n))))
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
+        held._notes.forget_gone(out)
         if marked_kind(out) is None:
             atomic_write_text(out / MARKER, json.dumps({"kind": kind, "bertcli_version": __version__}) + "\n")
     except BaseException:
@@ -314,13 +322,19 @@ def hold(directory: Path) -> Claim:
     refuse_inside_running_suite(directory)
     fd, noted = _take_lock(directory, wait=False, instead="wait for it to end")
     try:
-        for entry in sorted(directory.iterdir()):
-            if is_leftover(kind, entry, noted):  # of a killed writer (a killed export's graph half written)
-                _remove(kind, entry)
-        return Claim(directory, fd, notes=Notes(fd, sorted(n for n in noted if os.path.lexists(directory / n))))
+        held = Claim(directory, fd, notes=Notes(fd, sorted(noted)))
     except BaseException:
         os.close(fd)
         raise
+    try:
+        for entry in sorted(directory.iterdir()):
+            if is_leftover(kind, entry, noted):  # of a killed writer (a killed export's graph half written)
+                _remove(kind, entry)
+        held._notes.forget_gone(directory)
+    except BaseException:
+        held.release()
+        raise
+    return held
 
 
 def precheck(out: Path, kind: str, resume: bool = False, overwrite: bool = False, replacing: str = "--overwrite") -> None:
@@ -418,14 +432,19 @@ def _check_state(out: Path, kind: str, resume: bool, overwrite: bool, replacing:
         raise BertcliError(f"{out}: already exists;{again} pass --overwrite to replace it")
     # --resume rewrites bertcli's files (and its side directory); --overwrite removes them all
     # (--resume never writes a graph: one that is not bertcli's stays, and predict does not run it as the model's)
-    foreign = [p.name + (" (a graph bertcli cannot prove it wrote: exported by a bertcli from before graphs were "
-                         "sealed, or edited since)" if p.name in GRAPHS and unsealed_bertcli_graph(p) else "")
-               for p in sorted(out.iterdir()) if not is_own(kind, p, noted) and (
-                   overwrite or p.name == STAGE_DIR or (p.name in OWN[kind] and p.name not in GRAPHS))]
+    foreign = [p for p in sorted(out.iterdir()) if not is_own(kind, p, noted) and (
+        overwrite or p.name == STAGE_DIR or (p.name in OWN[kind] and p.name not in GRAPHS))]
     if foreign:
-        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        names = [p.name + (" (a graph bertcli cannot prove it wrote: exported by a bertcli from before graphs were "
+                           "sealed, or edited since)" if p.name in GRAPHS and unsealed_bertcli_graph(p) else "")
+                 for p in foreign]
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        shaped = [p.name for p in foreign if _unproven_leftover(kind, p)]
+        why = (f" ({', '.join(shaped[:8])}: named as what a bertcli killed while writing leaves, but not noted in "
+               f"{LOCK} as bertcli notes what it writes (a bertcli from before such notes, or a power cut): bertcli "
+               "cannot prove it wrote it; remove it yourself if it is not yours)" if shaped else "")
         flag = "--resume" if resume else replacing
-        raise BertcliError(f"{out}: {flag} refused: it holds files bertcli did not write ({shown}); they are "
+        raise BertcliError(f"{out}: {flag} refused: it holds files bertcli did not write ({shown}){why}; they are "
                            f"kept, and so is everything else: move them away, or choose another {option}")
     if resume and kind == "run" and bare == [MARKER]:
         raise BertcliError(f"{out}: nothing to resume: the command before stopped before it wrote a file; run it "

@@ -349,6 +349,10 @@ def run_suite(points: list[Point], out: Path, resume: bool, overwrite: bool, kee
     stop = StopRequest()
     try:
         return _run_all(points, out, resume, overwrite, keep_memory, stop)
+    except KeyboardInterrupt:  # a second signal while the runs were checked or the suite's directories claimed
+        signum = stop.signum or signal.SIGINT
+        raise Interrupted(f"{signal.Signals(signum).name} again: stopped at once; the same command (with --resume, "
+                          "if the suite had started) continues it", 128 + signum) from None
     finally:
         stop.release()
 
@@ -381,10 +385,10 @@ def _run_all(points: list[Point], out: Path, resume: bool, overwrite: bool, keep
         except KeyboardInterrupt:  # a second signal, between runs or while one is prepared: the suite stops now
             _write_summary(out, points, rows)
             name = signal.Signals(stop.signum or signal.SIGINT).name
-            raise Interrupted(f"{name} again, between runs: stopped at once\nsuite: {len(rows)} of {len(points)} runs "
+            raise Interrupted(f"{name} again: stopped at once\nsuite: {len(rows)} of {len(points)} runs "
                               "finished; the same command with --resume continues it",
                               128 + (stop.signum or signal.SIGINT)) from None
-    summary = _write_summary(out, points, rows)
+        summary = _write_summary(out, points, rows)  # (under the suite's lock)
     failed = [r for r in rows if "error" in r]
     if failed:
         summary["failed"] = len(failed)

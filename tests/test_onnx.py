@@ -4,6 +4,7 @@ head, which engine runs when, a graph that no longer matches its weights, and fi
 from __future__ import annotations
 
 import io
+import shutil
 import json
 import os
 import subprocess
@@ -175,6 +176,20 @@ def test_the_int8_graph_holds_int8_weights_and_stays_close(exported, capsys):
     # 0.5: its label flipped in one CI run)
     clear = [(a["label"], b["label"]) for a, b in zip(fp32, int8) if a["score"] > 0.55]
     assert len(clear) >= 2 and all(a == b for a, b in clear)
+    # a graph of a bertcli that quantized to all 8 bits (no record of 7): not run, and the reason said
+    from bertcli.export import _save
+    from bertcli.onnx_engine import INT8_KEY
+
+    kept = [(p.key, p.value) for p in graph.metadata_props if p.key != INT8_KEY]
+    del graph.metadata_props[:]
+    for key, value in kept:
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    old = model.parent / "eight-bit"
+    shutil.copytree(model, old)
+    _save(graph, old / "model.int8.onnx")
+    with pytest.raises(CheckpointError, match="its int8 weights use all 8 bits, which saturate"):
+        run(old, io.BytesIO(b"x\n"), "stdin", io.StringIO(), engine="onnx", int8=True)
 
 
 def test_auto_runs_torch_without_an_export_and_onnx_insists(classifier, capsys):

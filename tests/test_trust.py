@@ -857,12 +857,18 @@ def test_resume_keeps_what_only_looks_like_leftovers_and_skips_foreign_log_lines
     assert in_process(["finetune", r], monkeypatch, capsys)[0] == 0
     run = home / "out"
     (run / ".notes.abcdefgh.tmp").write_text("mine")  # the pattern of a temporary file, of no name bertcli writes
-    (run / ".config.json.abcdefgh.tmp").write_text("a real leftover")  # a killed atomic write of config.json
+    (run / ".config.json.zyxwvuts.tmp").write_text("mine too")  # named as bertcli's, but no bertcli noted making it
+    (run / ".config.json.abcdefgh.tmp").write_text("a real leftover")  # a killed atomic write of config.json, which
+    (run / LOCK).write_text(f"4242\n{'.config.json.abcdefgh.tmp'}\n")  # noted it in the lock file as it made it
     with open(run / "log.jsonl", "a") as log:
         log.write('{"step": "abc"}\nnull\n[1]\n5\n{"loss": 1}\n')
     code, _, err = in_process(["finetune", r, "--resume", "--set", "train.max_steps=4"], monkeypatch, capsys)
     assert code == 0, err
     assert (run / ".notes.abcdefgh.tmp").read_text() == "mine" and not (run / ".config.json.abcdefgh.tmp").exists()
+    assert (run / ".config.json.zyxwvuts.tmp").read_text() == "mine too"
+    code, _, err = in_process(["finetune", r, "--overwrite"], monkeypatch, capsys)  # refused, and says why
+    assert code == 2 and ".config.json.zyxwvuts.tmp: named as what a bertcli killed while writing leaves" in err, err
+    (run / ".config.json.zyxwvuts.tmp").unlink()
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records if "loss" in x] == [1, 2, 3, 4]
     with open(run / "log.jsonl", "a") as log:  # and the report passes over such lines

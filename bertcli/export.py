@@ -251,7 +251,7 @@ def _save(model, path: Path) -> None:
         _write_graph(Path(tmp), graph)
         _check_replaceable(path)  # again, just before the rename: nothing of the user's arrived meanwhile
 
-    atomic_write(path, write)  # (inside export's _writing stretch, with the line that says it)
+    atomic_write(path, write, elsewhere=False)  # (inside export's _writing stretch, with the line that says it)
 
 
 def _write_graph(path: Path, graph: bytes) -> None:

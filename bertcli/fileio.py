@@ -35,10 +35,11 @@ class OutputError(BertcliError):
         super().__init__(f"{path}: cannot write: {reason}")
 
 
-def storage_error(path: str | Path, err: OSError) -> OutputError:
+def storage_error(path: str | Path, err: OSError, elsewhere: bool = True) -> OutputError:
+    """`elsewhere`: the command has an --out to write elsewhere with (export writes into the checkpoint)."""
     reason = err.strerror or str(err)
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        reason += " (free some space, or write elsewhere with --out)"
+        reason += " (free some space" + (", or write elsewhere with --out)" if elsewhere else ")")
     return OutputError(path, reason)
 
 
@@ -168,8 +169,9 @@ def finite_json(value, **options) -> str:
     return json.dumps(_finite(value), allow_nan=False, **options)
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` to produce the file, then move it over `path` in one rename."""
+def atomic_write(path: str | Path, write: Callable[[str], None], elsewhere: bool = True) -> None:
+    """Call `write(tmp_path)` to produce the file, then move it over `path` in one rename (`elsewhere`: see
+    storage_error)."""
     path = Path(path)
     tmp, made = None, False
     try:
@@ -193,7 +195,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         if made and os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(err, OSError) and err.errno in STORAGE_ERRORS:
-            raise storage_error(path, err) from None
+            raise storage_error(path, err, elsewhere) from None
         raise
     finally:
         if tmp is not None:

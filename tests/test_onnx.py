@@ -266,6 +266,24 @@ def test_files_bertcli_did_not_write_are_kept(classifier, tmp_path, capsys):
     assert all((model / name).read_text() == "mine" for name in mine)
 
 
+def test_a_full_disk_stops_an_export_with_what_to_do(classifier, tmp_path, monkeypatch):
+    """export writes into the checkpoint: no --out to suggest (it has none), and nothing half written is left."""
+    import errno
+
+    import bertcli.export as exporting
+
+    model = tmp_path / "copy"
+    shutil.copytree(classifier, model)
+
+    def full(path, graph):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(exporting, "_write_graph", full)
+    with pytest.raises(BertcliError, match=r"model.onnx: cannot write: No space left on device \(free some space\)$"):
+        export(model, say=lambda _: None)
+    assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in classifier.iterdir())
+
+
 def test_export_waits_for_no_one_and_refuses_a_run_being_written(classifier, tmp_path):
     import shutil
 

@@ -37,6 +37,7 @@ INPUTS = "inputs.json"  # a run's record of what it read (inputs.py)
 SIGNATURE = "bertcli_inputs"  # the key that makes an inputs.json bertcli's: a name alone does not
 LOCK = ".bertcli.lock"
 LOCK_TRIES = 25  # x 20 ms
+NOTES_BYTES = 1 << 20  # the most of a lock file read for its notes
 ELSEWHERE = "wait for it to end, or choose another --out"  # what to do when another process writes the directory
 STAGE_DIR = ".saving"  # files being written; moved into place once complete
 _TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")  # an atomic write's temporary file of NAME (fileio.atomic_write)
@@ -135,16 +136,19 @@ def _unproven_leftover(kind: str, entry: Path) -> bool:
 
 def _noted(directory: Path) -> frozenset[str]:
     """The temporary entries that the lock file notes (those of its last holder, or of the holder now)."""
-    if not _own_lock(directory):
-        return frozenset()
+    return _notes_in(_lock_text(directory, NOTES_BYTES)) if _own_lock(directory) else frozenset()
+
+
+def _lock_text(directory: Path, size: int) -> bytes:
+    """The first `size` bytes of the directory's lock file: the holder's pid, then its notes (b"" when unread)."""
     try:
         fd = os.open(directory / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
-        return frozenset()
+        return b""
     try:
-        return _notes_in(os.pread(fd, 1 << 20, 0))
+        return os.pread(fd, size, 0)
     except OSError:
-        return frozenset()
+        return b""
     finally:
         os.close(fd)
 
@@ -251,12 +255,7 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
     except OSError as err:
         what = "bertcli's cache directory" if wait else "the output directory"  # (only the cache waits)
         raise BertcliError(f"{out}: cannot create {what}: {err.strerror}") from None
-    fd, noted = _take_lock(out, wait)
-    try:
-        held = Claim(out, fd, notes=Notes(fd, sorted(noted)))  # this pid, the last holder's notes kept until done
-    except BaseException:
-        os.close(fd)
-        raise
+    held, noted = _take_lock(out, wait)
     try:
         if complete_with and marked_kind(out) == kind and (
                 complete_with(out) if callable(complete_with) else (out / complete_with).is_file()):
@@ -278,10 +277,10 @@ def claim(out: Path, kind: str, resume: bool = False, overwrite: bool = False, w
     return held
 
 
-def _take_lock(directory: Path, wait: bool, instead: str = ELSEWHERE) -> tuple[int, frozenset[str]]:
-    """Open the directory's lock file, check it is bertcli's and lock it (see _lock); returns the descriptor that
-    holds the lock and what the last holder noted in it (its temporary entries, fileio.Notes), which the caller
-    writes over with this process's pid and notes."""
+def _take_lock(directory: Path, wait: bool, instead: str = ELSEWHERE) -> tuple[Claim, frozenset[str]]:
+    """Open the directory's lock file, check it is bertcli's and lock it (see _lock); returns the claim that holds
+    it and what the last holder noted in it (its temporary entries, fileio.Notes). The file then holds this
+    process's pid, and those notes until the caller strikes off what it removed (Notes.forget_gone)."""
     try:
         fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
     except OSError as err:
@@ -296,10 +295,14 @@ def _take_lock(directory: Path, wait: bool, instead: str = ELSEWHERE) -> tuple[i
         os.close(fd)
         raise
     try:
-        noted = _notes_in(os.pread(fd, 1 << 20, 0))
+        noted = _notes_in(os.pread(fd, NOTES_BYTES, 0))
     except OSError:
         noted = frozenset()
-    return fd, noted
+    try:
+        return Claim(directory, fd, notes=Notes(fd, sorted(noted))), noted
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def hold(directory: Path) -> Claim:
@@ -320,12 +323,7 @@ def hold(directory: Path) -> Claim:
             raise
         return Claim(directory, fd)
     refuse_inside_running_suite(directory)
-    fd, noted = _take_lock(directory, wait=False, instead="wait for it to end")
-    try:
-        held = Claim(directory, fd, notes=Notes(fd, sorted(noted)))
-    except BaseException:
-        os.close(fd)
-        raise
+    held, noted = _take_lock(directory, wait=False, instead="wait for it to end")
     try:
         for entry in sorted(directory.iterdir()):
             if is_leftover(kind, entry, noted):  # of a killed writer (a killed export's graph half written)
@@ -365,15 +363,9 @@ def _refuse_if_locked(out: Path) -> None:
 def _holder(directory: Path) -> int:
     """The pid written into a directory's lock by the process that holds it (0 when unknown)."""
     try:
-        fd = os.open(directory / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        return int(_lock_text(directory, 32).split(b"\n")[0].strip() or b"0")  # (notes follow the pid's line)
+    except ValueError:
         return 0
-    try:
-        return int(os.pread(fd, 32, 0).split(b"\n")[0].strip() or b"0")  # (notes follow the pid's line)
-    except (OSError, ValueError):
-        return 0
-    finally:
-        os.close(fd)
 
 
 def refuse_inside_running_suite(out: Path) -> None:

@@ -74,8 +74,9 @@ def test_tiny_model_overfits_answers(trained):
 
 
 def test_answers_do_not_depend_on_how_many_questions_go_through_together(trained, monkeypatch):
-    """Training features and evaluation are made a piece of the questions at a time (memory stays flat);
-    pieces of 2 give what one piece gives."""
+    """Training features and evaluation are made a piece of the questions at a time, and evaluation runs a
+    piece of their windows at a time (memory stays flat, however long a context); pieces of 2 questions and
+    3 windows give what one piece gives."""
     from bertcli.jobs import load_for_task
     from bertcli.tasks import qa
 
@@ -85,8 +86,11 @@ def test_answers_do_not_depend_on_how_many_questions_go_through_together(trained
     examples = task.read(d / "train.json")
     whole = [s.answer for s in task._spans(model, examples, 8)], task.encode(examples)
     monkeypatch.setattr(qa, "ENCODE_EXAMPLES", 2)
+    monkeypatch.setattr(qa, "WINDOWS_AT_ONCE", 3)
+    run, sizes = task.run, []
+    monkeypatch.setattr(task, "run", lambda model, features, size: sizes.append(len(features)) or run(model, features, size))
     pieces = [s.answer for s in task._spans(model, examples, 8)], task.encode(examples)
-    assert whole[0] == pieces[0] and len(examples) > 2
+    assert whole[0] == pieces[0] and len(examples) > 2 and max(sizes) <= 3
     assert [{k: np.asarray(v).tolist() for k, v in f.items()} for f in whole[1]] == \
         [{k: np.asarray(v).tolist() for k, v in f.items()} for f in pieces[1]]
 
@@ -177,6 +181,7 @@ def test_an_answer_ends_after_the_accents_of_its_last_letter(tiny_tokenizer_dir)
     """The uncased normalizer drops an accent written as a combining mark (NFD text), and the last token's offsets
     end before it: the answer is 'José', not 'Jose' (which scores 0 against the gold answer)."""
     from bertcli.data.squad import QaExample
+    from bertcli.tasks import qa
     from bertcli.tasks.qa import QaOptions, QaTask
     from bertcli.tokenizer import load_tokenizer
 
@@ -188,5 +193,7 @@ def test_an_answer_ends_after_the_accents_of_its_last_letter(tiny_tokenizer_dir)
     jose = [i for i, (s, e) in enumerate(enc.offsets) if s >= context.index("Jose") and e <= context.index(" and")]
     starts, ends = [0.0] * (first + len(enc.context) + 1), [0.0] * (first + len(enc.context) + 1)
     starts[first + jose[0]], ends[first + jose[-1]] = 10.0, 10.0  # the model points at Jose's tokens
-    span = task._best_span(example, enc, [(starts, ends)])
+    found = qa.Found()
+    task._search(enc, 0, starts, ends, found)
+    span = task._best_span(example, enc, found)
     assert span.answer["answer"] == "Jose\u0301" and context[span.answer["start"]:span.answer["end"]] == "Jose\u0301"

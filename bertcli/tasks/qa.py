@@ -4,11 +4,12 @@ start/end pairs no longer than `max_answer_len`, and a no-answer score for SQuAD
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import sys
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, NamedTuple, Sequence
 
@@ -34,6 +35,14 @@ class Span(NamedTuple):
 
 ENCODE_EXAMPLES = 2_000  # questions encoded (and, in evaluation, answered) together
 NO_SPAN = Span({"answer": "", "start": None, "end": None, "score": None}, "", math.inf)
+WINDOWS_AT_ONCE = 1_024  # windows run together in evaluation and predict, then reduced to their candidates
+
+
+@dataclass
+class Found:
+    """What a question's windows have shown so far: the lowest no-answer score and the best spans."""
+    null: float = math.inf
+    candidates: list[tuple[float, int, int]] = field(default_factory=list)  # (score, first token, last token)
 
 
 @dataclass(frozen=True)
@@ -197,39 +206,46 @@ class QaTask(Task):
         return metrics
 
     def _spans(self, model: nn.Module, examples: Sequence[QaExample], batch_size: int) -> list[Span]:
-        """The best span of each example. Examples go through ENCODE_EXAMPLES at a time, each piece's
-        logits reduced to its spans before the next: memory does not grow with the evaluation set."""
+        """The best span of each example. Examples go through ENCODE_EXAMPLES at a time, and their windows
+        WINDOWS_AT_ONCE at a time, each window's logits reduced to its candidates before the next windows
+        run: memory grows neither with the evaluation set nor with a context's length."""
         results: list[Span] = [NO_SPAN for _ in examples]
         real = [i for i, e in enumerate(examples) if e.context.strip() and e.question.strip()]
         for begin in range(0, len(real), ENCODE_EXAMPLES):
             part = real[begin:begin + ENCODE_EXAMPLES]
             encoded = self._encode([examples[i] for i in part])
-            jobs = [(k, w) for k, enc in enumerate(encoded) for w in range(len(enc.windows))]
-            outputs = self.run(model, [self._feature(encoded[k], *encoded[k].windows[w]) for k, w in jobs], batch_size)
-            logits = {job: (start.tolist(), end.tolist()) for job, (start, end) in zip(jobs, outputs)}
+            found = [Found() for _ in encoded]
+            jobs = ((k, w) for k, enc in enumerate(encoded) for w in range(len(enc.windows)))
+            while chunk := list(itertools.islice(jobs, WINDOWS_AT_ONCE)):
+                outputs = self.run(model, [self._feature(encoded[k], *encoded[k].windows[w]) for k, w in chunk],
+                                   batch_size)
+                for (k, w), (start, end) in zip(chunk, outputs):
+                    self._search(encoded[k], w, start.tolist(), end.tolist(), found[k])
             for k, enc in enumerate(encoded):
-                windows = [logits[(k, w)] for w in range(len(enc.windows))]
-                span = self._best_span(examples[part[k]], enc, windows)
+                span = self._best_span(examples[part[k]], enc, found[k])
                 results[part[k]] = span._replace(answer={**span.answer, "truncated": True}) if enc.cut else span
         return results
 
-    def _best_span(self, example: QaExample, enc: Encoded, window_logits: list[tuple[list[float], list[float]]]) -> Span:
+    def _search(self, enc: Encoded, w: int, s_logits: list[float], e_logits: list[float], found: Found) -> None:
+        """Adds window w's best start/end pairs to what the question's other windows have found."""
         first = len(enc.question) + 2
-        candidates: list[tuple[float, int, int]] = []  # (score, first context token, last context token)
-        null = math.inf
-        for w, ((start, end), (s_logits, e_logits)) in enumerate(zip(enc.windows, window_logits)):
-            null = min(null, s_logits[0] + e_logits[0])
-            length = end - start
-            span = range(first, first + length)
-            top_s = sorted(span, key=lambda i: -s_logits[i])[:self.n_best]
-            top_e = sorted(span, key=lambda i: -e_logits[i])[:self.n_best]
-            for si in top_s:
-                token = si - first + start
-                if best_window(token, enc.windows) != w:
-                    continue  # this start is read in the window where it has most context
-                for ei in top_e:
-                    if si <= ei < si + self.max_answer_len:
-                        candidates.append((s_logits[si] + e_logits[ei], token, ei - first + start))
+        start, end = enc.windows[w]
+        found.null = min(found.null, s_logits[0] + e_logits[0])
+        span = range(first, first + end - start)
+        top_s = sorted(span, key=lambda i: -s_logits[i])[:self.n_best]
+        top_e = sorted(span, key=lambda i: -e_logits[i])[:self.n_best]
+        for si in top_s:
+            token = si - first + start
+            if best_window(token, enc.windows) != w:
+                continue  # this start is read in the window where it has most context
+            for ei in top_e:
+                if si <= ei < si + self.max_answer_len:
+                    found.candidates.append((s_logits[si] + e_logits[ei], token, ei - first + start))
+        if len(found.candidates) > 4 * self.n_best:  # only the best n_best can be the answer or count in its score
+            found.candidates = sorted(found.candidates, reverse=True)[:self.n_best]
+
+    def _best_span(self, example: QaExample, enc: Encoded, found: Found) -> Span:
+        candidates, null = found.candidates, found.null
         if not candidates:
             return NO_SPAN
         candidates.sort(reverse=True)

@@ -154,14 +154,25 @@ def load_tokenizer(directory: str | Path) -> WordPieceTokenizer:
             raise CheckpointError(f"{d / 'tokenizer.json'}: not a valid tokenizer file: {err}") from None
         if lowercase is None:
             lowercase = bool(getattr(backend.normalizer, "lowercase", True))
+        _keep_specials_whole(backend)  # (a run started from a vocab.txt before this saved them as words)
         return WordPieceTokenizer(backend, lowercase, source=str(d / "tokenizer.json"))
     if (d / "vocab.txt").is_file():
         lowercase = True if lowercase is None else lowercase
         vocab = _read_vocab(d / "vocab.txt")
         backend = _bert_pipeline(Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)), lowercase)
+        _keep_specials_whole(backend)
         _add_post_processor(backend)
         return WordPieceTokenizer(backend, lowercase, source=str(d / "vocab.txt"))
     raise CheckpointError(f"{directory}: no tokenizer.json or vocab.txt (not a tokenizer directory)")
+
+
+def _keep_specials_whole(backend: Tokenizer) -> None:
+    """`[MASK]`, `[SEP]`, ... written in the text are read as those tokens, as transformers' BertTokenizer reads
+    them (exactly so written, before lower-casing), not cut into `[`, `mask`, `]`."""
+    added = {t.content for t in backend.get_added_tokens_decoder().values()}
+    missing = [t for t in SPECIAL_TOKENS if t not in added and backend.token_to_id(t) is not None]
+    if missing:
+        backend.add_special_tokens(missing)
 
 
 def _read_lowercase(d: Path) -> bool | None:
@@ -179,7 +190,7 @@ def _read_lowercase(d: Path) -> bool | None:
 
 def _read_vocab(path: Path) -> dict[str, int]:
     try:
-        lines = split_lines(path.read_text(encoding="utf-8"))
+        lines = split_lines(path.read_text(encoding="utf-8-sig"))  # (a byte-order mark is not part of line 1)
     except UnicodeDecodeError as err:
         raise CheckpointError(f"{path}: not UTF-8 (byte offset {err.start})") from None
     if not lines:

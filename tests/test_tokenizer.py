@@ -55,6 +55,26 @@ def test_vocab_txt_only_directory_loads(tiny_tokenizer_dir, tmp_path):
     assert a.ids == b.ids
 
 
+def test_special_tokens_written_in_the_text_are_read_whole_as_transformers_reads_them(tiny_tokenizer_dir, tmp_path):
+    """A checkpoint laid out as bert-base-chinese is (vocab.txt alone, here also with a byte-order mark) reads
+    `[MASK]` in a line as the mask token, as transformers does, and so does a run that saved such a tokenizer
+    without its special tokens; `[mask]`, lower case, is text."""
+    text = "hello [SEP] world [MASK] [mask] 北京[MASK]都"
+    mine = load_tokenizer(tiny_tokenizer_dir)
+    want = mine.encode(text).ids
+    assert want.count(mine.backend.token_to_id("[MASK]")) == 2 and want.count(mine.sep_id) == 2
+    vocab = (tiny_tokenizer_dir / "vocab.txt").read_text(encoding="utf-8")
+    saved = json.loads((tiny_tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    for name, files in {"plain": {"vocab.txt": vocab}, "bom": {"vocab.txt": "\ufeff" + vocab},
+                        "saved": {"tokenizer.json": json.dumps({**saved, "added_tokens": []})}}.items():
+        for file, content in files.items():
+            (tmp_path / name).mkdir()
+            (tmp_path / name / file).write_text(content, encoding="utf-8")
+        assert load_tokenizer(tmp_path / name).encode(text).ids == want, name
+    transformers = pytest.importorskip("transformers")
+    assert transformers.BertTokenizer(str(tmp_path / "plain" / "vocab.txt")).encode(text) == want
+
+
 def test_bad_inputs_are_user_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         train_tokenizer([tmp_path / "missing.txt"])

@@ -346,6 +346,9 @@ def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None
             problems.append(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
             return
         node = child
+    if value is None and key in {f"model.{k}" for k in SHAPE_KEYS}:
+        node.pop(parts[-1], None)  # a shape key left out: model.init's shape, or bertcli's default from scratch
+        return
     node[parts[-1]] = value
 
 
@@ -722,7 +725,8 @@ def _shape_problems(recipe: Recipe, shape: set[str], given: set[str] | None) -> 
         if getattr(m, key) != has:
             problems.append(f"model.{key}: {getattr(m, key)}, but model.init ({m.init}) has {has}"
                             + (" (model.init_layers)" if key == "num_layers" and m.init_layers else "")
-                            + f": a model started from a checkpoint keeps its shape; leave model.{key} out")
+                            + f": a model started from a checkpoint keeps its shape; leave model.{key} out "
+                            f"(--set model.{key}=null)")
     return problems
 
 

@@ -142,7 +142,15 @@ def test_a_shape_that_model_init_would_leave_unused_is_refused(tmp_path, files, 
         load_recipe(path, [f"model.init={minilm_dir}", "model.hidden_size=768", "model.num_heads=12"])
     assert err.value.problems == [  # (MiniLM has 12 heads too)
         f"model.hidden_size: 768, but model.init ({minilm_dir}) has 384: a model started from a checkpoint keeps "
-        "its shape; leave model.hidden_size out"]
+        "its shape; leave model.hidden_size out (--set model.hidden_size=null)"]
+    shaped = tmp_path / "shaped.yaml"
+    shaped.write_text(valid(files) + "model: {hidden_size: 768, num_heads: 12, num_layers: 2}\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match="leave model.hidden_size out"):  # (a recipe for a model from scratch)
+        load_recipe(shaped, [f"model.init={minilm_dir}"])
+    cleared = load_recipe(shaped, [f"model.init={minilm_dir}", "model.hidden_size=null", "model.num_heads=null",
+                                   "model.num_layers=null"])  # the shape left out, as the message says
+    assert cleared.model.init == str(minilm_dir) and cleared.model.hidden_size == 256  # (not read: MiniLM's is)
+    assert load_recipe(shaped, ["model.hidden_size=null", "model.num_heads=null"]).model.num_layers == 2
     with pytest.raises(RecipeError, match=r"model.num_layers: 6, but .* has 3 \(model.init_layers\)"):
         load_recipe(path, [f"model.init={minilm_dir}", "model.num_layers=6", "model.init_layers=[0,2,4]"])
     same = ["model.hidden_size=384", "model.num_layers=6", "model.num_heads=12", "model.intermediate_size=1536",

@@ -176,6 +176,27 @@ def test_malformed_tables_name_file_and_line(tmp_path, tiny_tokenizer_dir):
         task.read(binary)
 
 
+def test_rows_with_an_empty_text_are_left_out_and_counted(tmp_path, tiny_tokenizer_dir, capsys):
+    """A labelled row with no text (`1<TAB>`, or spaces) teaches nothing: it is left out and said, never kept silently;
+    NER's JSON lines with no tokens likewise."""
+    from bertcli.data.conll import read_ner
+    from bertcli.tasks.classify import ClassifyOptions, ClassifyTask
+    from bertcli.tokenizer import load_tokenizer
+
+    task = ClassifyTask(load_tokenizer(tiny_tokenizer_dir), ClassifyOptions(), 32)
+    path = tmp_path / "d.tsv"
+    path.write_text("sentence\tlabel\ngood\t1\n\t0\n   \t1\nbad\t0\n", encoding="utf-8")
+    assert [e.text for e in task.read(path)] == ["good", "bad"]
+    assert capsys.readouterr().err == f"2 row(s) with an empty text left out (first: {path}: line 3)\n"
+    path.write_text("sentence\tlabel\n\t0\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.tsv: no examples \(every text is empty\)"):
+        task.read(path)
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"tokens": ["Paris"], "tags": ["B-LOC"]}\n{"tokens": [], "tags": []}\n', encoding="utf-8")
+    assert len(read_ner(path)) == 1
+    assert capsys.readouterr().err == f"{path}: 1 line(s) with no tokens left out (first: line 2)\n"
+
+
 def test_a_label_the_model_does_not_know_is_said_in_one_short_message(tiny_tokenizer_dir):
     """A label column that holds the texts makes thousands of labels: the message names a few of them."""
     from bertcli.tasks.classify import ClassifyOptions, ClassifyTask, Example

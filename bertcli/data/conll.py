@@ -4,6 +4,7 @@ or BIOES are read and normalised to BIO."""
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def read_ner(path: str | Path) -> list[Sentence]:
 
 
 def _read_jsonl(path: str | Path, text: str) -> list[Sentence]:
-    sentences = []
+    sentences, empty = [], []
     for number, row in read_jsonl(path, text):
         words, tags = row.get("tokens"), row.get("tags")
         if not isinstance(words, list) or not isinstance(tags, list) or not all(isinstance(w, str) for w in words):
@@ -93,6 +94,10 @@ def _read_jsonl(path: str | Path, text: str) -> list[Sentence]:
             raise DataError(f"{path}: line {number}: unknown tag {bad!r} (expected O, or B-/I-/E-/S- and a type)")
         if words:
             sentences.append(Sentence(tuple(words), tuple(to_bio(tags)), f"{path}: line {number}"))
+        else:
+            empty.append(number)
     if not sentences:
         raise DataError(f"{path}: no sentences")
+    if empty:
+        sys.stderr.write(f"{path}: {len(empty)} line(s) with no tokens left out (first: line {empty[0]})\n")
     return sentences

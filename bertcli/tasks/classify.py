@@ -5,6 +5,7 @@ and differ in what a label is, the loss and the decoding."""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
@@ -93,7 +94,7 @@ class ClassifyTask(Task):
     # ------------------------------------------------------------ data
 
     def read(self, path: str | Path) -> list[Example]:
-        examples = []
+        examples, empty = [], []
         columns, header = None, {}
         for number, row in read_rows(path, self.options.columns, header):
             if columns is None:  # named by the header row, where a file has one
@@ -113,9 +114,15 @@ class ClassifyTask(Task):
             if not isinstance(text, str) or (pair_key and not isinstance(row[pair_key], str)):
                 raise DataError(f"{where}: the text must be a string")
             label = self.read_label(row[label_key], where)
-            examples.append(Example(text.strip(), row[pair_key].strip() if pair_key else None, label, where))
+            pair = row[pair_key].strip() if pair_key else None
+            if not text.strip() and not pair:
+                empty.append(where)
+                continue
+            examples.append(Example(text.strip(), pair, label, where))
         if not examples:
-            raise DataError(f"{path}: no examples")
+            raise DataError(f"{path}: no examples" + (" (every text is empty)" if empty else ""))
+        if empty:
+            sys.stderr.write(f"{len(empty)} row(s) with an empty text left out (first: {empty[0]})\n")
         return examples
 
     def read_label(self, value: Any, where: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from bertcli.data.conll import read_ner, to_bio
@@ -151,3 +152,29 @@ def test_a_tagger_whose_outputs_overflow_answers_each_line_with_an_error(trained
     assert len(answers) == 2 and all("not a finite number" in a["error"] for a in answers), answers
     with pytest.raises(DataError, match=r"outputs that are not finite numbers"):
         evaluate(tmp_path / "run", d / "train.conll", precision="fp32")
+
+
+def test_tags_do_not_depend_on_how_many_words_and_windows_go_through_together(trained, monkeypatch):
+    """Texts are encoded and tagged a piece of their words at a time, and their windows run a few at a time
+    (memory stays flat, however long a text: a CoNLL file without blank lines is one sentence); pieces of 3 words
+    and 2 windows give the tags and training features of one piece."""
+    from bertcli.jobs import load_for_task
+    from bertcli.tasks import ner
+
+    d, _ = trained
+    model, task = load_for_task(d / "run")
+    model = model.model.eval()
+    sentences = task.read(d / "train.conll")
+    long = [w for s in sentences for w in s.words] * 3  # one text of 60 words, in several windows at either size
+    word_lists = [s.words for s in sentences] + [long]
+    whole = task._tag_words(model, word_lists, 8), task.encode(sentences)
+    monkeypatch.setattr(ner, "PIECE_WORDS", 3)
+    monkeypatch.setattr(ner, "WINDOWS_AT_ONCE", 2)
+    run, sizes = task.run, []
+    monkeypatch.setattr(task, "run", lambda model, features, size: sizes.append(len(features)) or run(model, features, size))
+    pieces = task._tag_words(model, word_lists, 8), task.encode(sentences)
+    assert [[t for t, _ in s] for s in whole[0]] == [[t for t, _ in s] for s in pieces[0]]
+    assert np.allclose([p for s in whole[0] for _, p in s], [p for s in pieces[0] for _, p in s], rtol=0, atol=1e-6)
+    assert max(sizes) <= 2 and len(task._windows(task._pieces([long])[0])) > 2  # (batches of other shapes: 1e-9)
+    assert [{k: np.asarray(v).tolist() for k, v in f.items()} for f in whole[1]] == \
+        [{k: np.asarray(v).tolist() for k, v in f.items()} for f in pieces[1]]

@@ -4,15 +4,16 @@ prediction time, and each word takes its prediction from the window where it has
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence, TypeVar
 
 from bertcli.data.conll import Sentence, read_ner
-from bertcli.data.windows import best_window, spans
+from bertcli.data.windows import WINDOWS_AT_ONCE, best_window, spans
 from bertcli.errors import DataError
 from bertcli.metrics import entity_metrics, get_entities
 from bertcli.tasks.base import Task, TaskOptions, json_line, kl_sum, named, unique_labels
@@ -34,12 +35,29 @@ class NerOptions(TaskOptions):
         return unique_labels(self.labels)
 
 
+T = TypeVar("T")
+PIECE_WORDS = 20_000  # words encoded (and, in evaluation, tagged) together: encodings are large
+
+
 @dataclass(frozen=True)
 class Pieces:
     """A text as sub-tokens: ids, and for each word the index of its first sub-token (-1: none)."""
 
     ids: list[int]
     first: list[int]
+
+
+def _up_to(items: Iterator[T], words: Callable[[T], int]) -> Iterator[list[T]]:
+    """Consecutive groups of items, each closed once it holds PIECE_WORDS words (or, at the end, fewer)."""
+    group, count = [], 0
+    for item in items:
+        group.append(item)
+        count += words(item)
+        if count >= PIECE_WORDS:
+            yield group
+            group, count = [], 0
+    if group:
+        yield group
 
 
 @dataclass(frozen=True)
@@ -119,17 +137,22 @@ class NerTask(Task):
                                 f"BIO), which is not one the model knows ({named(self.labels)})")
 
     def _pieces(self, word_lists: Sequence[Sequence[str]]) -> list[Pieces]:
-        if not word_lists:
-            return []
-        encodings = self.tokenizer.backend.encode_batch([list(w) for w in word_lists], is_pretokenized=True,
-                                                        add_special_tokens=False)
-        out = []
-        for words, enc in zip(word_lists, encodings):
-            first = [-1] * len(words)
-            for position, word in enumerate(enc.word_ids):
-                if word is not None and first[word] < 0:
-                    first[word] = position
-            out.append(Pieces(enc.ids, first))
+        """Each text's sub-tokens, its words encoded PIECE_WORDS at a time (each word is cut into sub-tokens
+        alone, so the pieces join into what one encoding gives, without a long text's encoding held whole)."""
+        out = [Pieces([], []) for _ in word_lists]
+        slices = ((k, begin) for k, words in enumerate(word_lists) for begin in range(0, len(words), PIECE_WORDS))
+        for part in _up_to(slices, lambda s: min(PIECE_WORDS, len(word_lists[s[0]]) - s[1])):
+            encodings = self.tokenizer.backend.encode_batch(
+                [list(word_lists[k][begin:begin + PIECE_WORDS]) for k, begin in part], is_pretokenized=True,
+                add_special_tokens=False)
+            for (k, begin), enc in zip(part, encodings):
+                pieces, offset = out[k], len(out[k].ids)
+                first = [-1] * min(PIECE_WORDS, len(word_lists[k]) - begin)
+                for position, word in enumerate(enc.word_ids):
+                    if word is not None and first[word] < 0:
+                        first[word] = offset + position
+                pieces.ids.extend(enc.ids)
+                pieces.first.extend(first)
         return out
 
     def _windows(self, pieces: Pieces) -> list[tuple[int, int]]:
@@ -168,24 +191,33 @@ class NerTask(Task):
 
     def _tag_words(self, model: nn.Module, word_lists: Sequence[Sequence[str]], batch_size: int
                    ) -> list[list[tuple[str, float]]]:
-        """(tag, probability) per word, each word read in the window where it has most context."""
+        """(tag, probability) per word, each word read in the window where it has most context. Texts go
+        through about PIECE_WORDS words at a time, and their windows WINDOWS_AT_ONCE at a time, each window
+        reduced to its words' tags before the next: memory grows neither with the number of texts nor with a
+        text's length (a CoNLL file without blank lines is one sentence)."""
+        return [tags for group in _up_to(iter(word_lists), len) for tags in self._tag_group(model, group, batch_size)]
+
+    def _tag_group(self, model: nn.Module, word_lists: Sequence[Sequence[str]], batch_size: int
+                   ) -> list[list[tuple[str, float]]]:
         pieces = self._pieces(word_lists)
-        jobs = [(k, s, e) for k, p in enumerate(pieces) for s, e in self._windows(p)]
-        outputs = self.run(model, [self._feature(pieces[k], s, e, None) for k, s, e in jobs], batch_size)
-        logits = {(k, s): row for (k, s, _), row in zip(jobs, outputs)}
-        results = []
-        for k, p in enumerate(pieces):
-            windows = self._windows(p)
-            tagged = []
-            for position in p.first:
-                if position < 0:
-                    tagged.append(("O", 1.0))  # a word with no sub-tokens (e.g. only control characters)
-                    continue
-                start = windows[best_window(position, windows)][0]
-                row = logits[(k, start)][position - start + 1].tolist()
-                best = max(range(len(row)), key=row.__getitem__)
-                tagged.append((self.labels[best], 1 / sum(math.exp(x - row[best]) for x in row)))
-            results.append(tagged)
+        windows = [self._windows(p) for p in pieces]
+        results = [[("O", 1.0)] * len(p.first) for p in pieces]  # "O": a word with no sub-tokens (only controls)
+        read_in: list[dict[int, list[int]]] = []  # per text: window -> the words it reads
+        for p, spans_ in zip(pieces, windows):
+            words: dict[int, list[int]] = {}
+            for word, position in enumerate(p.first):
+                if position >= 0:
+                    words.setdefault(best_window(position, spans_), []).append(word)
+            read_in.append(words)
+        jobs = ((k, w) for k in range(len(pieces)) for w in range(len(windows[k])))
+        while chunk := list(itertools.islice(jobs, WINDOWS_AT_ONCE)):
+            outputs = self.run(model, [self._feature(pieces[k], *windows[k][w], None) for k, w in chunk], batch_size)
+            for (k, w), rows in zip(chunk, outputs):
+                start = windows[k][w][0]
+                for word in read_in[k].get(w, ()):
+                    row = rows[pieces[k].first[word] - start + 1].tolist()
+                    best = max(range(len(row)), key=row.__getitem__)
+                    results[k][word] = (self.labels[best], 1 / sum(math.exp(x - row[best]) for x in row))
         return results
 
     def parse_input(self, text: str, where: str) -> TextInput:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, NamedTuple, Sequence
 
 from bertcli.data.squad import QaExample, read_squad
-from bertcli.data.windows import best_window, spans
+from bertcli.data.windows import WINDOWS_AT_ONCE, best_window, spans
 from bertcli.errors import DataError
 from bertcli.metrics import squad_metrics, squad_v2_metrics
 from bertcli.tasks.base import Task, TaskOptions, kl_sum, positive
@@ -35,7 +35,6 @@ class Span(NamedTuple):
 
 ENCODE_EXAMPLES = 2_000  # questions encoded (and, in evaluation, answered) together
 NO_SPAN = Span({"answer": "", "start": None, "end": None, "score": None}, "", math.inf)
-WINDOWS_AT_ONCE = 1_024  # windows run together in evaluation and predict, then reduced to their candidates
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import bisect
 
-WINDOWS_AT_ONCE = 4_096  # windows run together in evaluation and predict, each reduced to what it answers before the next
+WINDOWS_AT_ONCE = 4_096  # windows run together in evaluation and predict, each reduced to its answer before the next
+
 
 def spans(length: int, size: int, step: int) -> list[tuple[int, int]]:
     """[start, end) windows of at most `size` covering range(length), starts `step` apart."""

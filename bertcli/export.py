@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from bertcli.errors import BertcliError, CheckpointError
 from bertcli.fileio import atomic_write
 from bertcli.onnx_engine import (EXTRA, GRAPH, GRAPH_INT8, INPUTS, INT8_KEY, INT8_WEIGHTS, PRODUCER, SOURCES_KEY,
                                  bertcli_graph, fingerprint, seal)
+from bertcli.scratch import locked_temp_dir, sweep_dirs
 from bertcli.tasks.base import Task
 
 OPSET = 20  # the first with a Gelu node: the exporter writes GELU as one node instead of five
@@ -272,6 +274,10 @@ def _quantize(graph: Path):
     from bertcli.fileio import STORAGE_ERRORS
 
     work = Path(tempfile.gettempdir())
+    removed = sweep_dirs(work, "export", {GRAPH, GRAPH_INT8, "model-inferred.onnx"})  # of exports killed midway
+    if removed:
+        sys.stderr.write(f"removed {len(removed)} temporary folder(s), {sum(n for _, n in removed) / 1e6:,.0f} MB, "
+                         f"left in {work} by exports that were killed\n")
     need, free = 3 * graph.stat().st_size, shutil.disk_usage(work).free  # the copy, its side file, the result
     if free < need:
         raise BertcliError(f"export: the int8 graph needs {need / 2**20:,.0f} MiB of temporary space in {work}, which "
@@ -280,9 +286,9 @@ def _quantize(graph: Path):
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to pre-process the graph, printed through the root logger
     try:
-        with _writing():  # a signal from here on removes the directory (_Stop.end)
-            private = tempfile.mkdtemp(prefix="bertcli-export.")
-            _Stop.scratch.append(private)
+        with _writing():  # a signal from here on removes the directory (_Stop.end); a kill leaves it unlocked
+            lock, private = locked_temp_dir(work, "export")
+            _Stop.scratch.append(str(private))
         try:
             shutil.copyfile(graph, Path(private) / GRAPH)
             quantize_dynamic(str(Path(private) / GRAPH), str(Path(private) / GRAPH_INT8), weight_type=QuantType.QInt8,
@@ -291,7 +297,8 @@ def _quantize(graph: Path):
         finally:
             with _writing():
                 shutil.rmtree(private, ignore_errors=True)
-                _Stop.scratch.remove(private)
+                _Stop.scratch.remove(str(private))
+                os.close(lock)
     except OSError as err:
         if err.errno not in STORAGE_ERRORS:
             raise

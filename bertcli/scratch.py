@@ -8,6 +8,10 @@ temporary files that are bertcli's by name, old, and locked by nobody: their wri
 The name carries this machine's host name, and only this host's files are swept: where locks are
 local to each host (an NFS home mounted with `nolock`), another host's lock cannot be seen.
 Files of bertcli versions from before the lock (named `tmpXXXXXXXX`) are never touched.
+
+A private directory (`locked_temp_dir`: export's int8 step, which ONNX Runtime does on files) is
+locked through its own descriptor the same way; `sweep_dirs` removes one only when, besides that,
+it holds nothing but regular files under the names its writer makes.
 """
 
 from __future__ import annotations
@@ -89,3 +93,59 @@ def swept(directory: Path, suffix: str) -> None:
     if removed:
         sys.stderr.write(f"removed {len(removed)} temporary file(s), {sum(size for _, size in removed) / 1e6:,.0f} MB, "
                          f"left in {directory} by runs that were killed\n")
+
+
+def locked_temp_dir(directory: Path, label: str) -> tuple[int, Path]:
+    """A new private directory (mode 0700) in `directory`, locked until the returned descriptor is closed."""
+    name = tempfile.mkdtemp(prefix=_prefix() + label + ".", dir=directory)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            os.close(fd)
+            os.rmdir(name)
+            raise
+    return fd, Path(name)
+
+
+def sweep_dirs(directory: Path, label: str, names: set[str], older_than: float = ABANDONED_AFTER
+               ) -> list[tuple[Path, int]]:
+    """Remove the directories of `directory` that `locked_temp_dir` names with `label`, that are real directories
+    of this user, locked by no process, holding only regular files named in `names`, none changed for `older_than`
+    seconds; the removed paths and the bytes they held. Anything it cannot prove abandoned is left alone."""
+    removed: list[tuple[Path, int]] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    now, name = time.time(), re.compile(re.escape(_prefix() + label + ".") + r"[a-z0-9_]{8}")  # mkdtemp's
+    for entry in entries:
+        if not name.fullmatch(entry.name):
+            continue
+        path = Path(entry.path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # a link, not a directory, gone, or not ours to read
+        try:
+            info = os.fstat(fd)
+            if info.st_uid != os.getuid() or now - info.st_mtime < older_than:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: a live writer holds it, or no flock here
+            children = [(child, os.stat(child, dir_fd=fd, follow_symlinks=False)) for child in os.listdir(fd)]
+            if not all(child in names and stat.S_ISREG(st.st_mode) and now - st.st_mtime >= older_than
+                       for child, st in children):
+                continue
+            current = os.lstat(path)
+            if (current.st_dev, current.st_ino) != (info.st_dev, info.st_ino):
+                continue  # replaced meanwhile: not the directory that was checked
+            for child, _ in children:
+                os.unlink(child, dir_fd=fd)
+            os.rmdir(path)
+            removed.append((path, sum(st.st_size for _, st in children)))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed

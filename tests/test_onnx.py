@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -462,7 +463,7 @@ def test_a_signal_stops_an_export_and_leaves_nothing_half_written(classifier, tm
     assert all(line.startswith("export: ") for line in err.splitlines() if line.strip()), err
     left = sorted(p.name for p in model.iterdir())
     assert [n for n in left if n not in before] in ([], ["model.onnx"], ["model.int8.onnx", "model.onnx"])  # whole
-    assert not list(scratch.glob("bertcli-export.*"))  # nor the int8 step's scratch copies (torch keeps its cache)
+    assert not list(scratch.glob("bertcli-*-export.*"))  # nor the int8 step's scratch copies (torch keeps its cache)
 
 
 @pytest.mark.slow
@@ -501,7 +502,7 @@ main()
                             env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)})
     assert proc.stdout.readline() == b"written\n", proc.communicate(timeout=120)[1].decode()
     if function == "quantize_dynamic":
-        assert [p.name for p in scratch.glob("bertcli-export.*/*")]  # the copies are there when the signal comes
+        assert [p.name for p in scratch.glob("bertcli-*-export.*/*")]  # the copies are there when the signal comes
     else:
         assert [p.name for p in model.iterdir() if p.name.endswith(".tmp")]  # and the graph's temporary file
     proc.send_signal(signal.SIGTERM)
@@ -509,8 +510,53 @@ main()
     assert proc.returncode == 143 and err.splitlines()[-1] == "export: stopped by SIGTERM; nothing more was written", err
     onnx.checker.check_model(str(model / "model.onnx"))  # whole
     assert not (model / "model.int8.onnx").exists()
-    assert not list(scratch.glob("bertcli-export.*"))
+    assert not list(scratch.glob("bertcli-*-export.*"))
     assert not [p.name for p in model.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_the_next_int8_export_removes_the_folder_a_sigkill_left(classifier, tmp_path, cli, monkeypatch):
+    """SIGKILL while the int8 step works on its copies of the graph: nothing can run, the folder stays. The next
+    export --int8 (the folder's lock gone with its process, and the folder old) removes it and says so."""
+    import shutil
+    import signal
+    import tempfile
+
+    from bertcli.scratch import ABANDONED_AFTER
+
+    model, scratch = tmp_path / "copy", tmp_path / "tmp"
+    shutil.copytree(classifier, model)
+    scratch.mkdir()
+    child = f"""
+import sys, time
+import onnxruntime.quantization as target
+real = target.quantize_dynamic
+def waiting(*args, **kwargs):
+    real(*args, **kwargs)
+    print("written", flush=True)
+    time.sleep(120)
+target.quantize_dynamic = waiting
+from bertcli.cli import main
+sys.argv = ["bertcli", "export", {str(model)!r}, "--int8"]
+main()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)})
+    assert proc.stdout.readline() == b"written\n", proc.communicate(timeout=120)[1].decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    (left,) = scratch.glob("bertcli-*-export.*")
+    size = sum(p.stat().st_size for p in left.iterdir())
+    assert size > 0
+    old = time.time() - ABANDONED_AFTER - 60
+    for path in [*left.iterdir(), left]:
+        os.utime(path, (old, old))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    done = cli("export", str(model), "--int8")
+    assert done.returncode == 0, done.stderr
+    assert f"removed 1 temporary folder(s), {size / 1e6:,.0f} MB, left in {scratch} by exports that were killed" in \
+        done.stderr.decode()
+    assert not list(scratch.glob("bertcli-*-export.*")) and (model / "model.int8.onnx").is_file()
 
 
 def test_a_signal_during_a_write_waits_for_it_and_scratch_goes(tmp_path, monkeypatch):

@@ -5,12 +5,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from bertcli.data.corpus import load_shards, spooled
 from bertcli.data.encode import encode_corpus
-from bertcli.scratch import ABANDONED_AFTER, locked_temp, sweep
+from bertcli.scratch import ABANDONED_AFTER, locked_temp, locked_temp_dir, sweep, sweep_dirs
 from bertcli.tokenizer import load_tokenizer
 
 OLD = time.time() - ABANDONED_AFTER - 60
@@ -63,6 +64,46 @@ def test_only_old_plain_files_named_as_bertcli_names_them_on_this_host_are_touch
     assert sweep(cache, ".tmp") == []
     assert outside.read_text() == "the user's"
     assert len(list(cache.iterdir())) == 11
+
+
+def test_the_folder_of_a_killed_export_is_removed_and_nothing_else(tmp_path):
+    """export --int8 quantizes in a private folder of the temporary directory; a SIGKILL leaves it (the copies of
+    the graph, hundreds of MB). A later export removes it: unlocked, old, and holding only the graph names."""
+    names = {"model.onnx", "model.int8.onnx", "model-inferred.onnx"}
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from bertcli.scratch import locked_temp_dir;"
+         "fd, p = locked_temp_dir(Path(sys.argv[1]), 'export'); (p / 'model.onnx').write_bytes(b'x' * 1000);"
+         "print(p, flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        killed = Path(writer.stdout.readline().strip())
+        _age(killed / "model.onnx")
+        _age(killed)
+        assert sweep_dirs(tmp_path, "export", names) == []  # its writer lives and holds the lock
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    prefix = killed.name[:-len("xxxxxxxx")]  # bertcli-HOST-export.
+    kept = []
+    for name, files in [("extra000", {"model.onnx": b"x", "notes.txt": b"the user's"}), ("fresh000", {"model.onnx": b"x"}),
+                        ("linked00", {}), ("dirinside", {})]:
+        folder = tmp_path / (prefix + name)
+        folder.mkdir()
+        for file, data in files.items():
+            (folder / file).write_bytes(data)
+            _age(folder / file, OLD if name != "fresh000" else time.time())
+        kept.append(folder)
+    (tmp_path / (prefix + "linked00") / "model.onnx").symlink_to(tmp_path / "outside")  # a link, even named so
+    (tmp_path / (prefix + "dirinside") / "model.onnx").mkdir()
+    (tmp_path / (prefix + "aslink00")).symlink_to(kept[0])
+    fd, live = locked_temp_dir(tmp_path, "export")  # this process's, still locked
+    for folder in [*kept, live]:
+        _age(folder)
+    assert sweep_dirs(tmp_path, "export", names) == [(killed, 1000)]
+    assert not killed.exists() and live.is_dir() and all(folder.exists() for folder in kept)
+    assert (kept[0] / "notes.txt").read_bytes() == b"the user's"
+    os.close(fd)
+    assert (live, 0) in sweep_dirs(tmp_path, "export", names, older_than=0)  # unlocked now: its writer is done
 
 
 def test_packing_removes_a_killed_packing_runs_partial_file(tiny_tokenizer_dir, tmp_path, monkeypatch, capfd):

@@ -165,6 +165,19 @@ def unsealed_bertcli_graph(path: Path) -> bool:
     return b"\x12" + bytes([len(PRODUCER)]) + PRODUCER.encode() in head and not bertcli_graph(path)
 
 
+def not_vouched(path: Path) -> str | None:
+    """Why bertcli cannot vouch for the graph at `path` (None: it is the file bertcli export wrote, sealed). Read
+    before ONNX Runtime loads it: a graph from elsewhere is never run, so it is never loaded either."""
+    if bertcli_graph(path):
+        return None
+    if path.is_symlink():
+        return f"it is a symbolic link (bertcli export writes {path.name} as a file of its own)"
+    if unsealed_bertcli_graph(path):
+        return ("it is not the file bertcli export wrote (changed since, saved again by another tool, or exported "
+                "by a bertcli from before graphs were sealed: export again)")
+    return "it was not written by bertcli export"
+
+
 class OnnxModel:
     """A graph in an ONNX Runtime session, called as Task.run calls a model: feature rows in, the head's
     outputs (numpy, rows first) out."""
@@ -201,11 +214,11 @@ class OnnxModel:
 
     def stale(self, model_dir: Path) -> str | None:
         """Why this graph does not answer for the checkpoint's weights now (None: it does)."""
+        why = not_vouched(self.path)
+        if why is not None:
+            return why
         if not self.from_bertcli:
             return "it was not written by bertcli export"
-        if not bertcli_graph(self.path):
-            return ("it is not the file bertcli export wrote (changed since, saved again by another tool, or exported "
-                    "by a bertcli from before graphs were sealed: export again)")
         try:
             recorded = json.loads(self.metadata[SOURCES_KEY])
         except ValueError:

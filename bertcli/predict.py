@@ -80,13 +80,15 @@ def open_model(model_dir: Path, precision: str = "auto", int8: bool = False, eng
         again = f"bertcli export {model_dir}" + (" --int8" if int8 else "")
         if not onnx_engine.bertcli_graph(graph):  # another tool's file: export will not replace it
             again = f"move {graph.name} away, then {again}"
-        try:
-            model = onnx_engine.OnnxModel(graph, task)
-            why = model.stale(model_dir)
-        except CheckpointError as err:
-            if engine == "onnx":
-                raise
-            model, why = None, str(err).removeprefix(f"{graph}: ")
+        model, why = None, onnx_engine.not_vouched(graph)  # (a graph from elsewhere is not even loaded)
+        if why is None:
+            try:
+                model = onnx_engine.OnnxModel(graph, task)
+                why = model.stale(model_dir)
+            except CheckpointError as err:
+                if engine == "onnx":
+                    raise
+                why = str(err).removeprefix(f"{graph}: ")
         if why is None:
             return task, model, contextlib.nullcontext, f"predict: engine onnx ({graph.name}, ONNX Runtime {model.version})"
         if engine == "onnx":

@@ -239,8 +239,10 @@ def test_a_graph_that_no_longer_matches_its_weights_is_never_run(classifier, tmp
         export(model, say=lambda _: None)  # a graph of the user's now
 
 
-def test_files_bertcli_did_not_write_are_kept(classifier, tmp_path, capsys):
+def test_files_bertcli_did_not_write_are_kept(classifier, tmp_path, capsys, monkeypatch):
     import shutil
+
+    from bertcli import onnx_engine
 
     model = tmp_path / "copy"
     shutil.copytree(classifier, model)
@@ -248,11 +250,22 @@ def test_files_bertcli_did_not_write_are_kept(classifier, tmp_path, capsys):
     with pytest.raises(BertcliError, match=r"model.onnx: exists and is not a graph bertcli wrote; it is kept"):
         export(model, say=lambda _: None)
     assert (model / "model.onnx").read_bytes() == b"my own notes, not a graph"
-    # auto says why it cannot run it, and answers with torch; onnx refuses
+    # auto says why it cannot run it, and answers with torch, without loading it into ONNX Runtime; onnx refuses
+    loaded = []
+    monkeypatch.setattr(onnx_engine.OnnxModel, "__init__", lambda self, path, task: loaded.append(path))
     answers, said, status = _predict(model, ["a fine film"], capsys)
-    assert status == 0 and "engine torch" in said and "ONNX Runtime cannot load it" in said
-    with pytest.raises(CheckpointError, match=r"model.onnx: ONNX Runtime cannot load it"):
+    assert status == 0 and "engine torch" in said and "it was not written by bertcli export" in said
+    with pytest.raises(CheckpointError, match=r"model.onnx: not run: it was not written by bertcli export; move "
+                                              r"model.onnx away, then bertcli export"):
         run(model, io.BytesIO(b"x\n"), "stdin", io.StringIO(), engine="onnx")
+    (model / "model.onnx").unlink()
+    export(model, say=lambda _: None)  # bertcli's graph of these weights, moved elsewhere; here a link to it
+    (model / "model.onnx").rename(tmp_path / "graph.onnx")
+    (model / "model.onnx").symlink_to(tmp_path / "graph.onnx")
+    answers, said, status = _predict(model, ["a fine film"], capsys)
+    assert status == 0 and "engine torch" in said and "it is a symbolic link (bertcli export writes model.onnx" in said
+    assert loaded == []
+    monkeypatch.undo()
     (model / "model.onnx").unlink()
     (model / "model.onnx").symlink_to(classifier / "config.json")
     with pytest.raises(BertcliError, match=r"exists and is not a graph bertcli wrote"):

@@ -203,6 +203,8 @@ def finetune(recipes: List[Path] = typer.Argument(..., help="YAML recipe(s) (see
         raise BertcliError("a suite or sweep needs --out DIR: each run goes into a sub-directory of it")
     points = plan(list(recipes), set_ or [], sweep or [])
     summary = run_suite(points, out, resume, overwrite, keep_memory=True)
+    if CLOSED.stdout:  # (the runs and suite.json are the work; the table is their summary)
+        _err(f"stdout is closed: the table is not shown; {out / 'suite.json'} has it")
     try:
         sys.stdout.write(render(summary))
         sys.stdout.flush()
@@ -225,6 +227,8 @@ def evaluate(model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A 
     """Score a model on labelled data (a pretrained one on text): a table on stdout, JSON with --out."""
     from bertcli.evaluate import check_outputs, evaluate as run_evaluate, render, write_json
 
+    if out is None:
+        _require_stdout("evaluate", "or give --out FILE")  # (the scores would go nowhere)
     check_outputs(out, report, inputs=[model_dir, data])  # before the model runs, not after
     metrics = run_evaluate(model_dir, data, precision=precision)
     if out is not None:
@@ -328,9 +332,10 @@ def _spread_multi_values(argv: list[str]) -> list[str]:
 CLOSED = Closed()  # the standard streams this process started without (set by main)
 
 
-def _require_stdout(command: str) -> None:
+def _require_stdout(command: str, instead: str = "") -> None:
     if CLOSED.stdout:
-        raise BertcliError(f"stdout is closed: `bertcli {command}` writes its results there; redirect it to a file")
+        raise BertcliError(f"stdout is closed: `bertcli {command}` writes its results there; redirect it to a file"
+                           + (f" {instead}" if instead else ""))
 
 
 def main() -> None:

@@ -219,6 +219,13 @@ def test_a_second_sigterm_between_runs_ends_the_suite_as_the_first_would(recipes
     monkeypatch.setattr(suite, "_write_summary", write)
     done = cli("finetune", *map(str, recipes), "--out", str(tmp_path / "s"), "--resume")
     assert done.returncode == 0 and b"finished before, kept" in done.stderr, done.stderr.decode()[-2000:]
+    from bertcli import cli as entry
+    from bertcli.streams import Closed
+
+    monkeypatch.setattr(entry, "guard", lambda: Closed(stdout=True))  # `>&-`: the table is said to be in suite.json
+    done = cli("finetune", *map(str, recipes), "--out", str(tmp_path / "s"), "--resume")
+    assert done.returncode == 0 and f"stdout is closed: the table is not shown; {tmp_path / 's' / 'suite.json'} has " \
+        "it" in done.stderr.decode()
 
 @pytest.mark.slow
 def test_a_failed_run_ends_the_suite_with_exit_2_when_the_tables_reader_is_gone(recipes, tmp_path):

@@ -995,6 +995,21 @@ def test_conll_columns_split_on_ascii_spaces_only(tmp_path):
     assert sentence.words == ("John", "Smi\u00a0th", "visited\u2028it") and sentence.tags == ("B-PER", "I-PER", "O")
 
 
+def test_evaluate_with_stdout_closed_needs_out(model, tmp_path, cli, monkeypatch):
+    """`>&-`: the scores would go nowhere, after the whole model had run. Refused at once, unless --out keeps them."""
+    from bertcli import cli as entry
+    from bertcli.streams import Closed
+
+    monkeypatch.setattr(entry, "guard", lambda: Closed(stdout=True))  # as main finds the streams of `... >&-`
+    (tmp_path / "dev.tsv").write_text(ROWS, encoding="utf-8")
+    done = cli("evaluate", str(model), "--data", str(tmp_path / "dev.tsv"))
+    assert done.returncode == 2 and done.stderr.decode() == (
+        "error: stdout is closed: `bertcli evaluate` writes its results there; redirect it to a file or give --out "
+        "FILE\n")
+    done = cli("evaluate", str(model), "--data", str(tmp_path / "dev.tsv"), "--out", str(tmp_path / "m.json"))
+    assert done.returncode == 0 and "accuracy" in json.loads((tmp_path / "m.json").read_text())
+
+
 @pytest.mark.slow
 def test_closed_and_broken_standard_streams(model, tmp_path, tiny_tokenizer_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ABANDONED_AFTER = 600.0  # seconds without a write before an unlocked temporary file counts as abandoned
 
@@ -38,15 +39,20 @@ def locked_temp(directory: Path, suffix: str) -> tuple[int, Path]:
     """A new file in `directory`, open for writing and locked until its descriptor (and every copy
     of it a fork made) is closed."""
     fd, name = tempfile.mkstemp(prefix=_prefix(), suffix=suffix, dir=directory)
+    _lock_new(fd, lambda: os.unlink(name))
+    return fd, Path(name)
+
+
+def _lock_new(fd: int, remove: Callable[[], None]) -> None:
+    """Lock the descriptor of an entry just made (its own: nobody else can hold it). On a file system without
+    flock it stays unlocked, and the sweeps there can prove nothing; on another error it is closed and removed."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file of its own: nobody else can hold it
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
             os.close(fd)
-            os.unlink(name)
+            remove()
             raise
-        # a file system without flock: the file stays unlocked, and `sweep` there can prove nothing
-    return fd, Path(name)
 
 
 def sweep(directory: Path, suffix: str, older_than: float = ABANDONED_AFTER) -> list[tuple[Path, int]]:
@@ -99,13 +105,7 @@ def locked_temp_dir(directory: Path, label: str) -> tuple[int, Path]:
     """A new private directory (mode 0700) in `directory`, locked until the returned descriptor is closed."""
     name = tempfile.mkdtemp(prefix=_prefix() + label + ".", dir=directory)
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            os.close(fd)
-            os.rmdir(name)
-            raise
+    _lock_new(fd, lambda: os.rmdir(name))
     return fd, Path(name)
 
 

@@ -87,8 +87,14 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
             ) from None
         except (RuntimeError, OSError, EOFError, ValueError) as err:
             raise CheckpointError(f"{path}: cannot read: {err}") from None
-        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-            raise CheckpointError(f"{path}: expected a mapping of weight names to tensors")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: expected a mapping of weight names to tensors, got {type(state).__name__}")
+        bad = next((k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, Tensor))), None)
+        if bad is not None:
+            what = (f"{bad[:80]!r} holds {type(state[bad]).__name__}" if isinstance(bad, str) else
+                    f"a key is {type(bad).__name__}, not a name")
+            raise CheckpointError(f"{path}: expected a mapping of weight names to tensors; {what} (a training "
+                                  "checkpoint? save its model's state_dict)")
         return _real_tensors(path, state)
     if (d / "model.safetensors.index.json").is_file():
         raise CheckpointError(f"{d}: sharded weights (model.safetensors.index.json) are not supported yet")

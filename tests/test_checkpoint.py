@@ -151,7 +151,9 @@ def test_a_weights_file_of_odd_tensors_is_refused_before_any_use(tiny_tokenizer_
     (tmp_path / "ck" / "model.safetensors").unlink()
     state = model.state_dict()
     weight = "classifier.weight"
-    for odd, message in [({**state, 1: torch.zeros(1)}, "expected a mapping of weight names to tensors"),
+    for odd, message in [({**state, 1: torch.zeros(1)}, "tensors; a key is int, not a name"),
+                         ({**state, "epoch": 3}, "'epoch' holds int (a training checkpoint? save its model's state_dict)"),
+                         ([state[weight]], "expected a mapping of weight names to tensors, got list"),
                          ({**state, weight: state[weight].to("meta")}, "on meta"),
                          ({**state, weight: state[weight].to_sparse()}, "sparse_coo"),
                          ({**state, weight: state[weight].to(torch.complex64)}, "complex64"),

@@ -110,7 +110,8 @@ def load_shards(directory: Path, tokenizer: WordPieceTokenizer | None = None) ->
     except (ValueError, KeyError, TypeError) as err:
         raise DamagedShards(f"{index_path}: not a valid shard index ({err})") from None
     if tokenizer is not None and index.get("tokenizer_sha256") != tokenizer_sha256(tokenizer):
-        raise DataError(f"{directory}: encoded with a different tokenizer than this model's; encode the text again")
+        raise DataError(f"{directory}: encoded with a different tokenizer than this model's (or with the same vocab.txt "
+                        "alone, by a bertcli that read [MASK] written in the text as words); encode the text again")
     index_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return [open_shard(directory / f"{n:05d}", dtype, _identity(index_sha256, directory / f"{n:05d}"))
             for n in range(count)]

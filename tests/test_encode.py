@@ -408,3 +408,26 @@ def test_a_pipe_with_no_text_is_named_as_given_not_as_its_spool_file(tiny_tokeni
     threading.Thread(target=lambda: open(fifo, "wb").close(), daemon=True).start()  # a writer that writes nothing
     with pytest.raises(DataError, match=rf"^{fifo}: no text to encode$"):
         shards_for([str(fifo)], load_tokenizer(tiny_tokenizer_dir))
+
+
+def test_shards_of_another_tokenizer_or_of_a_vocab_txt_read_before_special_tokens_are_refused(tiny_tokenizer_dir,
+                                                                                              tmp_path):
+    """Shards hold ids of one tokenizer: a model of another would read them as other words. The same vocab.txt alone,
+    as a bertcli before [MASK] was read whole from it, is another tokenizer too (its text [MASK] gave other ids)."""
+    import shutil
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The fox jumps. [MASK] sleeps.\n\nA second document here.\n" * 5, encoding="utf-8")
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    encode_corpus(tok, [corpus], tmp_path / "s", show_progress=False)
+    assert len(load_shards(tmp_path / "s", tok)) == 1
+    (tmp_path / "vocab").mkdir()
+    shutil.copy(tiny_tokenizer_dir / "vocab.txt", tmp_path / "vocab")
+    encode_corpus(load_tokenizer(tmp_path / "vocab"), [corpus], tmp_path / "v", show_progress=False)
+    assert len(load_shards(tmp_path / "v", tok)) == 1  # the same pipeline from vocab.txt: the same ids
+    index = json.loads((tmp_path / "v" / "index.json").read_text())
+    index["tokenizer_sha256"] = "0" * 64  # as the older bertcli's tokenizer hashed
+    (tmp_path / "v" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match=r"encoded with a different tokenizer than this model's \(or with the same "
+                                        r"vocab.txt alone, by a bertcli that read \[MASK\]"):
+        load_shards(tmp_path / "v", tok)

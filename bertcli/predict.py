@@ -32,11 +32,38 @@ _END = object()
 # of 32, padding is 11.4% of the tokens with chunks of 8 batches, 3.3% with 32, 0.2% for the whole
 # input sorted at once; predict --int8 with the ONNX engine took 16.7 s with 8, 15.5 s with 32.
 CHUNK_BATCHES = 32
+# ...and up to this many bytes of them: lines of a megabyte each (the longest taken) are answered a few at a
+# time, and the reader holds at most twice this much waiting, so memory stays flat however long the lines.
+CHUNK_BYTES = 4 << 20
 
 
-def _reader(stream: BinaryIO, source: str, lines: queue.Queue) -> None:
+class _Budget:
+    """The bytes of input lines read but not yet answered: the reader waits while they are over the limit (a
+    single line over it passes alone)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self.changed = threading.Condition()
+
+    def take(self, size: int) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.held == 0 or self.held + size <= self.limit)
+            self.held += size
+
+    def give(self, size: int) -> None:
+        with self.changed:
+            self.held -= size
+            self.changed.notify_all()
+
+
+def _size(raw) -> int:
+    return 0 if not isinstance(raw, (bytes, bytearray)) else len(raw)  # (a TooLong line is held as its length)
+
+
+def _reader(stream: BinaryIO, source: str, lines: queue.Queue, budget: _Budget) -> None:
     try:
         for raw in raw_lines(stream, source):
+            budget.take(_size(raw))
             lines.put(raw)
     except BaseException as err:  # surfaced by the main thread
         lines.put(err)
@@ -142,16 +169,19 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
     sys.stderr.write(said + "\n")
     chunk = batch_size * CHUNK_BATCHES
     lines: queue.Queue = queue.Queue(maxsize=chunk * 2)
-    threading.Thread(target=_reader, args=(stream, source, lines), daemon=True).start()
+    budget = _Budget(2 * CHUNK_BYTES)
+    threading.Thread(target=_reader, args=(stream, source, lines, budget), daemon=True).start()
     answered, failures, ended = 0, [], False
     offset = 0  # where the next line starts in the stream, in bytes
     while not ended:
         batch = [lines.get()]  # wait for the first line of a chunk...
-        while len(batch) < chunk and batch[-1] is not _END:
+        size = _size(batch[0])
+        while len(batch) < chunk and size < CHUNK_BYTES and batch[-1] is not _END:
             try:
                 batch.append(lines.get_nowait())  # ...then take only what has already arrived
             except queue.Empty:
                 break
+            size += _size(batch[-1])
         if batch[-1] is _END:
             ended = True
             batch.pop()
@@ -178,6 +208,8 @@ def run(model_dir: Path, stream: BinaryIO, source: str, out: TextIO, batch_size:
                 failures.append(answer["error"])
             out.write(finite_json(answer, ensure_ascii=False) + "\n")
         out.flush()
+        del batch, examples
+        budget.give(size)
     if answered == 0:
         raise DataError(f"{source}: no input lines (predict reads one input per line)")
     if failures:

@@ -60,6 +60,28 @@ def test_predict_answers_every_line_in_order(trained, cli):
     assert answers[-1]["label"] == "pos" and abs(sum(answers[-1]["scores"].values()) - 1) < 1e-4
 
 
+def test_predict_takes_long_lines_a_few_at_a_time(trained, cli, monkeypatch):
+    """Lines are answered in chunks of at most CHUNK_BYTES (and the reader holds twice that waiting), so lines of a
+    megabyte never pile up (200 of them took 8.7 GB); a longer line goes alone. The answers do not change."""
+    from bertcli import predict
+
+    d, _, _ = trained
+    lines = [t for t, _ in ROWS] * 3 + ["i loved it " * 30]
+    stdin = ("\n".join(lines) + "\n").encode()
+    whole = cli("predict", str(d / "run"), stdin=stdin)
+    monkeypatch.setattr(predict, "CHUNK_BYTES", 40)
+    chunks, real = [], predict._predict
+    monkeypatch.setattr(predict, "_predict", lambda task, model, examples, size: chunks.append(examples) or
+                        real(task, model, examples, size))
+    pieces = cli("predict", str(d / "run"), stdin=stdin)
+    assert pieces.returncode == whole.returncode == 0
+    mine, theirs = ([json.loads(x) for x in done.stdout.splitlines()] for done in (pieces, whole))
+    assert [a["label"] for a in mine] == [a["label"] for a in theirs] and len(mine) == len(lines)
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(mine, theirs)) < 1e-5  # (batches of other shapes)
+    assert mine[-1]["truncated"] and len(chunks) > 3
+    assert all(sum(len(e.text.encode()) + 1 for e in chunk[:-1]) < 40 for chunk in chunks)  # (the last took it over)
+
+
 @pytest.mark.slow
 def test_predict_flushes_before_input_ends(trained):
     d, _, _ = trained
@@ -176,9 +198,11 @@ def test_malformed_tables_name_file_and_line(tmp_path, tiny_tokenizer_dir):
         task.read(binary)
 
 
-def test_rows_with_an_empty_text_are_left_out_and_counted(tmp_path, tiny_tokenizer_dir, capsys):
-    """A labelled row with no text (`1<TAB>`, or spaces) teaches nothing: it is left out and said, never kept silently;
-    NER's JSON lines with no tokens likewise."""
+def test_rows_with_an_empty_text_are_counted_and_ner_lines_without_tokens_left_out(tmp_path, tiny_tokenizer_dir,
+                                                                                   capsys):
+    """A labelled row with no text (`1<TAB>`, or spaces) is read as the model reads it (every row of a file is
+    scored, as other tools score it) and said, never kept silently; NER's JSON lines with no tokens have nothing to
+    tag: left out and said."""
     from bertcli.data.conll import read_ner
     from bertcli.tasks.classify import ClassifyOptions, ClassifyTask
     from bertcli.tokenizer import load_tokenizer
@@ -186,10 +210,10 @@ def test_rows_with_an_empty_text_are_left_out_and_counted(tmp_path, tiny_tokeniz
     task = ClassifyTask(load_tokenizer(tiny_tokenizer_dir), ClassifyOptions(), 32)
     path = tmp_path / "d.tsv"
     path.write_text("sentence\tlabel\ngood\t1\n\t0\n   \t1\nbad\t0\n", encoding="utf-8")
-    assert [e.text for e in task.read(path)] == ["good", "bad"]
-    assert capsys.readouterr().err == f"2 row(s) with an empty text left out (first: {path}: line 3)\n"
+    assert [e.text for e in task.read(path)] == ["good", "", "", "bad"]
+    assert capsys.readouterr().err == f"2 row(s) with an empty text, read as [CLS] [SEP] alone (first: {path}: line 3)\n"
     path.write_text("sentence\tlabel\n\t0\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"d.tsv: no examples \(every text is empty\)"):
+    with pytest.raises(DataError, match=r"d.tsv: every text is empty \(is the text column the one named\?\)"):
         task.read(path)
     path = tmp_path / "d.jsonl"
     path.write_text('{"tokens": ["Paris"], "tags": ["B-LOC"]}\n{"tokens": [], "tags": []}\n', encoding="utf-8")

@@ -102,3 +102,47 @@ def test_tokenize_train_names_the_line_and_byte_of_text_that_is_not_utf8(tmp_pat
     (tmp_path / "long.txt").write_text("a" * ((1 << 20) - 1) + "é\n" + "b\n" * 9 + "c" * (1 << 20) + "ü", encoding="utf-8")
     with spooled([tmp_path / "long.txt"], scan=True) as files:
         assert files == [tmp_path / "long.txt"]
+
+
+def test_a_long_text_cut_to_its_first_tokens_is_encoded_from_its_start_with_the_same_ids(tiny_tokenizer_dir,
+                                                                                        monkeypatch):
+    """classify reads a text's first max_seq_len tokens: a line of a megabyte is encoded from a start of it cut where
+    a word ends, with the ids, offsets and overflow flag the whole text gives; also where the start must grow (long
+    words, characters the normalizer drops, no white space) or the cut falls in a word's accents."""
+    import random
+
+    from bertcli import tokenizer as module
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    rng = random.Random(0)
+    words = CORPUS.split() + ["北京", "\x00\x01" * 50, "x" * 300, "Jose\u0301", "[MASK]", "\u200b", "e\u0301\u0301"]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 3000))) for _ in range(40)]
+    texts += ["北京大学" * 2000, "\x00" * 5000 + " the fox", "a" * 100_000, " " * 5000 + "the fox " * 50]
+    for max_len in (8, 32):
+        mine = tok.encode_truncated(texts, max_len)
+        monkeypatch.setattr(module, "CHARS_PER_TOKEN", 10**9)  # no start: each whole text encoded
+        whole = tok.encode_truncated(texts, max_len)
+        monkeypatch.undo()
+        assert [e.ids for e in mine] == [e.ids for e in whole]
+        assert [e.offsets for e in mine] == [e.offsets for e in whole]
+        assert [bool(e.overflowing) for e in mine] == [bool(e.overflowing) for e in whole]
+        assert sum(bool(e.overflowing) for e in whole) > 30
+
+
+def test_a_text_pair_is_cut_as_tokenizers_cuts_it(tiny_tokenizer_dir):
+    """Pairs are cut by bertcli (tokenizers makes every combination of both texts' overflow windows: 20 s for one
+    long pair), to the ids, token types and overflow flag of tokenizers' own longest_first truncation."""
+    import random
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    rng = random.Random(0)
+    words = CORPUS.split()[:30] + ["北京", "Jose\u0301", "[MASK]", "x" * 150]
+    pairs = [tuple(" ".join(rng.choice(words) for _ in range(rng.randint(0, 15))) for _ in "ab") for _ in range(300)]
+    for max_len in range(4, 14):
+        tok.backend.enable_truncation(max_len)
+        want = tok.backend.encode_batch(pairs)
+        tok.backend.no_truncation()
+        got = tok.encode_truncated(pairs, max_len)
+        assert [(g.ids, g.type_ids, g.overflowing) for g in got] == [(w.ids, w.type_ids, bool(w.overflowing))
+                                                                    for w in want]
+    assert sum(g.overflowing for g in got) > 50 and sum(not g.overflowing for g in got) > 50

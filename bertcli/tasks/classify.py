@@ -117,12 +117,13 @@ class ClassifyTask(Task):
             pair = row[pair_key].strip() if pair_key else None
             if not text.strip() and not pair:
                 empty.append(where)
-                continue
             examples.append(Example(text.strip(), pair, label, where))
         if not examples:
-            raise DataError(f"{path}: no examples" + (" (every text is empty)" if empty else ""))
-        if empty:
-            sys.stderr.write(f"{len(empty)} row(s) with an empty text left out (first: {empty[0]})\n")
+            raise DataError(f"{path}: no examples")
+        if len(empty) == len(examples):
+            raise DataError(f"{path}: every text is empty (is the text column the one named?)")
+        if empty:  # kept: every row is scored, as other tools score the file, and said
+            sys.stderr.write(f"{len(empty)} row(s) with an empty text, read as [CLS] [SEP] alone (first: {empty[0]})\n")
         return examples
 
     def read_label(self, value: Any, where: str) -> Any:

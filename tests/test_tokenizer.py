@@ -146,3 +146,22 @@ def test_a_text_pair_is_cut_as_tokenizers_cuts_it(tiny_tokenizer_dir):
         assert [(g.ids, g.type_ids, g.overflowing) for g in got] == [(w.ids, w.type_ids, bool(w.overflowing))
                                                                     for w in want]
     assert sum(g.overflowing for g in got) > 50 and sum(not g.overflowing for g in got) > 50
+
+
+def test_long_texts_encoded_in_pieces_give_the_tokens_and_offsets_of_one_encoding(tiny_tokenizer_dir, monkeypatch):
+    """QA's contexts are encoded a piece at a time, each cut where a word ends (before white space or a CJK
+    character), and held as arrays: the same ids and character spans as the whole text encoded at once."""
+    import random
+
+    from bertcli import tokenizer as module
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    rng = random.Random(1)
+    words = CORPUS.split() + ["北京", "\x00", "x" * 120, "Jose\u0301", "[MASK]", "\u200b", "e\u0301\u0301", "\n", ""]
+    texts = ["".join(rng.choice(words) + rng.choice([" ", "", "\t", "  "]) for _ in range(rng.randint(0, 400)))
+             for _ in range(30)] + ["", "北京大学" * 100, "a" * 500, " " * 300 + "the fox"]
+    monkeypatch.setattr(module, "PIECE_CHARS", 50)
+    pieces = tok.encode_compact(texts)
+    for text, (ids, spans), whole in zip(texts, pieces, tok.backend.encode_batch(texts, add_special_tokens=False)):
+        assert list(ids) == whole.ids and spans.tolist() == [list(o) for o in whole.offsets]
+    assert max(len(t) for t in texts) > 20 * module.PIECE_CHARS

@@ -105,7 +105,7 @@ def test_tokenize_train_names_the_line_and_byte_of_text_that_is_not_utf8(tmp_pat
 
 
 def test_a_long_text_cut_to_its_first_tokens_is_encoded_from_its_start_with_the_same_ids(tiny_tokenizer_dir,
-                                                                                        monkeypatch):
+                                                                                         monkeypatch):
     """classify reads a text's first max_seq_len tokens: a line of a megabyte is encoded from a start of it cut where
     a word ends, with the ids, offsets and overflow flag the whole text gives; also where the start must grow (long
     words, characters the normalizer drops, no white space) or the cut falls in a word's accents."""
@@ -143,8 +143,8 @@ def test_a_text_pair_is_cut_as_tokenizers_cuts_it(tiny_tokenizer_dir):
         want = tok.backend.encode_batch(pairs)
         tok.backend.no_truncation()
         got = tok.encode_truncated(pairs, max_len)
-        assert [(g.ids, g.type_ids, g.overflowing) for g in got] == [(w.ids, w.type_ids, bool(w.overflowing))
-                                                                    for w in want]
+        expected = [(w.ids, w.type_ids, bool(w.overflowing)) for w in want]
+        assert [(g.ids, g.type_ids, g.overflowing) for g in got] == expected
     assert sum(g.overflowing for g in got) > 50 and sum(not g.overflowing for g in got) > 50
 
 

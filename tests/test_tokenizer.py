@@ -56,7 +56,7 @@ def test_vocab_txt_only_directory_loads(tiny_tokenizer_dir, tmp_path):
 
 
 def test_special_tokens_written_in_the_text_are_read_whole_as_transformers_reads_them(tiny_tokenizer_dir,
-                                                                                     tmp_path):
+                                                                                      tmp_path):
     """A checkpoint laid out as bert-base-chinese is (vocab.txt alone, here also with a byte-order mark) reads
     `[MASK]` in a line as the mask token, as transformers does, and so does a run that saved such a tokenizer
     without its special tokens; `[mask]`, lower case, is text."""

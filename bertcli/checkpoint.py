@@ -89,10 +89,10 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
             raise CheckpointError(f"{path}: cannot read: {err}") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: expected a mapping of weight names to tensors, got {type(state).__name__}")
-        bad = next((k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, Tensor))), None)
-        if bad is not None:
-            what = (f"{bad[:80]!r} holds {type(state[bad]).__name__}" if isinstance(bad, str) else
-                    f"a key is {type(bad).__name__}, not a name")
+        bad = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+        if bad:
+            what = (f"{bad[0][:80]!r} holds {type(state[bad[0]]).__name__}" if isinstance(bad[0], str) else
+                    f"a key is {type(bad[0]).__name__}, not a name")
             raise CheckpointError(f"{path}: expected a mapping of weight names to tensors; {what} (a training "
                                   "checkpoint? save its model's state_dict)")
         return _real_tensors(path, state)

@@ -134,8 +134,8 @@ def sweep_dirs(directory: Path, label: str, names: set[str], older_than: float =
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: a live writer holds it, or no flock here
             children = [(child, os.stat(child, dir_fd=fd, follow_symlinks=False)) for child in os.listdir(fd)]
-            if not all(child in names and stat.S_ISREG(st.st_mode) and now - st.st_mtime >= older_than
-                       for child, st in children):
+            if not all(child in names and stat.S_ISREG(st.st_mode) and st.st_nlink == 1  # (a second name: yours?)
+                       and now - st.st_mtime >= older_than for child, st in children):
                 continue
             current = os.lstat(path)
             if (current.st_dev, current.st_ino) != (info.st_dev, info.st_ino):

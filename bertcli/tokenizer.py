@@ -8,8 +8,9 @@ A tokenizer directory holds `tokenizer.json`, `vocab.txt`, `tokenizer_config.jso
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import unicodedata
 from array import array
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
 
 from tokenizers import Encoding, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
@@ -27,12 +28,14 @@ CHARS_PER_TOKEN = 16  # a text longer than this many characters a token is first
 PIECE_CHARS = 1 << 16  # a long text is encoded this many characters at a time, where it may be cut (encode_compact)
 
 
-def word_end(text: str, begin: int, at: int) -> int:
+def word_end(text: str, begin: int, at: int, cjk: bool) -> int:
     """Where to cut `text` after `begin` so that no word is cut, at `at` or before it (else the first place after
-    it, else its end): before white space or a CJK character, where BERT's pre-tokenizer ends a word (each word
-    is cut into tokens alone, so the pieces' tokens are the text's)."""
+    it, else its end): before white space that BERT's normalizer keeps (a control character such as \\x0c it
+    drops, so it joins the letters around it), or before a CJK character (`cjk`: the normalizer sets each apart).
+    Each word is then cut into tokens alone, so the pieces' tokens are the text's."""
     def ends(i: int) -> bool:
-        return text[i].isspace() or "\u4e00" <= text[i] <= "\u9fff"
+        c = text[i]
+        return c in " \t\n\r" or unicodedata.category(c) == "Zs" or (cjk and "\u4e00" <= c <= "\u9fff")
 
     return next((i for i in range(min(at, len(text) - 1), begin, -1) if ends(i)), None) or \
         next((i for i in range(at + 1, len(text)) if ends(i)), len(text))
@@ -83,6 +86,14 @@ class WordPieceTokenizer:
             raise CheckpointError(f"{source}: its post-processor does not wrap texts as BERT's does ([CLS] a [SEP], "
                                   "and [CLS] a [SEP] b [SEP] for a pair), so the model would read them without the "
                                   "tokens it learnt from")
+        # A text may be cut where a word ends (word_end) and its pieces encoded apart when the pipeline is
+        # BERT's own; None: another normalizer or pre-tokenizer, or an added token holding white space.
+        parts = json.loads(backend.to_str())
+        normalizer, pre = parts.get("normalizer") or {}, parts.get("pre_tokenizer") or {}
+        spaced = any(ch.isspace() for t in backend.get_added_tokens_decoder().values() for ch in t.content)
+        self.cuts: bool | None = None
+        if normalizer.get("type") == "BertNormalizer" and pre.get("type") == "BertPreTokenizer" and not spaced:
+            self.cuts = bool(normalizer.get("handle_chinese_chars"))  # (True: before a CJK character too)
 
     @property
     def vocab_size(self) -> int:
@@ -109,9 +120,10 @@ class WordPieceTokenizer:
         20 s for a pair of 40,000 and 24,000 characters)."""
         out: list = [None] * len(inputs)
         singles = [i for i, x in enumerate(inputs) if not isinstance(x, tuple)]
+        starts = [self._start(inputs[i], max_len) for i in singles]  # (before truncation is set: it counts tokens)
         self.backend.enable_truncation(max_len)
         try:
-            for i, enc in zip(singles, self.backend.encode_batch([self._start(inputs[i], max_len) for i in singles])):
+            for i, enc in zip(singles, self.backend.encode_batch(starts)):
                 out[i] = enc
         finally:
             self.backend.no_truncation()
@@ -128,11 +140,13 @@ class WordPieceTokenizer:
         """The text, or a start of it cut where a word ends (`word_end`) that has more than `max_len` tokens, so
         the text's first `max_len` are its."""
         size = max_len * CHARS_PER_TOKEN
-        while size < len(text):
-            cut = word_end(text, 0, size)
-            if cut and len(self.backend.encode(text[:cut], add_special_tokens=False).ids) > max_len:
+        while self.cuts is not None and size < len(text):
+            cut = word_end(text, 0, size, self.cuts)
+            if cut >= len(text):
+                break
+            if len(self.backend.encode(text[:cut], add_special_tokens=False).ids) > max_len:
                 return text[:cut]
-            size *= 4  # (a start of long words, or of characters the normalizer drops, holds fewer tokens)
+            size = max(size, cut) * 4  # (a start of long words, or of characters the normalizer drops, holds fewer tokens)
         return text
 
     def encode_compact(self, texts: Sequence[str]) -> list[tuple[array, np.ndarray]]:
@@ -157,7 +171,8 @@ class WordPieceTokenizer:
         for k, text in enumerate(texts):
             begin = 0
             while True:
-                end = len(text) if len(text) - begin <= PIECE_CHARS else word_end(text, begin, begin + PIECE_CHARS)
+                end = len(text) if len(text) - begin <= PIECE_CHARS or self.cuts is None else \
+                    word_end(text, begin, begin + PIECE_CHARS, self.cuts)
                 pending.append((k, begin, text[begin:end]))
                 held, begin = held + end - begin, end
                 if held >= 4 * PIECE_CHARS:

@@ -153,6 +153,7 @@ def test_a_weights_file_of_odd_tensors_is_refused_before_any_use(tiny_tokenizer_
     weight = "classifier.weight"
     for odd, message in [({**state, 1: torch.zeros(1)}, "tensors; a key is int, not a name"),
                          ({**state, "epoch": 3}, "'epoch' holds int (a training checkpoint? save its model's state_dict)"),
+                         ({None: 5, **state}, "tensors; a key is NoneType, not a name"),
                          ([state[weight]], "expected a mapping of weight names to tensors, got list"),
                          ({**state, weight: state[weight].to("meta")}, "on meta"),
                          ({**state, weight: state[weight].to_sparse()}, "sparse_coo"),

@@ -211,7 +211,8 @@ def test_rows_with_an_empty_text_are_counted_and_ner_lines_without_tokens_left_o
     path = tmp_path / "d.tsv"
     path.write_text("sentence\tlabel\ngood\t1\n\t0\n   \t1\nbad\t0\n", encoding="utf-8")
     assert [e.text for e in task.read(path)] == ["good", "", "", "bad"]
-    assert capsys.readouterr().err == f"2 row(s) with an empty text, read as [CLS] [SEP] alone (first: {path}: line 3)\n"
+    assert capsys.readouterr().err == f"2 row(s) with an empty text, read as the model reads it: no words (first: " \
+                                      f"{path}: line 3)\n"
     path.write_text("sentence\tlabel\n\t0\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"d.tsv: every text is empty \(is the text column the one named\?\)"):
         task.read(path)

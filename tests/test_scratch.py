@@ -86,7 +86,7 @@ def test_the_folder_of_a_killed_export_is_removed_and_nothing_else(tmp_path):
     prefix = killed.name[:-len("xxxxxxxx")]  # bertcli-HOST-export.
     kept = []
     for name, files in [("extra000", {"model.onnx": b"x", "notes.txt": b"the user's"}), ("fresh000", {"model.onnx": b"x"}),
-                        ("linked00", {}), ("dirinside", {})]:
+                        ("linked00", {}), ("dirin000", {}), ("hardln00", {})]:
         folder = tmp_path / (prefix + name)
         folder.mkdir()
         for file, data in files.items():
@@ -94,7 +94,10 @@ def test_the_folder_of_a_killed_export_is_removed_and_nothing_else(tmp_path):
             _age(folder / file, OLD if name != "fresh000" else time.time())
         kept.append(folder)
     (tmp_path / (prefix + "linked00") / "model.onnx").symlink_to(tmp_path / "outside")  # a link, even named so
-    (tmp_path / (prefix + "dirinside") / "model.onnx").mkdir()
+    (tmp_path / (prefix + "dirin000") / "model.onnx").mkdir()
+    (tmp_path / "yours").write_bytes(b"x")
+    os.link(tmp_path / "yours", tmp_path / (prefix + "hardln00") / "model.onnx")  # a second name of a file of yours
+    _age(tmp_path / "yours")
     (tmp_path / (prefix + "aslink00")).symlink_to(kept[0])
     fd, live = locked_temp_dir(tmp_path, "export")  # this process's, still locked
     for folder in [*kept, live]:

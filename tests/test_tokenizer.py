@@ -117,17 +117,22 @@ def test_a_long_text_cut_to_its_first_tokens_is_encoded_from_its_start_with_the_
     tok = load_tokenizer(tiny_tokenizer_dir)
     rng = random.Random(0)
     words = CORPUS.split() + ["北京", "\x00\x01" * 50, "x" * 300, "Jose\u0301", "[MASK]", "\u200b", "e\u0301\u0301"]
-    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 3000))) for _ in range(40)]
+    spaces = [" ", " ", "\t", "\x0c", "\x85", "\u00a0", "\u3000", ""]  # \x0c and \x85: dropped, not white space
+    texts = ["".join(rng.choice(words) + rng.choice(spaces) for _ in range(rng.randint(1, 3000))) for _ in range(40)]
     texts += ["北京大学" * 2000, "\x00" * 5000 + " the fox", "a" * 100_000, " " * 5000 + "the fox " * 50]
+    start, cut, chars = tok._start, [], module.CHARS_PER_TOKEN
+    monkeypatch.setattr(tok, "_start", lambda text, max_len: cut.append(len(start(text, max_len)) < len(text)) or
+                        start(text, max_len))
     for max_len in (8, 32):
         mine = tok.encode_truncated(texts, max_len)
         monkeypatch.setattr(module, "CHARS_PER_TOKEN", 10**9)  # no start: each whole text encoded
         whole = tok.encode_truncated(texts, max_len)
-        monkeypatch.undo()
+        monkeypatch.setattr(module, "CHARS_PER_TOKEN", chars)
         assert [e.ids for e in mine] == [e.ids for e in whole]
         assert [e.offsets for e in mine] == [e.offsets for e in whole]
         assert [bool(e.overflowing) for e in mine] == [bool(e.overflowing) for e in whole]
         assert sum(bool(e.overflowing) for e in whole) > 30
+    assert sum(cut) > 70  # most long texts were encoded from a start of them (44 texts at each max_len)
 
 
 def test_a_text_pair_is_cut_as_tokenizers_cuts_it(tiny_tokenizer_dir):
@@ -149,6 +154,12 @@ def test_a_text_pair_is_cut_as_tokenizers_cuts_it(tiny_tokenizer_dir):
     assert sum(g.overflowing for g in got) > 50 and sum(not g.overflowing for g in got) > 50
 
 
+def load_tokenizer_from(backend: Tokenizer):
+    from bertcli.tokenizer import WordPieceTokenizer
+
+    return WordPieceTokenizer(backend, True)
+
+
 def test_long_texts_encoded_in_pieces_give_the_tokens_and_offsets_of_one_encoding(tiny_tokenizer_dir, monkeypatch):
     """QA's contexts are encoded a piece at a time, each cut where a word ends (before white space or a CJK
     character), and held as arrays: the same ids and character spans as the whole text encoded at once."""
@@ -159,10 +170,16 @@ def test_long_texts_encoded_in_pieces_give_the_tokens_and_offsets_of_one_encodin
     tok = load_tokenizer(tiny_tokenizer_dir)
     rng = random.Random(1)
     words = CORPUS.split() + ["北京", "\x00", "x" * 120, "Jose\u0301", "[MASK]", "\u200b", "e\u0301\u0301", "\n", ""]
-    texts = ["".join(rng.choice(words) + rng.choice([" ", "", "\t", "  "]) for _ in range(rng.randint(0, 400)))
-             for _ in range(30)] + ["", "北京大学" * 100, "a" * 500, " " * 300 + "the fox"]
+    spaces = [" ", "", "\t", "  ", "\x0c", "\x85", "\u00a0", "\u3000"]
+    texts = ["".join(rng.choice(words) + rng.choice(spaces) for _ in range(rng.randint(0, 400)))
+             for _ in range(30)] + ["", "北京大学" * 100, "a" * 500, " " * 300 + "the fox", "page\x0cbreak " * 40]
     monkeypatch.setattr(module, "PIECE_CHARS", 50)
-    pieces = tok.encode_compact(texts)
-    for text, (ids, spans), whole in zip(texts, pieces, tok.backend.encode_batch(texts, add_special_tokens=False)):
-        assert list(ids) == whole.ids and spans.tolist() == [list(o) for o in whole.offsets]
+    foreign = json.loads((tiny_tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    foreign["pre_tokenizer"] = {"type": "Whitespace"}  # another pipeline: where a word ends is not known, never cut
+    other = Tokenizer.from_str(json.dumps(foreign))
+    assert tok.cuts is True and load_tokenizer_from(other).cuts is None
+    for t in (tok, load_tokenizer_from(other)):
+        pieces = t.encode_compact(texts)
+        for text, (ids, spans), whole in zip(texts, pieces, t.backend.encode_batch(texts, add_special_tokens=False)):
+            assert list(ids) == whole.ids and spans.tolist() == [list(o) for o in whole.offsets]
     assert max(len(t) for t in texts) > 20 * module.PIECE_CHARS

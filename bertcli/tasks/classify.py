@@ -123,7 +123,8 @@ class ClassifyTask(Task):
         if len(empty) == len(examples):
             raise DataError(f"{path}: every text is empty (is the text column the one named?)")
         if empty:  # kept: every row is scored, as other tools score the file, and said
-            sys.stderr.write(f"{len(empty)} row(s) with an empty text, read as [CLS] [SEP] alone (first: {empty[0]})\n")
+            sys.stderr.write(f"{len(empty)} row(s) with an empty text, read as the model reads it: no words "
+                             f"(first: {empty[0]})\n")
         return examples
 
     def read_label(self, value: Any, where: str) -> Any:

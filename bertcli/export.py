@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from bertcli.errors import BertcliError, CheckpointError
 from bertcli.fileio import atomic_write
 from bertcli.onnx_engine import (EXTRA, GRAPH, GRAPH_INT8, INPUTS, INT8_KEY, INT8_WEIGHTS, PRODUCER, SOURCES_KEY,
                                  bertcli_graph, fingerprint, seal)
-from bertcli.scratch import locked_temp_dir, sweep_dirs
+from bertcli.scratch import locked_temp_dir, swept_dirs
 from bertcli.tasks.base import Task
 
 OPSET = 20  # the first with a Gelu node: the exporter writes GELU as one node instead of five
@@ -274,10 +273,7 @@ def _quantize(graph: Path):
     from bertcli.fileio import STORAGE_ERRORS
 
     work = Path(tempfile.gettempdir())
-    removed = sweep_dirs(work, "export", {GRAPH, GRAPH_INT8, "model-inferred.onnx"})  # of exports killed midway
-    if removed:
-        sys.stderr.write(f"removed {len(removed)} temporary folder(s), {sum(n for _, n in removed) / 1e6:,.0f} MB, "
-                         f"left in {work} by exports that were killed\n")
+    swept_dirs(work, "export", {GRAPH, GRAPH_INT8, "model-inferred.onnx"}, "exports")  # of exports killed midway
     need, free = 3 * graph.stat().st_size, shutil.disk_usage(work).free  # the copy, its side file, the result
     if free < need:
         raise BertcliError(f"export: the int8 graph needs {need / 2**20:,.0f} MiB of temporary space in {work}, which "

@@ -95,10 +95,13 @@ def sweep(directory: Path, suffix: str, older_than: float = ABANDONED_AFTER) -> 
 
 def swept(directory: Path, suffix: str) -> None:
     """`sweep`, saying on stderr what it removed."""
-    removed = sweep(directory, suffix)
+    _say(sweep(directory, suffix), "file(s)", directory, "runs")
+
+
+def _say(removed: list[tuple[Path, int]], what: str, directory: Path, by: str) -> None:
     if removed:
-        sys.stderr.write(f"removed {len(removed)} temporary file(s), {sum(size for _, size in removed) / 1e6:,.0f} MB, "
-                         f"left in {directory} by runs that were killed\n")
+        sys.stderr.write(f"removed {len(removed)} temporary {what}, {sum(size for _, size in removed) / 1e6:,.0f} MB, "
+                         f"left in {directory} by {by} that were killed\n")
 
 
 def locked_temp_dir(directory: Path, label: str) -> tuple[int, Path]:
@@ -149,3 +152,8 @@ def sweep_dirs(directory: Path, label: str, names: set[str], older_than: float =
         finally:
             os.close(fd)
     return removed
+
+
+def swept_dirs(directory: Path, label: str, names: set[str], by: str) -> None:
+    """`sweep_dirs`, saying on stderr what it removed."""
+    _say(sweep_dirs(directory, label, names), "folder(s)", directory, by)

@@ -88,12 +88,11 @@ class WordPieceTokenizer:
                                   "tokens it learnt from")
         # A text may be cut where a word ends (word_end) and its pieces encoded apart when the pipeline is
         # BERT's own; None: another normalizer or pre-tokenizer, or an added token holding white space.
-        parts = json.loads(backend.to_str())
-        normalizer, pre = parts.get("normalizer") or {}, parts.get("pre_tokenizer") or {}
         spaced = any(ch.isspace() for t in backend.get_added_tokens_decoder().values() for ch in t.content)
         self.cuts: bool | None = None
-        if normalizer.get("type") == "BertNormalizer" and pre.get("type") == "BertPreTokenizer" and not spaced:
-            self.cuts = bool(normalizer.get("handle_chinese_chars"))  # (True: before a CJK character too)
+        if isinstance(backend.normalizer, normalizers.BertNormalizer) and not spaced and \
+                isinstance(backend.pre_tokenizer, pre_tokenizers.BertPreTokenizer):
+            self.cuts = bool(backend.normalizer.handle_chinese_chars)  # (True: before a CJK character too)
 
     @property
     def vocab_size(self) -> int:

@@ -1,5 +1,6 @@
 """Temporary files in the cache: a killed run's are removed by a later run, a live run's never."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,20 +22,25 @@ def _age(path, when=OLD):
     os.utime(path, (when, when), follow_symlinks=False)
 
 
-def test_the_file_of_a_killed_writer_is_removed_and_a_live_writers_kept(tmp_path):
-    writer = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from bertcli.scratch import locked_temp;"
-         "fd, p = locked_temp(Path(sys.argv[1]), '.tmp'); os = __import__('os'); os.write(fd, b'x' * 1000);"
-         "print(p, flush=True); time.sleep(60)", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def _writer(make: str, directory: Path):
+    """Another process that runs `make` (which sets p to the path it made, holding its lock) and waits; SIGKILLed
+    at the end of the block, as a run or an export killed midway."""
+    writer = subprocess.Popen([sys.executable, "-c", "import os, sys, time; from pathlib import Path; from bertcli "
+                               f"import scratch; d = Path(sys.argv[1]); {make}; print(p, flush=True); time.sleep(60)",
+                               str(directory)], stdout=subprocess.PIPE, text=True)
     try:
-        killed = tmp_path / writer.stdout.readline().strip()
-        _age(killed)
-        assert sweep(tmp_path, ".tmp") == []  # its writer lives and holds the lock, however old the file
-        assert killed.exists()
+        yield Path(writer.stdout.readline().strip())
     finally:
         writer.send_signal(signal.SIGKILL)
         writer.wait()
+
+
+def test_the_file_of_a_killed_writer_is_removed_and_a_live_writers_kept(tmp_path):
+    with _writer("fd, p = scratch.locked_temp(d, '.tmp'); os.write(fd, b'x' * 1000)", tmp_path) as killed:
+        _age(killed)
+        assert sweep(tmp_path, ".tmp") == []  # its writer lives and holds the lock, however old the file
+        assert killed.exists()
     fd, live = locked_temp(tmp_path, ".tmp")  # this process's own, still open
     _age(live)
     assert sweep(tmp_path, ".tmp") == [(killed, 1000)]
@@ -70,22 +76,15 @@ def test_the_folder_of_a_killed_export_is_removed_and_nothing_else(tmp_path):
     """export --int8 quantizes in a private folder of the temporary directory; a SIGKILL leaves it (the copies of
     the graph, hundreds of MB). A later export removes it: unlocked, old, and holding only the graph names."""
     names = {"model.onnx", "model.int8.onnx", "model-inferred.onnx"}
-    writer = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from bertcli.scratch import locked_temp_dir;"
-         "fd, p = locked_temp_dir(Path(sys.argv[1]), 'export'); (p / 'model.onnx').write_bytes(b'x' * 1000);"
-         "print(p, flush=True); time.sleep(60)", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        killed = Path(writer.stdout.readline().strip())
+    with _writer("fd, p = scratch.locked_temp_dir(d, 'export'); (p / 'model.onnx').write_bytes(b'x' * 1000)",
+                 tmp_path) as killed:
         _age(killed / "model.onnx")
         _age(killed)
         assert sweep_dirs(tmp_path, "export", names) == []  # its writer lives and holds the lock
-    finally:
-        writer.send_signal(signal.SIGKILL)
-        writer.wait()
     prefix = killed.name[:-len("xxxxxxxx")]  # bertcli-HOST-export.
     kept = []
-    for name, files in [("extra000", {"model.onnx": b"x", "notes.txt": b"the user's"}), ("fresh000", {"model.onnx": b"x"}),
+    for name, files in [("extra000", {"model.onnx": b"x", "notes.txt": b"the user's"}),
+                        ("fresh000", {"model.onnx": b"x"}),
                         ("linked00", {}), ("dirin000", {}), ("hardln00", {})]:
         folder = tmp_path / (prefix + name)
         folder.mkdir()
